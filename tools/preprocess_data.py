@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             pool.join()
 
     elapsed = max(time.perf_counter() - start, 1e-9)
-    skipped = totals["malformed_json"] + totals["non_utf8"]
+    skipped = totals["malformed_json"] + totals["non_utf8"] + totals["empty"]
     print(
         f"Done: {totals['documents']} documents, {totals['bytes'] / 1e6:.1f} MB in {elapsed:.2f}s "
         f"({totals['documents'] / elapsed:.0f} docs/s, {totals['bytes'] / elapsed / 1e6:.1f} MB/s); "

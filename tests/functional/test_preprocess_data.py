@@ -1,0 +1,90 @@
+"""tools/preprocess_data.py, train_tokenizer.py and merge_datasets.py run as a user would."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from megatron_lite.data.indexed_dataset import IndexedDataset
+from megatron_lite.data.tokenizers import build_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_tool(name, *args):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """700 good documents plus one of each kind of bad line, and a trained tokenizer."""
+    root = tmp_path_factory.mktemp("pre")
+    rng = np.random.default_rng(0)
+    words = ["thou", "art", "the", "king", "of", "Denmark", "café", "and", "\n", "night", "1603"]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) for _ in range(700)]
+    lines = [json.dumps({"text": t, "id": i}).encode() for i, t in enumerate(texts)]
+    bad = [b"{not json", b"\xff\xfe{\"text\": \"bad bytes\"}", json.dumps({"other": "x"}).encode(), b"", b"[1, 2]"]
+    for position, line in zip((3, 100, 300, 301, 650), bad):
+        lines.insert(position, line)
+    (root / "a.jsonl").write_bytes(b"\n".join(lines[:400]) + b"\n")
+    (root / "b.jsonl").write_bytes(b"\n".join(lines[400:]) + b"\n")
+    with gzip.open(root / "b.jsonl.gz", "wb") as f:
+        f.write((root / "b.jsonl").read_bytes())
+    run_tool("train_tokenizer.py", "--input", root / "a.jsonl", root / "b.jsonl", "--output-dir", root / "tok", "--vocab-size", 300)
+    return root, texts
+
+
+def preprocess(root, inputs, prefix, *extra):
+    return run_tool(
+        "preprocess_data.py", "--input", *inputs, "--output-prefix", root / prefix,
+        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", root / "tok/tokenizer.model",
+        "--append-eod", "--log-interval", 100, *extra,
+    )
+
+
+def files_of(root, prefix):
+    return [(root / f"{prefix}_text_document{ext}").read_bytes() for ext in (".bin", ".idx")]
+
+
+def test_output_is_the_tokenized_documents_and_bad_lines_are_counted(corpus):
+    root, texts = corpus
+    out = preprocess(root, [root / "a.jsonl", root / "b.jsonl"], "one", "--workers", 1)
+    assert "Processed 509 documents" in out and "docs/s" in out and "MB/s" in out
+    assert "skipped 4 lines (2 malformed JSON, 1 non-UTF-8, 1 empty), 1 missing keys" in out
+    assert "Done: 701 documents" in out  # 700 + the record without "text" (counted as missing)
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(root / "tok/tokenizer.model"))
+    ds = IndexedDataset(str(root / "one_text_document"))
+    assert ds.dtype == np.uint16 and len(ds) == 700
+    for i in (0, 1, 399, 699):
+        assert ds[i].tolist() == tok.tokenize(texts[i]) + [tok.eod]
+        assert tok.detokenize(ds[i][:-1]) == texts[i]
+    assert not list(root.glob("*.tmp"))
+
+
+def test_workers_partitions_and_gz_give_identical_files(corpus):
+    root, _ = corpus
+    preprocess(root, [root / "a.jsonl", root / "b.jsonl"], "w1", "--workers", 1)
+    preprocess(root, [root / "a.jsonl", root / "b.jsonl"], "w2", "--workers", 2)
+    preprocess(root, [root / "a.jsonl", root / "b.jsonl.gz"], "gz", "--workers", 2)
+    preprocess(root, [root / "a.jsonl", root / "b.jsonl"], "parts", "--workers", 2, "--partitions", 2)
+    expected = files_of(root, "w1")
+    for prefix in ("w2", "gz", "parts"):
+        assert files_of(root, prefix) == expected, prefix
+    assert not list(root.glob("parts*part*"))
+
+
+def test_merge_datasets_equals_single_run(corpus):
+    root, _ = corpus
+    preprocess(root, [root / "a.jsonl"], "sa", "--workers", 1)
+    preprocess(root, [root / "b.jsonl"], "sb", "--workers", 1)
+    preprocess(root, [root / "a.jsonl", root / "b.jsonl"], "sab", "--workers", 1)
+    run_tool("merge_datasets.py", "--input", root / "sa_text_document", root / "sb_text_document", "--output-prefix", root / "m_text_document")
+    assert files_of(root, "m") == files_of(root, "sab")
