@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path, optimal_dtype  # noqa: E402
 from megatron_lite.data.tokenizers import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
-LINES_PER_BATCH = 256
+LINES_PER_BATCH = 128
 _COUNTERS = ("documents", "bytes", "malformed_json", "non_utf8", "missing_key", "empty")
 
 _worker_state: dict = {}

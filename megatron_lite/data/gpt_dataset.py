@@ -92,17 +92,10 @@ def build_shuffle_index(num_samples: int, rng: np.random.Generator) -> np.ndarra
 
 def _barrier() -> None:
     """Wait for all ranks when torch.distributed is up (no-op in a single process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    try:
-        from megatron_lite import collectives
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from megatron_lite import collectives  # every collective goes through collectives.py
 
-        if hasattr(collectives, "barrier"):
-            collectives.barrier()
-            return
-    except ImportError:
-        pass
-    torch.distributed.barrier()
+        collectives.barrier()
 
 
 def _is_builder_rank() -> bool:
