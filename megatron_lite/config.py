@@ -403,6 +403,9 @@ def _validate_pipeline(cfg: Config, pp: int) -> None:
     first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
     if (first is not None or last is not None) and pp == 1:
         _fail("--decoder-first-pipeline-num-layers", "needs --pipeline-model-parallel-size > 1", "Drop it, or use PP > 1.")
+    if first is None and last is None and m.num_layers % pp != 0:
+        _fail("--num-layers", f"{m.num_layers} layers are not divisible by --pipeline-model-parallel-size {pp}",
+              f"Use a multiple of {pp}, or set --decoder-first/last-pipeline-num-layers.")
     middle_layers = m.num_layers - (first or 0) - (last or 0)
     middle_stages = pp - (first is not None) - (last is not None)
     if middle_layers < 0 or (middle_stages == 0 and middle_layers != 0):
@@ -411,9 +414,6 @@ def _validate_pipeline(cfg: Config, pp: int) -> None:
     if middle_stages > 0 and middle_layers % middle_stages != 0:
         _fail("--num-layers", f"the {middle_layers} layers left for {middle_stages} pipeline stage(s) do not divide evenly",
               f"Use --num-layers such that the remaining layers are a multiple of {middle_stages}.")
-    if first is None and last is None and m.num_layers % pp != 0:
-        _fail("--num-layers", f"{m.num_layers} layers are not divisible by --pipeline-model-parallel-size {pp}",
-              f"Use a multiple of {pp}, or set --decoder-first/last-pipeline-num-layers.")
     per_stage = m.num_layers // pp
     if p.num_layers_per_virtual_pipeline_stage is not None:
         if pp == 1:

@@ -1,0 +1,108 @@
+"""Every cross-field rule of config.validate(): the error names the flag, the values and a fix."""
+import pytest
+
+from megatron_lite.arguments import build_parser, parse
+from megatron_lite.config import ConfigError
+
+BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "8", "--seq-length", "32",
+        "--micro-batch-size", "2"]
+
+
+def cfg(*flags, world=8):
+    return parse(BASE + list(flags), world_size=world)
+
+
+def test_defaults_and_derived_fields():
+    c = cfg("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
+    assert c.data_parallel_size == 2
+    assert c.training.global_batch_size == 4 and c.num_microbatches == 1
+    assert c.model.ffn_hidden_size == 256 and c.model.num_query_groups == 8
+    assert c.model.max_position_embeddings == 32
+    c = cfg("--swiglu", "--hidden-size", "192", "--num-attention-heads", "4")
+    assert c.model.ffn_hidden_size == int((4 * 192 * 2 / 3) / 64) * 64
+    c = cfg("--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+            "--global-batch-size", "16")
+    assert c.parallel.virtual_pipeline_model_parallel_size == 2
+
+
+@pytest.mark.parametrize("flags,world,needle", [
+    (["--tensor-model-parallel-size", "3"], 8, "--tensor-model-parallel-size/--pipeline-model-parallel-size"),
+    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "8"], 8, "not divisible by TP x PP x CP"),
+    (["--context-parallel-size", "3"], 6, "--context-parallel-size: --seq-length 32 is not divisible by 2 x CP"),
+    (["--num-attention-heads", "6", "--hidden-size", "60", "--tensor-model-parallel-size", "4"], 8, "--num-attention-heads"),
+    (["--group-query-attention", "--num-query-groups", "2", "--tensor-model-parallel-size", "4"], 8, "query groups are not divisible"),
+    (["--group-query-attention"], 8, "--num-query-groups: is required"),
+    (["--group-query-attention", "--num-query-groups", "3"], 8, "not divisible by 3 query groups"),
+    (["--num-query-groups", "2"], 8, "without --group-query-attention"),
+    (["--pipeline-model-parallel-size", "8", "--num-layers", "4"], 8, "--num-layers: 4 layers are not divisible"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 8, "--num-layers-per-virtual-pipeline-stage"),
+    (["--num-layers-per-virtual-pipeline-stage", "1"], 8, "needs --pipeline-model-parallel-size > 1"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "24"], 8,
+     "interleaved 1F1B needs the number of micro-batches"),
+    (["--global-batch-size", "10"], 8, "--global-batch-size: 10 is not divisible by --micro-batch-size x DP"),
+    (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--seq-length", "30"], 8, "--sequence-parallel"),
+    (["--fp16", "--bf16"], 8, "--fp16/--bf16: both given"),
+    (["--loss-scale", "128"], 8, "--loss-scale: only applies with --fp16"),
+    (["--hidden-dropout", "1.5"], 8, "--hidden-dropout"),
+    (["--recompute-granularity", "full"], 8, "--recompute-method: is required"),
+    (["--recompute-method", "uniform"], 8, "only applies with --recompute-granularity full"),
+    (["--overlap-param-gather"], 8, "needs --use-distributed-optimizer"),
+    (["--train-iters", "5", "--train-samples", "10"], 8, "both given"),
+    (["--expert-model-parallel-size", "3"], 8, "--expert-model-parallel-size"),
+    (["--tokenizer-type", "SentencePieceTokenizer"], 8, "--tokenizer-model: is required"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], 8, "--vocab-file/--merge-file"),
+    (["--split", "a,b"], 8, "--split"),
+    (["--position-embedding-type", "learned_absolute", "--max-position-embeddings", "16"], 8, "--max-position-embeddings"),
+    (["--fp8-format", "hybrid"], 8, "--fp8-format"),
+    (["--decoder-first-pipeline-num-layers", "1"], 8, "needs --pipeline-model-parallel-size > 1"),
+    (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "5"], 8, "do not add up"),
+])
+def test_invalid_configurations_fail_with_named_flag(flags, world, needle):
+    with pytest.raises(ConfigError) as info:
+        cfg(*flags, world=world)
+    message = str(info.value)
+    assert needle in message, message
+    assert "." in message  # a sentence with a fix follows the problem
+
+
+def test_uneven_first_last_stage_layers_are_accepted():
+    c = cfg("--pipeline-model-parallel-size", "4", "--num-layers", "6", "--decoder-first-pipeline-num-layers", "1",
+            "--decoder-last-pipeline-num-layers", "1", world=8)
+    assert c.parallel.decoder_first_pipeline_num_layers == 1
+
+
+def test_yaml_config_and_flag_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  num_layers: 6\n  hidden-size: 96\nparallel:\n  tensor_model_parallel_size: 2\n"
+                    "lr: 0.003\nbf16: true\n")
+    c = parse(["--config", str(path), "--num-attention-heads", "4", "--num-layers", "2"], world_size=4)
+    assert c.model.num_layers == 2          # flag overrides YAML
+    assert c.model.hidden_size == 96        # YAML overrides default
+    assert c.parallel.tensor_model_parallel_size == 2 and c.optimizer.lr == 0.003 and c.optimizer.bf16
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_layerz: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'num_layerz'"):
+        parse(["--config", str(bad)], world_size=1)
+
+
+def test_megatron_flag_spellings_exist():
+    flags = set(build_parser()._option_string_actions)
+    for flag in ["--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers-per-virtual-pipeline-stage",
+                 "--context-parallel-size", "--expert-model-parallel-size", "--sequence-parallel", "--use-distributed-optimizer",
+                 "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--group-query-attention",
+                 "--num-query-groups", "--seq-length", "--max-position-embeddings", "--position-embedding-type", "--normalization",
+                 "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--hidden-dropout",
+                 "--attention-dropout", "--init-method-std", "--make-vocab-size-divisible-by", "--micro-batch-size",
+                 "--global-batch-size", "--train-iters", "--lr", "--min-lr", "--lr-decay-style", "--lr-warmup-iters",
+                 "--weight-decay", "--clip-grad", "--adam-beta1", "--adam-beta2", "--adam-eps", "--bf16", "--fp16",
+                 "--loss-scale", "--seed", "--distributed-backend", "--distributed-timeout-minutes", "--config"]:
+        assert flag in flags, flag
+    c = cfg("--disable-bias-linear")
+    assert c.model.add_bias_linear is False
+
+
+def test_config_round_trips_through_dict():
+    from megatron_lite.config import Config
+    c = cfg("--tensor-model-parallel-size", "2", "--bf16")
+    again = Config.from_dict(c.to_dict())
+    assert again == c
