@@ -1,0 +1,464 @@
+"""The on-disk checkpoint format, without torch.distributed: paths, atomic writes, metadata, the
+offline reader and the offline writer (the library side of tools/checkpoint/*).
+
+Format (FORMAT_VERSION 1), one directory per iteration:
+
+    <save>/latest_checkpointed_iteration.txt      the iteration number, written last
+    <save>/iter_0000100/metadata.json             format version, iteration, consumed samples, the
+                                                  config dict, the saving layout, per-parameter metadata
+    <save>/iter_0000100/model_tp{t}_pp{p}.pt      {global name: local TP shard} written by DP rank 0 of
+                                                  each (tp, pp) position; replicated parameters only by TP 0
+    <save>/iter_0000100/optim_tp{t}_pp{p}.pt      {global name: {"param", "exp_avg", ...}} TP-local shapes
+    <save>/iter_0000100/common.pt                 {"optimizer": state_dict, "opt_param_scheduler": state_dict}
+    <save>/iter_0000100/rng_rank{r}.pt            every global rank's RNG states
+
+Each parameter's entry in metadata.json carries what is needed to rebuild its canonical full tensor
+from its shards without building a model: shape (full, unpadded), dtype, tensor_model_parallel,
+partition_dim, partition_stride, unpadded_size, shared_embedding, and `files` (shard files in TP-rank
+order; one file for a replicated parameter). We store the metadata rather than rebuild a model on the
+meta device when reading, because it keeps the reader independent of model code (a checkpoint stays
+readable after the model classes change) and makes offline tools need nothing but the directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+
+FORMAT_VERSION = 1
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+METADATA_FILE = "metadata.json"
+COMMON_FILE = "common.pt"
+TIED_OUTPUT_NAME = "output_layer.weight"
+EMBEDDING_NAME = "embedding.word_embeddings.weight"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read, or does not fit the model. The message says what and how to fix it."""
+
+
+# ---- names and paths -----------------------------------------------------------------------------
+def iteration_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def model_file(tp_rank: int, pp_rank: int) -> str:
+    return f"model_tp{tp_rank}_pp{pp_rank}.pt"
+
+
+def optim_file(tp_rank: int, pp_rank: int) -> str:
+    return f"optim_tp{tp_rank}_pp{pp_rank}.pt"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+# ---- parameter metadata --------------------------------------------------------------------------
+@dataclass
+class ParamMeta:
+    """Layout-invariant description of one parameter (docs/internals.md's attributes + its full shape).
+
+    It quacks like an nn.Parameter for the attributes tensor_parallel.utils reads, so it can be passed
+    to `full_from_shards` / `shard_of_full` where no real parameter exists (offline tools).
+    """
+    name: str
+    shape: list[int]  # canonical full shape (vocab rows unpadded)
+    dtype: str = "float32"
+    tensor_model_parallel: bool = False
+    partition_dim: int = -1
+    partition_stride: int = 1
+    unpadded_size: Optional[int] = None
+    shared_embedding: bool = False
+    files: list[str] = field(default_factory=list)  # shard files, TP-rank order
+    pp_rank: int = 0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> "ParamMeta":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def is_tied_copy(self) -> bool:
+        return is_tied_copy(self.name, self.shared_embedding)
+
+    def shard_meta(self, local_shape: Iterable[int]) -> dict:
+        """The dict `tensor_parallel.utils.shard_of_full/full_from_shards` take for a shard of `local_shape`."""
+        return {"tensor_model_parallel": self.tensor_model_parallel, "partition_dim": self.partition_dim,
+                "partition_stride": self.partition_stride, "unpadded_size": self.unpadded_size,
+                "local_shape": tuple(local_shape)}
+
+    def local_shape(self, tp_size: int, make_vocab_size_divisible_by: int = 128) -> list[int]:
+        """The shard shape in a layout with `tp_size` (vocab rows padded as Megatron pads them)."""
+        shape = list(self.shape)
+        if self.tensor_model_parallel:
+            dim = self.partition_dim
+            if self.unpadded_size is not None:
+                shape[dim] = tp_utils().pad_vocab_size(self.unpadded_size, make_vocab_size_divisible_by, tp_size)
+            if shape[dim] % tp_size != 0:
+                raise CheckpointError(f"{self.name}: dimension {dim} of size {shape[dim]} does not split over TP={tp_size}.")
+            shape[dim] //= tp_size
+        return shape
+
+
+def is_tied_copy(name: str, shared_embedding: bool) -> bool:
+    """The last stage's copy of the tied word embedding: never saved, refilled from the embedding on load."""
+    return name == TIED_OUTPUT_NAME and shared_embedding
+
+
+def param_meta_of(name: str, param: torch.Tensor, tp_size: int, pp_rank: int = 0) -> ParamMeta:
+    """Metadata of a (local shard) parameter; its canonical full shape follows from the shard shape."""
+    tensor_parallel = bool(getattr(param, "tensor_model_parallel", False))
+    partition_dim = int(getattr(param, "partition_dim", -1))
+    unpadded = getattr(param, "unpadded_size", None)
+    shape = list(tp_utils().full_shape(param, tp_size))
+    return ParamMeta(name=name, shape=shape, dtype=str(param.dtype).replace("torch.", ""),
+                     tensor_model_parallel=tensor_parallel, partition_dim=partition_dim,
+                     partition_stride=int(getattr(param, "partition_stride", 1)),
+                     unpadded_size=None if unpadded is None else int(unpadded),
+                     shared_embedding=bool(getattr(param, "shared_embedding", False)), pp_rank=pp_rank)
+
+
+def param_meta_from_model(model_chunks: Iterable[torch.nn.Module], tp_size: int = 1) -> dict[str, ParamMeta]:
+    """Metadata of every parameter of (possibly meta-device) model chunks: what the offline writer needs
+    for an import (e.g. build GPTModel on torch.device('meta') with TP=PP=1, then call this)."""
+    metas: dict[str, ParamMeta] = {}
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            metas[strip_wrapper_prefix(name)] = param_meta_of(strip_wrapper_prefix(name), param, tp_size)
+    return metas
+
+
+def strip_wrapper_prefix(name: str) -> str:
+    """DDP-style wrappers add 'module.'; checkpoint names are the bare model's global names."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
+# ---- tensor-parallel shard helpers (owned by tensor_parallel/utils.py) ---------------------------
+def tp_utils():
+    """The model engineer's shard helpers; imported lazily so reading metadata needs no model code."""
+    from megatron_lite.tensor_parallel import utils
+    return utils
+
+
+# ---- atomic file operations ----------------------------------------------------------------------
+def fsync_dir(path: str) -> None:
+    """Make a rename/creation in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary name, fsync, then os.replace: a reader sees the whole file or none."""
+    tmp = path + ".partial"
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = path + ".partial"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def read_tracker(load_dir: str) -> Optional[int]:
+    """The iteration in `<load_dir>/latest_checkpointed_iteration.txt`, or None when there is none."""
+    path = os.path.join(load_dir, TRACKER_FILE)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if text == "release":  # Megatron's converted checkpoints
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}. Fix or delete the file.") from None
+
+
+def write_tracker(save_dir: str, iteration: int) -> None:
+    atomic_write_text(os.path.join(save_dir, TRACKER_FILE), f"{iteration}\n")
+
+
+def prepare_tmp_dir(save_dir: str, iteration: int) -> str:
+    """Create an empty `<save>/iter_N.tmp` (a stale one from a crashed save is removed first)."""
+    tmp = os.path.join(save_dir, iteration_dir_name(iteration) + ".tmp")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    fsync_dir(save_dir)
+    return tmp
+
+
+def publish(save_dir: str, iteration: int) -> str:
+    """Rename the finished `iter_N.tmp` to `iter_N`, then point the tracker at it.
+
+    An older directory of the same iteration is moved aside first and removed only after the new one is
+    in place, so at every instant either it or the new one exists (`resolve_iteration_dir` falls back to
+    `iter_N.old` if a crash happened between the two renames). The tracker is written last.
+    """
+    final = os.path.join(save_dir, iteration_dir_name(iteration))
+    tmp, old = final + ".tmp", final + ".old"
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(save_dir)
+    write_tracker(save_dir, iteration)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    return final
+
+
+def resolve_iteration_dir(path: str) -> str:
+    """`path` may be an iteration directory or a save directory with a tracker file."""
+    if os.path.isfile(os.path.join(path, METADATA_FILE)):
+        return path
+    iteration = read_tracker(path)
+    if iteration is None:
+        raise CheckpointError(f"{path}: no {TRACKER_FILE} and no {METADATA_FILE}; not a megatron_lite checkpoint. "
+                              "Point at a --save directory or one of its iter_NNNNNNN directories.")
+    final = os.path.join(path, iteration_dir_name(iteration))
+    for candidate in (final, final + ".old"):
+        if os.path.isfile(os.path.join(candidate, METADATA_FILE)):
+            return candidate
+    raise CheckpointError(f"{path}: {TRACKER_FILE} names iteration {iteration} but {final}/{METADATA_FILE} is "
+                          "missing (deleted or from another format). Fix the tracker to name an existing iteration.")
+
+
+# ---- reading -------------------------------------------------------------------------------------
+class CheckpointReader:
+    """Read-only access to one checkpoint, usable without torch.distributed.
+
+    Shard files are opened with mmap (weights_only), so `full_tensor(name)` reads only that parameter's
+    bytes; peak memory is one full tensor at a time. Open files are cached until `close()`.
+    """
+
+    def __init__(self, path: str):
+        self.path = resolve_iteration_dir(path)
+        with open(os.path.join(self.path, METADATA_FILE)) as handle:
+            self.metadata: dict = json.load(handle)
+        version = self.metadata.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{self.path}: format version {version}, this code reads {FORMAT_VERSION}. "
+                                  "Convert it with a matching megatron_lite version.")
+        self.params: dict[str, ParamMeta] = {name: ParamMeta.from_json(values)
+                                              for name, values in self.metadata["params"].items()}
+        self._files: dict[str, dict] = {}
+
+    @property
+    def iteration(self) -> int:
+        return int(self.metadata["iteration"])
+
+    @property
+    def consumed_samples(self) -> int:
+        return int(self.metadata.get("consumed_samples", 0))
+
+    @property
+    def layout(self) -> dict:
+        return dict(self.metadata["layout"])
+
+    @property
+    def config(self) -> dict:
+        return dict(self.metadata.get("config") or {})
+
+    def param_names(self) -> list[str]:
+        return list(self.params)
+
+    def param_meta(self) -> dict[str, ParamMeta]:
+        return dict(self.params)
+
+    def has_optimizer(self) -> bool:
+        return bool(self.metadata.get("has_optimizer"))
+
+    def _open(self, filename: str) -> dict:
+        if filename not in self._files:
+            path = os.path.join(self.path, filename)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path} is missing: the checkpoint is incomplete. Load an earlier iteration.")
+            self._files[filename] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return self._files[filename]
+
+    def _full(self, meta: ParamMeta, shards: list[torch.Tensor]) -> torch.Tensor:
+        if not meta.tensor_model_parallel:
+            full = shards[0]
+        else:
+            full = tp_utils().full_from_shards(shards, meta.shard_meta(shards[0].shape))
+        if list(full.shape) != list(meta.shape):
+            raise CheckpointError(f"{self.path}: parameter {meta.name} rebuilds to shape {list(full.shape)}, "
+                                  f"metadata says {meta.shape}; the checkpoint is corrupt.")
+        return full
+
+    def full_tensor(self, name: str) -> torch.Tensor:
+        """The canonical (unpadded, layout-free) full tensor of parameter `name`."""
+        meta = self._meta(name)
+        return self._full(meta, [self._open(f)[name] for f in meta.files])
+
+    def optimizer_full_state(self, name: str) -> dict[str, torch.Tensor]:
+        """{"param": fp32 main, "exp_avg": ..., ...} of parameter `name`, each a canonical full tensor."""
+        if not self.has_optimizer():
+            raise CheckpointError(f"{self.path} holds no optimizer state (saved with --no-save-optim).")
+        meta = self._meta(name)
+        per_file = [self._open(optim_name(f))[name] for f in meta.files]
+        return {key: self._full(meta, [states[key] for states in per_file]) for key in per_file[0]}
+
+    def common(self) -> dict:
+        """{"optimizer": ..., "opt_param_scheduler": ...} state dicts (absent keys were not saved)."""
+        path = os.path.join(self.path, COMMON_FILE)
+        return torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else {}
+
+    def _meta(self, name: str) -> ParamMeta:
+        if name not in self.params:
+            raise CheckpointError(f"{self.path} has no parameter {name!r}.")
+        return self.params[name]
+
+    def close(self) -> None:
+        self._files.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def optim_name(model_filename: str) -> str:
+    return "optim_" + model_filename[len("model_"):]
+
+
+def shard_name_layout(filename: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(?:model|optim)_tp(\d+)_pp(\d+)\.pt", filename)
+    if match is None:
+        raise CheckpointError(f"unexpected shard file name {filename}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def build_metadata(iteration: int, consumed_samples: int, config_dict: dict, layout: dict,
+                   params: dict[str, ParamMeta], has_optimizer: bool) -> dict:
+    return {"format_version": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
+            "layout": layout, "has_optimizer": has_optimizer, "config": config_dict,
+            "params": {name: meta.to_json() for name, meta in sorted(params.items())}}
+
+
+# ---- offline writing -----------------------------------------------------------------------------
+TensorSource = Union[Iterable[tuple[str, torch.Tensor]], Callable[[str], torch.Tensor]]
+
+
+def write_checkpoint_from_full_tensors(save_dir: str, iteration: int, config: Any, tensors: TensorSource,
+                                       param_meta: dict[str, ParamMeta], tp: int = 1, pp: int = 1,
+                                       vp: Optional[int] = None, consumed_samples: int = 0,
+                                       optimizer_states: Optional[Callable[[str], dict[str, torch.Tensor]]] = None,
+                                       common: Optional[dict] = None,
+                                       stage_of: Optional[Callable[[str], int]] = None) -> str:
+    """Write a checkpoint for a target TP/PP(/VP) layout from canonical full tensors, without
+    torch.distributed: offline resharding is CheckpointReader -> this; an HF import is HF weights -> this.
+
+    `tensors` is an iterable of (name, full tensor) or a callable name -> full tensor (streaming: one
+    parameter in memory at a time per shard file). `param_meta` gives each parameter's metadata (from
+    `CheckpointReader.param_meta()` or `param_meta_from_model`). `optimizer_states(name)` optionally gives
+    the full optimizer state per parameter, and `common` the optimizer/scheduler state dicts. Each
+    parameter is placed on the pipeline stage `stage_of(name)` (default: `stage_of_param` for the target
+    layout). The checkpoint is written to a .tmp directory and published like a training save.
+    """
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    model_cfg = config_dict.get("model", {})
+    stage_of = stage_of or (lambda name: stage_of_param(name, model_cfg.get("num_layers", 1), pp, vp, config_dict))
+    source = tensors if callable(tensors) else dict(tensors).__getitem__
+    os.makedirs(save_dir, exist_ok=True)
+    tmp = prepare_tmp_dir(save_dir, iteration)
+    metas: dict[str, ParamMeta] = {}
+    by_stage: dict[int, list[str]] = {}
+    for name, meta in param_meta.items():
+        if meta.is_tied_copy:
+            continue  # refilled from the embedding on load
+        by_stage.setdefault(stage_of(name), []).append(name)
+    # Fill one (tp, pp) file at a time; a full tensor is fetched once per stage and sliced for all TP ranks.
+    for pp_rank in range(pp):
+        model_shards: list[dict] = [{} for _ in range(tp)]
+        optim_shards: list[dict] = [{} for _ in range(tp)]
+        for name in by_stage.get(pp_rank, []):
+            meta = dataclasses.replace(param_meta[name], pp_rank=pp_rank)
+            full = source(name)
+            if list(full.shape) != list(meta.shape):
+                raise CheckpointError(f"{name}: given tensor shape {list(full.shape)} vs metadata shape {meta.shape}")
+            states = optimizer_states(name) if optimizer_states is not None else None
+            ranks = range(tp) if meta.tensor_model_parallel else range(1)
+            for tp_rank in ranks:
+                model_shards[tp_rank][name] = _shard(full, meta, tp_rank, tp, model_cfg).to(meta.torch_dtype).contiguous()
+                if states is not None:
+                    optim_shards[tp_rank][name] = {k: _shard(v, meta, tp_rank, tp, model_cfg).contiguous() for k, v in states.items()}
+            meta.files = [model_file(t, pp_rank) for t in ranks]
+            meta.dtype = str(meta.torch_dtype).replace("torch.", "")
+            metas[name] = meta
+        for tp_rank in range(tp):
+            if model_shards[tp_rank]:
+                atomic_torch_save(model_shards[tp_rank], os.path.join(tmp, model_file(tp_rank, pp_rank)))
+            if optimizer_states is not None and optim_shards[tp_rank]:
+                atomic_torch_save(optim_shards[tp_rank], os.path.join(tmp, optim_file(tp_rank, pp_rank)))
+    if common:
+        atomic_torch_save(common, os.path.join(tmp, COMMON_FILE))
+    layout = {"tp": tp, "pp": pp, "vp": vp, "dp": None, "world_size": None, "distributed_optimizer": False}
+    metadata = build_metadata(iteration, consumed_samples, config_dict, layout, metas, optimizer_states is not None)
+    atomic_write_text(os.path.join(tmp, METADATA_FILE), json.dumps(metadata, indent=1))
+    return publish(save_dir, iteration)
+
+
+def _shard(full: torch.Tensor, meta: ParamMeta, tp_rank: int, tp_size: int, model_cfg: dict) -> torch.Tensor:
+    if not meta.tensor_model_parallel:
+        return full
+    local_shape = meta.local_shape(tp_size, model_cfg.get("make_vocab_size_divisible_by", 128))
+    return tp_utils().shard_of_full(full, meta.shard_meta(local_shape), tp_rank, tp_size)
+
+
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def stage_of_param(name: str, num_layers: int, pp: int, vp: Optional[int] = None, config_dict: Optional[dict] = None) -> int:
+    """The pipeline rank that holds `name` in a TP/PP/VP layout: embeddings on the first stage, final
+    norm and output layer on the last, layers as the pipeline engine assigns them. The choice only
+    organises files (loading follows each parameter's `files`)."""
+    if pp == 1:
+        return 0
+    match = _LAYER_RE.match(name)
+    if match is None:
+        return 0 if name.startswith("embedding.") else pp - 1
+    layer = int(match.group(1))
+    parallel = (config_dict or {}).get("parallel", {})
+    from megatron_lite.pipeline.stages import layers_for_stage
+    first = parallel.get("decoder_first_pipeline_num_layers")
+    last = parallel.get("decoder_last_pipeline_num_layers")
+    for stage in range(pp):
+        for chunk in range(vp or 1):
+            if layer in layers_for_stage(num_layers, pp, stage, vp, chunk, first, last):
+                return stage
+    raise CheckpointError(f"{name}: layer {layer} is outside the model's {num_layers} layers.")

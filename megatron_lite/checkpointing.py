@@ -1,0 +1,327 @@
+"""Save and load training checkpoints, resharding on load to any TP / PP / VP / DP layout.
+
+`save_checkpoint` writes `<save>/iter_NNNNNNN/` (format: see checkpoint_io.py) and then
+`<save>/latest_checkpointed_iteration.txt`, as Megatron does. `load_checkpoint` restores model,
+optimizer (distributed shards included), LR scheduler, loss scaler, RNG states and consumed samples,
+honouring --no-load-optim, --no-load-rng and --finetune.
+
+Departure from DESIGN.md ("torch.distributed.checkpoint underneath"): a stride-2 SwiGLU fc1 shard
+(a slice of the gate half and of the up half) and a padded vocab shard are not even DTensor shards, so
+DCP cannot describe them. Instead each parameter is stored as its TP shards plus the metadata that
+`tensor_parallel.utils.full_from_shards` needs; loading rebuilds the canonical full tensor and slices
+it with `shard_of_full` for the new layout. Resharding is therefore one code path for every layout.
+
+Crash safety: every rank writes into `<save>/iter_N.tmp`; each file goes to a temporary name, is
+fsynced and renamed. Only when every rank has finished (barrier) does rank 0 rename the directory to
+`iter_N` and then rewrite the tracker file, so a crash at any point leaves the previous checkpoint and
+the tracker pointing at it intact. All communication goes through megatron_lite.collectives.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from megatron_lite import collectives, parallel_state
+from megatron_lite.checkpoint_io import (COMMON_FILE, EMBEDDING_NAME, METADATA_FILE,
+                                         CheckpointError, CheckpointReader, ParamMeta, atomic_torch_save,
+                                         atomic_write_text, build_metadata, is_tied_copy, model_file, optim_file,
+                                         param_meta_of, prepare_tmp_dir, publish, read_tracker, rng_file,
+                                         strip_wrapper_prefix, tp_utils)
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_tracker", "CheckpointError", "CheckpointReader"]
+
+
+# ---- layout of this process ----------------------------------------------------------------------
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if _distributed() else 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        collectives.barrier()
+
+
+def _all_gather_object(obj: Any) -> list:
+    return collectives.all_gather_object(obj) if _distributed() else [obj]
+
+
+def _layout(config: Any, optimizer: Any) -> dict:
+    """Where this rank sits, and the saving layout recorded in metadata.json."""
+    ps = parallel_state
+    initialised = ps.model_parallel_is_initialized()
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "pp": ps.get_pipeline_model_parallel_world_size() if initialised else 1,
+        "pp_rank": ps.get_pipeline_model_parallel_rank() if initialised else 0,
+        "vp": ps.get_virtual_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+        # DP and CP ranks hold identical model/optimizer copies (after the optimizer's gather): rank 0 writes.
+        "dp_rank": ps.get_data_parallel_rank(with_context_parallel=True) if initialised else 0,
+        "world_size": _world(),
+        "distributed_optimizer": bool(getattr(getattr(config, "parallel", None), "use_distributed_optimizer", False)),
+    }
+
+
+def _named_params(model: Any) -> dict[str, torch.nn.Parameter]:
+    """Every local parameter over all model chunks, by global name (chunks use global layer numbers)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    params: dict[str, torch.nn.Parameter] = {}
+    for chunk in chunks:
+        if hasattr(chunk, "finish_param_sync"):
+            chunk.finish_param_sync()  # DDP with overlapped param gather: never touch half-gathered params
+        for name, param in chunk.named_parameters():
+            name = strip_wrapper_prefix(name)
+            if name in params and params[name] is not param:
+                raise CheckpointError(f"parameter name {name} appears in two model chunks; names must be global.")
+            params[name] = param
+    return params
+
+
+def _writes(meta: ParamMeta, layout: dict) -> bool:
+    """Whether this rank stores `meta`'s shard: DP rank 0 only; replicated params only on TP rank 0."""
+    if meta.is_tied_copy or layout["dp_rank"] != 0:
+        return False
+    return meta.tensor_model_parallel or layout["tp_rank"] == 0
+
+
+# ---- RNG -----------------------------------------------------------------------------------------
+def get_rng_state() -> dict:
+    """This rank's RNG states (tensor_parallel.random's), with numpy's key array as a tensor so the
+    file loads with weights_only=True."""
+    from megatron_lite.tensor_parallel import random as tp_random
+    state = dict(tp_random.get_all_rng_states())
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    state["numpy"] = (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron_lite.tensor_parallel import random as tp_random
+    state = dict(state)
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    state["numpy"] = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    state["python"] = _to_tuple(state["python"])
+    tp_random.set_all_rng_states(state)
+
+
+def _to_tuple(value: Any) -> Any:
+    # random.setstate needs tuples all the way down; serialisers may hand back lists.
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ---- save ----------------------------------------------------------------------------------------
+def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_scheduler: Any,
+                    consumed_samples: int, config: Any, save_dir: Optional[str] = None) -> str:
+    """Save on every rank (collective); returns the published `<save>/iter_NNNNNNN` directory."""
+    save_dir = save_dir or config.checkpoint.save
+    if not save_dir:
+        raise CheckpointError("save_checkpoint: no directory. Pass --save DIR.")
+    layout = _layout(config, optimizer)
+    rank = _rank()
+    save_optim = optimizer is not None and not config.checkpoint.no_save_optim
+    tmp = os.path.join(save_dir, f"iter_{iteration:07d}.tmp")
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        tmp = prepare_tmp_dir(save_dir, iteration)
+    _barrier()
+
+    params = _named_params(model)
+    metas = {name: param_meta_of(name, p, layout["tp"], layout["pp_rank"]) for name, p in params.items()}
+    mine = {name for name, meta in metas.items() if _writes(meta, layout)}
+    here = model_file(layout["tp_rank"], layout["pp_rank"])
+    if mine:
+        # copy=True: a parameter may be a view of a contiguous grad/param buffer; saving the view would
+        # write the whole buffer.
+        atomic_torch_save({name: params[name].detach().to("cpu", copy=True) for name in sorted(mine)},
+                          os.path.join(tmp, here))
+    if save_optim:
+        # Collective over DP for the distributed optimizer, so every rank calls it.
+        states = optimizer.get_parameter_state()
+        if mine:
+            atomic_torch_save({name: {k: v.detach().to("cpu", copy=True) for k, v in states[name].items()}
+                               for name in sorted(mine)},
+                              os.path.join(tmp, optim_file(layout["tp_rank"], layout["pp_rank"])))
+    atomic_torch_save(get_rng_state(), os.path.join(tmp, rng_file(rank)))
+
+    report = {name: (metas[name].to_json(), layout["tp_rank"], here if name in mine else None) for name in metas}
+    reports = _all_gather_object(report)
+    if rank == 0:
+        common = {}
+        if save_optim:
+            common["optimizer"] = optimizer.state_dict()
+        if opt_param_scheduler is not None:
+            common["opt_param_scheduler"] = opt_param_scheduler.state_dict()
+        atomic_torch_save(common, os.path.join(tmp, COMMON_FILE))
+        saved_layout = {k: layout[k] for k in ("tp", "pp", "vp", "dp", "world_size", "distributed_optimizer")}
+        metadata = build_metadata(iteration, consumed_samples, config.to_dict(), saved_layout,
+                                  _merge_reports(reports), save_optim)
+        atomic_write_text(os.path.join(tmp, METADATA_FILE), json.dumps(metadata, indent=1))
+    _barrier()  # every rank's files are durable before the directory becomes visible
+    final = os.path.join(save_dir, f"iter_{iteration:07d}")
+    if rank == 0:
+        publish(save_dir, iteration)
+    _barrier()
+    return final
+
+
+def _merge_reports(reports: list[dict]) -> dict[str, ParamMeta]:
+    """Combine every rank's parameters into one entry per global name, with its files in TP order."""
+    merged: dict[str, ParamMeta] = {}
+    files: dict[str, dict[int, str]] = {}
+    for report in reports:
+        for name, (values, tp_rank, filename) in report.items():
+            meta = ParamMeta.from_json(values)
+            if meta.is_tied_copy:
+                continue
+            if name in merged and merged[name].shape != meta.shape:
+                raise CheckpointError(f"{name}: ranks disagree on its full shape ({merged[name].shape} vs {meta.shape}).")
+            merged.setdefault(name, meta)
+            if filename is not None:
+                files.setdefault(name, {})[tp_rank] = filename
+    for name, meta in merged.items():
+        meta.files = [files[name][t] for t in sorted(files.get(name, {}))]
+    return merged
+
+
+# ---- load ----------------------------------------------------------------------------------------
+def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config: Any,
+                    load_dir: Optional[str] = None) -> tuple[int, int]:
+    """Load on every rank (collective); returns (iteration, consumed_samples), (0, 0) when `load_dir`
+    holds no checkpoint yet (a fresh run, as in Megatron) or with --finetune."""
+    ckpt = config.checkpoint
+    load_dir = load_dir or ckpt.load
+    if not load_dir:
+        return 0, 0
+    if read_tracker(load_dir) is None and not os.path.isfile(os.path.join(load_dir, METADATA_FILE)):
+        if _rank() == 0:
+            warnings.warn(f"no checkpoint in {load_dir} (no latest_checkpointed_iteration.txt): starting from scratch.")
+        return 0, 0
+    layout = _layout(config, optimizer)
+    params = _named_params(model)
+
+    # Validate on every rank, then agree, so that every rank raises the same error instead of some
+    # waiting forever in a collective.
+    reader, problems = None, []
+    try:
+        reader = CheckpointReader(load_dir)
+        problems = _local_problems(reader, params, layout)
+    except CheckpointError as error:
+        problems = [str(error)]
+    results = _all_gather_object((problems, sorted(params)))
+    all_problems = sorted({p for rank_problems, _ in results for p in rank_problems})
+    if reader is not None and not all_problems:
+        model_names = {n for _, names in results for n in names}
+        unexpected = [n for n in reader.param_names() if n not in model_names]
+        all_problems = [f"{n}: in the checkpoint but not in the model" for n in unexpected]
+    if all_problems:
+        raise CheckpointError(_mismatch_message(load_dir, reader, config, all_problems))
+
+    _load_model(reader, params, layout)
+    finetune = ckpt.finetune
+    load_optim = optimizer is not None and not finetune and not ckpt.no_load_optim
+    if load_optim:
+        if not reader.has_optimizer():
+            raise CheckpointError(f"{reader.path} has no optimizer state (saved with --no-save-optim). "
+                                  "Load with --no-load-optim (fresh optimizer) or --finetune.")
+        common = reader.common()
+        if "optimizer" in common:
+            optimizer.load_state_dict(common["optimizer"])
+        optimizer.set_parameter_state(_optimizer_states(reader, params, layout))
+        if opt_param_scheduler is not None and "opt_param_scheduler" in common:
+            opt_param_scheduler.load_state_dict(common["opt_param_scheduler"])
+    elif optimizer is not None and hasattr(optimizer, "reload_model_params"):
+        optimizer.reload_model_params()  # fp32 main copies must follow the loaded weights
+    if not finetune and not ckpt.no_load_rng:
+        _load_rng(reader, layout)
+    iteration, consumed = (0, 0) if finetune else (reader.iteration, reader.consumed_samples)
+    reader.close()
+    _barrier()
+    return iteration, consumed
+
+
+def _expected_full_shapes(params: dict[str, torch.nn.Parameter], layout: dict) -> dict[str, list[int]]:
+    return {name: param_meta_of(name, p, layout["tp"]).shape for name, p in params.items()}
+
+
+def _source_name(name: str, param: torch.Tensor) -> str:
+    """The checkpoint entry a local parameter is loaded from (the tied copy reads the embedding)."""
+    return EMBEDDING_NAME if is_tied_copy(name, bool(getattr(param, "shared_embedding", False))) else name
+
+
+def _local_problems(reader: CheckpointReader, params: dict[str, torch.nn.Parameter], layout: dict) -> list[str]:
+    problems = []
+    for name, shape in _expected_full_shapes(params, layout).items():
+        source = _source_name(name, params[name])
+        if source not in reader.params:
+            problems.append(f"{name}: in the model but not in the checkpoint")
+        elif reader.params[source].shape != shape:
+            problems.append(f"{name}: checkpoint shape {reader.params[source].shape} vs model shape {shape}")
+    return problems
+
+
+def _mismatch_message(load_dir: str, reader: Optional[CheckpointReader], config: Any, problems: list[str]) -> str:
+    lines = [f"checkpoint {load_dir} does not fit this model:"] + [f"  {p}" for p in problems[:50]]
+    if len(problems) > 50:
+        lines.append(f"  ... and {len(problems) - 50} more")
+    if reader is not None:
+        saved = reader.config.get("model", {})
+        current = config.to_dict().get("model", {}) if hasattr(config, "to_dict") else {}
+        diffs = [f"{k}={saved[k]!r} (checkpoint) vs {current.get(k)!r} (now)" for k in sorted(saved)
+                 if k in current and saved[k] != current[k]]
+        if diffs:
+            lines.append("model settings that differ: " + "; ".join(diffs))
+    lines.append("Fix: build the model with the checkpoint's model flags (see metadata.json 'config'), "
+                 "or convert the checkpoint with tools/checkpoint.")
+    return "\n".join(lines)
+
+
+def _local_shard(full: torch.Tensor, param: torch.Tensor, layout: dict) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    return tp_utils().shard_of_full(full, param, layout["tp_rank"], layout["tp"])
+
+
+def _load_model(reader: CheckpointReader, params: dict[str, torch.nn.Parameter], layout: dict) -> None:
+    with torch.no_grad():
+        for name, param in params.items():
+            local = _local_shard(reader.full_tensor(_source_name(name, param)), param, layout)
+            param.data.copy_(local.to(param.device))
+
+
+def _optimizer_states(reader: CheckpointReader, params: dict[str, torch.nn.Parameter],
+                      layout: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-parameter optimizer state in this rank's TP-local shapes (the optimizer slices its DP part)."""
+    states = {}
+    for name, param in params.items():
+        full_states = reader.optimizer_full_state(_source_name(name, param))
+        states[name] = {key: _local_shard(full, param, layout).clone() for key, full in full_states.items()}
+    return states
+
+
+def _load_rng(reader: CheckpointReader, layout: dict) -> None:
+    saved = reader.layout
+    same = all(saved.get(k) == layout[k] for k in ("world_size", "tp", "pp"))
+    if not same:
+        if _rank() == 0:
+            warnings.warn(f"checkpoint layout (world {saved.get('world_size')}, TP {saved.get('tp')}, PP {saved.get('pp')}) "
+                          f"differs from this run's (world {layout['world_size']}, TP {layout['tp']}, PP {layout['pp']}): "
+                          "RNG states are not restored (as in Megatron).")
+        return
+    path = os.path.join(reader.path, rng_file(_rank()))
+    if not os.path.isfile(path):
+        warnings.warn(f"{path} is missing: RNG states are not restored.")
+        return
+    set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
