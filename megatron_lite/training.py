@@ -1,0 +1,379 @@
+"""pretrain(): set-up, the training loop, evaluation, checkpoints, exit conditions and signals.
+
+The step, in DESIGN.md's order: micro-batches from the data iterator -> the pipeline schedule runs
+forward/backward over them -> finalize_model_grads (DP reduction, SP and tied-embedding grads) ->
+optimizer (unscale, clip, step, param gather) -> LR schedule -> logging -> eval / checkpoint / exit.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from megatron_lite import collectives, parallel_state as ps
+from megatron_lite.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lite.config import Config, ConfigError
+from megatron_lite.distributed.ddp import DistributedDataParallel
+from megatron_lite.distributed.finalize_model_grads import finalize_model_grads
+from megatron_lite.logging import MetricsLogger, print_rank_0
+from megatron_lite.optimizer import get_megatron_optimizer
+from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
+from megatron_lite.pipeline.schedules import get_forward_backward_func
+from megatron_lite.pipeline.stages import build_model_chunks
+from megatron_lite.tensor_parallel.random import model_parallel_seed
+
+
+# ---- micro-batch accounting (with optional batch-size ramp-up) -----------------------------------
+class NumMicroBatchesCalculator:
+    """Global batch size and micro-batches per step; with --rampup-batch-size the global batch grows
+    from <start> by <increment> evenly over <ramp-up samples> consumed samples (Megatron's rule)."""
+
+    def __init__(self, config: Config):
+        t = config.training
+        self.micro_times_dp = t.micro_batch_size * config.data_parallel_size
+        self.final = t.global_batch_size
+        self.rampup = t.rampup_batch_size
+        self.current = self.final if self.rampup is None else self.rampup[0]
+
+    def update(self, consumed_samples: int) -> None:
+        if self.rampup is None:
+            return
+        start, increment, rampup_samples = self.rampup
+        num_increments = max(1, (self.final - start) // increment)
+        per_increment = rampup_samples / num_increments
+        steps = int(consumed_samples / per_increment) if per_increment > 0 else num_increments
+        self.current = min(start + steps * increment, self.final)
+        self.current -= self.current % self.micro_times_dp
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.current
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.current // self.micro_times_dp
+
+
+# ---- signals ------------------------------------------------------------------------------------
+class _SignalFlag:
+    """Remembers SIGTERM (Slurm pre-emption) so the loop can save and exit at a step boundary."""
+
+    def __init__(self, enabled: bool):
+        self.received = False
+        if enabled:
+            signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.received = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        collectives.all_reduce(flag, op="max")
+        return bool(flag.item())
+
+
+# ---- set-up -------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+
+
+def initialize(config: Config) -> None:
+    """torch.distributed, parallel groups and seeds. Config has been validated on every rank already."""
+    p = config.parallel
+    ps.init_distributed(p.distributed_backend, p.distributed_timeout_minutes)
+    world = torch.distributed.get_world_size()
+    if world != config.world_size:
+        raise ConfigError(f"WORLD_SIZE: the config was validated for {config.world_size} ranks but {world} started. "
+                          "Launch with torchrun so WORLD_SIZE is set before parsing.")
+    ps.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                 p.virtual_pipeline_model_parallel_size, p.context_parallel_size,
+                                 p.expert_model_parallel_size)
+    model_parallel_seed(config.training.seed)
+
+
+def setup_model_and_optimizer(config: Config, model_provider: Callable):
+    chunks = build_model_chunks(config, model_provider)
+    if torch.cuda.is_available():
+        chunks = [chunk.cuda() for chunk in chunks]
+    model = [DistributedDataParallel(config, chunk) for chunk in chunks]
+    optimizer = get_megatron_optimizer(config, model)
+    scheduler = build_lr_scheduler(config, optimizer)
+    return model, optimizer, scheduler
+
+
+def build_lr_scheduler(config: Config, optimizer) -> OptimizerParamScheduler:
+    """Steps are counted in samples (as in Megatron), so ramp-up and --train-samples work alike."""
+    o, t = config.optimizer, config.training
+    if t.train_iters is not None:
+        decay_steps = (o.lr_decay_iters or t.train_iters) * t.global_batch_size
+        warmup_steps = o.lr_warmup_iters * t.global_batch_size
+        wsd_steps = (o.lr_wsd_decay_iters or 0) * t.global_batch_size
+    else:
+        decay_steps = o.lr_decay_samples or t.train_samples
+        warmup_steps = o.lr_warmup_samples
+        wsd_steps = o.lr_wsd_decay_iters * t.global_batch_size if o.lr_wsd_decay_iters else 0
+    if o.lr_warmup_fraction is not None:
+        warmup_steps = int(o.lr_warmup_fraction * decay_steps)
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup_steps > 0 else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=o.lr_decay_style,
+        wsd_decay_steps=wsd_steps, lr_wsd_decay_style=o.lr_wsd_decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay)
+
+
+def train_iters(config: Config) -> int:
+    t = config.training
+    if t.train_iters is not None:
+        return t.train_iters
+    if t.train_samples is not None:
+        return math.ceil(t.train_samples / t.global_batch_size)
+    return 0
+
+
+def _chunk_needs_data(chunk_index: int, num_chunks: int) -> bool:
+    pp_rank, pp_size = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+    return (pp_rank == 0 and chunk_index == 0) or (pp_rank == pp_size - 1 and chunk_index == num_chunks - 1)
+
+
+def build_data_iterators(config: Config, datasets_provider: Callable, consumed_samples: int, num_chunks: int,
+                         eval_consumed: int = 0):
+    """One iterator per model chunk for each split: only chunks on the first/last stage read data, and
+    only TP rank 0 of them reads it (pretrain_gpt's get_batch broadcasts over TP)."""
+    from megatron_lite.data import build_pretraining_data_loader
+    t = config.training
+    iters = train_iters(config)
+    eval_runs = (iters // t.eval_interval + 1) if t.eval_iters > 0 else 0
+    num_samples = (iters * t.global_batch_size, eval_runs * t.eval_iters * t.global_batch_size,
+                   t.eval_iters * t.global_batch_size)
+    reads = ps.get_tensor_model_parallel_rank() == 0 and any(_chunk_needs_data(c, num_chunks) for c in range(num_chunks))
+    datasets = datasets_provider(config, num_samples) if reads else (None, None, None)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+    def iterators(dataset, consumed: int, cyclic: bool) -> list[Optional[Iterator]]:
+        out = []
+        for c in range(num_chunks):
+            if dataset is None or not _chunk_needs_data(c, num_chunks):
+                out.append(None)
+                continue
+            loader = build_pretraining_data_loader(dataset, consumed, t.micro_batch_size, dp_rank, dp_size,
+                                                   config.data.num_workers)
+            out.append(_cycle(loader) if cyclic else iter(loader))
+        return out
+
+    return (iterators(datasets[0], consumed_samples, False), iterators(datasets[1], eval_consumed, True),
+            iterators(datasets[2], 0, True))
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def _has_data(iterators) -> bool:
+    return any(it is not None for it in iterators)
+
+
+# ---- the step -----------------------------------------------------------------------------------
+def train_step(config: Config, forward_step_func, data_iterators, model, optimizer, scheduler,
+               num_microbatches: int, global_batch_size: int):
+    forward_backward = get_forward_backward_func(config)
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = forward_backward(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
+        model=model, num_microbatches=num_microbatches, seq_length=config.model.seq_length,
+        micro_batch_size=config.training.micro_batch_size, config=config, forward_only=False,
+        no_sync_func=_no_sync_func(model), finalize_model_grads_func=finalize_model_grads,
+        grad_scale_func=optimizer.scale_loss)
+    update_successful, grad_norm, num_zeros = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=global_batch_size)
+    return _average_losses(losses), update_successful, grad_norm, num_zeros
+
+
+def _no_sync_func(model):
+    from contextlib import ExitStack
+
+    def no_sync():
+        stack = ExitStack()
+        for chunk in model:
+            stack.enter_context(chunk.no_sync())
+        return stack
+    return no_sync
+
+
+def _average_losses(losses: list[dict]) -> Optional[float]:
+    """Mean of the micro-batch losses on the last stage, averaged over DP (for reporting only)."""
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    value = torch.tensor([sum(float(d["lm loss"]) for d in losses) / max(1, len(losses))], dtype=torch.float64)
+    collectives.all_reduce(value, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return value.item() / ps.get_data_parallel_world_size(with_context_parallel=True)
+
+
+def evaluate(config: Config, forward_step_func, data_iterators, model, num_microbatches: int) -> Optional[float]:
+    forward_backward = get_forward_backward_func(config)
+    for chunk in model:
+        chunk.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for _ in range(config.training.eval_iters):
+            losses = forward_backward(
+                forward_step_func=forward_step_func,
+                data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
+                model=model, num_microbatches=num_microbatches, seq_length=config.model.seq_length,
+                micro_batch_size=config.training.micro_batch_size, config=config, forward_only=True)
+            loss = _average_losses(losses)
+            if loss is not None:
+                total, count = total + loss, count + 1
+    for chunk in model:
+        chunk.train()
+    return total / count if count else None
+
+
+def _broadcast_from_last_stage(value: Optional[float]) -> Optional[float]:
+    """Make the last stage's loss known on every rank (for exit decisions and messages)."""
+    tensor = torch.tensor([value if value is not None else 0.0], dtype=torch.float64)
+    collectives.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    return tensor.item()
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+def pretrain(config: Config, model_provider: Callable, forward_step_func: Callable, datasets_provider: Callable) -> dict:
+    """Train (and evaluate) as configured. Returns a summary dict (last losses, iteration)."""
+    start_time = time.time()
+    initialize(config)
+    world = torch.distributed.get_world_size()
+    logger = MetricsLogger(config, world)
+    model, optimizer, scheduler = setup_model_and_optimizer(config, model_provider)
+    state = TrainState()
+    if config.checkpoint.load:
+        state.iteration, state.consumed_train_samples = load_checkpoint(model, optimizer, scheduler, config)
+    _print_summary(config, model, logger)
+
+    total_iters = train_iters(config)
+    batches = NumMicroBatchesCalculator(config)
+    t = config.training
+    eval_consumed = (state.iteration // t.eval_interval) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
+    train_data, valid_data, test_data = build_data_iterators(config, datasets_provider, state.consumed_train_samples,
+                                                             len(model), eval_consumed)
+    signals = _SignalFlag(config.training.exit_signal_handler)
+    summary = {"iteration": state.iteration, "train_losses": [], "valid_loss": None}
+    saved_at = None
+
+    def save(reason: str) -> None:
+        nonlocal saved_at
+        if config.checkpoint.save and saved_at != state.iteration:
+            save_checkpoint(state.iteration, model, optimizer, scheduler, state.consumed_train_samples, config)
+            saved_at = state.iteration
+            print_rank_0(f"saved checkpoint at iteration {state.iteration} to {config.checkpoint.save} ({reason})")
+
+    window_start, window_iters = time.time(), 0
+    if not t.skip_train:
+        while state.iteration < total_iters:
+            batches.update(state.consumed_train_samples)
+            loss, ok, grad_norm, num_zeros = train_step(config, forward_step_func, train_data, model, optimizer,
+                                                        scheduler, batches.num_microbatches, batches.global_batch_size)
+            state.iteration += 1
+            state.consumed_train_samples += batches.global_batch_size
+            if not ok:
+                state.skipped_iterations += 1
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                state.nan_iterations += 1
+            window_iters += 1
+            if loss is not None:
+                summary["train_losses"].append(loss)
+            if state.iteration % config.logging.log_interval == 0:
+                elapsed = (time.time() - window_start) / window_iters
+                logger.log_training(state.iteration, total_iters, state.consumed_train_samples, loss,
+                                    optimizer.get_lr(), batches.global_batch_size, grad_norm, num_zeros,
+                                    float(optimizer.get_loss_scale()), state.skipped_iterations,
+                                    state.nan_iterations, elapsed)
+                window_start, window_iters = time.time(), 0
+            if t.eval_interval and state.iteration % t.eval_interval == 0 and _any(valid_data):
+                _run_eval(config, "valid", forward_step_func, valid_data, model, batches, state, logger, summary)
+            if config.checkpoint.save_interval and state.iteration % config.checkpoint.save_interval == 0:
+                save("interval")
+            if _should_exit(config, state, start_time, signals, save):
+                summary["iteration"] = state.iteration
+                logger.close()
+                return summary
+        if state.iteration > 0:
+            save("end of training")
+    if _any(valid_data) and (t.skip_train or not t.eval_interval or state.iteration % t.eval_interval != 0):
+        _run_eval(config, "valid", forward_step_func, valid_data, model, batches, state, logger, summary)
+    if _any(test_data):
+        _run_eval(config, "test", forward_step_func, test_data, model, batches, state, logger, summary)
+    summary["iteration"] = state.iteration
+    logger.close()
+    return summary
+
+
+def _any(iterators) -> bool:
+    """Whether any rank has data for this split (all ranks must agree before a collective schedule)."""
+    flag = torch.tensor([1.0 if _has_data(iterators) else 0.0])
+    collectives.all_reduce(flag, op="max")
+    return bool(flag.item())
+
+
+def _run_eval(config, split, forward_step_func, data, model, batches, state, logger, summary) -> None:
+    loss = evaluate(config, forward_step_func, data, model, batches.num_microbatches)
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and loss is not None:
+        logger.log_evaluation(split, state.iteration, state.consumed_train_samples, loss)
+    summary[f"{split}_loss"] = _broadcast_from_last_stage(loss)
+
+
+def _should_exit(config: Config, state: TrainState, start_time: float, signals: _SignalFlag, save) -> bool:
+    t = config.training
+    reason = None
+    if signals.any_rank():
+        reason = "SIGTERM"
+    elif t.exit_interval and state.iteration % t.exit_interval == 0:
+        reason = f"--exit-interval {t.exit_interval}"
+    elif t.exit_duration_in_mins:
+        elapsed = torch.tensor([(time.time() - start_time) / 60.0])
+        collectives.all_reduce(elapsed, op="max")
+        if elapsed.item() > t.exit_duration_in_mins:
+            reason = f"--exit-duration-in-mins {t.exit_duration_in_mins}"
+    if reason is None:
+        return False
+    save(reason)
+    print_rank_0(f"exiting at iteration {state.iteration} ({reason})")
+    return True
+
+
+def _print_summary(config: Config, model, logger: MetricsLogger) -> None:
+    local = sum(p.numel() for chunk in model for p in chunk.parameters())
+    counts = collectives.all_gather_object(
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(), local))
+    per_stage: dict[int, int] = {}
+    for pp_rank, tp_rank, dp_rank, n in counts:
+        if dp_rank == 0:
+            per_stage[pp_rank] = per_stage.get(pp_rank, 0) + n
+    p, t = config.parallel, config.training
+    lines = [
+        f"> layout: TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size}"
+        + (f" VP={p.virtual_pipeline_model_parallel_size}" if p.virtual_pipeline_model_parallel_size else "")
+        + f" CP={p.context_parallel_size} DP={config.data_parallel_size} on {config.world_size} ranks"
+        + f" | sequence parallel: {p.sequence_parallel} | distributed optimizer: {p.use_distributed_optimizer}",
+        "> parameters per pipeline stage (summed over TP): "
+        + ", ".join(f"stage {s}: {n:,}" for s, n in sorted(per_stage.items()))
+        + f" | total: {sum(per_stage.values()):,} (tied copies counted per stage)",
+        f"> micro-batches per step: {config.num_microbatches} x {t.micro_batch_size} samples x DP {config.data_parallel_size}"
+        + f" = global batch {t.global_batch_size} | tokens per step: {t.global_batch_size * config.model.seq_length:,}",
+        f"> precision: {str(config.params_dtype).replace('torch.', '')} | seed: {t.seed} | "
+        f"schedule: {p.pipeline_schedule}",
+    ]
+    print_rank_0("\n".join(lines))
+    del logger

@@ -1,0 +1,102 @@
+"""Pretrain a GPT model: `torchrun --nproc-per-node N pretrain_gpt.py --tensor-model-parallel-size ...`.
+
+Thin, as in Megatron-LM: it provides the model, the batches and the loss, and hands them to
+megatron_lite.training.pretrain(). Run with --help for every flag.
+"""
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+import torch
+
+from megatron_lite import arguments, collectives, parallel_state as ps
+from megatron_lite.config import Config, ConfigError
+
+_BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def model_provider(config: Config, pre_process: bool, post_process: bool, layer_numbers: list[int]):
+    from megatron_lite.models.gpt.model import GPTModel
+    return GPTModel(config, pre_process=pre_process, post_process=post_process, layer_numbers=layer_numbers)
+
+
+def datasets_provider(config: Config, num_samples: tuple[int, int, int]):
+    from megatron_lite.data import build_gpt_datasets
+    d, m = config.data, config.model
+    return build_gpt_datasets(d.data_path, d.split, m.seq_length, num_samples, config.training.seed, d.data_cache_path,
+                              d.mock_data, m.vocab_size, config.extra["eod_id"], d.reset_position_ids,
+                              d.reset_attention_mask, d.eod_mask_loss)
+
+
+def get_batch(config: Config, data_iterator) -> dict:
+    """TP rank 0 reads the micro-batch and broadcasts it over the TP group (one read per TP group)."""
+    mbs, seq = config.training.micro_batch_size, config.model.seq_length
+    with_mask = config.data.reset_attention_mask
+    batch = next(data_iterator) if data_iterator is not None else None
+    shapes = {"tokens": (mbs, seq), "labels": (mbs, seq), "loss_mask": (mbs, seq), "position_ids": (mbs, seq)}
+    dtypes = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32, "position_ids": torch.int64}
+    if with_mask:
+        shapes["attention_mask"], dtypes["attention_mask"] = (mbs, 1, seq, seq), torch.bool
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    src, group = ps.get_tensor_model_parallel_src_rank(), ps.get_tensor_model_parallel_group()
+    out = {}
+    for key in shapes:
+        if batch is not None:
+            tensor = batch[key].to(device=device, dtype=dtypes[key] if key != "attention_mask" else torch.uint8).contiguous()
+        else:
+            tensor = torch.empty(shapes[key], dtype=dtypes[key] if key != "attention_mask" else torch.uint8, device=device)
+        collectives.broadcast(tensor, src=src, group=group)  # bool is sent as uint8 (gloo has no bool)
+        out[key] = tensor.bool() if key == "attention_mask" else tensor
+    return out
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Mean of the per-token losses over the unmasked tokens of the micro-batch."""
+    losses = output_tensor.float()
+    loss_mask = loss_mask.float()
+    loss = torch.sum(losses.view(-1) * loss_mask.view(-1)) / loss_mask.sum().clamp(min=1.0)
+    if not torch.isfinite(loss.detach()).all():
+        print(f"rank {torch.distributed.get_rank()}: non-finite loss in forward", flush=True)
+    return loss, {"lm loss": loss.detach()}
+
+
+def forward_step(config: Config, data_iterator, model):
+    """Megatron's forward_step: (output tensor, loss function) for one micro-batch on one chunk."""
+    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    if first or last:
+        batch = get_batch(config, data_iterator)
+        output = model(batch["tokens"] if first else None, batch["position_ids"] if first else None,
+                       batch.get("attention_mask"), labels=batch["labels"] if last else None)
+        return output, partial(loss_func, batch["loss_mask"])
+    output = model(None, None, None, labels=None)
+    return output, partial(loss_func, None)
+
+
+def prepare_tokenizer(config: Config) -> None:
+    """Set the vocabulary size and end-of-document id from the tokenizer (before building anything)."""
+    from megatron_lite.data import build_tokenizer
+    d, m = config.data, config.model
+    if d.tokenizer_type == "NullTokenizer":
+        if m.vocab_size is None:
+            raise ConfigError("--vocab-size: is required with --tokenizer-type NullTokenizer (and with --mock-data). "
+                              "Give the vocabulary size, e.g. --vocab-size 50257.")
+    tokenizer = build_tokenizer(d.tokenizer_type, tokenizer_model=d.tokenizer_model, vocab_file=d.vocab_file,
+                                merge_file=d.merge_file, vocab_size=m.vocab_size)
+    m.vocab_size = tokenizer.vocab_size
+    config.extra["eod_id"] = tokenizer.eod
+
+
+def main(argv=None) -> dict:
+    try:
+        config = arguments.parse(argv)
+        prepare_tokenizer(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    from megatron_lite.training import pretrain
+    return pretrain(config, partial(model_provider, config), partial(forward_step, config), datasets_provider)
+
+
+if __name__ == "__main__":
+    main()
