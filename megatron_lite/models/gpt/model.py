@@ -1,0 +1,144 @@
+"""GPTModel: one model chunk (pipeline stage, or virtual stage) of a GPT-2 / Llama style decoder.
+
+First stage (pre_process): token (+ learned position) embedding. Every stage: its transformer layers,
+keyed by global layer number. Last stage (post_process): final norm, output layer (tied to the word
+embedding or not) and the vocab-parallel cross entropy. Activations between stages are [s, b, h]
+([s/tp, b, h] under sequence parallelism).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_lite import parallel_state
+from megatron_lite.config import Config, ConfigError
+from megatron_lite.models.gpt.transformer import TransformerBlock, hidden_dropout_rng
+from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_lite.tensor_parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, mask_padded_vocab,
+                                                  vocab_range)
+from megatron_lite.tensor_parallel.mappings import scatter_to_sequence_parallel_region
+from megatron_lite.tensor_parallel.utils import (initialize_param, pad_vocab_size, set_default_attributes, set_init,
+                                                 set_tensor_model_parallel_attributes)
+
+WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
+
+
+class LanguageModelEmbedding(nn.Module):
+    """Word embeddings (vocab-parallel) + learned absolute positions, transposed to [s, b, h], split along
+    the sequence under sequence parallelism, then hidden dropout."""
+
+    def __init__(self, config: Config, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        m = config.model
+        self.word_embeddings = VocabParallelEmbedding(m.vocab_size, m.hidden_size, divisible_by=m.make_vocab_size_divisible_by,
+                                                      init_std=m.init_method_std, params_dtype=config.params_dtype, device=device)
+        if m.position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(m.max_position_embeddings, m.hidden_size,
+                                                    dtype=config.params_dtype, device=device)
+            set_init(self.position_embeddings.weight, "normal", m.init_method_std)
+        else:
+            self.position_embeddings = None
+        self.sequence_parallel = config.parallel.sequence_parallel
+        self.hidden_dropout = m.hidden_dropout
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        x = self.word_embeddings(input_ids)  # [b, s, h]
+        if self.position_embeddings is not None:
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            x = x + self.position_embeddings(position_ids)
+        x = x.transpose(0, 1).contiguous()  # [s, b, h]
+        if self.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x)
+        if self.training and self.hidden_dropout > 0:
+            with hidden_dropout_rng(self.sequence_parallel):
+                x = F.dropout(x, self.hidden_dropout, training=True)
+        return x
+
+
+class GPTModel(nn.Module):
+    """A GPT model chunk. See docs/internals.md for parameter names, metadata and the chunk interface.
+
+    forward(input_ids [b, s], position_ids [b, s] | None, attention_mask [b, 1, s, s] bool (True = masked)
+    | None (plain causal), labels [b, s] | None) returns
+      - post_process with labels: per-token loss [b, s] (fp32);
+      - post_process without labels: logits [b, s, padded_vocab / tp] (this TP rank's vocabulary slice;
+        padding entries are -inf);
+      - otherwise the hidden states [s, b, h] ([s/tp, b, h] under sequence parallelism).
+    """
+
+    def __init__(self, config: Config, pre_process: bool = True, post_process: bool = True,
+                 layer_numbers: Optional[list[int]] = None, device: Optional[Union[str, torch.device]] = None) -> None:
+        super().__init__()
+        m = config.model
+        if m.vocab_size is None:
+            raise ConfigError("--vocab-size: the model needs a vocabulary size. Set it, or let the tokenizer set it.")
+        self.config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.layer_numbers = list(range(m.num_layers)) if layer_numbers is None else list(layer_numbers)
+        self.vocab_size = m.vocab_size
+        self.tied = not m.untie_embeddings_and_output_weights
+        self.input_tensor: Optional[torch.Tensor] = None
+
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(config, device)
+        self.decoder = TransformerBlock(config, self.layer_numbers, post_process, device)
+        if post_process:
+            padded = pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,
+                                    parallel_state.get_tensor_model_parallel_world_size())
+            self.output_layer = ColumnParallelLinear(
+                m.hidden_size, padded, bias=False, init_std=m.init_method_std,
+                sequence_parallel=config.parallel.sequence_parallel,
+                skip_weight_param_allocation=self.tied and pre_process,  # PP=1 tied: use the embedding's weight
+                params_dtype=config.params_dtype, device=device)
+            if self.output_layer.weight is not None:
+                set_tensor_model_parallel_attributes(self.output_layer.weight, True, 0, 1, unpadded_size=m.vocab_size)
+            self.vocab_start = vocab_range(padded)[0]
+        # Tied embeddings split over pipeline stages: the first stage's table and the last stage's copy
+        # are kept equal by summing their grads over the embedding group.
+        if self.tied and pre_process and not post_process:
+            self.embedding.word_embeddings.weight.shared_embedding = True
+        if self.tied and post_process and not pre_process:
+            self.output_layer.weight.shared_embedding = True
+        self.initialize(config.training.seed)
+
+    @torch.no_grad()
+    def initialize(self, seed: int) -> None:
+        """Draw every parameter from (seed, global name); the tied copy from the embedding's name."""
+        for name, param in self.named_parameters():
+            set_default_attributes(param)
+            init_name = WORD_EMBEDDINGS if (name == "output_layer.weight" and self.tied) else name
+            initialize_param(param, init_name, seed)
+
+    def set_input_tensor(self, input_tensor: Union[torch.Tensor, list, tuple, None]) -> None:
+        """The activation received from the previous pipeline stage (used instead of the embedding)."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0] if input_tensor else None
+        self.input_tensor = input_tensor
+
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's weight (the word embedding when tied on a single stage)."""
+        if self.output_layer.weight is not None:
+            return self.output_layer.weight
+        return self.embedding.word_embeddings.weight
+
+    def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.pre_process:
+            x = self.embedding(input_ids, position_ids)
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError("GPTModel without pre_process needs set_input_tensor() before forward")
+            x = self.input_tensor
+        x = self.decoder(x, attention_mask, position_ids)
+        if not self.post_process:
+            return x
+        logits = self.output_layer(x, self.output_weight())  # [s, b, padded_vocab / tp]
+        logits = mask_padded_vocab(logits, self.vocab_start, self.vocab_size)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1))  # [s, b], fp32
+        return loss.transpose(0, 1).contiguous()

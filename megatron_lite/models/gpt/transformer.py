@@ -1,0 +1,200 @@
+"""Transformer layer of a GPT: pre-norm attention and MLP blocks with residuals, on [seq, batch, hidden].
+
+Reads like nanoGPT; tensor parallelism lives in the column/row-parallel linears, sequence parallelism
+in the regions those linears gather from / scatter to, so this file has no TP branches.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, ContextManager, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_lite import parallel_state
+from megatron_lite.config import Config
+from megatron_lite.kernels.activations import bias_gelu, swiglu
+from megatron_lite.kernels.attention import attention
+from megatron_lite.kernels.norm import layer_norm, rms_norm
+from megatron_lite.kernels.rope import apply_rotary, rope_cos_sin
+from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
+from megatron_lite.tensor_parallel.utils import set_init
+
+
+def output_init_std(config: Config) -> float:
+    """Megatron's scaled init for projections that write into the residual stream."""
+    return config.model.init_method_std / math.sqrt(2.0 * config.model.num_layers)
+
+
+def hidden_dropout_rng(sequence_parallel: bool) -> ContextManager:
+    """Dropout on hidden states: under sequence parallelism each TP rank holds a different part of the
+    sequence, so it uses its own stream; otherwise all TP ranks hold the same tensor and must draw
+    the same mask from the shared default stream."""
+    return get_rng_tracker().fork() if sequence_parallel else contextlib.nullcontext()
+
+
+class Norm(nn.Module):
+    """LayerNorm (weight and bias) or RMSNorm (weight), per --normalization. Replicated over TP; under
+    sequence parallelism its grads come from part of the sequence only, hence `sequence_parallel`."""
+
+    def __init__(self, config: Config, hidden_size: int, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.rms = config.model.normalization == "RMSNorm"
+        self.eps = config.model.norm_epsilon
+        sequence_parallel = config.parallel.sequence_parallel
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=config.params_dtype, device=device))
+        set_init(self.weight, "ones")
+        self.weight.sequence_parallel = sequence_parallel
+        if self.rms:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(torch.empty(hidden_size, dtype=config.params_dtype, device=device))
+            set_init(self.bias, "zeros")
+            self.bias.sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps) if self.rms else layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class SelfAttention(nn.Module):
+    """Causal self-attention, multi-head or grouped-query, optionally with RoPE.
+
+    linear_qkv's output per TP rank is [groups_local, heads_per_group + 2, head_dim]: each query group's
+    queries, then its key, then its value (Megatron's layout), so TP splits whole groups.
+    """
+
+    def __init__(self, config: Config, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        m = config.model
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.head_dim = m.head_dim
+        self.heads_local = m.num_attention_heads // tp_size
+        self.groups_local = m.num_query_groups // tp_size
+        self.heads_per_group = m.num_attention_heads // m.num_query_groups
+        self.attention_dropout = m.attention_dropout
+        self.rotary_dim = int(self.head_dim * m.rotary_percent) if m.position_embedding_type == "rope" else 0
+        self.rotary_base = m.rotary_base
+        self.recompute_core = m.recompute_granularity == "selective"
+        qkv_size = m.num_query_groups * (self.heads_per_group + 2) * self.head_dim
+        common = dict(sequence_parallel=config.parallel.sequence_parallel, params_dtype=config.params_dtype, device=device)
+        self.linear_qkv = ColumnParallelLinear(m.hidden_size, qkv_size, bias=m.add_bias_linear or m.add_qkv_bias,
+                                               init_std=m.init_method_std, **common)
+        self.linear_proj = RowParallelLinear(m.num_attention_heads * self.head_dim, m.hidden_size, bias=m.add_bias_linear,
+                                             init_std=output_init_std(config), **common)
+
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        dropout_p = self.attention_dropout if self.training else 0.0
+        # This rank's heads are its own: their dropout masks come from the TP-rank stream.
+        rng = get_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
+        with rng:
+            return attention(q, k, v, attention_mask, dropout_p=dropout_p, causal=True)
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        qkv = self.linear_qkv(x)  # [s, b, groups_local * (heads_per_group + 2) * head_dim]
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.groups_local, self.heads_per_group + 2, self.head_dim)
+        q = qkv[:, :, :, :self.heads_per_group].reshape(s, b, self.heads_local, self.head_dim)
+        k, v = qkv[:, :, :, self.heads_per_group], qkv[:, :, :, self.heads_per_group + 1]
+        if self.rotary_dim:
+            if position_ids is None:
+                position_ids = torch.arange(s, device=x.device).expand(b, s)
+            cos, sin = rope_cos_sin(position_ids, self.rotary_dim, self.rotary_base, dtype=q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        if self.recompute_core and torch.is_grad_enabled():
+            context = checkpoint(self.core_attention, q, k, v, attention_mask)
+        else:
+            context = self.core_attention(q, k, v, attention_mask)
+        context = context.permute(2, 0, 1, 3).reshape(s, b, self.heads_local * self.head_dim)
+        return self.linear_proj(context)
+
+
+class MLP(nn.Module):
+    """fc1 -> GeLU (tanh, GPT-2) or SwiGLU (fc1 holds [gate; up], split over TP with stride 2) -> fc2."""
+
+    def __init__(self, config: Config, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        m = config.model
+        self.swiglu = m.swiglu
+        common = dict(sequence_parallel=config.parallel.sequence_parallel, params_dtype=config.params_dtype, device=device)
+        self.linear_fc1 = ColumnParallelLinear(m.hidden_size, m.ffn_hidden_size * (2 if m.swiglu else 1),
+                                               bias=m.add_bias_linear, init_std=m.init_method_std,
+                                               stride=2 if m.swiglu else 1, **common)
+        self.linear_fc2 = RowParallelLinear(m.ffn_hidden_size, m.hidden_size, bias=m.add_bias_linear,
+                                            init_std=output_init_std(config), **common)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear_fc1(x)
+        return self.linear_fc2(swiglu(h) if self.swiglu else bias_gelu(h))
+
+
+class TransformerLayer(nn.Module):
+    """x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x)))."""
+
+    def __init__(self, config: Config, layer_number: int, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.layer_number = layer_number  # global, 0-based
+        self.hidden_dropout = config.model.hidden_dropout
+        self.sequence_parallel = config.parallel.sequence_parallel
+        self.input_layernorm = Norm(config, config.model.hidden_size, device)
+        self.self_attention = SelfAttention(config, device)
+        self.pre_mlp_layernorm = Norm(config, config.model.hidden_size, device)
+        self.mlp = MLP(config, device)
+
+    def dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.hidden_dropout == 0.0:
+            return x
+        with hidden_dropout_rng(self.sequence_parallel):
+            return F.dropout(x, self.hidden_dropout, training=True)
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attention(self.input_layernorm(x), attention_mask, position_ids))
+        return x + self.dropout(self.mlp(self.pre_mlp_layernorm(x)))
+
+
+class TransformerBlock(nn.Module):
+    """The layers this model chunk holds (keyed by global layer number) and, on the last stage, the
+    final norm; applies --recompute-granularity full (uniform or block) here."""
+
+    def __init__(self, config: Config, layer_numbers: list[int], post_process: bool,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        m = config.model
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, i, device) for i in layer_numbers})
+        self.final_layernorm = Norm(config, m.hidden_size, device) if post_process else None
+        self.recompute_full = m.recompute_granularity == "full"
+        self.recompute_method = m.recompute_method
+        self.recompute_num_layers = m.recompute_num_layers or 1
+
+    def _run_layers(self, layers: list[nn.Module]) -> Callable:
+        def run(x: torch.Tensor, attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+            for layer in layers:
+                x = layer(x, attention_mask, position_ids)
+            return x
+        return run
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        layers = list(self.layers.values())
+        if self.recompute_full and torch.is_grad_enabled():
+            if self.recompute_method == "uniform":
+                # Checkpoint groups of recompute_num_layers layers: only each group's input is kept.
+                for start in range(0, len(layers), self.recompute_num_layers):
+                    group = layers[start:start + self.recompute_num_layers]
+                    x = checkpoint(self._run_layers(group), x, attention_mask, position_ids)
+            else:  # block: the first recompute_num_layers layers of this chunk, each on its own
+                for index, layer in enumerate(layers):
+                    if index < self.recompute_num_layers:
+                        x = checkpoint(layer, x, attention_mask, position_ids)
+                    else:
+                        x = layer(x, attention_mask, position_ids)
+        else:
+            for layer in layers:
+                x = layer(x, attention_mask, position_ids)
+        return self.final_layernorm(x) if self.final_layernorm is not None else x

@@ -1,0 +1,174 @@
+"""Tensor-parallel layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding.
+
+Parameters are allocated empty and tagged with their sharding (utils.set_tensor_model_parallel_attributes)
+and their init (utils.set_init); the model initialises them from their global names afterwards, so the
+same seed gives the same full weights in every layout.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_lite import collectives, parallel_state
+from megatron_lite.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region)
+from megatron_lite.tensor_parallel.utils import pad_vocab_size, set_init, set_tensor_model_parallel_attributes
+
+
+def _tp() -> tuple[int, int]:
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: Optional[torch.device]) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device))
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A^T + b with A split along its output dimension: each TP rank computes Y's columns.
+
+    Input [s, b, in] is replicated (or [s/tp, b, in] under sequence parallelism, all-gathered here);
+    output [s, b, out/tp], or all of `out` with gather_output. `stride` > 1 marks a weight made of
+    several blocks that are each split over TP (SwiGLU's [gate; up]). With skip_weight_param_allocation
+    the weight is passed to forward (the tied output layer).
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = True, gather_output: bool = False,
+                 init_std: float = 0.02, stride: int = 1, sequence_parallel: bool = False,
+                 skip_weight_param_allocation: bool = False, params_dtype: torch.dtype = torch.float32,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        _, tp_size = _tp()
+        if output_size % tp_size != 0:
+            raise ValueError(f"output size {output_size} is not divisible by the TP size {tp_size}")
+        self.input_size, self.output_size = input_size, output_size
+        self.output_size_per_partition = output_size // tp_size
+        self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
+        if skip_weight_param_allocation:
+            self.weight = None
+        else:
+            self.weight = _empty(self.output_size_per_partition, input_size, dtype=params_dtype, device=device)
+            set_tensor_model_parallel_attributes(self.weight, True, 0, stride)
+            set_init(self.weight, "normal", init_std)
+        if bias:
+            self.bias = _empty(self.output_size_per_partition, dtype=params_dtype, device=device)
+            set_tensor_model_parallel_attributes(self.bias, True, 0, stride)
+            set_init(self.bias, "zeros")
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x)
+        else:
+            x = copy_to_tensor_model_parallel_region(x)
+        y = F.linear(x, weight, self.bias)
+        return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A^T + b with A split along its input dimension: X arrives split along its last dim (the
+    output of a column-parallel layer); partial products are summed over TP (all-reduce), or
+    reduce-scattered along the sequence under sequence parallelism. The bias is added once, after."""
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = True, init_std: float = 0.02,
+                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        _, tp_size = _tp()
+        if input_size % tp_size != 0:
+            raise ValueError(f"input size {input_size} is not divisible by the TP size {tp_size}")
+        self.input_size, self.output_size = input_size, output_size
+        self.input_size_per_partition = input_size // tp_size
+        self.sequence_parallel = sequence_parallel
+        self.weight = _empty(output_size, self.input_size_per_partition, dtype=params_dtype, device=device)
+        set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
+        set_init(self.weight, "normal", init_std)
+        if bias:
+            self.bias = _empty(output_size, dtype=params_dtype, device=device)
+            set_tensor_model_parallel_attributes(self.bias, False)
+            set_init(self.bias, "zeros")
+            # Under sequence parallelism each rank adds the bias to its part of the sequence only.
+            self.bias.sequence_parallel = sequence_parallel
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(y)
+        else:
+            y = reduce_from_tensor_model_parallel_region(y)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split along the (padded) vocabulary: each rank looks up the tokens in its range,
+    writes zeros for the others, and the partial results are summed over TP.
+
+    num_embeddings is the real vocabulary; the table is padded to a multiple of divisible_by x TP with
+    zero rows (unpadded_size records the real size, so the canonical full tensor is unpadded).
+    Returns [b, s, h], replicated over TP.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, divisible_by: int = 1, init_std: float = 0.02,
+                 params_dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        tp_rank, tp_size = _tp()
+        self.num_embeddings = num_embeddings
+        self.padded_num_embeddings = pad_vocab_size(num_embeddings, divisible_by, tp_size)
+        per_rank = self.padded_num_embeddings // tp_size
+        self.vocab_start_index, self.vocab_end_index = tp_rank * per_rank, (tp_rank + 1) * per_rank
+        self.weight = _empty(per_rank, embedding_dim, dtype=params_dtype, device=device)
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1, unpadded_size=num_embeddings)
+        set_init(self.weight, "normal", init_std)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
+        local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_model_parallel_region(out)
+
+
+def vocab_range(padded_vocab_size: int) -> tuple[int, int]:
+    """[start, end) of this TP rank's slice of the padded vocabulary."""
+    tp_rank, tp_size = _tp()
+    per_rank = padded_vocab_size // tp_size
+    return tp_rank * per_rank, (tp_rank + 1) * per_rank
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:
+    """Set the logits of padding entries (global index >= vocab_size) to -inf, so they never win a
+    softmax and padding never changes the loss: TP=1 and TP=4 give the same loss for any vocabulary."""
+    num_real = vocab_size - vocab_start
+    if num_real >= logits.shape[-1]:
+        return logits
+    padded = torch.arange(logits.shape[-1], device=logits.device) >= num_real
+    return logits.masked_fill(padded, float("-inf"))
+
+
+def allreduce_sequence_parallel_grads(model_chunks: Iterable[nn.Module]) -> None:
+    """All-reduce over TP the grads of parameters replicated over TP but fed only part of the sequence
+    (norm weights, row-parallel biases, under sequence parallelism). Uses .main_grad when DDP keeps
+    grads there. One coalesced all-reduce."""
+    grads = []
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            if getattr(param, "sequence_parallel", False) and param.requires_grad:
+                grad = getattr(param, "main_grad", None)
+                grad = param.grad if grad is None else grad
+                if grad is not None:
+                    grads.append(grad)
+    if not grads or parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    collectives.all_reduce(flat, parallel_state.get_tensor_model_parallel_group())
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
