@@ -143,6 +143,10 @@ def train_step(chunks, optimizer: ToyAdam, scheduler: ToyScheduler) -> None:
     """A step whose gradient draws from the torch RNG (like dropout), so RNG restore matters."""
     for name, param in named(chunks).items():
         param.grad = param.detach() * 0.1 + torch.randn(param.shape) * math.sqrt(0.01)
+        if param.shared_embedding or not param.tensor_model_parallel:
+            # Replicas must stay equal (TP-replicated params; the tied pair, which the embedding-group
+            # all-reduce keeps equal), so only TP shards see the RNG, like TP-local dropout.
+            param.grad = param.detach() * 0.1
         if param.unpadded_size is not None:  # padded vocab rows get no gradient and stay zero (internals.md)
             first_pad = max(0, param.unpadded_size - param.toy_first_row)
             param.grad[first_pad:] = 0
