@@ -1,0 +1,151 @@
+"""Data parallelism for one model chunk: contiguous grad buffers, buckets, reduction overlapped with backward.
+
+Life of a gradient (Megatron-core's DistributedDataParallel):
+1. autograd accumulates into `param.grad`; our post-accumulate hook adds it into `param.main_grad` (a view
+   of the contiguous grad buffer, fp32 with --bf16 / --accumulate-allreduce-grads-in-fp32) and frees
+   `param.grad`, so the buffer is the only gradient storage;
+2. inside `no_sync()` (every micro-batch but the last) that is all that happens;
+3. on the last micro-batch each hook marks its parameter ready; with --overlap-grad-reduce a bucket's
+   all-reduce (or reduce-scatter, with the distributed optimizer) starts asynchronously as soon as all
+   its parameters are ready, while backward continues on earlier layers;
+4. `finish_grad_sync()` (from finalize_model_grads) starts whatever has not started and waits for all.
+Gradients are pre-multiplied by 1/(DP x CP) so the summing collective yields the mean.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from megatron_lite import parallel_state
+from megatron_lite.config import Config
+from megatron_lite.distributed.param_and_grad_buffer import ParamAndGradBuffer
+
+
+def default_bucket_size(dp_size: int) -> int:
+    """Megatron's default: large buckets, growing with DP so each rank's chunk stays efficient."""
+    return max(40_000_000, 1_000_000 * dp_size)
+
+
+class DistributedDataParallel(nn.Module):
+    """Wraps ONE model chunk. Keys of state_dict() are the module's own (global) parameter names."""
+
+    def __init__(self, config: Config, module: nn.Module, disable_bucketing: bool = False):
+        super().__init__()
+        self.config = config
+        self.module = module
+        parallel = config.parallel
+        self.overlap_grad_reduce = parallel.overlap_grad_reduce
+        self.use_distributed_optimizer = parallel.use_distributed_optimizer
+        self.overlap_param_gather = parallel.overlap_param_gather and self.use_distributed_optimizer
+
+        # CP ranks see different tokens of the same samples, so their grads are averaged like DP's.
+        self.dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        self.dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        bucket_size = None if disable_bucketing else (parallel.ddp_bucket_size or default_bucket_size(self.dp_size))
+
+        # One buffer per (param dtype, grad dtype): bf16 params always accumulate grads in fp32.
+        by_dtype: dict[tuple[torch.dtype, torch.dtype], list[nn.Parameter]] = {}
+        for param in module.parameters():
+            if not param.requires_grad:
+                continue
+            fp32_grads = parallel.accumulate_allreduce_grads_in_fp32 or param.dtype == torch.bfloat16
+            grad_dtype = torch.float32 if fp32_grads else param.dtype
+            by_dtype.setdefault((param.dtype, grad_dtype), []).append(param)
+        self.param_and_grad_buffers: list[ParamAndGradBuffer] = [
+            ParamAndGradBuffer(params, param_dtype, grad_dtype, bucket_size, self.dp_group, self.dp_size,
+                               self.dp_rank, self.use_distributed_optimizer, 1.0 / self.dp_size)
+            for (param_dtype, grad_dtype), params in by_dtype.items()]
+        self.buffer_of: dict[int, ParamAndGradBuffer] = {
+            id(p): buffer for buffer in self.param_and_grad_buffers for p in buffer.params}
+
+        self.is_last_microbatch = True
+        self._hook_handles = []
+        for param in module.parameters():
+            if param.requires_grad:
+                self._hook_handles.append(param.register_post_accumulate_grad_hook(self._make_grad_hook()))
+        if self.overlap_param_gather:
+            # Wait for a module's freshly gathered parameters just before it runs forward.
+            for submodule in module.modules():
+                if any(True for _ in submodule.parameters(recurse=False)):
+                    self._hook_handles.append(submodule.register_forward_pre_hook(self._param_gather_pre_hook))
+
+    # ---- hooks -----------------------------------------------------------------------------------
+    def _make_grad_hook(self):
+        def hook(param: nn.Parameter) -> None:
+            if param.grad is not None:
+                param.main_grad.add_(param.grad)
+                param.grad = None  # the buffer is the only copy: halves gradient memory
+            if self.is_last_microbatch:
+                self.buffer_of[id(param)].register_grad_ready(param, self.overlap_grad_reduce)
+        return hook
+
+    def _param_gather_pre_hook(self, submodule: nn.Module, args) -> None:
+        for param in submodule.parameters(recurse=False):
+            buffer = self.buffer_of.get(id(param))
+            if buffer is not None:
+                buffer.finish_bucket_param_sync(buffer.bucket_of[id(param)])
+
+    # ---- the Megatron DDP interface --------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Gradients of the micro-batches run inside only accumulate; no communication."""
+        self.is_last_microbatch = False
+        try:
+            yield
+        finally:
+            self.is_last_microbatch = True
+
+    def start_grad_sync(self) -> None:
+        """Start every bucket's reduction now (asynchronously); finish_grad_sync waits for them."""
+        for buffer in self.param_and_grad_buffers:
+            for bucket in buffer.buckets:
+                buffer.start_bucket_grad_sync(bucket, async_op=True)
+
+    def finish_grad_sync(self) -> None:
+        for buffer in self.param_and_grad_buffers:
+            buffer.finish_grad_sync()
+
+    def zero_grad_buffer(self) -> None:
+        for param in self.module.parameters():
+            param.grad = None
+        for buffer in self.param_and_grad_buffers:
+            buffer.reset()
+
+    def start_param_sync(self, force_sync: bool = False) -> None:
+        """All-gather the parameter shards the distributed optimizer updated. With --overlap-param-gather
+        (and not force_sync) the gathers run asynchronously and each module waits for its own in forward."""
+        if not self.use_distributed_optimizer:
+            return
+        for buffer in self.param_and_grad_buffers:
+            buffer.start_param_sync(async_op=self.overlap_param_gather and not force_sync)
+
+    def finish_param_sync(self) -> None:
+        for buffer in self.param_and_grad_buffers:
+            for bucket in buffer.buckets:
+                buffer.finish_bucket_param_sync(bucket)
+
+    def state_dict(self, *args, **kwargs):
+        self.finish_param_sync()  # never save half-gathered parameters
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        self.finish_param_sync()
+        # copy_ keeps param.data pointing into the contiguous param buffer.
+        return self.module.load_state_dict(state_dict, strict=strict)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        # The module's global names, without a "module." prefix (layout-invariant keys).
+        return self.module.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)  # e.g. set_input_tensor for the pipeline engine

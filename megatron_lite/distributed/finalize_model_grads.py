@@ -1,0 +1,25 @@
+"""After the last micro-batch's backward: make every rank's gradients final (docs/internals.md order)."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def finalize_model_grads(model_chunks: list[nn.Module]) -> None:
+    """1. DDP's bucketed reduction over DP x CP; 2. sequence-parallel grads over TP; 3. tied embeddings
+    over the embedding group. Steps 2 and 3 read `.main_grad` when present, else `.grad`."""
+    for chunk in model_chunks:
+        if hasattr(chunk, "finish_grad_sync"):
+            chunk.finish_grad_sync()
+    # Imported here: tensor_parallel and pipeline import the model side, which must not import us back.
+    try:  # TEMPORARY guard until tensor_parallel / pipeline land; removed afterwards
+        from megatron_lite.tensor_parallel import allreduce_sequence_parallel_grads
+    except ImportError:
+        allreduce_sequence_parallel_grads = None
+    if allreduce_sequence_parallel_grads is not None:
+        allreduce_sequence_parallel_grads(model_chunks)
+    try:
+        from megatron_lite.pipeline.embedding import allreduce_embedding_grads
+    except ImportError:
+        allreduce_embedding_grads = None
+    if allreduce_embedding_grads is not None:
+        allreduce_embedding_grads(model_chunks)

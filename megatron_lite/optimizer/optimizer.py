@@ -1,0 +1,216 @@
+"""Megatron's optimizer wrapper: fp32 main parameters, loss scaling, global-norm clipping, and (with
+--use-distributed-optimizer) sharded main parameters and optimizer states.
+
+One class covers all cases because they differ only in *which* slice of each parameter this rank steps:
+- not distributed: every local parameter, whole;
+- distributed: for each DDP bucket, the contiguous shard [dp_rank * n/dp, (dp_rank+1) * n/dp) of it, i.e.
+  a flat slice of each parameter that overlaps the shard (see distrib_optimizer.shard_slices).
+Each stepped slice is a `MainParam`: an fp32 tensor the inner torch optimizer updates, plus where its
+gradient comes from and where the result goes back to. When the model parameter is already fp32 the
+main parameter is a *view* of it (no copy, as in Megatron: 16 bytes/param, not 20).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megatron_lite import parallel_state
+from megatron_lite.config import Config
+from megatron_lite.optimizer import distrib_optimizer
+from megatron_lite.optimizer.clip_grads import (any_nonfinite, clip_grad_by_total_norm_fp32, count_zeros_fp32,
+                                                counts_toward_norm, get_grad_norm_fp32)
+from megatron_lite.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+
+
+@dataclass
+class MainParam:
+    name: str  # global parameter name
+    model_param: nn.Parameter
+    main: torch.Tensor  # fp32; what the inner optimizer steps
+    start: int  # flat slice [start, end) of the model parameter this main param covers
+    end: int
+    aliases_model: bool  # main is a view of the model parameter (fp32 params): no copy back needed
+
+    def model_grad(self) -> Optional[torch.Tensor]:
+        grad = getattr(self.model_param, "main_grad", None)
+        if grad is None:
+            grad = self.model_param.grad
+        return None if grad is None else grad.view(-1)[self.start:self.end]
+
+
+class MegatronOptimizer:
+    """The optimizer for all model chunks of this rank. See get_megatron_optimizer."""
+
+    def __init__(self, config: Config, model_chunks: list[nn.Module]):
+        self.config = config
+        self.model_chunks = model_chunks
+        opt = config.optimizer
+        self.distributed = config.parallel.use_distributed_optimizer
+        if self.distributed and not all(hasattr(c, "param_and_grad_buffers") and hasattr(c, "start_param_sync") for c in model_chunks):
+            raise ValueError("--use-distributed-optimizer: wrap every model chunk in DistributedDataParallel first")
+
+        self.main_params: list[MainParam] = []
+        for chunk in model_chunks:
+            names = {id(p): n for n, p in chunk.named_parameters()}
+            slices = (distrib_optimizer.shard_slices(chunk) if self.distributed else
+                      [(p, 0, p.numel()) for p in chunk.parameters() if p.requires_grad])
+            for param, start, end in slices:
+                flat = param.detach().view(-1)[start:end]
+                aliases = param.dtype == torch.float32
+                main = flat if aliases else flat.float()  # .float() copies bf16/fp16
+                self.main_params.append(MainParam(names[id(param)], param, main, start, end, aliases))
+
+        # Weight decay only on matrices (2+ dims), never on biases or norm weights (Megatron, nanoGPT).
+        # wd_mult / lr_mult are what the LR scheduler multiplies in.
+        decay = [m.main for m in self.main_params if m.model_param.dim() >= 2]
+        no_decay = [m.main for m in self.main_params if m.model_param.dim() < 2]
+        groups = [{"params": decay, "wd_mult": 1.0, "lr_mult": 1.0, "weight_decay": opt.weight_decay},
+                  {"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0, "weight_decay": 0.0}]
+        foreach = bool(opt.use_fused_adam)
+        if opt.optimizer == "adam":
+            self.optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
+                                               eps=opt.adam_eps, weight_decay=opt.weight_decay, foreach=foreach)
+        elif opt.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.sgd_momentum,
+                                             weight_decay=opt.weight_decay, foreach=foreach)
+        else:
+            raise ValueError(f"--optimizer: unknown {opt.optimizer!r}. Use adam or sgd.")
+        self._state_keys = ("exp_avg", "exp_avg_sq") if opt.optimizer == "adam" else ("momentum_buffer",)
+        self.num_steps = 0
+        for m in self.main_params:  # allocate states now: memory is visible up front, and set_parameter_state works
+            self._init_state(m.main)
+
+        self.grad_scaler = None
+        if opt.fp16:
+            self.grad_scaler = (ConstantGradScaler(opt.loss_scale) if opt.loss_scale is not None else
+                                DynamicGradScaler(opt.initial_loss_scale, opt.min_loss_scale,
+                                                  growth_interval=opt.loss_scale_window, hysteresis=opt.hysteresis))
+        # Statistics: non-distributed, the DP replicas agree, so model-parallel ranks suffice; distributed,
+        # each DP rank holds a disjoint shard, so sum over every rank (TP x PP x DP x CP = the world).
+        self._stat_groups = [None] if self.distributed else [parallel_state.get_model_parallel_group()]
+
+    # ---- the training-loop interface -------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def get_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+
+    def get_loss_scale(self) -> torch.Tensor:
+        return self.grad_scaler.scale if self.grad_scaler is not None else torch.tensor([1.0])
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.get_loss_scale().to(loss.device) if self.grad_scaler is not None else loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for chunk in self.model_chunks:
+            if hasattr(chunk, "zero_grad_buffer"):
+                chunk.zero_grad_buffer()
+            else:
+                chunk.zero_grad(set_to_none=True)
+        for m in self.main_params:
+            m.main.grad = None
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, Optional[float], Optional[int]]:
+        """Unscale, skip on inf/nan (all ranks together), clip, step, write back, all-gather (distributed).
+
+        Returns (update_successful, grad_norm, num_zeros_in_grad); the last two are None for a skipped step.
+        """
+        for m in self.main_params:
+            grad = m.model_grad()
+            m.main.grad = None if grad is None else (grad if grad.dtype == torch.float32 else grad.float())
+        grads = [m.main.grad for m in self.main_params if m.main.grad is not None]
+
+        if self.grad_scaler is not None:
+            inv_scale = float(self.grad_scaler.inv_scale.item())
+            for grad in grads:
+                grad.mul_(inv_scale)
+            found_inf = any_nonfinite(grads, groups=[None])  # every TP / PP / DP rank skips together
+            self.grad_scaler.update(found_inf)
+            if found_inf:
+                self._drop_main_grads()
+                return False, None, None
+
+        counted = [m.main.grad for m in self.main_params if m.main.grad is not None and counts_toward_norm(m.model_param)]
+        grad_norm = get_grad_norm_fp32(counted, self._stat_groups)
+        if self.config.optimizer.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(grads, self.config.optimizer.clip_grad, grad_norm)
+        num_zeros = count_zeros_fp32(counted, self._stat_groups)
+
+        self.optimizer.step()
+        self.num_steps += 1
+        self._drop_main_grads()
+        for m in self.main_params:
+            if not m.aliases_model:
+                m.model_param.detach().view(-1)[m.start:m.end].copy_(m.main)
+        if self.distributed:
+            for chunk in self.model_chunks:
+                chunk.start_param_sync()  # async with --overlap-param-gather: waited for in forward
+        return True, grad_norm, num_zeros
+
+    def _drop_main_grads(self) -> None:
+        # For fp32 params main is the parameter itself: a leftover .grad would be accumulated into by the
+        # next backward and then added to main_grad a second time.
+        for m in self.main_params:
+            m.main.grad = None
+
+    # ---- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"num_steps": self.num_steps,
+                "grad_scaler": None if self.grad_scaler is None else self.grad_scaler.state_dict(),
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_steps = state["num_steps"]
+        if self.grad_scaler is not None and state.get("grad_scaler") is not None:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        for group, saved in zip(self.optimizer.param_groups, state["param_groups"]):
+            group.update(saved)
+        for m in self.main_params:
+            if "step" in self.optimizer.state[m.main]:
+                self.optimizer.state[m.main]["step"].fill_(float(self.num_steps))
+
+    def get_parameter_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{global name: {"param": fp32 main param, "exp_avg", "exp_avg_sq" | "momentum_buffer"}}, each in the
+        TP-local shape of the parameter. With the distributed optimizer the shards are all-gathered over DP
+        (a collective: call on every DP rank) and EVERY DP rank returns the full dict."""
+        keys = ("param",) + self._state_keys
+        if self.distributed:
+            return distrib_optimizer.gather_parameter_state(self, keys)
+        return {m.name: {key: self._tensor_for(m, key).detach().clone().view(m.model_param.shape) for key in keys}
+                for m in self.main_params}
+
+    def set_parameter_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Inverse of get_parameter_state: each rank copies in its own (TP-local, DP-shard) part. The model
+        parameters get the (rounded) main values too, so model and main weights agree."""
+        for m in self.main_params:
+            for key, value in states[m.name].items():
+                if key == "param" or key in self._state_keys:
+                    self._tensor_for(m, key).copy_(value.reshape(-1)[m.start:m.end])
+            if not m.aliases_model:
+                m.model_param.detach().view(-1)[m.start:m.end].copy_(m.main)
+        if self.distributed:
+            for chunk in self.model_chunks:
+                chunk.start_param_sync(force_sync=True)
+
+    def _tensor_for(self, m: MainParam, key: str) -> torch.Tensor:
+        return m.main if key == "param" else self.optimizer.state[m.main][key]
+
+    def _init_state(self, main: torch.Tensor) -> None:
+        state = self.optimizer.state[main]
+        if self.config.optimizer.optimizer == "adam":
+            state["step"] = torch.tensor(float(self.num_steps))
+            state["exp_avg"] = torch.zeros_like(main, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(main, memory_format=torch.preserve_format)
+        else:
+            # A zero buffer gives the same first step as torch's lazy clone(grad) (dampening 0).
+            state["momentum_buffer"] = torch.zeros_like(main, memory_format=torch.preserve_format)

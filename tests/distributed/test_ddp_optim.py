@@ -1,0 +1,193 @@
+"""DDP + optimizer equivalence on a toy model: every DP layout, with and without the distributed
+optimizer and overlap, with gradient accumulation, ends with the single-process parameters.
+
+Tolerances: fp32 parameters within 1e-6 relative + 1e-6 absolute (weights are ~0.1: Adam turns last-bit
+differences of near-zero gradients, summed in another order, into ~1e-7 steps) of the one-process run after 3 steps;
+bf16 within 2 bf16 ulps (rtol 1.6e-2, atol 1e-3) of a one-process bf16 run (grad sums reach fp32 in a
+different order, so a main weight can round to the neighbouring bf16 value). Grad norms within 1e-5.
+Memory within 2% of Megatron's bytes/param table; dp-group communication bytes exactly the theory.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from torch import nn
+
+from megatron_lite import collectives, parallel_state
+from megatron_lite.config import Config
+from megatron_lite.distributed import DistributedDataParallel, finalize_model_grads
+from megatron_lite.optimizer import get_megatron_optimizer, memory_report
+from megatron_lite.testing import run_distributed
+
+HIDDEN, FFN, GLOBAL_BATCH, MICRO_BATCH, STEPS = 32, 64, 8, 1, 3
+
+
+class ToyModel(nn.Module):
+    """Two-layer MLP whose parameters carry the metadata the GPT model's do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(HIDDEN, FFN)
+        self.norm = nn.LayerNorm(FFN)
+        self.fc2 = nn.Linear(FFN, HIDDEN)
+        for p in (self.fc1.weight, self.fc1.bias):  # "column parallel" (TP = 1 here)
+            p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
+        self.fc2.weight.tensor_model_parallel, self.fc2.weight.partition_dim = True, 1
+        for p in (self.norm.weight, self.norm.bias, self.fc2.bias):  # replicated over TP
+            p.tensor_model_parallel = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.norm(self.fc1(x))))
+
+
+def make_config(world: int, precision: str = "fp32", dist_opt: bool = False, overlap: bool = False,
+                optimizer: str = "adam", clip: float = 0.05, **opt_overrides) -> Config:
+    cfg = Config(world_size=world)
+    cfg.training.micro_batch_size, cfg.training.global_batch_size = MICRO_BATCH, GLOBAL_BATCH
+    cfg.parallel.use_distributed_optimizer = dist_opt
+    cfg.parallel.overlap_grad_reduce = overlap
+    cfg.parallel.overlap_param_gather = overlap and dist_opt
+    cfg.parallel.ddp_bucket_size = 1000  # several buckets, some params straddling DP shard boundaries
+    o = cfg.optimizer
+    o.optimizer, o.lr, o.weight_decay, o.clip_grad = optimizer, 1e-2, 0.1, clip
+    o.bf16, o.fp16 = precision == "bf16", precision == "fp16"
+    for key, value in opt_overrides.items():
+        setattr(o, key, value)
+    return cfg
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(GLOBAL_BATCH, HIDDEN, generator=gen), torch.randn(GLOBAL_BATCH, HIDDEN, generator=gen)
+
+
+def train(cfg: Config, steps: int = STEPS, inject_inf_at: int | None = None) -> dict:
+    """Train the toy model; return final params, per-step stats, comm bytes and the memory report."""
+    torch.manual_seed(1234)
+    model = ToyModel().to(cfg.params_dtype)
+    ddp = DistributedDataParallel(cfg, model)
+    opt = get_megatron_optimizer(cfg, [ddp])
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    num_micro = GLOBAL_BATCH // (MICRO_BATCH * dp)
+    out = {"norms": [], "ok": [], "scales": [], "params_per_step": [], "early_dp_bytes": 0, "overlapped": False}
+    # The DP group's name in the byte counters ('dp'; at DP = 1 it is the same one-rank group as 'tp').
+    dp_name = parallel_state.group_name(parallel_state.get_data_parallel_group(with_context_parallel=True))
+    collectives.reset_comm_stats()
+    for step in range(steps):
+        opt.zero_grad()
+        dp_bytes_at_start = collectives.bytes_for(group=dp_name)
+        inputs, targets = batch(step)
+        local_x, local_y = inputs.chunk(dp)[dp_rank], targets.chunk(dp)[dp_rank]
+        for i, (x, y) in enumerate(zip(local_x.chunk(num_micro), local_y.chunk(num_micro))):
+            last = i == num_micro - 1
+            with nullcontext() if last else ddp.no_sync():
+                loss = ((ddp(x.to(cfg.params_dtype)).float() - y) ** 2).mean() / num_micro
+                opt.scale_loss(loss).backward()
+            if not last:
+                out["early_dp_bytes"] += collectives.bytes_for(group=dp_name) - dp_bytes_at_start  # must stay 0: no reduction yet
+            elif collectives.bytes_for(group=dp_name) > dp_bytes_at_start:
+                out["overlapped"] = True  # some bucket started before finish_grad_sync
+        finalize_model_grads([ddp])
+        if inject_inf_at == step and torch.distributed.get_rank() == 0:
+            next(iter(model.parameters())).main_grad.view(-1)[0] = float("inf")  # one rank, after the sync
+        ok, norm, _ = opt.step()
+        ddp.finish_param_sync()
+        out["ok"].append(ok)
+        out["norms"].append(norm)
+        out["scales"].append(float(opt.get_loss_scale().item()))
+        out["params_per_step"].append({n: p.detach().float().clone() for n, p in model.named_parameters()})
+    out["dp_bytes"] = {op: collectives.bytes_for(op=op, group=dp_name) for op in ("all_reduce", "reduce_scatter", "all_gather")}
+    out["grad_numel"] = sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.param_and_grad_buffers)
+    out["param_buffer_bytes"] = sum(b.param_data.numel() * b.param_data.element_size()
+                                    for b in ddp.param_and_grad_buffers if b.param_data is not None)
+    out["memory"] = memory_report([ddp], opt)
+    out["params"] = out["params_per_step"][-1]
+    out["param_state"] = opt.get_parameter_state()
+    return out
+
+
+CONFIGS = [  # (name, kwargs)
+    ("fp32", {}), ("fp32_distopt", {"dist_opt": True}), ("fp32_overlap", {"overlap": True}),
+    ("fp32_distopt_overlap", {"dist_opt": True, "overlap": True}), ("fp32_sgd_distopt", {"dist_opt": True, "optimizer": "sgd"}),
+    ("bf16", {"precision": "bf16"}), ("bf16_distopt_overlap", {"precision": "bf16", "dist_opt": True, "overlap": True}),
+]
+
+
+def _all_configs(world: int) -> dict:
+    parallel_state.initialize_model_parallel()
+    results = {name: train(make_config(world, **kw)) for name, kw in CONFIGS}
+    for r in results.values():
+        r.pop("params_per_step")
+    return results
+
+
+def _check_against_reference(results: dict, reference: dict, dp: int) -> None:
+    for name, kwargs in CONFIGS:
+        got, ref = results[name], reference[name]
+        bf16 = kwargs.get("precision") == "bf16"
+        rtol, atol = (1.6e-2, 1e-3) if bf16 else (1e-6, 1e-6)
+        for key in ref["params"]:
+            torch.testing.assert_close(got["params"][key], ref["params"][key], rtol=rtol, atol=atol, msg=lambda m: f"{name} {key}: {m}")
+            for skey, value in ref["param_state"][key].items():  # fp32 main params and moments, gathered
+                torch.testing.assert_close(got["param_state"][key][skey], value, rtol=max(rtol, 1e-5), atol=max(atol, 1e-6),
+                                           msg=lambda m: f"{name} {key} {skey}: {m}")
+        assert got["norms"] == pytest.approx(ref["norms"], rel=1e-5 if not bf16 else 1e-2), name
+        assert got["early_dp_bytes"] == 0, f"{name}: communication during an accumulation micro-batch"
+        if kwargs.get("overlap") and dp > 1:
+            assert got["overlapped"], f"{name}: no bucket started during backward"
+        # Communication per step: all-reduce of all grads, or reduce-scatter of grads + all-gather of params.
+        b = got["dp_bytes"]
+        if dp == 1:
+            pass  # the one-rank DP group is also the TP/MP group, whose counters hold the grad-norm scalars
+        elif kwargs.get("dist_opt"):
+            assert b["reduce_scatter"] == STEPS * got["grad_numel"] and b["all_reduce"] == 0, (name, b)
+            assert b["all_gather"] == STEPS * got["param_buffer_bytes"], (name, b)
+        else:
+            assert b["all_reduce"] == STEPS * got["grad_numel"] and b["reduce_scatter"] == b["all_gather"] == 0, (name, b)
+        # Memory: Megatron's bytes/param table (Adam; SGD has one state instead of two).
+        mem = got["memory"]["bytes_per_param"]
+        per_state = 4 if kwargs.get("optimizer") == "sgd" else 8
+        base = {True: 2 + 4, False: 4 + 4}[bf16]
+        sharded = (4 if bf16 else 0) + per_state  # fp32 main copy (bf16 only) + states
+        expected = base + sharded / (dp if kwargs.get("dist_opt") else 1)
+        assert mem == pytest.approx(expected, rel=0.02), (name, mem, expected)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_distributed(_all_configs, 1, world=1)[0]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dp_layouts_match_single_process(reference, world):
+    results = run_distributed(_all_configs, world, world=world)
+    for rank_results in results:
+        _check_against_reference(rank_results, reference, dp=world)
+
+
+def test_single_process_memory_table(reference):
+    _check_against_reference(reference, reference, dp=1)
+
+
+def _fp16_overflow(world: int) -> list:
+    parallel_state.initialize_model_parallel()
+    out = []
+    for dist_opt in (False, True):
+        cfg = make_config(world, precision="fp16", dist_opt=dist_opt, initial_loss_scale=2.0 ** 10, hysteresis=1,
+                          loss_scale_window=2)
+        result = train(cfg, steps=4, inject_inf_at=1)
+        out.append({k: result[k] for k in ("ok", "scales", "params_per_step")})
+    return out
+
+
+def test_fp16_overflow_skips_on_all_ranks_and_rescales():
+    for rank_result in run_distributed(_fp16_overflow, 2, world=2):
+        for r in rank_result:
+            assert r["ok"] == [True, False, True, True]
+            # halved on the overflow; window 2: two clean steps later it doubles back
+            assert r["scales"] == [2.0 ** 10, 2.0 ** 9, 2.0 ** 9, 2.0 ** 10]
+            before, skipped = r["params_per_step"][0], r["params_per_step"][1]
+            for key in before:
+                assert torch.equal(before[key], skipped[key]), f"skipped step changed {key}"
