@@ -242,8 +242,8 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
         optimizer.set_parameter_state(_optimizer_states(reader, params, layout))
         if opt_param_scheduler is not None and "opt_param_scheduler" in common:
             opt_param_scheduler.load_state_dict(common["opt_param_scheduler"])
-    elif optimizer is not None and hasattr(optimizer, "reload_model_params"):
-        optimizer.reload_model_params()  # fp32 main copies must follow the loaded weights
+    elif optimizer is not None:
+        _refresh_main_params(optimizer, params)
     if not finetune and not ckpt.no_load_rng:
         _load_rng(reader, layout)
     iteration, consumed = (0, 0) if finetune else (reader.iteration, reader.consumed_samples)
@@ -309,6 +309,15 @@ def _optimizer_states(reader: CheckpointReader, params: dict[str, torch.nn.Param
         full_states = reader.optimizer_full_state(_source_name(name, param))
         states[name] = {key: _local_shard(full, param, layout).clone() for key, full in full_states.items()}
     return states
+
+
+def _refresh_main_params(optimizer: Any, params: dict[str, torch.nn.Parameter]) -> None:
+    """Without optimizer state (--no-load-optim, --finetune) the fp32 main copies must still follow the
+    loaded (possibly bf16/fp16) weights; set_parameter_state with only "param" does exactly that."""
+    if hasattr(optimizer, "reload_model_params"):
+        optimizer.reload_model_params()
+    else:
+        optimizer.set_parameter_state({name: {"param": p.detach().float()} for name, p in params.items()})
 
 
 def _load_rng(reader: CheckpointReader, layout: dict) -> None:

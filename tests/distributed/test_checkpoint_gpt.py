@@ -1,0 +1,169 @@
+"""Checkpoints with the real GPTModel, DistributedDataParallel, MegatronOptimizer and LR scheduler:
+
+1. TP2 x DP2 with the distributed optimizer -> TP1 x DP4 (plain optimizer) and TP4 x DP1 (distributed):
+   every parameter and optimizer state equals, exactly, the saved one rebuilt in the test process;
+2. one process, fp32 with dropout: save, continue, reload, continue -> bitwise identical (RNG included);
+   and the TP2 x DP2 distributed-optimizer checkpoint loads into TP1 x DP1 with the plain optimizer;
+3. bf16 with --no-load-optim: the fp32 main weights follow the loaded bf16 weights.
+"""
+import torch
+
+from megatron_lite import parallel_state as ps
+from megatron_lite.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lite.config import Config
+from megatron_lite.distributed import DistributedDataParallel, finalize_model_grads
+from megatron_lite.models.gpt import GPTModel
+from megatron_lite.optimizer import get_megatron_optimizer
+from megatron_lite.tensor_parallel.random import model_parallel_seed
+from megatron_lite.tensor_parallel.utils import full_from_shards, param_meta, shard_of_full
+from megatron_lite.testing import run_distributed
+from megatron_lite.training import build_lr_scheduler
+
+SEQ, VOCAB, GLOBAL_BATCH = 8, 50, 4
+
+
+def _config(world: int, tp: int, dist_opt: bool, dropout: float = 0.0, bf16: bool = False, **checkpoint) -> Config:
+    cfg = Config(world_size=world)
+    m = cfg.model
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 16, 4, SEQ
+    m.vocab_size, m.make_vocab_size_divisible_by, m.swiglu, m.ffn_hidden_size = VOCAB, 4, True, 32
+    m.hidden_dropout = m.attention_dropout = dropout
+    cfg.parallel.tensor_model_parallel_size, cfg.parallel.use_distributed_optimizer = tp, dist_opt
+    cfg.parallel.ddp_bucket_size = 500  # several buckets; params straddle DP shard boundaries
+    cfg.training.micro_batch_size = GLOBAL_BATCH // (world // tp)
+    cfg.training.global_batch_size, cfg.training.train_iters = GLOBAL_BATCH, 10
+    cfg.optimizer.lr, cfg.optimizer.lr_warmup_iters, cfg.optimizer.bf16 = 1e-2, 2, bf16
+    for key, value in checkpoint.items():
+        setattr(cfg.checkpoint, key, value)
+    return cfg.validate()
+
+
+def _setup(cfg: Config):
+    p = cfg.parallel
+    ps.initialize_model_parallel(p.tensor_model_parallel_size, 1)
+    model_parallel_seed(cfg.training.seed)
+    ddp = DistributedDataParallel(cfg, GPTModel(cfg))
+    optimizer = get_megatron_optimizer(cfg, [ddp])
+    return ddp, optimizer, build_lr_scheduler(cfg, optimizer)
+
+
+def _train_step(ddp, optimizer, scheduler, step: int) -> None:
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(step))
+    local = tokens.chunk(dp)[dp_rank]
+    positions = torch.arange(SEQ).expand(local.shape[0], SEQ)
+    optimizer.zero_grad()
+    loss = ddp(local[:, :-1], positions, None, local[:, 1:]).mean()
+    optimizer.scale_loss(loss).backward()
+    finalize_model_grads([ddp])
+    optimizer.step()
+    ddp.finish_param_sync()
+    scheduler.step(GLOBAL_BATCH)
+
+
+def _state(ddp, optimizer, scheduler) -> dict:
+    return {"tp_rank": ps.get_tensor_model_parallel_rank(), "tp": ps.get_tensor_model_parallel_world_size(),
+            "model": {n: p.detach().clone() for n, p in ddp.named_parameters()},
+            "meta": {n: param_meta(p) for n, p in ddp.named_parameters()},
+            "optim": optimizer.get_parameter_state(), "common": optimizer.state_dict(),
+            "sched": scheduler.state_dict()}
+
+
+def _four_ranks(directory: str) -> dict:
+    cfg = _config(4, 2, True, save=directory)
+    ddp, optimizer, scheduler = _setup(cfg)
+    for step in range(2):
+        _train_step(ddp, optimizer, scheduler, step)
+    save_checkpoint(2, [ddp], optimizer, scheduler, 2 * GLOBAL_BATCH, cfg)
+    out = {"saved": _state(ddp, optimizer, scheduler)}
+    ps.destroy_model_parallel()
+    for key, (tp, dist_opt) in {"tp1_dp4": (1, False), "tp4_dp1_distopt": (4, True)}.items():
+        cfg = _config(4, tp, dist_opt, load=directory)
+        ddp, optimizer, scheduler = _setup(cfg)
+        out[key + "_result"] = load_checkpoint([ddp], optimizer, scheduler, cfg)
+        out[key] = _state(ddp, optimizer, scheduler)
+        ps.destroy_model_parallel()
+    return out
+
+
+def _one_rank(directory: str, resume_dir: str) -> dict:
+    out = {}
+    cfg = _config(1, 1, False, load=directory)  # the TP2 x DP2 distributed-optimizer checkpoint
+    ddp, optimizer, scheduler = _setup(cfg)
+    out["tp1_dp1_result"] = load_checkpoint([ddp], optimizer, scheduler, cfg)
+    out["tp1_dp1"] = _state(ddp, optimizer, scheduler)
+    ps.destroy_model_parallel()
+
+    # fp32 resume with dropout: bitwise.
+    cfg = _config(1, 1, False, dropout=0.1, save=resume_dir, load=resume_dir)
+    ddp, optimizer, scheduler = _setup(cfg)
+    for step in range(2):
+        _train_step(ddp, optimizer, scheduler, step)
+    save_checkpoint(2, [ddp], optimizer, scheduler, 8, cfg)
+    for step in range(2, 4):
+        _train_step(ddp, optimizer, scheduler, step)
+    out["reference"] = _state(ddp, optimizer, scheduler)
+    ps.destroy_model_parallel()
+    ddp, optimizer, scheduler = _setup(cfg)
+    torch.manual_seed(4321)
+    out["resume_result"] = load_checkpoint([ddp], optimizer, scheduler, cfg)
+    for step in range(2, 4):
+        _train_step(ddp, optimizer, scheduler, step)
+    out["resumed"] = _state(ddp, optimizer, scheduler)
+    ps.destroy_model_parallel()
+
+    # bf16, --no-load-optim: main params are refreshed from the loaded weights.
+    cfg = _config(1, 1, False, bf16=True, load=resume_dir, no_load_optim=True)
+    ddp, optimizer, scheduler = _setup(cfg)
+    out["bf16_result"] = load_checkpoint([ddp], optimizer, scheduler, cfg)
+    states = optimizer.get_parameter_state()
+    out["bf16_main_follows"] = all(torch.equal(states[n]["param"], p.detach().float()) for n, p in ddp.named_parameters())
+    out["bf16_steps"] = optimizer.num_steps
+    ps.destroy_model_parallel()
+    return out
+
+
+def _assert_equal(a: dict, b: dict) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+        for key in a["optim"][name]:
+            assert torch.equal(a["optim"][name][key], b["optim"][name][key]), (name, key)
+    assert a["common"] == b["common"] and a["sched"] == b["sched"]
+
+
+def _check_against_full(state: dict, full: dict, full_optim: dict, saved: dict) -> None:
+    assert set(state["model"]) == set(full)
+    for name, tensor in state["model"].items():
+        meta = state["meta"][name]
+        assert torch.equal(tensor, shard_of_full(full[name], meta, state["tp_rank"], state["tp"])), name
+        for key, value in state["optim"][name].items():
+            assert torch.equal(value, shard_of_full(full_optim[name][key], meta, state["tp_rank"], state["tp"])), (name, key)
+    assert state["common"]["num_steps"] == saved["common"]["num_steps"] == 2
+    assert state["sched"] == saved["sched"]
+
+
+def test_gpt_distributed_optimizer_reshard_and_fp32_resume(tmp_path):
+    directory, resume_dir = str(tmp_path / "tp2dp2"), str(tmp_path / "resume")
+    results = run_distributed(_four_ranks, 4, directory=directory)
+    saved = [out["saved"] for out in results]
+    shards: dict = {}
+    for state in saved[:2]:  # DP rank 0's TP group holds every TP shard
+        for name, tensor in state["model"].items():
+            shards.setdefault(name, {})[state["tp_rank"]] = (tensor, state["optim"][name], state["meta"][name])
+    full = {n: full_from_shards([s[t][0] for t in sorted(s)], s[0][2]) for n, s in shards.items()}
+    full_optim = {n: {k: full_from_shards([s[t][1][k] for t in sorted(s)], s[0][2]) for k in s[0][1]} for n, s in shards.items()}
+    for state in saved[2:]:  # DP replicas agree (the distributed optimizer's state is gathered)
+        for name, tensor in state["model"].items():
+            assert torch.equal(tensor, shards[name][state["tp_rank"]][0]), name
+    for out in results:
+        for layout in ("tp1_dp4", "tp4_dp1_distopt"):
+            assert out[layout + "_result"] == (2, 2 * GLOBAL_BATCH)
+            _check_against_full(out[layout], full, full_optim, saved[0])
+
+    (one,) = run_distributed(_one_rank, 1, directory=directory, resume_dir=resume_dir)
+    assert one["tp1_dp1_result"] == (2, 2 * GLOBAL_BATCH)
+    _check_against_full(one["tp1_dp1"], full, full_optim, saved[0])
+    assert one["resume_result"] == (2, 8)
+    _assert_equal(one["reference"], one["resumed"])
+    assert one["bf16_result"] == (2, 8) and one["bf16_main_follows"] and one["bf16_steps"] == 0
