@@ -1,0 +1,43 @@
+"""Tied input/output embeddings across pipeline stages.
+
+With tied embeddings and PP > 1 the first stage holds the word embedding and the last stage holds a copy
+(`output_layer.weight`), initialised from the same global name so both start equal (docs/internals.md).
+Both are marked `shared_embedding=True`. Summing their gradients over the embedding group (first and last
+rank of each pipeline) every step gives each copy the gradient of the one tied weight, so they stay equal
+under any optimizer.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from megatron_lite import collectives, parallel_state
+
+
+def shared_embedding_params(model_chunks: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """This rank's parameters marked shared_embedding=True, over all its model chunks."""
+    return [param for chunk in model_chunks for param in chunk.parameters() if getattr(param, "shared_embedding", False)]
+
+
+def allreduce_embedding_grads(model_chunks: Iterable[nn.Module]) -> None:
+    """Sum the gradients (.main_grad when present, else .grad) of shared_embedding params over the
+    embedding group. A no-op on ranks outside it and when the group has one member (PP = 1)."""
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    if not parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
+        return
+    params = shared_embedding_params(model_chunks)
+    if len(params) > 1:
+        raise RuntimeError(f"{len(params)} parameters are marked shared_embedding on one rank; expected one "
+                           "(the word embedding on the first stage or its copy on the last)")
+    if not params:  # untied embeddings: nothing is shared (both ends of the group agree)
+        return
+    param = params[0]
+    grad = getattr(param, "main_grad", None)
+    if grad is None:
+        if param.grad is None:  # e.g. no backward reached it; the peer still expects our contribution
+            param.grad = torch.zeros_like(param)
+        grad = param.grad
+    collectives.all_reduce(grad, group=parallel_state.get_embedding_group())

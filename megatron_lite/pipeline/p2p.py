@@ -1,0 +1,98 @@
+"""Activation and gradient exchange between neighbouring pipeline stages (through collectives.py).
+
+Activations travel forward (to the next pipeline rank), gradients backward (to the previous rank); with
+virtual stages the last rank's "next" is rank 0 and rank 0's "previous" is the last rank, which
+parallel_state's prev/next ranks already wrap. Every tensor has the one shape both sides know from the
+configuration, [seq / (TP if sequence parallel else 1), micro-batch, hidden] in params_dtype, so no shape
+is ever exchanged (no extra round trip).
+
+With PP = 2 the previous and the next rank are the same rank, so activations and gradients between
+one pair of ranks would share a channel; messages on one channel are matched in order, and an exchange
+that sends both at once could pair the wrong ones. As Megatron does, gradients then travel on the world
+group, a separate channel (peers are global ranks, so any group containing both works).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_lite import collectives, parallel_state
+from megatron_lite.collectives import P2P
+
+
+def tensor_shape(config, seq_length: int, micro_batch_size: int) -> tuple[int, int, int]:
+    """The shape of every tensor sent between stages: [s/tp (with sequence parallelism), b, h]."""
+    p = config.parallel
+    tp = p.tensor_model_parallel_size
+    if p.sequence_parallel and tp > 1:
+        if seq_length % tp != 0:
+            raise ValueError(f"--sequence-parallel: seq_length {seq_length} is not divisible by TP = {tp}")
+        seq_length //= tp
+    return (seq_length, micro_batch_size, config.model.hidden_size)
+
+
+def _groups() -> tuple[object, object]:
+    """(group for activations, group for gradients)."""
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if parallel_state.get_pipeline_model_parallel_world_size() == 2:
+        return pp_group, None  # None = the world group: a second channel between the same two ranks
+    return pp_group, pp_group
+
+
+def communicate(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional[torch.Tensor] = None,
+                recv_prev: bool = False, recv_next: bool = False, shape: tuple[int, ...],
+                dtype: torch.dtype, device: torch.device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Start every requested send/receive at once, wait for all, and return (from_prev, from_next).
+
+    send_next: an activation for the next stage; recv_prev: receive one from the previous stage.
+    send_prev: a gradient for the previous stage; recv_next: receive one from the next stage.
+    """
+    prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
+    next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
+    act_group, grad_group = _groups()
+    from_prev = torch.empty(shape, dtype=dtype, device=device) if recv_prev else None
+    from_next = torch.empty(shape, dtype=dtype, device=device) if recv_next else None
+    for name, tensor in (("send_next", send_next), ("send_prev", send_prev)):
+        if tensor is not None and tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"pipeline {name}: tensor of shape {tuple(tensor.shape)}, but stages exchange {tuple(shape)} "
+                             "([seq/tp if sequence parallel, micro-batch, hidden])")
+    # One fixed op order on every rank (Megatron's: send_prev, recv_prev, send_next, recv_next), one batch
+    # per group: backends that fuse a batch (NCCL) match ops per peer in issue order.
+    ops_by_group: dict[int, list[P2P]] = {}
+    groups: dict[int, object] = {}
+
+    def add(op: P2P) -> None:
+        ops_by_group.setdefault(id(op.group), []).append(op)
+        groups[id(op.group)] = op.group
+
+    if send_prev is not None:
+        add(P2P("send", send_prev.contiguous(), prev_rank, grad_group))
+    if from_prev is not None:
+        add(P2P("recv", from_prev, prev_rank, act_group))
+    if send_next is not None:
+        add(P2P("send", send_next.contiguous(), next_rank, act_group))
+    if from_next is not None:
+        add(P2P("recv", from_next, next_rank, grad_group))
+    handles = []
+    for ops in ops_by_group.values():
+        handles.extend(collectives.batch_isend_irecv(ops))
+    for handle in handles:
+        handle.wait()
+    return from_prev, from_next
+
+
+def send_forward(tensor: torch.Tensor) -> None:
+    communicate(send_next=tensor, shape=tuple(tensor.shape), dtype=tensor.dtype, device=tensor.device)
+
+
+def send_backward(tensor: torch.Tensor) -> None:
+    communicate(send_prev=tensor, shape=tuple(tensor.shape), dtype=tensor.dtype, device=tensor.device)
+
+
+def recv_forward(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return communicate(recv_prev=True, shape=shape, dtype=dtype, device=device)[0]
+
+
+def recv_backward(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return communicate(recv_next=True, shape=shape, dtype=dtype, device=device)[1]

@@ -1,0 +1,223 @@
+"""The one interpreter of pipeline action lists (schedules.py): runs forwards, backwards and exchanges.
+
+forward_backward(...) is what get_forward_backward_func(config) returns (Megatron's signature):
+- forward_step_func(data_iterator, model_chunk) -> (output_tensor, loss_func);
+- on the last stage loss_func(output_tensor) -> (loss, {"lm loss": detached value}); the loss is divided
+  by num_microbatches before backward (so the accumulated gradient is that of the mean over micro-batches)
+  and multiplied by grad_scale_func(loss) (the fp16 loss scale) when given;
+- returns the per-micro-batch loss dicts on the last stage, [] elsewhere.
+
+Memory discipline (Megatron's output-tensor deallocation): once an activation has been sent downstream,
+its storage is replaced by a one-element placeholder; only its autograd node is kept, which is all the
+backward needs, because backward starts from that node with the received gradient (custom_backward).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.autograd import Variable
+
+from megatron_lite import parallel_state
+from megatron_lite.pipeline import p2p
+from megatron_lite.pipeline.schedules import (RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, Backward,
+                                              Exchange, FinalizeGrads, Forward, build_schedule)
+
+Key = tuple[int, int]  # (chunk, micro-batch)
+
+
+def deallocate_output_tensor(output: Optional[torch.Tensor]) -> bool:
+    """Free an already-sent activation's storage, keeping its autograd node. Skipped (returns False) for
+    a view (its storage belongs to another tensor) or when the producing op saved its own result for
+    backward (e.g. tanh), whose backward would then read the placeholder."""
+    if output is None or output._base is not None or output.grad_fn is None:
+        return False
+    if hasattr(output.grad_fn, "_saved_result"):
+        return False
+    output.data = torch.empty((1,), device=output.device, dtype=output.dtype)
+    return True
+
+
+def custom_backward(output: torch.Tensor, grad_output: Optional[torch.Tensor]) -> None:
+    """Backward from `output` with `grad_output`, without torch.autograd.backward's check that the two have
+    the same shape (the output's storage may have been deallocated after it was sent)."""
+    if grad_output is None:
+        if output.numel() != 1:
+            raise RuntimeError("backward without an output gradient needs a scalar loss")
+        grad_output = torch.ones_like(output, memory_format=torch.preserve_format)
+    Variable._execution_engine.run_backward(
+        tensors=(output,), grad_tensors=(grad_output,), keep_graph=False, create_graph=False,
+        inputs=tuple(), allow_unreachable=True, accumulate_grad=True)
+
+
+def _set_input_tensor(model: nn.Module, tensor: Optional[torch.Tensor]) -> None:
+    target = model
+    while not hasattr(target, "set_input_tensor") and hasattr(target, "module"):
+        target = target.module  # a DDP-style wrapper
+    target.set_input_tensor(tensor)
+
+
+class _PipelineRun:
+    """State of one forward_backward call on one rank: the tensors in flight, keyed by (chunk, mb)."""
+
+    def __init__(self, *, forward_step_func: Callable, data_iterators: list, model: list[nn.Module],
+                 num_microbatches: int, shape: tuple[int, ...], dtype: torch.dtype, forward_only: bool,
+                 no_sync_funcs: list[Optional[Callable]], finalize_model_grads_func: Optional[Callable],
+                 grad_scale_func: Optional[Callable], pp_size: int, pp_rank: int):
+        self.forward_step_func, self.data_iterators, self.model = forward_step_func, data_iterators, model
+        self.num_microbatches, self.shape, self.dtype = num_microbatches, shape, dtype
+        self.forward_only, self.no_sync_funcs = forward_only, no_sync_funcs
+        self.finalize_model_grads_func, self.grad_scale_func = finalize_model_grads_func, grad_scale_func
+        self.pp_size, self.pp_rank, self.num_chunks = pp_size, pp_rank, len(model)
+        self.device = next((param.device for chunk in model for param in chunk.parameters()), torch.device("cpu"))
+        self.inputs: dict[Key, Optional[torch.Tensor]] = {}    # received activations (kept for backward)
+        self.outputs: dict[Key, torch.Tensor] = {}             # outputs (loss on the last stage)
+        self.output_grads: dict[Key, torch.Tensor] = {}        # received gradients of the outputs
+        self.input_grads: dict[Key, Optional[torch.Tensor]] = {}  # gradients to send upstream
+        self.losses: list[dict] = []
+        self.stats = {"max_in_flight": 0, "deallocated": 0, "sent": 0, "peak_stored_bytes": 0}
+        self.in_flight = 0
+
+    def virtual_stage(self, chunk: int) -> int:
+        return chunk * self.pp_size + self.pp_rank
+
+    def is_first(self, chunk: int) -> bool:
+        return self.virtual_stage(chunk) == 0
+
+    def is_last(self, chunk: int) -> bool:
+        return self.virtual_stage(chunk) == self.pp_size * self.num_chunks - 1
+
+    def _select_chunk(self, chunk: int) -> None:
+        # Model code may ask parallel_state.is_pipeline_first/last_stage() during forward.
+        if parallel_state.get_virtual_pipeline_model_parallel_world_size() is not None:
+            parallel_state.set_virtual_pipeline_model_parallel_rank(chunk)
+
+    def _track_memory(self) -> None:
+        stored = sum(t.numel() * t.element_size() for t in (*self.inputs.values(), *self.outputs.values())
+                     if t is not None)
+        self.stats["peak_stored_bytes"] = max(self.stats["peak_stored_bytes"], stored)
+
+    # ---- actions -----------------------------------------------------------------------------------
+    def forward(self, chunk: int, microbatch: int) -> None:
+        self._select_chunk(chunk)
+        key = (chunk, microbatch)
+        input_tensor = self.inputs.get(key)
+        if not self.is_first(chunk) and input_tensor is None:
+            raise RuntimeError(f"pipeline rank {self.pp_rank}: forward of chunk {chunk}, micro-batch {microbatch} "
+                               "has no input (schedule bug)")
+        _set_input_tensor(self.model[chunk], input_tensor)
+        with torch.no_grad() if self.forward_only else contextlib.nullcontext():
+            output, loss_func = self.forward_step_func(self.data_iterators[chunk], self.model[chunk])
+            if self.is_last(chunk):
+                loss, loss_dict = loss_func(output)
+                self.losses.append(loss_dict)
+                output = loss / self.num_microbatches
+        self.outputs[key] = output
+        self.in_flight += 1
+        self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.in_flight)
+        self._track_memory()
+        if self.forward_only and self.is_last(chunk):
+            self._release(key)
+
+    def backward(self, chunk: int, microbatch: int, sync_grads: bool) -> None:
+        self._select_chunk(chunk)
+        key = (chunk, microbatch)
+        input_tensor, output = self.inputs.pop(key, None), self.outputs.pop(key)
+        output_grad = self.output_grads.pop(key, None)
+        if self.is_last(chunk) and self.grad_scale_func is not None:
+            output = self.grad_scale_func(output)
+        no_sync = self.no_sync_funcs[chunk]
+        with contextlib.nullcontext() if sync_grads or no_sync is None else no_sync():
+            custom_backward(output, output_grad)
+        if not self.is_first(chunk):
+            self.input_grads[key] = input_tensor.grad
+        self.in_flight -= 1
+
+    def exchange(self, action: Exchange) -> None:
+        by_kind = {}
+        for op in action.ops:
+            if op.kind in by_kind:
+                raise RuntimeError(f"one exchange holds two {op.kind} ops: {action}")
+            by_kind[op.kind] = (op.chunk, op.microbatch)
+        send_next = self.outputs[by_kind[SEND_FORWARD]] if SEND_FORWARD in by_kind else None
+        send_prev = self.input_grads.pop(by_kind[SEND_BACKWARD]) if SEND_BACKWARD in by_kind else None
+        from_prev, from_next = p2p.communicate(
+            send_next=send_next, send_prev=send_prev, recv_prev=RECV_FORWARD in by_kind,
+            recv_next=RECV_BACKWARD in by_kind, shape=self.shape, dtype=self.dtype, device=self.device)
+        if SEND_FORWARD in by_kind:
+            self.stats["sent"] += 1
+            if self.forward_only:
+                self._release(by_kind[SEND_FORWARD])
+            elif deallocate_output_tensor(send_next):
+                self.stats["deallocated"] += 1
+        if from_prev is not None:
+            self.inputs[by_kind[RECV_FORWARD]] = from_prev.requires_grad_(not self.forward_only)
+        if from_next is not None:
+            self.output_grads[by_kind[RECV_BACKWARD]] = from_next
+        self._track_memory()
+
+    def _release(self, key: Key) -> None:
+        self.outputs.pop(key, None)
+        self.inputs.pop(key, None)
+        self.in_flight -= 1
+
+    def run(self, actions: Sequence) -> list[dict]:
+        for action in actions:
+            if isinstance(action, Forward):
+                self.forward(action.chunk, action.microbatch)
+            elif isinstance(action, Backward):
+                self.backward(action.chunk, action.microbatch, action.sync_grads)
+            elif isinstance(action, Exchange):
+                self.exchange(action)
+            elif isinstance(action, FinalizeGrads):
+                if self.finalize_model_grads_func is not None:
+                    self.finalize_model_grads_func(self.model)
+            else:
+                raise TypeError(f"unknown pipeline action {action!r}")
+        if self.outputs or self.inputs or self.output_grads or self.input_grads:
+            raise RuntimeError(f"pipeline rank {self.pp_rank}: tensors left over after the schedule "
+                               f"({len(self.outputs)} outputs, {len(self.inputs)} inputs): schedule bug")
+        if parallel_state.get_virtual_pipeline_model_parallel_world_size() is not None:
+            parallel_state.set_virtual_pipeline_model_parallel_rank(0)
+        return self.losses if self.is_last(self.num_chunks - 1) else []
+
+
+def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterator: Union[Iterator, list, None],
+                     model: Union[nn.Module, list[nn.Module]], num_microbatches: int, seq_length: int,
+                     micro_batch_size: int, config: Any, forward_only: bool = False,
+                     no_sync_func: Union[Callable, list, None] = None,
+                     finalize_model_grads_func: Optional[Callable] = None, grad_scale_func: Optional[Callable] = None,
+                     stats: Optional[dict] = None) -> list[dict]:
+    """Run schedule `schedule` for this pipeline rank over num_microbatches micro-batches.
+
+    With several model chunks (virtual stages) data_iterator is a list, one per chunk. no_sync_func (or a
+    list, one per chunk) returns a context manager under which backward must not start data-parallel
+    grad reduction; it wraps every backward but each chunk's last. finalize_model_grads_func(model) runs
+    once after all backwards. `stats`, if given, receives max_in_flight, deallocated, peak_stored_bytes.
+    """
+    model = list(model) if isinstance(model, (list, tuple)) else [model]
+    num_chunks = len(model)
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+    # Every check happens here, identically on every rank, before the first send.
+    actions = build_schedule(schedule, pp_size, pp_rank, num_chunks, num_microbatches, forward_only)
+    if isinstance(data_iterator, (list, tuple)):
+        if len(data_iterator) != num_chunks:
+            raise ValueError(f"data_iterator: {len(data_iterator)} iterators for {num_chunks} model chunks")
+        data_iterators = list(data_iterator)
+    elif num_chunks == 1:
+        data_iterators = [data_iterator]
+    else:
+        raise ValueError("data_iterator: with virtual pipeline stages pass a list, one iterator per model chunk")
+    no_sync_funcs = list(no_sync_func) if isinstance(no_sync_func, (list, tuple)) else [no_sync_func] * num_chunks
+    run = _PipelineRun(forward_step_func=forward_step_func, data_iterators=data_iterators, model=model,
+                       num_microbatches=num_microbatches, shape=p2p.tensor_shape(config, seq_length, micro_batch_size),
+                       dtype=config.params_dtype, forward_only=forward_only, no_sync_funcs=no_sync_funcs,
+                       finalize_model_grads_func=finalize_model_grads_func, grad_scale_func=grad_scale_func,
+                       pp_size=pp_size, pp_rank=pp_rank)
+    losses = run.run(actions)
+    if stats is not None:
+        stats.update(run.stats)
+    return losses

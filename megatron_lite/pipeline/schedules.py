@@ -1,0 +1,350 @@
+"""Pipeline schedules as data: each schedule is a list of actions for one pipeline rank.
+
+A schedule is a pure function of (pp_size, pp_rank, num_model_chunks, num_microbatches) that returns the
+ordered actions that rank performs: run the forward or backward of model chunk c on micro-batch m, or
+exchange tensors with the neighbouring stages. One runner (`runner.py`) executes any such list, so the
+order can be tested in one process (`simulator.py` checks sends against receives across ranks and
+computes each schedule's bubble) without any communication (DeepSpeed's pipe/schedule.py idea).
+
+Schedules (Megatron-LM's names and warm-up counts):
+- no pipelining: forward, backward per micro-batch (gradient accumulation), PP = 1;
+- GPipe: every forward, then every backward;
+- 1F1B (PipeDream-flush): warm-up forwards, steady one-forward-one-backward, cool-down backwards;
+- interleaved 1F1B: the same over virtual stages (chunk v on rank r is virtual stage v x PP + r), in
+  groups of PP micro-batches per chunk.
+
+Communication actions name the tensor they carry by (direction, chunk, micro-batch) of the *local* rank:
+`send_forward(c, m)` sends the output of chunk c's forward of m to the next virtual stage;
+`recv_forward(c, m)` receives chunk c's input for m; `send_backward`/`recv_backward` carry the
+gradients the other way. Ops of one `Exchange` are started together (batched) and waited on together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+from megatron_lite.config import ConfigError
+
+SEND_FORWARD, RECV_FORWARD, SEND_BACKWARD, RECV_BACKWARD = "send_forward", "recv_forward", "send_backward", "recv_backward"
+
+
+@dataclass(frozen=True)
+class Forward:
+    chunk: int
+    microbatch: int
+
+
+@dataclass(frozen=True)
+class Backward:
+    chunk: int
+    microbatch: int
+    # The last backward of a chunk on this rank runs with data-parallel grad sync enabled (outside
+    # no_sync), so DDP can overlap its reduction with the remaining backward work; all others accumulate.
+    sync_grads: bool = False
+
+
+@dataclass(frozen=True)
+class P2POp:
+    kind: str  # SEND_FORWARD, RECV_FORWARD, SEND_BACKWARD or RECV_BACKWARD
+    chunk: int
+    microbatch: int
+
+
+@dataclass(frozen=True)
+class Exchange:
+    ops: tuple[P2POp, ...]
+
+
+@dataclass(frozen=True)
+class FinalizeGrads:
+    """All backward passes are done: finish gradient reduction (DP, sequence-parallel, tied embeddings)."""
+
+
+Action = Union[Forward, Backward, Exchange, FinalizeGrads]
+
+
+@dataclass
+class _Builder:
+    """Collects a rank's actions; drops p2p ops that have no peer (the first virtual stage receives no
+    activations, the last sends none) so the schedules can be written without special cases."""
+    pp_size: int
+    pp_rank: int
+    num_chunks: int
+    actions: list = field(default_factory=list)
+
+    def virtual_stage(self, chunk: int) -> int:
+        return chunk * self.pp_size + self.pp_rank
+
+    def has_peer(self, op: P2POp) -> bool:
+        stage = self.virtual_stage(op.chunk)
+        if op.kind in (SEND_FORWARD, RECV_BACKWARD):
+            return stage < self.pp_size * self.num_chunks - 1
+        return stage > 0
+
+    def forward(self, chunk: int, microbatch: int) -> None:
+        self.actions.append(Forward(chunk, microbatch))
+
+    def backward(self, chunk: int, microbatch: int) -> None:
+        self.actions.append(Backward(chunk, microbatch))
+
+    def exchange(self, *ops: Optional[P2POp]) -> None:
+        kept = tuple(op for op in ops if op is not None and self.has_peer(op))
+        if kept:
+            self.actions.append(Exchange(kept))
+
+    def finish(self, forward_only: bool) -> list[Action]:
+        if forward_only:
+            return self.actions
+        # Mark the last backward of each chunk as the one that syncs grads, then finalize once.
+        seen: set[int] = set()
+        for index in range(len(self.actions) - 1, -1, -1):
+            action = self.actions[index]
+            if isinstance(action, Backward) and action.chunk not in seen:
+                seen.add(action.chunk)
+                self.actions[index] = Backward(action.chunk, action.microbatch, sync_grads=True)
+        return self.actions + [FinalizeGrads()]
+
+
+def _op(kind: str, chunk: int, microbatch: int) -> P2POp:
+    return P2POp(kind, chunk, microbatch)
+
+
+# ---- the schedules -------------------------------------------------------------------------------
+def no_pipelining_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
+                           forward_only: bool = False) -> list[Action]:
+    """Gradient accumulation: forward then backward of each micro-batch in turn (PP = 1)."""
+    if pp_size != 1 or num_chunks != 1:
+        raise ConfigError("--pipeline-model-parallel-size: the no-pipelining schedule needs PP = 1 and no virtual stages.")
+    b = _Builder(1, 0, 1)
+    for mb in range(num_microbatches):
+        b.forward(0, mb)
+        if not forward_only:
+            b.backward(0, mb)
+    return b.finish(forward_only)
+
+
+def gpipe_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
+                   forward_only: bool = False) -> list[Action]:
+    """GPipe: all forwards, then all backwards. Every micro-batch's activations are alive at the peak."""
+    if num_chunks != 1:
+        raise ConfigError("--pipeline-schedule gpipe: does not support virtual stages. Use interleaved (or auto).")
+    b = _Builder(pp_size, pp_rank, 1)
+    for mb in range(num_microbatches):
+        b.exchange(_op(RECV_FORWARD, 0, mb))
+        b.forward(0, mb)
+        b.exchange(_op(SEND_FORWARD, 0, mb))
+    if not forward_only:
+        for mb in range(num_microbatches):
+            b.exchange(_op(RECV_BACKWARD, 0, mb))
+            b.backward(0, mb)
+            b.exchange(_op(SEND_BACKWARD, 0, mb))
+    return b.finish(forward_only)
+
+
+def one_f_one_b_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
+                         forward_only: bool = False) -> list[Action]:
+    """1F1B (PipeDream-flush), as in Megatron's forward_backward_pipelining_without_interleaving.
+
+    Warm-up: rank r runs PP - r - 1 forwards, so at most PP - r micro-batches are ever in flight.
+    Steady state: one forward, one backward; the send of each result is batched with the receive of the
+    next input from the other direction. Cool-down: the remaining backwards.
+    """
+    if num_chunks != 1:
+        raise ConfigError("--pipeline-schedule 1f1b: does not support virtual stages. Use interleaved (or auto).")
+    b = _Builder(pp_size, pp_rank, 1)
+    m = num_microbatches
+    num_warmup = min(pp_size - pp_rank - 1, m)
+    num_steady = m - num_warmup
+
+    # Warm-up: forwards only.
+    for mb in range(num_warmup):
+        b.exchange(_op(RECV_FORWARD, 0, mb))
+        b.forward(0, mb)
+        b.exchange(_op(SEND_FORWARD, 0, mb))
+
+    # Steady state: forward of micro-batch num_warmup + i, backward of micro-batch i.
+    if num_steady > 0:
+        b.exchange(_op(RECV_FORWARD, 0, num_warmup))
+    for i in range(num_steady):
+        forward_mb, backward_mb, last = num_warmup + i, i, i == num_steady - 1
+        b.forward(0, forward_mb)
+        if forward_only:
+            b.exchange(_op(SEND_FORWARD, 0, forward_mb), None if last else _op(RECV_FORWARD, 0, forward_mb + 1))
+            continue
+        b.exchange(_op(SEND_FORWARD, 0, forward_mb), _op(RECV_BACKWARD, 0, backward_mb))
+        b.backward(0, backward_mb)
+        b.exchange(_op(SEND_BACKWARD, 0, backward_mb), None if last else _op(RECV_FORWARD, 0, forward_mb + 1))
+
+    # Cool-down: backwards of the warm-up micro-batches.
+    if not forward_only:
+        for mb in range(num_steady, m):
+            b.exchange(_op(RECV_BACKWARD, 0, mb))
+            b.backward(0, mb)
+            b.exchange(_op(SEND_BACKWARD, 0, mb))
+    return b.finish(forward_only)
+
+
+def interleaved_1f1b_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
+                              forward_only: bool = False) -> list[Action]:
+    """Interleaved 1F1B, as in Megatron's forward_backward_pipelining_with_interleaving (no p2p overlap).
+
+    The k-th forward of this rank runs chunk (k mod (PP x VP)) // PP on micro-batch
+    (k // (PP x VP)) x PP + k mod PP: micro-batches go through each chunk in groups of PP. Backwards run
+    the chunks in reverse order. Warm-up is 2 (PP - r - 1) + (VP - 1) PP forwards (all of them when
+    there are only PP micro-batches). Every step exchanges with both neighbours in one batch.
+    """
+    pp, v, m = pp_size, num_chunks, num_microbatches
+    check_interleaving(pp, v, m)
+    b = _Builder(pp, pp_rank, v)
+    total = m * v
+    if forward_only:
+        num_warmup, all_warmup = total, False
+    elif m == pp:
+        num_warmup, all_warmup = total, True
+    else:
+        num_warmup, all_warmup = min(2 * (pp - pp_rank - 1) + (v - 1) * pp, total), False
+    num_steady = total - num_warmup
+    first_rank, last_rank = pp_rank == 0, pp_rank == pp - 1
+
+    def chunk_of(k: int, forward: bool) -> int:
+        chunk = (k % (pp * v)) // pp
+        return chunk if forward else v - chunk - 1
+
+    def microbatch_of(k: int) -> int:
+        return (k // (pp * v)) * pp + k % pp
+
+    # Each chunk consumes its inputs and output grads in micro-batch order, so the micro-batch a receive
+    # carries is the next one not yet received for that chunk.
+    received_inputs, received_grads = [0] * v, [0] * v
+
+    def recv_forward(chunk: int) -> Optional[P2POp]:
+        op = _op(RECV_FORWARD, chunk, received_inputs[chunk])
+        if not b.has_peer(op):  # virtual stage 0 has no one to receive from
+            return None
+        received_inputs[chunk] += 1
+        return op
+
+    def recv_backward(chunk: int) -> Optional[P2POp]:
+        op = _op(RECV_BACKWARD, chunk, received_grads[chunk])
+        if not b.has_peer(op):  # the last virtual stage starts backward from its loss
+            return None
+        received_grads[chunk] += 1
+        return op
+
+    def send_forward(k: int) -> P2POp:
+        return _op(SEND_FORWARD, chunk_of(k, True), microbatch_of(k))
+
+    def send_backward(k: int) -> P2POp:
+        return _op(SEND_BACKWARD, chunk_of(k, False), microbatch_of(k))
+
+    # Warm-up: forwards only; after each, send its output and receive the next forward's input.
+    b.exchange(recv_forward(0))
+    for k in range(num_warmup):
+        b.forward(chunk_of(k, True), microbatch_of(k))
+        recv_next_input = None
+        if k < total - 1 and not (first_rank and chunk_of(k + 1, True) == 0):
+            recv_next_input = recv_forward(chunk_of(k + 1, True))
+        recv_first_grad = None
+        if k == num_warmup - 1 and not forward_only and not all_warmup:
+            recv_first_grad = recv_backward(v - 1)  # the steady state starts with a backward of the last chunk
+        b.exchange(send_forward(k), recv_next_input, recv_first_grad)
+
+    # Steady state: one forward and one backward, then one exchange with both neighbours.
+    for k in range(num_steady):
+        forward_k, backward_k = k + num_warmup, k
+        b.forward(chunk_of(forward_k, True), microbatch_of(forward_k))
+        b.backward(chunk_of(backward_k, False), microbatch_of(backward_k))
+        recv_input = None
+        if k < num_steady - 1:
+            if first_rank:
+                # The first rank is PP - 1 forwards ahead of the last rank, whose output it receives.
+                sender_chunk = chunk_of(forward_k - (pp - 1), True)
+                if sender_chunk != v - 1:
+                    recv_input = recv_forward(sender_chunk + 1)
+            else:
+                recv_input = recv_forward(chunk_of(forward_k + 1, True))
+        recv_grad = None
+        if last_rank:
+            # The last rank is PP - 1 backwards ahead of the first rank, whose input grad it receives.
+            sender_chunk = chunk_of(backward_k - (pp - 1), False)
+            if sender_chunk != 0:
+                recv_grad = recv_backward(sender_chunk - 1)
+        else:
+            recv_grad = recv_backward(chunk_of(backward_k + 1, False))
+        b.exchange(send_forward(forward_k), recv_input, send_backward(backward_k), recv_grad)
+
+    # Cool-down: the remaining backwards.
+    if not forward_only:
+        if all_warmup:
+            b.exchange(recv_backward(v - 1))
+        for k in range(num_steady, total):
+            recv_grad = None
+            if k < total - 1 and not (last_rank and chunk_of(k + 1, False) == v - 1):
+                recv_grad = recv_backward(chunk_of(k + 1, False))
+            b.backward(chunk_of(k, False), microbatch_of(k))
+            b.exchange(send_backward(k), recv_grad)
+    return b.finish(forward_only)
+
+
+SCHEDULES: dict[str, Callable[..., list[Action]]] = {
+    "no_pipelining": no_pipelining_schedule,
+    "gpipe": gpipe_schedule,
+    "1f1b": one_f_one_b_schedule,
+    "interleaved": interleaved_1f1b_schedule,
+}
+
+
+def check_interleaving(pp_size: int, num_chunks: int, num_microbatches: int) -> None:
+    """Megatron's conditions for interleaving (raised before any communication)."""
+    if pp_size < 2:
+        raise ConfigError("--num-layers-per-virtual-pipeline-stage: interleaving needs --pipeline-model-parallel-size > 1. "
+                          "Drop it, or use PP >= 2.")
+    if num_microbatches % pp_size != 0:
+        raise ConfigError(f"--global-batch-size: interleaved 1F1B needs the number of micro-batches ({num_microbatches}) "
+                          f"to be a multiple of --pipeline-model-parallel-size {pp_size}. "
+                          f"Use {pp_size * max(1, -(-num_microbatches // pp_size))} micro-batches.")
+
+
+def schedule_name(pp_size: int, num_chunks: int, requested: str = "auto") -> str:
+    """The schedule a configuration runs: 'auto' is no pipelining at PP = 1, interleaved with virtual
+    stages, 1F1B otherwise; 'gpipe', '1f1b' and 'interleaved' ask for one explicitly."""
+    if requested not in ("auto", *SCHEDULES):
+        raise ConfigError(f"--pipeline-schedule: unknown schedule {requested!r}. Use one of auto, gpipe, 1f1b, interleaved.")
+    if num_chunks > 1:
+        if requested in ("gpipe", "1f1b", "no_pipelining"):
+            raise ConfigError(f"--pipeline-schedule {requested}: does not support virtual stages. "
+                              "Use interleaved (or auto), or drop --num-layers-per-virtual-pipeline-stage.")
+        return "interleaved"
+    if requested == "interleaved":
+        raise ConfigError("--pipeline-schedule interleaved: needs virtual stages. Add --num-layers-per-virtual-pipeline-stage.")
+    if pp_size == 1:
+        return "no_pipelining"
+    return "1f1b" if requested == "auto" else requested
+
+
+def build_schedule(name: str, pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
+                   forward_only: bool = False) -> list[Action]:
+    if num_microbatches < 1:
+        raise ConfigError(f"--global-batch-size: need at least one micro-batch, got {num_microbatches}.")
+    return SCHEDULES[name](pp_size, pp_rank, num_chunks, num_microbatches, forward_only)
+
+
+def all_rank_schedules(name: str, pp_size: int, num_chunks: int, num_microbatches: int,
+                       forward_only: bool = False) -> list[list[Action]]:
+    """Every pipeline rank's action list (for the simulator and single-process tests)."""
+    return [build_schedule(name, pp_size, rank, num_chunks, num_microbatches, forward_only) for rank in range(pp_size)]
+
+
+def get_forward_backward_func(config) -> Callable[..., list[dict]]:
+    """The forward_backward_func for this configuration's pipeline schedule (see runner.run_schedule)."""
+    from megatron_lite.pipeline.runner import forward_backward  # runner imports this module
+
+    p = config.parallel
+    num_chunks = p.virtual_pipeline_model_parallel_size or 1
+    name = schedule_name(p.pipeline_model_parallel_size, num_chunks, p.pipeline_schedule)
+
+    def forward_backward_func(**kwargs) -> list[dict]:
+        return forward_backward(schedule=name, **kwargs)
+
+    forward_backward_func.schedule = name  # type: ignore[attr-defined]
+    return forward_backward_func

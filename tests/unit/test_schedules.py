@@ -1,0 +1,186 @@
+"""Pipeline schedules as data, checked in one process: order, matching sends/receives, deadlock freedom,
+in-flight bounds, the simulator's bubble against theory, stage assignment and refusal of bad layouts."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from megatron_lite.config import Config, ConfigError
+from megatron_lite.pipeline.schedules import (Backward, Exchange, FinalizeGrads, Forward, all_rank_schedules,
+                                              build_schedule, get_forward_backward_func, schedule_name)
+from megatron_lite.pipeline.simulator import ScheduleError, check_schedules, max_in_flight, simulate, simulate_timeline
+from megatron_lite.pipeline.stages import layers_for_stage, stage_layer_counts
+
+
+def layouts():
+    for pp in (2, 3, 4, 8):
+        for m in range(1, 3 * pp + 2):
+            yield "gpipe", pp, 1, m
+            yield "1f1b", pp, 1, m
+            for v in (2, 3):
+                if m % pp == 0:
+                    yield "interleaved", pp, v, m
+
+
+@pytest.mark.parametrize("forward_only", [False, True])
+def test_every_schedule_is_sound_matched_and_deadlock_free(forward_only):
+    count = 0
+    for name, pp, v, m in layouts():
+        schedules = all_rank_schedules(name, pp, v, m, forward_only)
+        check_schedules(schedules, v, m, forward_only)  # raises ScheduleError with the reason
+        count += 1
+    assert count > 100
+
+
+def test_in_flight_bounds():
+    for name, pp, v, m in layouts():
+        for rank, actions in enumerate(all_rank_schedules(name, pp, v, m)):
+            peak = max_in_flight(actions)
+            if name == "1f1b":
+                assert peak == min(pp - rank, m), (pp, rank, m)
+            elif name == "gpipe":
+                assert peak == m
+            else:  # Megatron's warm-up count plus the one in the steady state
+                warmup = v * m if m == pp else min(2 * (pp - rank - 1) + (v - 1) * pp, v * m)
+                assert peak == min(warmup + 1, v * m), (pp, v, rank, m)
+
+
+def test_sync_grads_only_on_each_chunks_last_backward_and_finalize_once():
+    for name, pp, v, m in [("1f1b", 4, 1, 6), ("interleaved", 2, 3, 4), ("gpipe", 2, 1, 3)]:
+        for actions in all_rank_schedules(name, pp, v, m):
+            backwards = [a for a in actions if isinstance(a, Backward)]
+            synced = [a for a in backwards if a.sync_grads]
+            assert sorted(a.chunk for a in synced) == list(range(v))
+            for a in synced:
+                assert a is [b for b in backwards if b.chunk == a.chunk][-1]
+            assert isinstance(actions[-1], FinalizeGrads) and sum(isinstance(a, FinalizeGrads) for a in actions) == 1
+
+
+def test_no_pipelining_is_gradient_accumulation():
+    actions = build_schedule("no_pipelining", 1, 0, 1, 3)
+    assert actions == [Forward(0, 0), Backward(0, 0), Forward(0, 1), Backward(0, 1), Forward(0, 2),
+                       Backward(0, 2, sync_grads=True), FinalizeGrads()]
+
+
+def test_1f1b_reads_like_the_paper():
+    # PP = 4, rank 1, 6 micro-batches: 2 warm-up forwards, 4 steady 1F1B pairs, 2 cool-down backwards.
+    compute = [("F" if isinstance(a, Forward) else "B", a.microbatch)
+               for a in build_schedule("1f1b", 4, 1, 1, 6) if isinstance(a, (Forward, Backward))]
+    assert compute == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("F", 4), ("B", 2),
+                       ("F", 5), ("B", 3), ("B", 4), ("B", 5)]
+    # the steady state batches the send of a result with the receive from the other direction
+    exchanges = [tuple(op.kind for op in a.ops) for a in build_schedule("1f1b", 4, 1, 1, 6) if isinstance(a, Exchange)]
+    assert ("send_forward", "recv_backward") in exchanges and ("send_backward", "recv_forward") in exchanges
+
+
+def test_interleaved_order_matches_megatron():
+    # PP = 2, VP = 2, m = 4: forwards run chunk 0 on micro-batches 0, 1, chunk 1 on 0, 1, then 2, 3 likewise.
+    actions = build_schedule("interleaved", 2, 0, 2, 4)
+    forwards = [(a.chunk, a.microbatch) for a in actions if isinstance(a, Forward)]
+    assert forwards == [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
+    backwards = [(a.chunk, a.microbatch) for a in actions if isinstance(a, Backward)]
+    assert backwards == [(1, 0), (1, 1), (0, 0), (0, 1), (1, 2), (1, 3), (0, 2), (0, 3)]
+    # rank 0 warms up with 2 (pp - 1) + (v - 1) pp = 4 forwards before its first backward
+    kinds = [type(a).__name__ for a in actions if isinstance(a, (Forward, Backward))]
+    assert kinds[:5] == ["Forward"] * 4 + ["Forward"] and kinds[5] == "Backward"
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_simulated_bubble_equals_theory(pp):
+    for m in (pp, 2 * pp, 16):
+        for name in ("1f1b", "gpipe"):
+            idle = simulate(all_rank_schedules(name, pp, 1, m), forward_time=1.0, backward_time=1.0)
+            assert idle == pytest.approx([(pp - 1) / (m + pp - 1)] * pp), (name, m)
+        # unequal forward/backward times: the bubble is still (p - 1)(f + b) over the step
+        timeline = simulate_timeline(all_rank_schedules("1f1b", pp, 1, m), 1.0, 2.0)
+        assert timeline.step_time == pytest.approx((m + pp - 1) * 3.0)
+        for v in (2, 4):
+            # a chunk has 1/v of a stage's layers; interleaving divides the bubble by v
+            idle = simulate(all_rank_schedules("interleaved", pp, v, m), forward_time=1.0 / v, backward_time=1.0 / v)
+            assert idle == pytest.approx([(pp - 1) / (v * m + pp - 1)] * pp), (v, m)
+
+
+def test_simulator_catches_broken_schedules():
+    schedules = all_rank_schedules("1f1b", 2, 1, 4)
+    # rank 1 receives micro-batches out of order -> mismatch
+    swapped = [list(s) for s in schedules]
+
+    def relabel(index: int, microbatch: int) -> None:
+        ops = tuple(dataclasses.replace(op, microbatch=microbatch) if op.kind == "recv_forward" else op
+                    for op in swapped[1][index].ops)
+        swapped[1][index] = Exchange(ops)
+
+    receives = [i for i, a in enumerate(swapped[1]) if isinstance(a, Exchange) and any(op.kind == "recv_forward" for op in a.ops)]
+    relabel(receives[0], 1)
+    relabel(receives[1], 0)
+    with pytest.raises(ScheduleError, match="mismatch|before"):
+        check_schedules(swapped, 1, 4)
+    # rank 0 waits for a gradient before sending the activation that produces it -> deadlock
+    deadlocked = [list(s) for s in schedules]
+    deadlocked[0].insert(0, Exchange((build_schedule("1f1b", 2, 0, 1, 4)[3].ops[-1],)))
+    with pytest.raises(ScheduleError):
+        simulate_timeline(deadlocked)
+
+
+def test_layers_for_stage_covers_every_layer_once():
+    for num_layers, pp, vp, first, last in [(8, 2, None, None, None), (8, 4, 2, None, None), (12, 2, 3, None, None),
+                                            (10, 4, None, 1, 3), (7, 3, None, 1, None), (9, 3, None, None, 1)]:
+        seen = []
+        for rank in range(pp):
+            for chunk in range(vp or 1):
+                layers = layers_for_stage(num_layers, pp, rank, vp, chunk, first, last)
+                assert layers == list(range(layers[0], layers[-1] + 1))
+                if vp:  # chunk v on rank r holds virtual stage v x pp + r
+                    assert layers[0] == (chunk * pp + rank) * (num_layers // (pp * vp))
+                seen += layers
+        assert sorted(seen) == list(range(num_layers))
+    assert stage_layer_counts(10, 4, 1, 3) == [1, 3, 3, 3]
+    assert layers_for_stage(8, 2, 1, 2, 1) == [6, 7]
+
+
+def _config(**parallel) -> Config:
+    cfg = Config(world_size=parallel.pop("world_size", 4))
+    cfg.model.num_layers = parallel.pop("num_layers", 8)
+    cfg.training.global_batch_size = parallel.pop("global_batch_size", None)
+    for key, value in parallel.items():
+        setattr(cfg.parallel, key, value)
+    return cfg
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(pipeline_model_parallel_size=3, world_size=3), "not divisible by --pipeline-model-parallel-size 3"),
+    (dict(pipeline_model_parallel_size=1, num_layers_per_virtual_pipeline_stage=2), "needs --pipeline-model-parallel-size > 1"),
+    (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, world_size=2, global_batch_size=3),
+     "multiple of PP"),
+    (dict(pipeline_model_parallel_size=2, world_size=2, num_layers_per_virtual_pipeline_stage=3), "not divisible by 3"),
+    (dict(pipeline_model_parallel_size=4, num_layers=9, decoder_first_pipeline_num_layers=3, decoder_last_pipeline_num_layers=3), "do not divide"),
+])
+def test_invalid_layouts_refused_by_config(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        _config(**kwargs).validate()
+
+
+def test_invalid_layouts_refused_by_the_pipeline_itself():
+    with pytest.raises(ConfigError, match="multiple of --pipeline-model-parallel-size 2"):
+        build_schedule("interleaved", 2, 0, 2, 3)
+    with pytest.raises(ConfigError, match="PP > 1|> 1"):
+        layers_for_stage(8, 1, 0, vp_size=2)
+    with pytest.raises(ConfigError, match="not divisible"):
+        layers_for_stage(6, 2, 0, vp_size=2)
+    with pytest.raises(ConfigError, match="first/last"):
+        layers_for_stage(9, 4, 0, first_stage_layers=3, last_stage_layers=3)
+    with pytest.raises(ConfigError, match="needs PP = 1"):
+        build_schedule("no_pipelining", 2, 0, 1, 4)
+    with pytest.raises(ConfigError, match="does not support virtual stages"):
+        schedule_name(2, 2, "gpipe")
+    with pytest.raises(ConfigError, match="needs virtual stages"):
+        schedule_name(2, 1, "interleaved")
+
+
+def test_get_forward_backward_func_picks_the_schedule():
+    assert get_forward_backward_func(_config(world_size=1).validate()).schedule == "no_pipelining"
+    assert get_forward_backward_func(_config(pipeline_model_parallel_size=2).validate()).schedule == "1f1b"
+    assert get_forward_backward_func(_config(pipeline_model_parallel_size=2, pipeline_schedule="gpipe").validate()).schedule == "gpipe"
+    cfg = _config(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, global_batch_size=4).validate()
+    assert get_forward_backward_func(cfg).schedule == "interleaved"
