@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from megatron_lite import collectives, parallel_state
-from megatron_lite.checkpoint_io import (COMMON_FILE, EMBEDDING_NAME, METADATA_FILE,
-                                         CheckpointError, CheckpointReader, ParamMeta, atomic_torch_save,
-                                         atomic_write_text, build_metadata, is_tied_copy, model_file, optim_file,
+from megatron_lite.checkpoint_io import (COMMON_FILE, EMBEDDING_NAME, METADATA_FILE, CheckpointError,
+                                         CheckpointReader, ParamMeta, atomic_torch_save, atomic_write_text,
+                                         build_metadata, is_tied_copy, model_file, optim_file, optim_name,
                                          param_meta_of, prepare_tmp_dir, publish, read_tracker, rng_file,
                                          strip_wrapper_prefix, tp_utils)
 
@@ -215,11 +215,12 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
     # Validate on every rank, then agree, so that every rank raises the same error instead of some
     # waiting forever in a collective.
     reader, problems = None, []
+    load_optim = optimizer is not None and not ckpt.finetune and not ckpt.no_load_optim
     try:
         reader = CheckpointReader(load_dir)
-        problems = _local_problems(reader, params, layout)
-    except CheckpointError as error:
-        problems = [str(error)]
+        problems = _local_problems(reader, params, layout, load_optim)
+    except Exception as error:  # noqa: BLE001 - reported by every rank together below, never a lone raise
+        problems = [f"{type(error).__name__}: {error}"]
     results = _all_gather_object((problems, sorted(params)))
     all_problems = sorted({p for rank_problems, _ in results for p in rank_problems})
     if reader is not None and not all_problems:
@@ -231,11 +232,7 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
 
     _load_model(reader, params, layout)
     finetune = ckpt.finetune
-    load_optim = optimizer is not None and not finetune and not ckpt.no_load_optim
     if load_optim:
-        if not reader.has_optimizer():
-            raise CheckpointError(f"{reader.path} has no optimizer state (saved with --no-save-optim). "
-                                  "Load with --no-load-optim (fresh optimizer) or --finetune.")
         common = reader.common()
         if "optimizer" in common:
             optimizer.load_state_dict(common["optimizer"])
@@ -261,21 +258,35 @@ def _source_name(name: str, param: torch.Tensor) -> str:
     return EMBEDDING_NAME if is_tied_copy(name, bool(getattr(param, "shared_embedding", False))) else name
 
 
-def _local_problems(reader: CheckpointReader, params: dict[str, torch.nn.Parameter], layout: dict) -> list[str]:
-    problems = []
+def _local_problems(reader: CheckpointReader, params: dict[str, torch.nn.Parameter], layout: dict,
+                    load_optim: bool) -> list[str]:
+    """Everything that would make this rank fail mid-load, found before any data is read."""
+    if load_optim and not reader.has_optimizer():
+        return [f"{reader.path} has no optimizer state (saved with --no-save-optim). "
+                "Load with --no-load-optim (fresh optimizer) or --finetune."]
+    problems, needed_files = [], set()
     for name, shape in _expected_full_shapes(params, layout).items():
         source = _source_name(name, params[name])
         if source not in reader.params:
             problems.append(f"{name}: in the model but not in the checkpoint")
         elif reader.params[source].shape != shape:
             problems.append(f"{name}: checkpoint shape {reader.params[source].shape} vs model shape {shape}")
+        else:
+            for filename in reader.params[source].files:
+                needed_files.add(filename)
+                if load_optim:
+                    needed_files.add(optim_name(filename))
+    problems += [f"{os.path.join(reader.path, f)} is missing: the checkpoint is incomplete" for f in sorted(needed_files)
+                 if not os.path.isfile(os.path.join(reader.path, f))]
     return problems
 
 
 def _mismatch_message(load_dir: str, reader: Optional[CheckpointReader], config: Any, problems: list[str]) -> str:
-    lines = [f"checkpoint {load_dir} does not fit this model:"] + [f"  {p}" for p in problems[:50]]
+    lines = [f"cannot load checkpoint {load_dir}:"] + [f"  {p}" for p in problems[:50]]
     if len(problems) > 50:
         lines.append(f"  ... and {len(problems) - 50} more")
+    if not any(" shape " in p or "in the checkpoint" in p for p in problems):
+        return "\n".join(lines)
     if reader is not None:
         saved = reader.config.get("model", {})
         current = config.to_dict().get("model", {}) if hasattr(config, "to_dict") else {}

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 import checkpoint_toys as toys
 from megatron_lite import parallel_state as ps
-from megatron_lite.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lite.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
 from megatron_lite.config import Config
 from megatron_lite.tensor_parallel.utils import full_from_shards, param_meta, shard_of_full
 from megatron_lite.testing import run_distributed
@@ -70,6 +70,18 @@ def _checkpoint_ranks(directory: str) -> dict:
         out[key + "_result"] = load_checkpoint(chunks, opt, sched, _config(tp, pp, vp, load=directory))
         out[key] = _state(chunks, opt, sched)
         ps.destroy_model_parallel()
+
+    # 4. A mismatch on one pipeline stage only: every rank raises the same error (no rank left hanging).
+    ps.initialize_model_parallel(2, 2)
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    chunks = toys.build_chunks(LAYERS, ps.get_tensor_model_parallel_rank(), 2, pp_rank, 2, tied=True,
+                               hidden=16 if pp_rank == 1 else toys.HIDDEN)
+    try:
+        load_checkpoint(chunks, None, None, _config(2, 2, load=directory))
+        out["mismatch_error"] = None
+    except CheckpointError as error:
+        out["mismatch_error"] = str(error)
+    ps.destroy_model_parallel()
     return out
 
 
@@ -119,3 +131,7 @@ def test_save_resume_and_reshard_on_four_ranks(tmp_path):
             assert state["common"] == results[0]["saved"]["common"] and state["sched"] == {"num_steps": 2}
         expected_names = set(full) - ({"output_layer.weight"} if layout.startswith("tp4pp1") or layout.startswith("tp2pp1") else set())
         assert seen == expected_names, layout
+    message = results[0]["mismatch_error"]
+    assert message and all(out["mismatch_error"] == message for out in results), "ranks disagree on the error"
+    assert "decoder.layers.3.mlp.linear_fc2.weight: checkpoint shape [8, 12] vs model shape [16, 12]" in message
+    assert "embedding.word_embeddings.weight" not in message  # the first stage fits

@@ -224,3 +224,26 @@ def test_offline_writer_reader_reshard_exact(tmp_path):
     checkpointing._load_model(resharded, checkpointing._named_params([chunk]), {"tp": 4, "tp_rank": 3})
     for name, param in toys.named([chunk]).items():
         assert torch.equal(param, shard_of_full(originals[name], param, 3, 4)), name
+
+
+def test_writer_places_layers_on_virtual_stages_and_incomplete_checkpoint_is_an_error(tmp_path):
+    cfg = make_config()
+    cfg.model.num_layers = 4
+    specs = toys.param_specs(4)
+    metas = {name: checkpoint_io.ParamMeta(name=name, shape=list(spec[0]), tensor_model_parallel=spec[1],
+                                           partition_dim=spec[2], partition_stride=spec[3], unpadded_size=spec[4])
+             for name, spec in specs.items()}
+    tensors = {name: toys.full_tensor(name, spec[0]) for name, spec in specs.items()}
+    write_checkpoint_from_full_tensors(str(tmp_path), 3, cfg, tensors.__getitem__, metas, tp=1, pp=2, vp=2)
+    reader = CheckpointReader(str(tmp_path))
+    # PP2 x VP2 over 4 layers: rank 0 holds layers 0 and 2, rank 1 holds 1 and 3 (Megatron's interleaving).
+    stages = {i: reader.params[f"decoder.layers.{i}.input_layernorm.weight"].pp_rank for i in range(4)}
+    assert stages == {0: 0, 1: 1, 2: 0, 3: 1}
+    assert reader.params["embedding.word_embeddings.weight"].pp_rank == 0
+    assert reader.params["output_layer.weight"].pp_rank == 1 and reader.layout["vp"] == 2
+    assert not reader.has_optimizer() and reader.iteration == 3
+
+    os.remove(tmp_path / "iter_0000003" / "model_tp0_pp1.pt")
+    chunks = toys.build_chunks(4, 0, 1, 0, 1, tied=False)
+    with pytest.raises(CheckpointError, match="model_tp0_pp1.pt is missing"):
+        load_checkpoint(chunks, None, None, make_config(load=str(tmp_path), no_load_rng=True))
