@@ -113,12 +113,15 @@ class VocabParallelEmbedding(nn.Module):
 
     num_embeddings is the real vocabulary; the table is padded to a multiple of divisible_by x TP with
     zero rows (unpadded_size records the real size, so the canonical full tensor is unpadded).
-    Returns [b, s, h], replicated over TP.
+    Returns [b, s, h] replicated over TP; with reduce_scatter_embeddings (sequence parallelism) returns
+    [s/tp, b, h], this rank's part of the sequence: a reduce-scatter moves half the bytes of an all-reduce.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, divisible_by: int = 1, init_std: float = 0.02,
-                 params_dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> None:
+                 reduce_scatter_embeddings: bool = False, params_dtype: torch.dtype = torch.float32,
+                 device: Optional[torch.device] = None) -> None:
         super().__init__()
+        self.reduce_scatter_embeddings = reduce_scatter_embeddings
         tp_rank, tp_size = _tp()
         self.num_embeddings = num_embeddings
         self.padded_num_embeddings = pad_vocab_size(num_embeddings, divisible_by, tp_size)
@@ -132,6 +135,8 @@ class VocabParallelEmbedding(nn.Module):
         outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
         local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
         out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.reduce_scatter_embeddings:
+            return reduce_scatter_to_sequence_parallel_region(out.transpose(0, 1))
         return reduce_from_tensor_model_parallel_region(out)
 
 
@@ -144,12 +149,17 @@ def vocab_range(padded_vocab_size: int) -> tuple[int, int]:
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:
     """Set the logits of padding entries (global index >= vocab_size) to -inf, so they never win a
-    softmax and padding never changes the loss: TP=1 and TP=4 give the same loss for any vocabulary."""
+    softmax and padding never changes the loss: TP=1 and TP=4 give the same loss for any vocabulary.
+
+    Works in place (the logits are the largest activation; a matmul does not need its output for
+    backward), except on a leaf that requires grad."""
     num_real = vocab_size - vocab_start
     if num_real >= logits.shape[-1]:
         return logits
     padded = torch.arange(logits.shape[-1], device=logits.device) >= num_real
-    return logits.masked_fill(padded, float("-inf"))
+    if logits.is_leaf and logits.requires_grad:
+        return logits.masked_fill(padded, float("-inf"))
+    return logits.masked_fill_(padded, float("-inf"))
 
 
 def allreduce_sequence_parallel_grads(model_chunks: Iterable[nn.Module]) -> None:

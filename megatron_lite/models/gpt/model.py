@@ -33,26 +33,31 @@ class LanguageModelEmbedding(nn.Module):
     def __init__(self, config: Config, device: Optional[torch.device] = None) -> None:
         super().__init__()
         m = config.model
-        self.word_embeddings = VocabParallelEmbedding(m.vocab_size, m.hidden_size, divisible_by=m.make_vocab_size_divisible_by,
-                                                      init_std=m.init_method_std, params_dtype=config.params_dtype, device=device)
+        self.sequence_parallel = config.parallel.sequence_parallel
+        self.word_embeddings = VocabParallelEmbedding(
+            m.vocab_size, m.hidden_size, divisible_by=m.make_vocab_size_divisible_by, init_std=m.init_method_std,
+            reduce_scatter_embeddings=self.sequence_parallel, params_dtype=config.params_dtype, device=device)
         if m.position_embedding_type == "learned_absolute":
-            self.position_embeddings = nn.Embedding(m.max_position_embeddings, m.hidden_size,
-                                                    dtype=config.params_dtype, device=device)
+            # _weight: allocate without nn.Embedding's own random init (it would consume the global RNG).
+            table = torch.empty(m.max_position_embeddings, m.hidden_size, dtype=config.params_dtype, device=device)
+            self.position_embeddings = nn.Embedding(m.max_position_embeddings, m.hidden_size, _weight=table)
             set_init(self.position_embeddings.weight, "normal", m.init_method_std)
         else:
             self.position_embeddings = None
-        self.sequence_parallel = config.parallel.sequence_parallel
         self.hidden_dropout = m.hidden_dropout
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor]) -> torch.Tensor:
-        x = self.word_embeddings(input_ids)  # [b, s, h]
+        x = self.word_embeddings(input_ids)  # [s/tp, b, h] under sequence parallelism, else [b, s, h]
+        if not self.sequence_parallel:
+            x = x.transpose(0, 1)
         if self.position_embeddings is not None:
             if position_ids is None:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-            x = x + self.position_embeddings(position_ids)
-        x = x.transpose(0, 1).contiguous()  # [s, b, h]
-        if self.sequence_parallel:
-            x = scatter_to_sequence_parallel_region(x)
+            positions = self.position_embeddings(position_ids).transpose(0, 1)  # [s, b, h]
+            if self.sequence_parallel:  # backward all-gathers, so the table's grad is whole on every rank
+                positions = scatter_to_sequence_parallel_region(positions)
+            x = x + positions
+        x = x.contiguous()
         if self.training and self.hidden_dropout > 0:
             with hidden_dropout_rng(self.sequence_parallel):
                 x = F.dropout(x, self.hidden_dropout, training=True)
