@@ -115,6 +115,8 @@ class GPTModel(nn.Module):
         """Draw every parameter from (seed, global name); the tied copy from the embedding's name."""
         for name, param in self.named_parameters():
             set_default_attributes(param)
+            if param.is_meta:  # shape-only model (converters, planning): nothing to draw
+                continue
             init_name = WORD_EMBEDDINGS if (name == "output_layer.weight" and self.tied) else name
             initialize_param(param, init_name, seed)
 
