@@ -335,7 +335,7 @@ class CheckpointReader:
     def common(self) -> dict:
         """{"optimizer": ..., "opt_param_scheduler": ...} state dicts (absent keys were not saved)."""
         path = os.path.join(self.path, COMMON_FILE)
-        return torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else {}
+        return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else {}
 
     def _meta(self, name: str) -> ParamMeta:
         if name not in self.params:
@@ -431,6 +431,19 @@ def write_checkpoint_from_full_tensors(save_dir: str, iteration: int, config: An
     metadata = build_metadata(iteration, consumed_samples, config_dict, layout, metas, optimizer_states is not None)
     atomic_write_text(os.path.join(tmp, METADATA_FILE), json.dumps(metadata, indent=1))
     return publish(save_dir, iteration)
+
+
+def reshard_checkpoint(src: str, dst: str, tp: int = 1, pp: int = 1, vp: Optional[int] = None,
+                       with_optimizer: bool = True, iteration: Optional[int] = None) -> str:
+    """Offline reshard: read `src` (a save directory or iter_N directory) and write it to `dst` for a
+    TP/PP/VP layout, one parameter at a time. RNG states are dropped (they belong to the old ranks)."""
+    with CheckpointReader(src) as reader:
+        keep_optim = with_optimizer and reader.has_optimizer()
+        common = reader.common() if keep_optim else {k: v for k, v in reader.common().items() if k != "optimizer"}
+        return write_checkpoint_from_full_tensors(
+            dst, reader.iteration if iteration is None else iteration, reader.config, reader.full_tensor,
+            reader.param_meta(), tp=tp, pp=pp, vp=vp, consumed_samples=reader.consumed_samples,
+            optimizer_states=reader.optimizer_full_state if keep_optim else None, common=common)
 
 
 def _shard(full: torch.Tensor, meta: ParamMeta, tp_rank: int, tp_size: int, model_cfg: dict) -> torch.Tensor:
