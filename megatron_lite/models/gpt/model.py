@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from megatron_lite import parallel_state
 from megatron_lite.config import Config, ConfigError
-from megatron_lite.models.gpt.transformer import TransformerBlock, hidden_dropout_rng
+from megatron_lite.models.gpt.transformer import InferenceContext, TransformerBlock, hidden_dropout_rng
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_lite.tensor_parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, mask_padded_vocab,
                                                   vocab_range)
@@ -133,14 +133,19 @@ class GPTModel(nn.Module):
         return self.embedding.word_embeddings.weight
 
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                inference_context: Optional[InferenceContext] = None) -> torch.Tensor:
+        """`inference_context` (generation only): keys/values of earlier tokens are read from and appended
+        to it, and default positions continue from its offset; pass explicit position_ids when decoding."""
+        if inference_context is not None and position_ids is None and input_ids is not None:
+            position_ids = inference_context.positions(input_ids.shape[1], input_ids.shape[0], input_ids.device)
         if self.pre_process:
             x = self.embedding(input_ids, position_ids)
         else:
             if self.input_tensor is None:
                 raise RuntimeError("GPTModel without pre_process needs set_input_tensor() before forward")
             x = self.input_tensor
-        x = self.decoder(x, attention_mask, position_ids)
+        x = self.decoder(x, attention_mask, position_ids, inference_context)
         if not self.post_process:
             return x
         logits = self.output_layer(x, self.output_weight())  # [s, b, padded_vocab / tp]

@@ -59,6 +59,35 @@ class Norm(nn.Module):
         return rms_norm(x, self.weight, self.eps) if self.rms else layer_norm(x, self.weight, self.bias, self.eps)
 
 
+class InferenceContext:
+    """KV cache for incremental decoding: each layer's keys and values [s, b, groups, d] (after RoPE) of
+    the tokens seen so far. `offset` counts them; the caller advances it after each full forward, so
+    every layer (and pipeline stage) of one forward sees the same offset. Appending by concatenation
+    keeps it simple; generation lengths here are short enough that the copies do not matter."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def positions(self, seq: int, batch: int, device: torch.device) -> torch.Tensor:
+        """Position ids [b, s] of the next `seq` tokens."""
+        return torch.arange(self.offset, self.offset + seq, device=device).expand(batch, seq)
+
+    def append(self, layer_number: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_number in self.key_values:
+            past_k, past_v = self.key_values[layer_number]
+            k, v = torch.cat([past_k, k], dim=0), torch.cat([past_v, v], dim=0)
+        self.key_values[layer_number] = (k, v)
+        return k, v
+
+    def causal_mask(self, seq: int, total: int, device: torch.device) -> torch.Tensor:
+        """[1, 1, seq, total], True = masked: new token i (position offset + i) sees keys 0..offset + i."""
+        return torch.ones(seq, total, dtype=torch.bool, device=device).triu(self.offset + 1)[None, None]
+
+    def advance(self, seq: int) -> None:
+        self.offset += seq
+
+
 class SelfAttention(nn.Module):
     """Causal self-attention, multi-head or grouped-query, optionally with RoPE.
 
@@ -94,7 +123,7 @@ class SelfAttention(nn.Module):
             return attention(q, k, v, attention_mask, dropout_p=dropout_p, causal=True)
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+                position_ids: Optional[torch.Tensor], inference_context: Optional[InferenceContext] = None) -> torch.Tensor:
         qkv = self.linear_qkv(x)  # [s, b, groups_local * (heads_per_group + 2) * head_dim]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.groups_local, self.heads_per_group + 2, self.head_dim)
@@ -102,9 +131,15 @@ class SelfAttention(nn.Module):
         k, v = qkv[:, :, :, self.heads_per_group], qkv[:, :, :, self.heads_per_group + 1]
         if self.rotary_dim:
             if position_ids is None:
-                position_ids = torch.arange(s, device=x.device).expand(b, s)
+                start = inference_context.offset if inference_context is not None else 0
+                position_ids = torch.arange(start, start + s, device=x.device).expand(b, s)
             cos, sin = rope_cos_sin(position_ids, self.rotary_dim, self.rotary_base, dtype=q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if inference_context is not None:
+            k, v = inference_context.append(self.layer_number, k, v)
+            if attention_mask is None and inference_context.offset > 0:
+                # Queries are the last s of k.shape[0] positions: the plain causal mask would misalign.
+                attention_mask = inference_context.causal_mask(s, k.shape[0], x.device)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         if self.recompute_core and torch.is_grad_enabled():
             context = checkpoint(self.core_attention, q, k, v, attention_mask)
@@ -143,6 +178,7 @@ class TransformerLayer(nn.Module):
         self.sequence_parallel = config.parallel.sequence_parallel
         self.input_layernorm = Norm(config, config.model.hidden_size, device)
         self.self_attention = SelfAttention(config, device)
+        self.self_attention.layer_number = layer_number  # its key in an InferenceContext
         self.pre_mlp_layernorm = Norm(config, config.model.hidden_size, device)
         self.mlp = MLP(config, device)
 
@@ -153,8 +189,9 @@ class TransformerLayer(nn.Module):
             return F.dropout(x, self.hidden_dropout, training=True)
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.dropout(self.self_attention(self.input_layernorm(x), attention_mask, position_ids))
+                position_ids: Optional[torch.Tensor] = None,
+                inference_context: Optional[InferenceContext] = None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attention(self.input_layernorm(x), attention_mask, position_ids, inference_context))
         return x + self.dropout(self.mlp(self.pre_mlp_layernorm(x)))
 
 
@@ -180,9 +217,13 @@ class TransformerBlock(nn.Module):
         return run
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                position_ids: Optional[torch.Tensor] = None,
+                inference_context: Optional[InferenceContext] = None) -> torch.Tensor:
         layers = list(self.layers.values())
-        if self.recompute_full and torch.is_grad_enabled():
+        if inference_context is not None:  # generation: no grad, no recompute
+            for layer in layers:
+                x = layer(x, attention_mask, position_ids, inference_context)
+        elif self.recompute_full and torch.is_grad_enabled():
             if self.recompute_method == "uniform":
                 # Checkpoint groups of recompute_num_layers layers: only each group's input is kept.
                 for start in range(0, len(layers), self.recompute_num_layers):

@@ -1,0 +1,166 @@
+"""Inference: load a checkpoint into this rank's model chunk (any TP / PP), run it incrementally with a
+KV cache, and generate tokens greedily or by sampling (temperature, top-k, top-p).
+
+With pipeline parallelism the stages run in sequence for every forward: each non-first stage receives
+the previous stage's hidden states [s, b, h], the last stage computes logits, gathers them over TP and
+picks the next token, which is broadcast over the pipeline group so every stage feeds the same token.
+All communication goes through megatron_lite.collectives.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_lite import collectives, parallel_state as ps
+from megatron_lite.checkpoint_io import CheckpointReader
+from megatron_lite.config import Config
+
+
+# ---- model loading --------------------------------------------------------------------------------
+def inference_config(load_dir: str, tp: int = 1, pp: int = 1, bf16: bool = False, fp16: bool = False) -> Config:
+    """The checkpoint's config (metadata.json) set up for inference in a TP x PP layout: no dropout,
+    recompute or sequence/virtual pipelining, which only matter for training."""
+    values = copy.deepcopy(CheckpointReader(load_dir).config)
+    cfg = Config.from_dict(values)
+    m, p = cfg.model, cfg.parallel
+    m.hidden_dropout = m.attention_dropout = 0.0
+    m.recompute_granularity = m.recompute_method = m.recompute_num_layers = None
+    p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
+    p.sequence_parallel, p.context_parallel_size = False, 1
+    p.virtual_pipeline_model_parallel_size = p.num_layers_per_virtual_pipeline_stage = None
+    p.decoder_first_pipeline_num_layers = p.decoder_last_pipeline_num_layers = None
+    p.pipeline_schedule, p.use_distributed_optimizer, p.overlap_param_gather = "auto", False, False
+    cfg.optimizer.bf16, cfg.optimizer.fp16, cfg.optimizer.loss_scale = bf16, fp16, None
+    cfg.training.micro_batch_size, cfg.training.global_batch_size, cfg.training.rampup_batch_size = 1, pp, None
+    cfg.checkpoint.load, cfg.checkpoint.no_load_optim, cfg.checkpoint.no_load_rng = load_dir, True, True
+    cfg.checkpoint.finetune = False
+    cfg.world_size = tp * pp
+    return cfg.validate()
+
+
+def load_model(config: Config, device: Optional[torch.device] = None) -> torch.nn.Module:
+    """This rank's model chunk (parallel_state must match config's TP/PP) with the checkpoint's weights,
+    resharded on load to this layout, in eval mode."""
+    from megatron_lite.checkpointing import load_checkpoint
+    from megatron_lite.models.gpt.model import GPTModel
+    from megatron_lite.pipeline.stages import layers_for_stage
+    pp_size, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    layers = layers_for_stage(config.model.num_layers, pp_size, pp_rank)
+    model = GPTModel(config, pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1, layer_numbers=layers)
+    if device is not None:
+        model = model.to(device)
+    load_checkpoint(model, None, None, config)
+    return model.eval()
+
+
+# ---- one forward through every pipeline stage ----------------------------------------------------
+def _pp() -> tuple[int, int]:
+    return ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+
+
+def pipeline_forward(model: torch.nn.Module, tokens: torch.Tensor, position_ids: torch.Tensor,
+                     inference_context=None, labels: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Run tokens [b, s] through all stages. Returns, on the last stage, the full-vocabulary logits
+    [b, s, vocab] (gathered over TP, padding removed), or the per-token loss [b, s] when labels are
+    given; None on other stages."""
+    pp_size, pp_rank = _pp()
+    config = model.config
+    batch, seq = tokens.shape
+    if pp_rank > 0:
+        hidden = torch.empty(seq, batch, config.model.hidden_size, dtype=config.params_dtype, device=tokens.device)
+        collectives.recv(hidden, ps.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(hidden)
+    kwargs = {"inference_context": inference_context} if inference_context is not None else {}
+    out = model(tokens if pp_rank == 0 else None, position_ids, None,
+                labels=labels if pp_rank == pp_size - 1 else None, **kwargs)
+    if pp_rank < pp_size - 1:
+        collectives.send(out, ps.get_pipeline_model_parallel_next_rank())
+        return None
+    if labels is not None:
+        return out
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        out = collectives.all_gather(out.contiguous(), ps.get_tensor_model_parallel_group(), dim=-1)
+    return out[..., :config.model.vocab_size]
+
+
+def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
+    """Every stage gets the last stage's tensor (same shape and dtype on every rank)."""
+    pp_size, _ = _pp()
+    if pp_size > 1:
+        collectives.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(),
+                              group=ps.get_pipeline_model_parallel_group())
+    return tensor
+
+
+@torch.no_grad()
+def token_losses(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token loss [b, s] of a batch, available on every rank (for checking checkpoints)."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    loss = pipeline_forward(model, tokens, positions, labels=labels)
+    if loss is None:
+        loss = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
+    return broadcast_from_last_stage(loss.float().contiguous())
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0      # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    seed: int = 1234
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """The next token from the logits [vocab] of the last position. Runs on the CPU in fp32 so every
+    rank with the same generator state draws the same token."""
+    logits = logits.detach().float().cpu()
+    if params.greedy or params.temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p; the most likely one always stays.
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
+             params: Optional[SamplingParams] = None, stop_ids: Sequence[int] = (),
+             use_kv_cache: bool = True) -> list[int]:
+    """Generate up to max_new_tokens after prompt_ids (stopping after a token in stop_ids). Collective:
+    every rank of the model-parallel group calls it with the same arguments; every rank returns the
+    same ids. With the KV cache, the prompt is processed once and each step feeds only the new token."""
+    from megatron_lite.models.gpt.transformer import InferenceContext
+    params = params or SamplingParams()
+    generator = torch.Generator().manual_seed(params.seed)
+    device = next(model.parameters()).device
+    context = InferenceContext() if use_kv_cache else None
+    tokens = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    step_input, generated = tokens, []
+    for _ in range(max_new_tokens):
+        start = context.offset if context is not None else 0
+        positions = torch.arange(start, start + step_input.shape[1], device=device)[None]
+        logits = pipeline_forward(model, step_input, positions, context)
+        if context is not None:
+            context.advance(step_input.shape[1])
+        next_token = torch.zeros(1, dtype=torch.long, device=device)
+        if logits is not None:
+            next_token.fill_(sample(logits[0, -1], params, generator))
+        next_id = int(broadcast_from_last_stage(next_token).item())
+        generated.append(next_id)
+        if next_id in stop_ids:
+            break
+        tokens = torch.cat([tokens, next_token.view(1, 1)], dim=1)
+        step_input = next_token.view(1, 1) if context is not None else tokens
+    return generated

@@ -1,0 +1,215 @@
+"""Convert checkpoints between megatron_lite layouts and Hugging Face, with Megatron's interface:
+
+    python tools/checkpoint/convert.py --model-type GPT --loader hf --saver megatron_lite \\
+        --load-dir ./Llama-3.2-1B --save-dir ./ckpt --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2
+    python tools/checkpoint/convert.py --model-type GPT --loader megatron_lite --saver hf --load-dir ./ckpt --save-dir ./hf_out
+    python tools/checkpoint/convert.py --model-type GPT --loader megatron_lite --saver megatron_lite \\
+        --load-dir ./ckpt --save-dir ./ckpt_tp4 --target-tensor-parallel-size 4 --target-pipeline-parallel-size 1
+
+Everything passes through megatron_lite's canonical full tensors (docs/internals.md): a loader answers
+"the full tensor of parameter NAME", a saver asks for one name (megatron_lite: one pipeline stage's
+file at a time) or one layer (Hugging Face: one safetensors shard per layer) at a time, so memory
+stays near one layer plus the embeddings (one pipeline stage for the megatron_lite saver, whose
+format keeps a stage's shards in one file). Tokenizer files travel in `<save-dir>/tokenizer/`
+(megatron_lite) or next to config.json (Hugging Face).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import sys
+from typing import Any, Callable, Optional
+
+import torch
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from megatron_lite import hf_conversion as hfc  # noqa: E402
+from megatron_lite.checkpoint_io import (CheckpointReader, ParamMeta, param_meta_from_model,  # noqa: E402
+                                         read_tracker, write_checkpoint_from_full_tensors)
+from megatron_lite.config import Config, ConfigError  # noqa: E402
+
+TOKENIZER_DIR = "tokenizer"  # <save>/tokenizer/: the tokenizer files of a megatron_lite checkpoint
+LOADER_NAMES = {"megatron_lite": "megatron_lite", "mcore": "megatron_lite", "hf": "hf", "llama_mistral": "hf"}
+
+
+# ---- sources: a model as canonical full tensors ---------------------------------------------------
+@dataclasses.dataclass
+class Source:
+    config: dict                                  # Config.to_dict()
+    param_meta: dict[str, ParamMeta]              # every saved parameter (no tied copy)
+    tensor: Callable[[str], torch.Tensor]         # name -> canonical full tensor
+    tokenizer_dir: Optional[str] = None           # directory holding tokenizer files, if any
+    iteration: int = 0
+    consumed_samples: int = 0
+    optimizer_state: Optional[Callable[[str], dict]] = None
+    common: Optional[dict] = None
+    dtype: str = "float32"
+
+
+def model_param_meta(config: Config, dtype: str) -> dict[str, ParamMeta]:
+    """Parameter metadata straight from GPTModel (the source of truth for names and sharding), built on
+    the meta device with TP=PP=1 (no weights are drawn or allocated)."""
+    from megatron_lite.models.gpt.model import GPTModel
+    model = GPTModel(config, device=torch.device("meta"))
+    metas = param_meta_from_model([model])
+    return {name: dataclasses.replace(meta, dtype=dtype) for name, meta in metas.items()}
+
+
+def _save_root(path: str) -> str:
+    """The --save directory of a checkpoint path that may name an iter_NNNNNNN directory."""
+    return path if read_tracker(path) is not None else os.path.dirname(os.path.abspath(path))
+
+
+def load_megatron(path: str, with_optimizer: bool = True) -> Source:
+    reader = CheckpointReader(path)
+    config = reader.config
+    tokenizer_dir = os.path.join(_save_root(path), TOKENIZER_DIR)
+    if not os.path.isdir(tokenizer_dir):
+        tokenizer_dir = _tokenizer_dir_from_config(config.get("data", {}))
+    optimizer = with_optimizer and reader.has_optimizer()
+    embedding = reader.param_meta().get("embedding.word_embeddings.weight")
+    return Source(config=config, param_meta=reader.param_meta(), tensor=reader.full_tensor, tokenizer_dir=tokenizer_dir,
+                  iteration=reader.iteration, consumed_samples=reader.consumed_samples,
+                  optimizer_state=reader.optimizer_full_state if optimizer else None,
+                  common=reader.common() if optimizer else None, dtype=embedding.dtype if embedding else "float32")
+
+
+def _tokenizer_dir_from_config(data: dict) -> Optional[str]:
+    """A trained checkpoint without <save>/tokenizer: the directory of the tokenizer it was trained with,
+    if it is still there (HF tokenizer.json directories and GPT-2 vocab/merges in one directory)."""
+    candidates = [data.get("tokenizer_model"), data.get("vocab_file")]
+    for candidate in candidates:
+        if candidate and os.path.exists(candidate):
+            directory = candidate if os.path.isdir(candidate) else os.path.dirname(os.path.abspath(candidate))
+            if hfc.tokenizer_settings(directory) is not None:
+                return directory
+    return None
+
+
+def load_hf(path: str) -> Source:
+    hf = hfc.HFCheckpointReader(path)
+    config = hfc.config_from_hf(hf.config)
+    settings = hfc.tokenizer_settings(path)
+    dtype = hf.dtype()
+    metas = model_param_meta(config, dtype)
+    weight_map = hfc.WeightMap(config.to_dict()["model"])
+    rules = {name: weight_map.rule(name) for name in metas}
+    # Every HF tensor must be used and every needed one present: a mismatch means the config does not
+    # describe the weights (e.g. biases the config says do not exist), which must not pass silently.
+    needed = {hf_name for rule in rules.values() for hf_name in rule.hf_names}
+    missing = sorted(n for n in needed if not hf.has(n))
+    unused = sorted(n for n in hf.keys() if n not in needed and n.removeprefix("transformer.") not in
+                    {x.removeprefix("transformer.") for x in needed}
+                    and not (n == "lm_head.weight" and not config.model.untie_embeddings_and_output_weights))
+    if missing or unused:
+        raise ConfigError(f"{path}: weights do not match config.json: missing {missing[:10]}, unexpected {unused[:10]}.")
+
+    def tensor(name: str) -> torch.Tensor:
+        rule = rules[name]
+        return rule.to_ours([hf.get(n) for n in rule.hf_names])
+    return Source(config=config.to_dict(), param_meta=metas, tensor=tensor,
+                  tokenizer_dir=path if (settings or os.path.isfile(os.path.join(path, "generation_config.json"))) else None,
+                  dtype=dtype)
+
+
+# ---- savers ---------------------------------------------------------------------------------------
+def target_config(config: dict, tp: int, pp: int, vp: Optional[int]) -> dict:
+    """The source config re-validated for the target layout (so e.g. heads not divisible by TP fail here)."""
+    values = copy.deepcopy(config)
+    parallel = values.setdefault("parallel", {})
+    parallel.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
+                    virtual_pipeline_model_parallel_size=vp, num_layers_per_virtual_pipeline_stage=None,
+                    decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None)
+    if vp is not None and parallel.get("pipeline_schedule") in ("gpipe", "1f1b"):
+        parallel["pipeline_schedule"] = "auto"
+    values["world_size"] = tp * pp
+    values.setdefault("training", {})["global_batch_size"] = None  # the old one may not fit DP = 1 x PP
+    values["training"]["rampup_batch_size"] = None
+    try:
+        cfg = Config.from_dict(values)
+        cfg.training.global_batch_size = cfg.training.micro_batch_size * pp
+        cfg.validate()
+    except ConfigError as error:
+        raise ConfigError(f"target layout TP={tp} PP={pp} VP={vp}: {error}") from None
+    # Keep the user's batch settings: they are a training choice, not part of the checkpoint's layout.
+    out = cfg.to_dict()
+    out["training"] = config.get("training", out["training"])
+    return out
+
+
+def save_megatron(source: Source, save_dir: str, tp: int, pp: int, vp: Optional[int] = None) -> str:
+    config = target_config(source.config, tp, pp, vp)
+    copied = hfc.copy_aux_files(source.tokenizer_dir, os.path.join(save_dir, TOKENIZER_DIR))
+    settings = hfc.tokenizer_settings(os.path.join(save_dir, TOKENIZER_DIR)) if copied else None
+    if settings:
+        config["data"].update(settings)
+    vp = config["parallel"]["virtual_pipeline_model_parallel_size"]
+    return write_checkpoint_from_full_tensors(
+        save_dir, source.iteration, config, source.tensor, source.param_meta, tp=tp, pp=pp, vp=vp,
+        consumed_samples=source.consumed_samples, optimizer_states=source.optimizer_state, common=source.common)
+
+
+def save_hf(source: Source, save_dir: str) -> None:
+    model = source.config["model"]
+    weight_map = hfc.WeightMap(model)
+    groups = [g for g in hfc.layer_groups(list(source.param_meta), model["num_layers"]) if g]
+    writer = hfc.HFCheckpointWriter(save_dir, len(groups))
+    for group in groups:  # one layer in memory at a time
+        shard: dict[str, torch.Tensor] = {}
+        for name in group:
+            rule = weight_map.rule(name)
+            shard.update(zip(rule.hf_names, rule.to_hf(source.tensor(name))))
+        writer.add_shard(shard)
+    writer.finish(hfc.hf_config_from_config(source.config, source.dtype))
+    hfc.copy_aux_files(source.tokenizer_dir, save_dir)
+
+
+# ---- command line ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-type", default="GPT", choices=["GPT"], help="Only GPT (decoder-only) models.")
+    parser.add_argument("--loader", required=True, choices=sorted(LOADER_NAMES), help="Source format.")
+    parser.add_argument("--saver", required=True, choices=sorted(LOADER_NAMES), help="Target format.")
+    parser.add_argument("--load-dir", required=True, help="megatron_lite --save dir (or iter_N dir), or an HF directory.")
+    parser.add_argument("--save-dir", required=True, help="Where to write the converted checkpoint.")
+    parser.add_argument("--target-tensor-parallel-size", type=int, default=1, help="megatron_lite saver: TP.")
+    parser.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="megatron_lite saver: PP.")
+    parser.add_argument("--target-virtual-pipeline-parallel-size", type=int, default=None,
+                        help="megatron_lite saver: virtual stages per pipeline rank (interleaved 1F1B).")
+    parser.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                        help="megatron_lite saver: alternative way to give VP.")
+    parser.add_argument("--no-optimizer", action="store_true", help="megatron_lite -> megatron_lite: drop optimizer state.")
+    return parser
+
+
+def convert(args: argparse.Namespace) -> None:
+    loader, saver = LOADER_NAMES[args.loader], LOADER_NAMES[args.saver]
+    source = load_hf(args.load_dir) if loader == "hf" else load_megatron(args.load_dir, not args.no_optimizer)
+    tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
+    vp = args.target_virtual_pipeline_parallel_size
+    if args.target_num_layers_per_virtual_pipeline_stage:
+        vp = source.config["model"]["num_layers"] // (pp * args.target_num_layers_per_virtual_pipeline_stage)
+    if saver == "hf":
+        save_hf(source, args.save_dir)
+        print(f"wrote Hugging Face {hfc.hf_family(source.config['model'])} model to {args.save_dir}")
+    else:
+        path = save_megatron(source, args.save_dir, tp, pp, vp)
+        print(f"wrote megatron_lite checkpoint (TP={tp}, PP={pp}, VP={vp}) to {path}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        convert(args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
