@@ -65,10 +65,16 @@ class ParamAndGradBuffer:
             bucket_start, bucket_params = offset, []
 
         for param in self.params:
+            # With the distributed optimizer the tied embedding gets a bucket of its own: then its DP shards
+            # cover the same elements on the first and the last stage, so the embedding-group all-reduce
+            # that follows the reduce-scatter adds matching shards (Megatron-core does the same).
+            own_bucket = use_distributed_optimizer and getattr(param, "shared_embedding", False)
+            if own_bucket and bucket_params:
+                close_bucket()
             self.param_index[id(param)] = (offset, offset + param.numel())
             offset += param.numel()
             bucket_params.append(param)
-            if bucket_size is not None and offset - bucket_start >= bucket_size:
+            if own_bucket or (bucket_size is not None and offset - bucket_start >= bucket_size):
                 close_bucket()
         if bucket_params:
             close_bucket()

@@ -1,0 +1,143 @@
+"""DDP + optimizer on the real GPT model through the pipeline engine: DP2 x TP2 x PP2 (8 ranks) and DP2,
+with and without the distributed optimizer (and with overlap), equal the single-process run.
+
+Tolerances (fp32, Adam, 3 steps with gradient accumulation): every parameter, gathered to its canonical
+full shape, within rtol 1e-5 / atol 2e-6 of one process (the TP/PP/DP layouts only reorder sums; Adam
+maps ~1e-7 gradient differences of near-zero entries to ~1e-7 weight differences, more with sequence
+parallel reductions); the reported global grad norm within 1e-5 relative for every layout (TP-replicated
+params and the tied embedding copy counted once); the dp-group bytes per step equal one all-reduce of the
+grad buffer, or a reduce-scatter of it plus an all-gather of the param buffer.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_lite import collectives
+from megatron_lite import parallel_state as ps
+from megatron_lite.config import Config
+from megatron_lite.distributed import DistributedDataParallel, finalize_model_grads
+from megatron_lite.optimizer import get_megatron_optimizer, memory_report
+from megatron_lite.testing import run_distributed
+
+VOCAB, SEQ, GLOBAL_BATCH, STEPS = 64, 16, 8, 3
+PARAM_TOL = dict(rtol=1e-5, atol=2e-6)
+
+
+def make_config(world: int, tp: int = 1, pp: int = 1, dist_opt: bool = False, overlap: bool = False,
+                sp: bool = False) -> Config:
+    cfg = Config(world_size=world)
+    m = cfg.model
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 32, 4, SEQ
+    m.vocab_size, m.make_vocab_size_divisible_by = VOCAB, 8
+    m.hidden_dropout = m.attention_dropout = 0.0
+    p = cfg.parallel
+    p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.sequence_parallel = tp, pp, sp
+    p.use_distributed_optimizer, p.overlap_grad_reduce, p.overlap_param_gather = dist_opt, overlap, overlap and dist_opt
+    p.ddp_bucket_size = 4000  # several buckets per stage
+    cfg.training.micro_batch_size, cfg.training.global_batch_size, cfg.training.seed = 1, GLOBAL_BATCH, 11
+    o = cfg.optimizer
+    o.lr, o.weight_decay, o.clip_grad = 3e-3, 0.1, 0.5
+    o.adam_eps = 1e-6  # damps Adam on near-zero grads, whose sign is the only thing the layout changes
+    return cfg.validate()
+
+
+def batch(step: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1000 + step))
+
+
+def forward_step(data_iterator, model):
+    sample = next(data_iterator)
+    output = model(sample["tokens"], None, None, sample["labels"])
+
+    def loss_func(per_token_loss: torch.Tensor):
+        loss = per_token_loss.mean()
+        return loss, {"lm loss": loss.detach()}
+
+    return output, loss_func
+
+
+def train(cfg: Config) -> dict:
+    from megatron_lite.models.gpt.model import GPTModel
+    from megatron_lite.pipeline import build_model_chunks, get_forward_backward_func
+    from megatron_lite.tensor_parallel import gather_full_param
+
+    chunks = build_model_chunks(cfg, lambda pre, post, layers: GPTModel(cfg, pre, post, layers))
+    model = [DistributedDataParallel(cfg, chunk) for chunk in chunks]
+    opt = get_megatron_optimizer(cfg, model)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    num_micro = cfg.num_microbatches
+    forward_backward = get_forward_backward_func(cfg)
+    dp_name = ps.group_name(ps.get_data_parallel_group(with_context_parallel=True))
+    collectives.reset_comm_stats()
+    norms = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        local = batch(step).chunk(dp)[dp_rank]
+        data = [{"tokens": mb[:, :-1].contiguous(), "labels": mb[:, 1:].contiguous()} for mb in local.chunk(num_micro)]
+        forward_backward(forward_step_func=forward_step, data_iterator=iter(data), model=model, num_microbatches=num_micro,
+                         seq_length=SEQ, micro_batch_size=1, config=cfg, no_sync_func=model[0].no_sync,
+                         finalize_model_grads_func=finalize_model_grads, grad_scale_func=opt.scale_loss)
+        ok, norm, _ = opt.step()
+        assert ok
+        norms.append(norm)
+    for chunk in model:
+        chunk.finish_param_sync()
+    bytes_ = {op: collectives.bytes_for(op=op, group=dp_name) for op in ("all_reduce", "reduce_scatter", "all_gather")}
+    grad_bytes = sum(b.grad_data.numel() * b.grad_data.element_size() for c in model for b in c.param_and_grad_buffers)
+    param_bytes = sum(b.param_data.numel() * b.param_data.element_size() for c in model for b in c.param_and_grad_buffers
+                      if b.param_data is not None)
+    params = {name: gather_full_param(p).clone() for c in chunks for name, p in c.named_parameters()}
+    return {"params": params, "norms": norms, "bytes": bytes_, "grad_bytes": grad_bytes, "param_bytes": param_bytes,
+            "memory": memory_report(model, opt), "dp": dp}
+
+
+def _layouts(world: int, tp: int, pp: int, variants: list[dict]) -> list[dict]:
+    ps.initialize_model_parallel(tp, pp)
+    return [train(make_config(world, tp, pp, **v)) for v in variants]
+
+
+def _merge(rank_results: list[list[dict]], index: int) -> dict:
+    """One variant's parameters from every rank (each stage holds some), and rank 0's stats."""
+    params = {}
+    for per_rank in rank_results:
+        params.update(per_rank[index]["params"])
+    return {**rank_results[0][index], "params": params, "all_norms": [r[index]["norms"] for r in rank_results]}
+
+
+def _check(got: dict, ref: dict, dist_opt: bool) -> None:
+    for name, value in ref["params"].items():
+        torch.testing.assert_close(got["params"][name], value, **PARAM_TOL, msg=lambda m: f"{name}: {m}")
+    if "output_layer.weight" in got["params"]:  # the tied copy on the last stage stays equal to the embedding
+        torch.testing.assert_close(got["params"]["output_layer.weight"], ref["params"]["embedding.word_embeddings.weight"],
+                                   **PARAM_TOL)
+    for norms in got["all_norms"]:  # every rank reports the same global norm, equal to one process's
+        assert norms == pytest.approx(ref["norms"], rel=1e-5)
+    b = got["bytes"]
+    if dist_opt:
+        assert b == {"all_reduce": 0, "reduce_scatter": STEPS * got["grad_bytes"], "all_gather": STEPS * got["param_bytes"]}
+    else:
+        assert b == {"all_reduce": STEPS * got["grad_bytes"], "reduce_scatter": 0, "all_gather": 0}
+    expected = 8 + 8 / got["dp"] if dist_opt else 16  # fp32 Adam (Megatron's table)
+    assert got["memory"]["bytes_per_param"] == pytest.approx(expected, rel=0.02)
+
+
+VARIANTS = [{}, {"dist_opt": True}, {"dist_opt": True, "overlap": True}]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return _merge(run_distributed(_layouts, 1, world=1, tp=1, pp=1, variants=[{}]), 0)
+
+
+def test_gpt_dp2(reference):
+    results = run_distributed(_layouts, 2, world=2, tp=1, pp=1, variants=VARIANTS)
+    for index, variant in enumerate(VARIANTS):
+        _check(_merge(results, index), reference, variant.get("dist_opt", False))
+
+
+def test_gpt_dp2_tp2_pp2(reference):
+    variants = VARIANTS + [{"dist_opt": True, "sp": True}]
+    results = run_distributed(_layouts, 8, world=8, tp=2, pp=2, variants=variants, timeout=400)
+    for index, variant in enumerate(variants):
+        _check(_merge(results, index), reference, variant.get("dist_opt", False))
