@@ -47,7 +47,8 @@ def _to_gpt2(model: GPTModel, m):
     hf_cfg = transformers.GPT2Config(vocab_size=m.vocab_size, n_positions=m.max_position_embeddings, n_embd=m.hidden_size,
                                      n_layer=m.num_layers, n_head=m.num_attention_heads, n_inner=m.ffn_hidden_size,
                                      activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                     layer_norm_epsilon=m.norm_epsilon, tie_word_embeddings=True)
+                                     layer_norm_epsilon=m.norm_epsilon, tie_word_embeddings=True,
+                                     bos_token_id=0, eos_token_id=0)
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
     ours = {k: v.detach() for k, v in model.state_dict().items()}
     sd = {"transformer.wte.weight": ours["embedding.word_embeddings.weight"][:m.vocab_size],
