@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megatron_lite import parallel_state
@@ -90,7 +91,11 @@ class MegatronOptimizer:
                                                   growth_interval=opt.loss_scale_window, hysteresis=opt.hysteresis))
         # Statistics: non-distributed, the DP replicas agree, so model-parallel ranks suffice; distributed,
         # each DP rank holds a disjoint shard, so sum over every rank (TP x PP x DP x CP = the world).
-        self._stat_groups = [None] if self.distributed else [parallel_state.get_model_parallel_group()]
+        # Without torch.distributed (a plain one-process script) there is nothing to reduce over.
+        world = [None] if dist.is_available() and dist.is_initialized() else []
+        model_parallel = [parallel_state.get_model_parallel_group()] if parallel_state.model_parallel_is_initialized() else []
+        self._stat_groups = world if self.distributed else model_parallel
+        self._inf_groups = world  # every TP / PP / DP rank skips an overflowing step together
 
     # ---- the training-loop interface -------------------------------------------------------------
     @property
@@ -134,7 +139,7 @@ class MegatronOptimizer:
             inv_scale = float(self.grad_scaler.inv_scale.item())
             for grad in grads:
                 grad.mul_(inv_scale)
-            found_inf = any_nonfinite(grads, groups=[None])  # every TP / PP / DP rank skips together
+            found_inf = any_nonfinite(grads, groups=self._inf_groups)
             self.grad_scaler.update(found_inf)
             if found_inf:
                 self._drop_main_grads()
@@ -193,7 +198,7 @@ class MegatronOptimizer:
         """Inverse of get_parameter_state: each rank copies in its own (TP-local, DP-shard) part. The model
         parameters get the (rounded) main values too, so model and main weights agree."""
         for m in self.main_params:
-            for key, value in states[m.name].items():
+            for key, value in states.get(m.name, {}).items():
                 if key == "param" or key in self._state_keys:
                     self._tensor_for(m, key).copy_(value.reshape(-1)[m.start:m.end])
             if not m.aliases_model:
@@ -201,6 +206,13 @@ class MegatronOptimizer:
         if self.distributed:
             for chunk in self.model_chunks:
                 chunk.start_param_sync(force_sync=True)
+
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Refresh the fp32 main params from the model's (e.g. after loading weights without optimizer state)."""
+        for m in self.main_params:
+            if not m.aliases_model:
+                m.main.copy_(m.model_param.detach().view(-1)[m.start:m.end])
 
     def _tensor_for(self, m: MainParam, key: str) -> torch.Tensor:
         return m.main if key == "param" else self.optimizer.state[m.main][key]
