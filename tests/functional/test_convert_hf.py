@@ -52,13 +52,13 @@ def tiny_tokenizer(directory: str) -> None:
 def make_hf(style: str, directory: str):
     torch.manual_seed(0)
     if style == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64,
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64, initializer_range=0.2,
                                       bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
         model = transformers.GPT2LMHeadModel(cfg)
     else:
         cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                                        num_attention_heads=8, num_key_value_heads=2, rope_theta=50000.0,
-                                       max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                                       max_position_embeddings=64, tie_word_embeddings=False, initializer_range=0.2, rms_norm_eps=1e-5,
                                        bos_token_id=0, eos_token_id=VOCAB - 1)
         model = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():  # non-trivial norms/biases, so a swapped mapping cannot hide

@@ -15,11 +15,17 @@ format keeps a stage's shards in one file). Tokenizer files travel in `<save-dir
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# This directory holds a file named inspect.py; drop it from the import path before anything imports
+# the standard library's inspect (torch, dataclasses do).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
 import argparse
 import copy
 import dataclasses
-import os
-import sys
 from typing import Any, Callable, Optional
 
 import torch

@@ -1,0 +1,91 @@
+"""Print what a megatron_lite checkpoint holds: iteration, layout, model settings, every parameter's
+name, full shape, dtype, sharding and L2 norm, and whether optimizer state is present.
+
+    python tools/checkpoint/inspect.py --load-dir ./ckpt            # the latest iteration
+    python tools/checkpoint/inspect.py --load-dir ./ckpt/iter_0000100 --no-norms --json
+
+Reads one full tensor at a time (CheckpointReader), so it works offline on any checkpoint size.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# This directory holds a file named inspect.py; drop it from the import path before anything imports
+# the standard library's inspect (torch, dataclasses do).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse
+import json
+from typing import Optional
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from megatron_lite.checkpoint_io import CheckpointError, CheckpointReader  # noqa: E402
+
+MODEL_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size",
+              "seq_length", "position_embedding_type", "normalization", "swiglu", "untie_embeddings_and_output_weights")
+
+
+def summarize(path: str, norms: bool = True) -> dict:
+    """Everything inspect prints, as a dict (also what --json writes)."""
+    with CheckpointReader(path) as reader:
+        model = reader.config.get("model", {})
+        params = []
+        total = 0
+        for name, meta in sorted(reader.param_meta().items()):
+            numel = 1
+            for size in meta.shape:
+                numel *= size
+            total += numel
+            entry = {"name": name, "shape": meta.shape, "dtype": meta.dtype,
+                     "sharding": (f"dim {meta.partition_dim}" + (f", stride {meta.partition_stride}" if meta.partition_stride > 1 else ""))
+                     if meta.tensor_model_parallel else "replicated", "pp_rank": meta.pp_rank}
+            if norms:
+                entry["norm"] = float(reader.full_tensor(name).float().norm())
+            params.append(entry)
+        common = reader.common() if reader.has_optimizer() else {}
+        return {"path": reader.path, "iteration": reader.iteration, "consumed_samples": reader.consumed_samples,
+                "layout": reader.layout, "model": {k: model.get(k) for k in MODEL_KEYS if k in model},
+                "has_optimizer": reader.has_optimizer(), "has_lr_scheduler": "opt_param_scheduler" in common,
+                "num_parameters": total, "params": params}
+
+
+def print_summary(info: dict) -> None:
+    layout = info["layout"]
+    print(f"checkpoint:      {info['path']}")
+    print(f"iteration:       {info['iteration']}  (consumed samples {info['consumed_samples']})")
+    print(f"layout:          TP={layout.get('tp')} PP={layout.get('pp')} VP={layout.get('vp')} DP={layout.get('dp')} "
+          f"world={layout.get('world_size')} distributed_optimizer={layout.get('distributed_optimizer')}")
+    print("model:           " + ", ".join(f"{k}={v}" for k, v in info["model"].items()))
+    print(f"optimizer state: {'present' if info['has_optimizer'] else 'absent'}"
+          f"{' (with LR scheduler)' if info['has_lr_scheduler'] else ''}")
+    print(f"parameters:      {len(info['params'])} tensors, {info['num_parameters']:,} values")
+    width = max((len(p["name"]) for p in info["params"]), default=10)
+    print(f"\n{'name':<{width}}  {'shape':<14} {'dtype':<9} {'sharding':<18} {'pp':>2}  norm")
+    for p in info["params"]:
+        norm = f"{p['norm']:.6g}" if "norm" in p else "-"
+        print(f"{p['name']:<{width}}  {str(p['shape']):<14} {p['dtype']:<9} {p['sharding']:<18} {p['pp_rank']:>2}  {norm}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--load-dir", required=True, help="A --save directory or one of its iter_NNNNNNN directories.")
+    parser.add_argument("--no-norms", action="store_true", help="Skip reading tensors (names and shapes only).")
+    parser.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
+    args = parser.parse_args(argv)
+    try:
+        info = summarize(args.load_dir, norms=not args.no_norms)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print_summary(info)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
