@@ -29,7 +29,7 @@ import torch
 from megatron_lite import collectives, parallel_state
 from megatron_lite.checkpoint_io import (COMMON_FILE, EMBEDDING_NAME, METADATA_FILE, CheckpointError,
                                          CheckpointReader, ParamMeta, atomic_torch_save, atomic_write_text,
-                                         build_metadata, is_tied_copy, model_file, optim_file, optim_name,
+                                         build_metadata, is_tied_copy, iteration_dir_name, model_file, optim_file, optim_name,
                                          param_meta_of, prepare_tmp_dir, publish, read_tracker, rng_file,
                                          strip_wrapper_prefix, tp_utils)
 
@@ -205,6 +205,11 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
     load_dir = load_dir or ckpt.load
     if not load_dir:
         return 0, 0
+    if getattr(ckpt, "ckpt_step", None) is not None:
+        load_dir = os.path.join(load_dir, iteration_dir_name(ckpt.ckpt_step))
+        if not os.path.isfile(os.path.join(load_dir, METADATA_FILE)):
+            raise CheckpointError(f"--ckpt-step {ckpt.ckpt_step}: {load_dir} holds no checkpoint. "
+                                  "Pick an iteration that exists under --load.")
     if read_tracker(load_dir) is None and not os.path.isfile(os.path.join(load_dir, METADATA_FILE)):
         if _rank() == 0:
             warnings.warn(f"no checkpoint in {load_dir} (no latest_checkpointed_iteration.txt): starting from scratch.")
