@@ -20,6 +20,7 @@ from torch import nn
 
 from megatron_lite import parallel_state
 from megatron_lite.config import Config
+from megatron_lite.kernels.adam import build_adam, select_adam_impl
 from megatron_lite.optimizer import distrib_optimizer
 from megatron_lite.optimizer.clip_grads import (any_nonfinite, clip_grad_by_total_norm_fp32, count_zeros_fp32,
                                                 counts_toward_norm, get_grad_norm_fp32)
@@ -72,8 +73,12 @@ class MegatronOptimizer:
                   {"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0, "weight_decay": 0.0}]
         foreach = bool(opt.use_fused_adam)
         if opt.optimizer == "adam":
-            self.optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
-                                               eps=opt.adam_eps, weight_decay=opt.weight_decay, foreach=foreach)
+            # TE/Apex FusedAdam, torch's fused or foreach AdamW (--no-fused-adam: the per-tensor loop);
+            # same update and state keys in all (kernels/adam.py).
+            device = self.main_params[0].main.device.type if self.main_params else None
+            self.adam_impl = select_adam_impl(opt.use_fused_adam, device, config.model.transformer_impl)
+            self.optimizer = build_adam(groups, self.adam_impl, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
+                                        eps=opt.adam_eps, weight_decay=opt.weight_decay)
         elif opt.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.sgd_momentum,
                                              weight_decay=opt.weight_decay, foreach=foreach)
@@ -220,7 +225,9 @@ class MegatronOptimizer:
     def _init_state(self, main: torch.Tensor) -> None:
         state = self.optimizer.state[main]
         if self.config.optimizer.optimizer == "adam":
-            state["step"] = torch.tensor(float(self.num_steps))
+            # torch's fused kernel wants the step on the parameter's device (others accept either).
+            step_device = main.device if getattr(self, "adam_impl", None) == "torch_fused" else None
+            state["step"] = torch.tensor(float(self.num_steps), device=step_device)
             state["exp_avg"] = torch.zeros_like(main, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(main, memory_format=torch.preserve_format)
         else:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from megatron_lite import parallel_state
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.models.gpt.transformer import InferenceContext, TransformerBlock, hidden_dropout_rng
-from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_lite.kernels.registry import select_kernels
 from megatron_lite.tensor_parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, mask_padded_vocab,
                                                   vocab_range)
 from megatron_lite.tensor_parallel.mappings import scatter_to_sequence_parallel_region
@@ -87,6 +87,7 @@ class GPTModel(nn.Module):
         self.vocab_size = m.vocab_size
         self.tied = not m.untie_embeddings_and_output_weights
         self.input_tensor: Optional[torch.Tensor] = None
+        self.kernels = select_kernels(config)
 
         if pre_process:
             self.embedding = LanguageModelEmbedding(config, device)
@@ -152,5 +153,5 @@ class GPTModel(nn.Module):
         logits = mask_padded_vocab(logits, self.vocab_start, self.vocab_size)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
-        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1))  # [s, b], fp32
+        loss = self.kernels.cross_entropy_fn(logits, labels.transpose(0, 1))  # [s, b], fp32
         return loss.transpose(0, 1).contiguous()

@@ -15,10 +15,8 @@ import torch.nn.functional as F
 
 from megatron_lite import parallel_state
 from megatron_lite.config import Config
-from megatron_lite.kernels.activations import bias_gelu, swiglu
-from megatron_lite.kernels.attention import attention
-from megatron_lite.kernels.norm import layer_norm, rms_norm
-from megatron_lite.kernels.rope import apply_rotary, rope_cos_sin
+from megatron_lite.kernels.registry import select_kernels
+from megatron_lite.kernels.rope import rope_cos_sin
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
 from megatron_lite.tensor_parallel.utils import set_init
@@ -44,6 +42,7 @@ class Norm(nn.Module):
         super().__init__()
         self.rms = config.model.normalization == "RMSNorm"
         self.eps = config.model.norm_epsilon
+        self.kernels = select_kernels(config)  # fast paths chosen once (kernels/registry.py)
         sequence_parallel = config.parallel.sequence_parallel
         self.weight = nn.Parameter(torch.empty(hidden_size, dtype=config.params_dtype, device=device))
         set_init(self.weight, "ones")
@@ -56,7 +55,9 @@ class Norm(nn.Module):
             self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps) if self.rms else layer_norm(x, self.weight, self.bias, self.eps)
+        if self.rms:
+            return self.kernels.rms_norm(x, self.weight, self.eps)
+        return self.kernels.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class InferenceContext:
@@ -107,6 +108,7 @@ class SelfAttention(nn.Module):
         self.rotary_dim = int(self.head_dim * m.rotary_percent) if m.position_embedding_type == "rope" else 0
         self.rotary_base = m.rotary_base
         self.recompute_core = m.recompute_granularity == "selective"
+        self.kernels = select_kernels(config)
         qkv_size = m.num_query_groups * (self.heads_per_group + 2) * self.head_dim
         common = dict(sequence_parallel=config.parallel.sequence_parallel, params_dtype=config.params_dtype, device=device)
         self.linear_qkv = ColumnParallelLinear(m.hidden_size, qkv_size, bias=m.add_bias_linear or m.add_qkv_bias,
@@ -120,7 +122,7 @@ class SelfAttention(nn.Module):
         # This rank's heads are its own: their dropout masks come from the TP-rank stream.
         rng = get_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
         with rng:
-            return attention(q, k, v, attention_mask, dropout_p=dropout_p, causal=True)
+            return self.kernels.attention_fn(q, k, v, attention_mask, dropout_p=dropout_p, causal=True)
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor],
                 position_ids: Optional[torch.Tensor], inference_context: Optional[InferenceContext] = None) -> torch.Tensor:
@@ -134,7 +136,7 @@ class SelfAttention(nn.Module):
                 start = inference_context.offset if inference_context is not None else 0
                 position_ids = torch.arange(start, start + s, device=x.device).expand(b, s)
             cos, sin = rope_cos_sin(position_ids, self.rotary_dim, self.rotary_base, dtype=q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = self.kernels.apply_rotary(q, cos, sin), self.kernels.apply_rotary(k, cos, sin)
         if inference_context is not None:
             k, v = inference_context.append(self.layer_number, k, v)
             if attention_mask is None and inference_context.offset > 0:
@@ -156,6 +158,7 @@ class MLP(nn.Module):
         super().__init__()
         m = config.model
         self.swiglu = m.swiglu
+        self.kernels = select_kernels(config)
         common = dict(sequence_parallel=config.parallel.sequence_parallel, params_dtype=config.params_dtype, device=device)
         self.linear_fc1 = ColumnParallelLinear(m.hidden_size, m.ffn_hidden_size * (2 if m.swiglu else 1),
                                                bias=m.add_bias_linear, init_std=m.init_method_std,
@@ -165,7 +168,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear_fc1(x)
-        return self.linear_fc2(swiglu(h) if self.swiglu else bias_gelu(h))
+        return self.linear_fc2(self.kernels.swiglu_fn(h) if self.swiglu else self.kernels.bias_gelu_fn(h))
 
 
 class TransformerLayer(nn.Module):
@@ -204,6 +207,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         m = config.model
         self.layers = nn.ModuleDict({str(i): TransformerLayer(config, i, device) for i in layer_numbers})
+        for layer in self.layers.values():
+            select_kernels(config).compile_layer(layer)  # --torch-compile: in place, names unchanged
         self.final_layernorm = Norm(config, m.hidden_size, device) if post_process else None
         self.recompute_full = m.recompute_granularity == "full"
         self.recompute_method = m.recompute_method

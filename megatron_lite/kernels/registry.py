@@ -1,0 +1,235 @@
+"""Kernel registry: for each operation, the best available implementation with the reference's semantics.
+
+`select_kernels(config)` decides once per process (cached per configuration) and logs one line:
+
+    kernels: norm=reference, attention=sdpa, bias_gelu=reference, swiglu=reference, rope=reference,
+             cross_entropy=reference, adam=torch_fused, torch_compile=off, fp8=off
+
+The returned `KernelChoice` is what the model calls (`kernels.layer_norm(...)`, `kernels.attention(...)`),
+so model code never branches on hardware. Every non-reference implementation is tested against the
+reference in tests/unit/test_kernels.py (GPU-only ones are skipped there with the reason).
+
+Operation      candidates, best first                                  forced to reference by
+norm           te (TE LayerNorm/RMSNorm), apex (fused), torch (F.*)    --no-persist-layer-norm
+attention      te (DotProductAttention), sdpa[(flash|efficient|cudnn)],
+               unfused (matmul + softmax + matmul)                     --attention-backend local|unfused
+bias_gelu      compiled (torch.compile -> one Triton kernel)           --no-bias-gelu-fusion
+swiglu         compiled                                                --no-bias-swiglu-fusion
+rope           compiled                                                --no-rope-fusion
+cross_entropy  te (fused Triton vocab-parallel CE)                     --no-cross-entropy-fusion
+adam           te / apex FusedAdam, torch_fused, foreach               --no-fused-adam
+The reference of each op is the model engineer's plain-torch kernel (kernels/norm.py, attention.py,
+activations.py, rope.py, tensor_parallel/cross_entropy.py). Elementwise fusions via torch.compile are
+only chosen on CUDA (with Triton): on CPU their compile time outweighs the gain for short runs, and
+--torch-compile compiles the whole layer instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from megatron_lite.config import Config, ConfigError
+from megatron_lite.kernels import activations, adam, external, fused, norm, rope
+from megatron_lite.kernels.attention import attention as reference_attention
+from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+# name -> (layer_norm, rms_norm)
+_NORMS: dict[str, tuple[Callable, Callable]] = {
+    "reference": (norm.layer_norm, norm.rms_norm),
+    "torch": (norm.layer_norm, fused.torch_rms_norm),
+    "apex": (external.apex_layer_norm, external.apex_rms_norm),
+    "te": (external.te_layer_norm, external.te_rms_norm),
+}
+_ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {  # name -> (bias_gelu, swiglu)
+    "reference": (activations.bias_gelu, activations.swiglu),
+    "compiled": (fused.compiled_bias_gelu, fused.compiled_swiglu),
+}
+_ROPE: dict[str, Callable] = {"reference": rope.apply_rotary, "compiled": fused.compiled_apply_rotary}
+_CROSS_ENTROPY: dict[str, Callable] = {"reference": vocab_parallel_cross_entropy, "te": external.te_cross_entropy}
+ATTENTION_IMPLS = ("reference", "unfused", "sdpa", "sdpa(flash)", "sdpa(efficient)", "sdpa(cudnn)", "sdpa(math)", "te")
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The implementation chosen for each operation, and the ops themselves (same signatures as the
+    reference kernels). Frozen and hashable: torch.compile guards on it like on a constant."""
+    norm: str = "reference"
+    attention: str = "reference"
+    bias_gelu: str = "reference"
+    swiglu: str = "reference"
+    rope: str = "reference"
+    cross_entropy: str = "reference"
+    adam: str = "for_loop"
+    torch_compile: bool = False
+    fp8: Optional[str] = None
+    notes: tuple[str, ...] = ()  # why a requested fast path was not taken (shown in the log line)
+
+    # ---- the ops --------------------------------------------------------------------------------
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+        return _NORMS[self.norm][0](x, weight, bias, eps)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return _NORMS[self.norm][1](x, weight, eps)
+
+    def attention_fn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                     causal: bool = True) -> torch.Tensor:
+        """Causal (or masked) attention on q [b, heads, s, d], k, v [b, groups, s, d] -> [b, heads, s, d]."""
+        impl = self.attention
+        if impl == "reference":
+            return reference_attention(q, k, v, attention_mask, dropout_p=dropout_p, causal=causal)
+        if impl == "unfused":
+            return fused.unfused_attention(q, k, v, attention_mask, dropout_p=dropout_p, causal=causal)
+        if impl == "te":
+            return external.te_attention(q, k, v, attention_mask, dropout_p=dropout_p, causal=causal)
+        backend = impl[5:-1] if impl.startswith("sdpa(") else None
+        return fused.sdpa_attention(q, k, v, attention_mask, dropout_p=dropout_p, causal=causal, backend=backend)
+
+    def bias_gelu_fn(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _ACTIVATIONS[self.bias_gelu][0](x, bias)
+
+    def swiglu_fn(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _ACTIVATIONS[self.swiglu][1](x, bias)
+
+    def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return _ROPE[self.rope](x, cos, sin)
+
+    def cross_entropy_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-token fp32 loss of vocab-parallel logits [..., vocab/tp] against target [...]."""
+        return _CROSS_ENTROPY[self.cross_entropy](logits, target)
+
+    def fp8_autocast(self):
+        """Context for the forward pass: TE's fp8_autocast with --fp8-format, else a null context."""
+        return external.fp8_autocast(self.fp8)
+
+    def compile_layer(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """With --torch-compile, compile the layer in place (nn.Module.compile keeps parameter names and
+        state_dict keys, unlike torch.compile(module), so checkpoints do not change)."""
+        if self.torch_compile:
+            layer.compile(dynamic=False)
+        return layer
+
+    def describe(self) -> str:
+        parts = [f"norm={self.norm}", f"attention={self.attention}", f"bias_gelu={self.bias_gelu}",
+                 f"swiglu={self.swiglu}", f"rope={self.rope}", f"cross_entropy={self.cross_entropy}",
+                 f"adam={self.adam}", f"torch_compile={'on' if self.torch_compile else 'off'}",
+                 f"fp8={self.fp8 or 'off'}"]
+        line = "kernels: " + ", ".join(parts)
+        return line + (f" ({'; '.join(self.notes)})" if self.notes else "")
+
+
+REFERENCE = KernelChoice()  # every op on its plain-torch reference (what tests compare against)
+
+_CACHE: dict[tuple, KernelChoice] = {}
+_LOGGED: set[str] = set()
+
+
+def _config_key(config: Config, device_type: str) -> tuple:
+    m = config.model
+    return (device_type, m.transformer_impl, m.attention_backend, m.torch_compile, m.fp8_format,
+            m.masked_softmax_fusion, m.bias_gelu_fusion, m.bias_swiglu_fusion, m.apply_rope_fusion,
+            m.persist_layer_norm, m.cross_entropy_fusion, config.optimizer.use_fused_adam)
+
+
+def _log_once(choice: KernelChoice) -> None:
+    line = choice.describe()
+    if line in _LOGGED:
+        return
+    _LOGGED.add(line)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(line, flush=True)
+
+
+def select_kernels(config: Config, device_type: Optional[str] = None, log: bool = True) -> KernelChoice:
+    """The kernels for `config` on `device_type` ("cuda" when a GPU is present, else "cpu").
+
+    Raises ConfigError at start-up, naming the flag, when a requested feature cannot run here
+    (--transformer-impl transformer_engine or --fp8-format without TE / a Hopper GPU).
+    """
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    key = _config_key(config, device_type)
+    if key not in _CACHE:
+        _CACHE[key] = _select(config, device_type)
+    choice = _CACHE[key]
+    if log:
+        _log_once(choice)
+    return choice
+
+
+def _select(config: Config, device_type: str) -> KernelChoice:
+    m = config.model
+    cuda = device_type == "cuda"
+    notes: list[str] = []
+    te = m.transformer_impl == "transformer_engine"
+    if te and not (cuda and external.te_available()):
+        raise ConfigError("--transformer-impl transformer_engine: Transformer Engine is not importable on this machine "
+                          f"({'no CUDA GPU' if not cuda else 'import transformer_engine.pytorch failed'}). "
+                          "Install transformer-engine on a CUDA machine, or use --transformer-impl local.")
+    if m.fp8_format is not None:
+        if not te:
+            raise ConfigError(f"--fp8-format {m.fp8_format}: needs --transformer-impl transformer_engine. "
+                              "Add it (with Transformer Engine on a Hopper GPU), or drop --fp8-format.")
+        if not external.hopper_or_newer():
+            found = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+            raise ConfigError(f"--fp8-format {m.fp8_format}: FP8 GEMMs need a Hopper (sm_90) or newer GPU, found {found}. "
+                              "Run on H100/H200, or drop --fp8-format (bf16 with --bf16).")
+
+    # Norms: TE under --transformer-impl transformer_engine, else Apex's fused kernels, else torch's
+    # F.rms_norm (a fused kernel on CUDA). On CPU F.rms_norm is no faster than the reference, so the
+    # reference (bit-identical to Hugging Face in every dtype) stays.
+    if not m.persist_layer_norm:
+        norm_impl = "reference"
+    elif te:
+        norm_impl = "te"
+    elif cuda and external.apex_norm_available():
+        norm_impl = "apex"
+    else:
+        norm_impl = "torch" if cuda else "reference"
+
+    attention_impl = _select_attention(m.attention_backend, te, cuda, notes)
+
+    # torch.compile-fused elementwise kernels need Triton (CUDA). With --torch-compile the whole layer is
+    # compiled, which fuses these too, so compiling them separately would only add graph breaks.
+    can_fuse = cuda and external.module_available("triton") and not m.torch_compile
+
+    def fusion(enabled: bool, name: str) -> str:
+        if enabled and cuda and not can_fuse and not m.torch_compile:
+            notes.append(f"{name}: no Triton")
+        return "compiled" if enabled and can_fuse else "reference"
+
+    cross_entropy = "reference"
+    if m.cross_entropy_fusion and cuda and external.te_cross_entropy_available():
+        cross_entropy = "te"
+    return KernelChoice(norm=norm_impl, attention=attention_impl,
+                        bias_gelu=fusion(m.bias_gelu_fusion, "bias_gelu"), swiglu=fusion(m.bias_swiglu_fusion, "swiglu"),
+                        rope=fusion(m.apply_rope_fusion, "rope"), cross_entropy=cross_entropy,
+                        adam=adam.select_adam_impl(config.optimizer.use_fused_adam, device_type, m.transformer_impl),
+                        torch_compile=m.torch_compile, fp8=m.fp8_format, notes=tuple(notes))
+
+
+def _select_attention(backend: str, te: bool, cuda: bool, notes: list[str]) -> str:
+    """--attention-backend: local = the model engineer's reference, unfused = explicit softmax, flash / fused
+    = those kernels (TE's under transformer_engine, else SDPA's), auto = TE or SDPA's own choice."""
+    if backend == "local":
+        return "reference"
+    if backend == "unfused":
+        return "unfused"
+    if te:
+        return "te"
+    if backend == "auto":
+        return "sdpa"
+    if backend == "flash":
+        return "sdpa(flash)"  # torch has a flash kernel on CPU too
+    # fused: cuDNN's fused attention on Hopper, the memory-efficient kernel on older GPUs.
+    if not cuda:
+        notes.append("attention-backend fused needs CUDA: using sdpa")
+        return "sdpa"
+    return "sdpa(cudnn)" if external.hopper_or_newer() else "sdpa(efficient)"
+
+
+def with_impls(choice: KernelChoice, **impls: str) -> KernelChoice:
+    """A copy of `choice` with some ops replaced (tests and benchmarks: compare one fast path at a time)."""
+    return dataclasses.replace(choice, **impls)
