@@ -141,7 +141,9 @@ class DistributedDataParallel(nn.Module):
         return self.module.load_state_dict(state_dict, strict=strict)
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        # The module's global names, without a "module." prefix (layout-invariant keys).
+        # The module's global names, without a "module." prefix (layout-invariant keys). Whoever reads
+        # parameters (checkpoint writers, tests) must not see a half-finished overlapped all-gather.
+        self.finish_param_sync()
         return self.module.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
 
     def __getattr__(self, name: str):
