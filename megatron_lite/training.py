@@ -97,7 +97,9 @@ def initialize(config: Config) -> None:
     ps.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                  p.virtual_pipeline_model_parallel_size, p.context_parallel_size,
                                  p.expert_model_parallel_size)
-    model_parallel_seed(config.training.seed)
+    # Offset by pipeline stage (as Megatron does) so dropout on different stages draws different masks;
+    # weights do not depend on it (they are drawn from the seed and each parameter's name).
+    model_parallel_seed(config.training.seed + 100 * ps.get_pipeline_model_parallel_rank())
 
 
 def setup_model_and_optimizer(config: Config, model_provider: Callable):
@@ -154,8 +156,12 @@ def build_data_iterators(config: Config, datasets_provider: Callable, consumed_s
     eval_runs = (iters // t.eval_interval + 1) if t.eval_iters > 0 else 0
     num_samples = (iters * t.global_batch_size, eval_runs * t.eval_iters * t.global_batch_size,
                    t.eval_iters * t.global_batch_size)
-    reads = ps.get_tensor_model_parallel_rank() == 0 and any(_chunk_needs_data(c, num_chunks) for c in range(num_chunks))
-    datasets = datasets_provider(config, num_samples) if reads else (None, None, None)
+    # Every rank builds the datasets (cheap: memory-mapped), because index caching is collective:
+    # rank 0 builds the index files while the others wait at a world barrier, then load them. Only the
+    # ranks that feed a model chunk (TP rank 0 of the first and last stage) get loaders.
+    datasets = datasets_provider(config, num_samples)
+    if ps.get_tensor_model_parallel_rank() != 0:
+        datasets = (None, None, None)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
     def iterators(dataset, consumed: int, cyclic: bool) -> list[Optional[Iterator]]:
