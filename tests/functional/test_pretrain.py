@@ -128,3 +128,34 @@ def _children(pid: int) -> list[int]:
             except OSError:
                 continue
     return sorted(found)
+
+
+def test_real_corpus_with_index_cache_on_4_ranks(tmp_path):
+    """The quickstart's path in small: corpus -> tokenizer -> .bin/.idx -> TP2 x PP2 training with a
+    shared index cache (rank 0 builds it while the others wait: a collective every rank must join)."""
+    import subprocess
+    import sys
+
+    from cli import REPO, env
+    data = tmp_path / "data"
+    steps = [
+        ["tools/prepare_corpus.py", "--output", str(data / "corpus.jsonl")],
+        ["tools/train_tokenizer.py", "--input", str(data / "corpus.jsonl"), "--output-dir", str(data / "tok"),
+         "--vocab-size", "512"],
+        ["tools/preprocess_data.py", "--input", str(data / "corpus.jsonl"), "--output-prefix", str(data / "corpus"),
+         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(data / "tok" / "tokenizer.model"),
+         "--append-eod", "--workers", "1"],
+    ]
+    for step in steps:
+        done = subprocess.run([sys.executable, *step], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    flags = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+             "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3", "--log-interval", "1",
+             "--eval-interval", "3", "--eval-iters", "1", "--num-workers", "0", "--lr", "0.001",
+             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(data / "tok" / "tokenizer.model"),
+             "--data-path", str(data / "corpus_text_document"), "--data-cache-path", str(data / "cache"),
+             "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
+    records, _ = run(4, flags, tmp_path, "real")
+    assert sorted(train_losses(records)) == [1, 2, 3]
+    assert any(r.get("split") == "valid" for r in records)
+    assert any((data / "cache").rglob("*.npy")) or any((data / "cache").iterdir())
