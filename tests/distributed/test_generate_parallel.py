@@ -5,7 +5,6 @@ Llama style GQA model. The checkpoint is written once (TP 1) and resharded on lo
 from __future__ import annotations
 
 import pytest
-import torch
 
 from megatron_lite import parallel_state as ps
 from megatron_lite.checkpoint_io import param_meta_from_model, write_checkpoint_from_full_tensors

@@ -18,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_convert_hf import VOCAB, load_tool, make_hf  # noqa: E402
+from test_convert_hf import load_tool, make_hf  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 

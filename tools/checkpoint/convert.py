@@ -26,7 +26,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 import argparse
 import copy
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
