@@ -184,3 +184,18 @@ def test_offline_reshard_gives_same_losses(converted, tmp_path):
     # The resharded checkpoint run with TP 2 x PP 2 (stages in sequence, as generation runs them).
     for losses in run_distributed(_losses, 4, ml_dir=resharded, tp=2, pp=2, ids=ids, labels=labels):
         torch.testing.assert_close(losses, reference, rtol=0, atol=1e-5)
+
+
+def test_inspect_reports_layout_params_and_norms(converted, capsys):
+    _, _, _, ml_dir, _ = converted
+    inspect_tool = load_tool("inspect")
+    assert inspect_tool.main([ml_dir]) == 0
+    text = capsys.readouterr().out
+    assert "iteration:       0" in text and "TP=2 PP=2" in text and "optimizer state: absent" in text
+    info = inspect_tool.summarize(ml_dir)
+    reader = CheckpointReader(ml_dir)
+    assert [p["name"] for p in info["params"]] == sorted(reader.param_names())
+    for entry in info["params"]:
+        assert entry["shape"] == reader.params[entry["name"]].shape
+        assert entry["norm"] == pytest.approx(float(reader.full_tensor(entry["name"]).float().norm()))
+    assert any(p["sharding"] == "dim 0, stride 2" for p in info["params"]) == (info["model"]["swiglu"] is True)

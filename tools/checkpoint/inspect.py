@@ -1,7 +1,7 @@
 """Print what a megatron_lite checkpoint holds: iteration, layout, model settings, every parameter's
 name, full shape, dtype, sharding and L2 norm, and whether optimizer state is present.
 
-    python tools/checkpoint/inspect.py --load-dir ./ckpt            # the latest iteration
+    python tools/checkpoint/inspect.py ./ckpt                       # the latest iteration
     python tools/checkpoint/inspect.py --load-dir ./ckpt/iter_0000100 --no-norms --json
 
 Reads one full tensor at a time (CheckpointReader), so it works offline on any checkpoint size.
@@ -71,12 +71,16 @@ def print_summary(info: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--load-dir", required=True, help="A --save directory or one of its iter_NNNNNNN directories.")
+    parser.add_argument("path", nargs="?", help="A --save directory or one of its iter_NNNNNNN directories.")
+    parser.add_argument("--load-dir", help="Same as the positional path (Megatron's spelling).")
     parser.add_argument("--no-norms", action="store_true", help="Skip reading tensors (names and shapes only).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
     args = parser.parse_args(argv)
+    path = args.load_dir or args.path
+    if path is None:
+        parser.error("give the checkpoint directory (positional or --load-dir)")
     try:
-        info = summarize(args.load_dir, norms=not args.no_norms)
+        info = summarize(path, norms=not args.no_norms)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
