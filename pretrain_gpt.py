@@ -73,7 +73,7 @@ def forward_step(config: Config, data_iterator, model):
     return output, partial(loss_func, None)
 
 
-def prepare_tokenizer(config: Config) -> None:
+def prepare_tokenizer(config: Config):
     """Set the vocabulary size and end-of-document id from the tokenizer (before building anything)."""
     from megatron_lite.data import build_tokenizer
     d, m = config.data, config.model
@@ -83,14 +83,31 @@ def prepare_tokenizer(config: Config) -> None:
                               "Give the vocabulary size, e.g. --vocab-size 50257.")
     tokenizer = build_tokenizer(d.tokenizer_type, tokenizer_model=d.tokenizer_model, vocab_file=d.vocab_file,
                                 merge_file=d.merge_file, vocab_size=m.vocab_size)
-    m.vocab_size = tokenizer.vocab_size
+    # A model may have more embedding rows than its tokenizer has tokens (e.g. one imported from
+    # Hugging Face with a rounded-up vocabulary): --vocab-size keeps them; fewer rows cannot work.
+    if m.vocab_size is not None and d.tokenizer_type != "NullTokenizer":
+        if m.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"--vocab-size: {m.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens. "
+                              f"Drop --vocab-size, or give at least {tokenizer.vocab_size}.")
+    else:
+        m.vocab_size = tokenizer.vocab_size
     config.extra["eod_id"] = tokenizer.eod
+    return tokenizer
+
+
+def save_tokenizer(config: Config, tokenizer) -> None:
+    """Copy the tokenizer files next to the checkpoints (<save>/tokenizer/), so a checkpoint is
+    self-contained for tools/generate.py and the Hugging Face exporter."""
+    import os
+    if config.checkpoint.save and int(os.environ.get("RANK", "0")) == 0:
+        tokenizer.save(os.path.join(config.checkpoint.save, "tokenizer"))
 
 
 def main(argv=None) -> dict:
     try:
         config = arguments.parse(argv)
-        prepare_tokenizer(config)
+        tokenizer = prepare_tokenizer(config)
+        save_tokenizer(config, tokenizer)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

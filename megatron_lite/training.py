@@ -314,6 +314,7 @@ def pretrain(config: Config, model_provider: Callable, forward_step_func: Callab
             if _should_exit(config, state, start_time, signals, save):
                 summary["iteration"] = state.iteration
                 logger.close()
+                shutdown()
                 return summary
         if state.iteration > 0:
             save("end of training")
@@ -323,7 +324,17 @@ def pretrain(config: Config, model_provider: Callable, forward_step_func: Callab
         _run_eval(config, "test", forward_step_func, test_data, model, batches, state, logger, summary)
     summary["iteration"] = state.iteration
     logger.close()
+    shutdown()
     return summary
+
+
+def shutdown() -> None:
+    """Leave together and tear the process groups down, so no backend thread is still alive when the
+    interpreter exits (gloo otherwise aborts a rank with 'terminate called without an active exception')."""
+    if torch.distributed.is_initialized():
+        collectives.barrier()
+        ps.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
 
 
 def _any(iterators) -> bool:
