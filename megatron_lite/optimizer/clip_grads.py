@@ -27,9 +27,13 @@ def counts_toward_norm(model_param: torch.nn.Parameter) -> bool:
 
 def get_grad_norm_fp32(grads_for_norm: Iterable[torch.Tensor], groups: list) -> float:
     """L2 norm of all given gradients, summed in fp64 over `groups` (each all-reduced in turn)."""
+    grads = [grad.detach() for grad in grads_for_norm]
     total = torch.zeros(1, dtype=torch.float64)
-    for grad in grads_for_norm:
-        total += grad.detach().double().pow(2).sum()
+    if grads:
+        # One multi-tensor pass for the per-tensor norms (fp32, like Megatron's multi_tensor_l2norm), then
+        # their squares summed in fp64: no fp64 copy of every gradient.
+        norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+        total += torch.stack([n.to(total.device) for n in norms]).double().pow(2).sum()
     for group in groups:
         collectives.all_reduce(total, group=group)
     return float(total.sqrt().item())

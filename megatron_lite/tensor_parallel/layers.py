@@ -132,6 +132,8 @@ class VocabParallelEmbedding(nn.Module):
         set_init(self.weight, "normal", init_std)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if _tp()[1] == 1 and not self.reduce_scatter_embeddings:  # whole vocabulary here: no mask pass
+            return F.embedding(input_ids, self.weight)
         outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
         local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
         out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)

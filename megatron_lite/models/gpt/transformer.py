@@ -129,8 +129,10 @@ class SelfAttention(nn.Module):
         qkv = self.linear_qkv(x)  # [s, b, groups_local * (heads_per_group + 2) * head_dim]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.groups_local, self.heads_per_group + 2, self.head_dim)
-        q = qkv[:, :, :, :self.heads_per_group].reshape(s, b, self.heads_local, self.head_dim)
-        k, v = qkv[:, :, :, self.heads_per_group], qkv[:, :, :, self.heads_per_group + 1]
+        # One split (its backward is a single cat), not three slices (each backward zero-fills a whole qkv-sized grad).
+        q, k, v = torch.split(qkv, [self.heads_per_group, 1, 1], dim=3)
+        q = q.reshape(s, b, self.heads_local, self.head_dim)
+        k, v = k.squeeze(3), v.squeeze(3)
         if self.rotary_dim:
             if position_ids is None:
                 start = inference_context.offset if inference_context is not None else 0
