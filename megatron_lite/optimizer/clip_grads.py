@@ -33,7 +33,7 @@ def get_grad_norm_fp32(grads_for_norm: Iterable[torch.Tensor], groups: list) -> 
         # One multi-tensor pass for the per-tensor norms (fp32, like Megatron's multi_tensor_l2norm), then
         # their squares summed in fp64: no fp64 copy of every gradient.
         norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
-        total += torch.stack([n.to(total.device) for n in norms]).double().pow(2).sum()
+        total += torch.stack(norms).double().pow(2).sum()
     for group in groups:
         collectives.all_reduce(total, group=group)
     return float(total.sqrt().item())
