@@ -76,11 +76,15 @@ class DistributedDataParallel(nn.Module):
     # ---- hooks -----------------------------------------------------------------------------------
     def _make_grad_hook(self):
         def hook(param: nn.Parameter) -> None:
+            buffer = self.buffer_of[id(param)]
+            if buffer.bucket_of[id(param)].grad_handle is not None:
+                raise RuntimeError("a gradient arrived after its bucket's data-parallel reduction started: run every "
+                                   "micro-batch but the last under ddp.no_sync(), and zero_grad_buffer() between steps")
             if param.grad is not None:
                 param.main_grad.add_(param.grad)
                 param.grad = None  # the buffer is the only copy: halves gradient memory
             if self.is_last_microbatch:
-                self.buffer_of[id(param)].register_grad_ready(param, self.overlap_grad_reduce)
+                buffer.register_grad_ready(param, self.overlap_grad_reduce)
         return hook
 
     def _param_gather_pre_hook(self, submodule: nn.Module, args) -> None:

@@ -179,11 +179,23 @@ def _fp16_overflow(world: int) -> list:
                           loss_scale_window=2)
         result = train(cfg, steps=4, inject_inf_at=1)
         out.append({k: result[k] for k in ("ok", "scales", "params_per_step")})
+    # A second backward after the overlapped reduction started is refused, not silently mis-reduced.
+    cfg = make_config(world, overlap=True)
+    ddp = DistributedDataParallel(cfg, ToyModel())
+    x = torch.randn(2, HIDDEN)
+    ddp(x).sum().backward()
+    try:
+        ddp(x).sum().backward()
+        out.append("no error")
+    except RuntimeError as error:
+        out.append(str(error))
+    ddp.finish_grad_sync()
     return out
 
 
 def test_fp16_overflow_skips_on_all_ranks_and_rescales():
     for rank_result in run_distributed(_fp16_overflow, 2, world=2):
+        assert "no_sync" in rank_result.pop()
         for r in rank_result:
             assert r["ok"] == [True, False, True, True]
             # halved on the overflow; window 2: two clean steps later it doubles back
