@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
 
