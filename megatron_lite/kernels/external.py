@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -106,6 +106,24 @@ def te_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 def te_cross_entropy_available() -> bool:
     return te_available() and module_available("transformer_engine.pytorch.cross_entropy")
+
+
+def te_fp8_linear(fp8_format: str) -> Callable:
+    """A GEMM (x, weight, bias=None) -> y run by a Transformer Engine Linear under fp8_autocast: the fp8
+    path for --fp8-format. One TE module per weight, because TE keeps each GEMM's fp8 scaling history in
+    its module; our weight and bias are swapped in with functional_call, so parameters stay ours. The TE
+    module is built on the meta device: its own (unused) weight takes no memory."""
+    import transformer_engine.pytorch as te
+    modules: dict[int, Any] = {}
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if id(weight) not in modules:
+            modules[id(weight)] = te.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                                            params_dtype=weight.dtype, device="meta")
+        params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+        with fp8_autocast(fp8_format):
+            return torch.func.functional_call(modules[id(weight)], params, (x,))
+    return linear
 
 
 def fp8_autocast(fp8_format: Optional[str]) -> contextlib.AbstractContextManager:

@@ -106,8 +106,15 @@ class KernelChoice:
         return external.fp8_autocast(self.fp8)
 
     def compile_layer(self, layer: torch.nn.Module) -> torch.nn.Module:
-        """With --torch-compile, compile the layer in place (nn.Module.compile keeps parameter names and
-        state_dict keys, unlike torch.compile(module), so checkpoints do not change)."""
+        """Prepare a transformer layer: with --fp8-format its linear layers run their GEMMs through
+        Transformer Engine in fp8 (the output layer stays bf16, as in Megatron); with --torch-compile the
+        layer is compiled in place (nn.Module.compile keeps parameter names and state_dict keys, unlike
+        torch.compile(module), so checkpoints do not change)."""
+        if self.fp8 is not None:
+            linear = external.te_fp8_linear(self.fp8)
+            for module in layer.modules():
+                if hasattr(module, "linear_fn"):
+                    module.linear_fn = linear
         if self.torch_compile:
             layer.compile(dynamic=False)
         return layer

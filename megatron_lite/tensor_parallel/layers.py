@@ -29,6 +29,8 @@ def _empty(*shape: int, dtype: torch.dtype, device: Optional[torch.device]) -> n
 
 
 class ColumnParallelLinear(nn.Module):
+    # The GEMM: kernels/registry.py replaces it per instance with Transformer Engine's under --fp8-format.
+    linear_fn = staticmethod(F.linear)
     """Y = X A^T + b with A split along its output dimension: each TP rank computes Y's columns.
 
     Input [s, b, in] is replicated (or [s/tp, b, in] under sequence parallelism, all-gathered here);
@@ -67,11 +69,12 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence_parallel_region(x)
         else:
             x = copy_to_tensor_model_parallel_region(x)
-        y = F.linear(x, weight, self.bias)
+        y = self.linear_fn(x, weight, self.bias)
         return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
+    linear_fn = staticmethod(F.linear)  # see ColumnParallelLinear
     """Y = X A^T + b with A split along its input dimension: X arrives split along its last dim (the
     output of a column-parallel layer); partial products are summed over TP (all-reduce), or
     reduce-scattered along the sequence under sequence parallelism. The bias is added once, after."""
@@ -99,7 +102,7 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.linear_fn(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y)
         else:
