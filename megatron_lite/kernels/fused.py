@@ -88,3 +88,12 @@ def compiled_swiglu(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> tor
 
 def compiled_apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return compiled(rope.apply_rotary)(x, cos, sin)
+
+
+def torch_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy (fp32) when this rank holds the whole vocabulary (TP = 1): torch's fused
+    log-softmax + NLL (3 passes over the logits instead of the vocab-parallel path's max / sub / exp /
+    sum / div). Same result as tensor_parallel.vocab_parallel_cross_entropy at TP = 1, padded -inf
+    entries included."""
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    return loss.view(target.shape)

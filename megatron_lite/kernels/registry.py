@@ -3,7 +3,7 @@
 `select_kernels(config)` decides once per process (cached per configuration) and logs one line:
 
     kernels: norm=reference, attention=sdpa, bias_gelu=reference, swiglu=reference, rope=reference,
-             cross_entropy=reference, adam=torch_fused, torch_compile=off, fp8=off
+             cross_entropy=torch, adam=torch_fused, torch_compile=off, fp8=off
 
 The returned `KernelChoice` is what the model calls (`kernels.layer_norm(...)`, `kernels.attention(...)`),
 so model code never branches on hardware. Every non-reference implementation is tested against the
@@ -16,7 +16,7 @@ attention      te (DotProductAttention), sdpa[(flash|efficient|cudnn)],
 bias_gelu      compiled (torch.compile -> one Triton kernel)           --no-bias-gelu-fusion
 swiglu         compiled                                                --no-bias-swiglu-fusion
 rope           compiled                                                --no-rope-fusion
-cross_entropy  te (fused Triton vocab-parallel CE)                     --no-cross-entropy-fusion
+cross_entropy  te (fused Triton vocab-parallel CE), torch (TP = 1)    --no-cross-entropy-fusion
 adam           te / apex FusedAdam, torch_fused, foreach               --no-fused-adam
 The reference of each op is the model engineer's plain-torch kernel (kernels/norm.py, attention.py,
 activations.py, rope.py, tensor_parallel/cross_entropy.py). Elementwise fusions via torch.compile are
@@ -48,7 +48,8 @@ _ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {  # name -> (bias_gelu, sw
     "compiled": (fused.compiled_bias_gelu, fused.compiled_swiglu),
 }
 _ROPE: dict[str, Callable] = {"reference": rope.apply_rotary, "compiled": fused.compiled_apply_rotary}
-_CROSS_ENTROPY: dict[str, Callable] = {"reference": vocab_parallel_cross_entropy, "te": external.te_cross_entropy}
+_CROSS_ENTROPY: dict[str, Callable] = {"reference": vocab_parallel_cross_entropy, "te": external.te_cross_entropy,
+                                       "torch": fused.torch_cross_entropy}
 ATTENTION_IMPLS = ("reference", "unfused", "sdpa", "sdpa(flash)", "sdpa(efficient)", "sdpa(cudnn)", "sdpa(math)", "te")
 
 
@@ -138,7 +139,8 @@ def _config_key(config: Config, device_type: str) -> tuple:
     m = config.model
     return (device_type, m.transformer_impl, m.attention_backend, m.torch_compile, m.fp8_format,
             m.masked_softmax_fusion, m.bias_gelu_fusion, m.bias_swiglu_fusion, m.apply_rope_fusion,
-            m.persist_layer_norm, m.cross_entropy_fusion, config.optimizer.use_fused_adam)
+            m.persist_layer_norm, m.cross_entropy_fusion, config.optimizer.use_fused_adam,
+            config.parallel.tensor_model_parallel_size)
 
 
 def _log_once(choice: KernelChoice) -> None:
@@ -207,9 +209,12 @@ def _select(config: Config, device_type: str) -> KernelChoice:
             notes.append(f"{name}: no Triton")
         return "compiled" if enabled and can_fuse else "reference"
 
+    # At TP = 1 torch's fused log-softmax + NLL beats the vocab-parallel autograd function (profiled on CPU).
     cross_entropy = "reference"
     if m.cross_entropy_fusion and cuda and external.te_cross_entropy_available():
         cross_entropy = "te"
+    elif m.cross_entropy_fusion and config.parallel.tensor_model_parallel_size == 1:
+        cross_entropy = "torch"
     return KernelChoice(norm=norm_impl, attention=attention_impl,
                         bias_gelu=fusion(m.bias_gelu_fusion, "bias_gelu"), swiglu=fusion(m.bias_swiglu_fusion, "swiglu"),
                         rope=fusion(m.apply_rope_fusion, "rope"), cross_entropy=cross_entropy,

@@ -96,6 +96,16 @@ def test_compiled_activations_and_rope_match_reference(dtype: torch.dtype) -> No
 
 
 # ---- cross entropy ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_cross_entropy_matches_vocab_parallel_at_tp1(dtype: torch.dtype) -> None:
+    fast = with_impls(REFERENCE, cross_entropy="torch")
+    (logits,) = _inputs((8, 2, 256), dtype=dtype)
+    with torch.no_grad():
+        logits[..., 250:] = float("-inf")  # padded vocabulary entries, as mask_padded_vocab leaves them
+    target = torch.randint(0, 250, (8, 2), device=DEVICE)
+    _compare(lambda x: fast.cross_entropy_fn(x, target), lambda x: REFERENCE.cross_entropy_fn(x, target), [logits], dtype)
+
+
 @needs_te
 def test_te_cross_entropy_matches_reference() -> None:
     if not external.te_cross_entropy_available():
@@ -155,7 +165,7 @@ def _config(**model: object) -> Config:
 def test_cpu_defaults() -> None:
     choice = select_kernels(_config(), log=False)
     assert (choice.norm, choice.attention, choice.bias_gelu, choice.swiglu, choice.rope, choice.cross_entropy) == \
-        ("reference", "sdpa", "reference", "reference", "reference", "reference")
+        ("reference", "sdpa", "reference", "reference", "reference", "torch")
     assert choice.adam == adam.select_adam_impl(True, "cpu")
     assert not choice.torch_compile and choice.fp8 is None
 
