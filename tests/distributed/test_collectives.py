@@ -26,6 +26,9 @@ def _exercise():
     out["all_gather_into_tensor"] = flat.tolist()
     handle = C.all_reduce(torch.ones(10), group=dp, async_op=True)   # 40 bytes
     handle.wait()
+    a2a_out = torch.empty(4)
+    C.all_to_all_single(a2a_out, torch.arange(4.0) + 10 * rank, group=dp)  # 16 bytes
+    out["all_to_all"] = a2a_out.tolist()
     b = torch.tensor([float(rank)] * 4)                          # 16 bytes
     C.broadcast(b, src=ps.get_tensor_model_parallel_src_rank(), group=tp)
     out["broadcast"] = b[0].item()
@@ -50,6 +53,9 @@ def test_results_and_byte_counts_on_4_ranks():
         assert out["reduce_scatter"] == total[2 * dp_group.index(rank): 2 * dp_group.index(rank) + 2].tolist()
         assert out["all_gather_into_tensor"] == [float(dp_group[0])] * 2 + [float(dp_group[1])] * 2
         assert out["broadcast"] == float(tp_group[0])
+        me = dp_group.index(rank)  # chunk `me` of every dp peer's input, in peer order
+        assert out["all_to_all"] == [2 * me + 10 * dp_group[0], 2 * me + 1 + 10 * dp_group[0],
+                                     2 * me + 10 * dp_group[1], 2 * me + 1 + 10 * dp_group[1]]
         assert out["p2p"] == float(rank ^ 1)
         stats = out["stats"]
         assert stats[("tp", "all_reduce")] == {"calls": 1, "bytes": 60}
@@ -58,6 +64,7 @@ def test_results_and_byte_counts_on_4_ranks():
         assert stats[("dp", "all_gather")] == {"calls": 1, "bytes": 16}
         assert stats[("dp", "all_reduce")] == {"calls": 1, "bytes": 40}
         assert stats[("tp", "broadcast")] == {"calls": 1, "bytes": 16}
+        assert stats[("dp", "all_to_all")] == {"calls": 1, "bytes": 16}
         assert stats[("world", "send")] == {"calls": 1, "bytes": 24}
         assert stats[("world", "recv")] == {"calls": 1, "bytes": 24}
 
