@@ -398,6 +398,15 @@ def validate(cfg: Config) -> None:
     if cfg.logging.log_interval < 1:
         _fail("--log-interval", f"must be >= 1, got {cfg.logging.log_interval}", "Use a positive interval.")
 
+    # The groups exist (parallel_state builds them, the self-check prints them), but no model code splits
+    # the sequence over CP or routes tokens to experts yet: refuse rather than train something else.
+    if cp > 1:
+        _fail("--context-parallel-size", f"{cp}: context parallelism is not implemented in the model yet",
+              "Use --context-parallel-size 1 (sequence parallelism with TP also splits activations along the sequence).")
+    if ep > 1:
+        _fail("--expert-model-parallel-size", f"{ep}: mixture-of-experts layers are not implemented yet",
+              "Use --expert-model-parallel-size 1.")
+
 
 def _validate_pipeline(cfg: Config, pp: int) -> None:
     m, p = cfg.model, cfg.parallel

@@ -54,6 +54,8 @@ def test_defaults_and_derived_fields():
     (["--split", "a,b"], 8, "--split"),
     (["--position-embedding-type", "learned_absolute", "--max-position-embeddings", "16"], 8, "--max-position-embeddings"),
     (["--fp8-format", "hybrid"], 8, "--fp8-format"),
+    (["--context-parallel-size", "2"], 8, "context parallelism is not implemented"),
+    (["--expert-model-parallel-size", "2"], 8, "mixture-of-experts layers are not implemented"),
     (["--decoder-first-pipeline-num-layers", "1"], 8, "needs --pipeline-model-parallel-size > 1"),
     (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "5"], 8, "do not add up"),
 ])
