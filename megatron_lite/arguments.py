@@ -43,8 +43,10 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
                 kwargs["action"] = action
             else:
                 kwargs["type"] = _scalar_type(f)
+                kwargs["metavar"] = f.name.upper()
                 if f.metadata.get("choices"):
                     kwargs["choices"] = f.metadata["choices"]
+                    kwargs["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
                 if f.metadata.get("nargs"):
                     kwargs["nargs"] = f.metadata["nargs"]
             group.add_argument(_flag_for(f), **kwargs)
