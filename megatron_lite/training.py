@@ -20,6 +20,7 @@ from megatron_lite.checkpointing import load_checkpoint, save_checkpoint
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.distributed.ddp import DistributedDataParallel
 from megatron_lite.distributed.finalize_model_grads import finalize_model_grads
+from megatron_lite.kernels.registry import select_kernels
 from megatron_lite.logging import MetricsLogger, print_rank_0
 from megatron_lite.optimizer import get_megatron_optimizer
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
@@ -259,6 +260,9 @@ def _broadcast_from_last_stage(value: Optional[float]) -> Optional[float]:
 def pretrain(config: Config, model_provider: Callable, forward_step_func: Callable, datasets_provider: Callable) -> dict:
     """Train (and evaluate) as configured. Returns a summary dict (last losses, iteration)."""
     start_time = time.time()
+    # Kernel availability (--transformer-impl transformer_engine, --fp8-format) is checked on every rank before
+    # the first collective, so a missing TE or GPU is an error naming the flag, not a hang.
+    select_kernels(config, log=False)
     initialize(config)
     world = torch.distributed.get_world_size()
     logger = MetricsLogger(config, world)
