@@ -18,6 +18,7 @@ swiglu         compiled                                                --no-bias
 rope           compiled                                                --no-rope-fusion
 cross_entropy  te (fused Triton vocab-parallel CE), torch (TP = 1)    --no-cross-entropy-fusion
 adam           te / apex FusedAdam, torch_fused, foreach               --no-fused-adam
+linear GEMMs   te Linear under fp8_autocast (--fp8-format, TE + Hopper)  (off unless --fp8-format)
 The reference of each op is the model engineer's plain-torch kernel (kernels/norm.py, attention.py,
 activations.py, rope.py, tensor_parallel/cross_entropy.py). Elementwise fusions via torch.compile are
 only chosen on CUDA (with Triton): on CPU their compile time outweighs the gain for short runs, and
