@@ -183,6 +183,7 @@ class LoggingConfig:
     wandb_save_dir: Optional[str] = arg(None, "Weights & Biases local directory.")
     peak_tflops: Optional[float] = arg(None, "Peak dense TFLOP/s per device for MFU (detected for known GPUs).")
     log_memory: bool = arg(True, "Do not log memory.", flag="--no-log-memory", action="store_false")
+    log_num_zeros_in_grad: bool = arg(False, "Count and log zero gradient elements (an extra pass over all grads).", action="store_true")
 
 
 SECTIONS = {
@@ -393,6 +394,11 @@ def validate(cfg: Config) -> None:
         weights = []
     if not weights or len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
         _fail("--split", f"cannot parse {d.split!r}", "Use up to three non-negative weights, e.g. 949,50,1.")
+    if t.train_iters is not None:
+        decay_iters = o.lr_decay_iters or t.train_iters
+        if o.lr_warmup_fraction is None and o.lr_warmup_iters >= decay_iters:
+            _fail("--lr-warmup-iters", f"{o.lr_warmup_iters} warm-up iterations do not fit in {decay_iters} decay iterations "
+                  "(--lr-decay-iters, default --train-iters)", f"Use fewer than {decay_iters} warm-up iterations.")
     if cfg.checkpoint.save_interval is not None and cfg.checkpoint.save_interval < 1:
         _fail("--save-interval", f"must be >= 1, got {cfg.checkpoint.save_interval}", "Use a positive interval.")
     if cfg.logging.log_interval < 1:

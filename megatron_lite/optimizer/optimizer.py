@@ -133,7 +133,8 @@ class MegatronOptimizer:
     def step(self) -> tuple[bool, Optional[float], Optional[int]]:
         """Unscale, skip on inf/nan (all ranks together), clip, step, write back, all-gather (distributed).
 
-        Returns (update_successful, grad_norm, num_zeros_in_grad); the last two are None for a skipped step.
+        Returns (update_successful, grad_norm, num_zeros_in_grad); the last two are None for a skipped step,
+        and num_zeros_in_grad is None unless --log-num-zeros-in-grad.
         """
         for m in self.main_params:
             grad = m.model_grad()
@@ -154,7 +155,8 @@ class MegatronOptimizer:
         grad_norm = get_grad_norm_fp32(counted, self._stat_groups)
         if self.config.optimizer.clip_grad > 0.0:
             clip_grad_by_total_norm_fp32(grads, self.config.optimizer.clip_grad, grad_norm)
-        num_zeros = count_zeros_fp32(counted, self._stat_groups)
+        # Megatron counts zeros only on request: it is a full extra pass over every gradient.
+        num_zeros = count_zeros_fp32(counted, self._stat_groups) if self.config.logging.log_num_zeros_in_grad else None
 
         self.optimizer.step()
         self.num_steps += 1

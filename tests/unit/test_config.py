@@ -54,6 +54,7 @@ def test_defaults_and_derived_fields():
     (["--split", "a,b"], 8, "--split"),
     (["--position-embedding-type", "learned_absolute", "--max-position-embeddings", "16"], 8, "--max-position-embeddings"),
     (["--fp8-format", "hybrid"], 8, "--fp8-format"),
+    (["--train-iters", "4", "--lr-warmup-iters", "4"], 8, "--lr-warmup-iters"),
     (["--context-parallel-size", "2"], 8, "context parallelism is not implemented"),
     (["--expert-model-parallel-size", "2"], 8, "mixture-of-experts layers are not implemented"),
     (["--decoder-first-pipeline-num-layers", "1"], 8, "needs --pipeline-model-parallel-size > 1"),
