@@ -159,3 +159,15 @@ def test_real_corpus_with_index_cache_on_4_ranks(tmp_path):
     assert sorted(train_losses(records)) == [1, 2, 3]
     assert any(r.get("split") == "valid" for r in records)
     assert any((data / "cache").rglob("*.npy")) or any((data / "cache").iterdir())
+
+
+def test_tensorboard_and_offline_wandb(tmp_path):
+    records, output = run(1, [*TINY, "--train-iters", "3", "--tensorboard-dir", str(tmp_path / "tb"),
+                              "--wandb-project", "megatron-lite-test", "--wandb-exp-name", "t",
+                              "--wandb-save-dir", str(tmp_path / "wb")], tmp_path, "sinks")
+    keys = {"iteration", "consumed_samples", "lm_loss", "learning_rate", "grad_norm", "loss_scale",
+            "elapsed_time_per_iteration_ms", "tokens_per_sec", "tflops_per_device", "mfu"}
+    train = [r for r in records if "split" not in r]
+    assert [r["iteration"] for r in train] == [1, 2, 3] and all(keys <= r.keys() for r in train)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
