@@ -9,6 +9,8 @@ Format (FORMAT_VERSION 1), one directory per iteration:
     <save>/iter_0000100/model_tp{t}_pp{p}.pt      {global name: local TP shard} written by DP rank 0 of
                                                   each (tp, pp) position; replicated parameters only by TP 0
     <save>/iter_0000100/optim_tp{t}_pp{p}.pt      {global name: {"param", "exp_avg", ...}} TP-local shapes
+    (the offline writer -- HF import, reshard -- streams one layer at a time and so splits each
+    (tp, pp) file into `_partNNNN` files, one per layer group; metadata.json names each parameter's files)
     <save>/iter_0000100/common.pt                 {"optimizer": state_dict, "opt_param_scheduler": state_dict}
     <save>/iter_0000100/rng_rank{r}.pt            every global rank's RNG states
 
@@ -48,12 +50,14 @@ def iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def model_file(tp_rank: int, pp_rank: int) -> str:
-    return f"model_tp{tp_rank}_pp{pp_rank}.pt"
+def model_file(tp_rank: int, pp_rank: int, part: Optional[int] = None) -> str:
+    """A (tp, pp) shard file; the offline writer splits a stage into one `part` per layer to stream."""
+    suffix = "" if part is None else f"_part{part:04d}"
+    return f"model_tp{tp_rank}_pp{pp_rank}{suffix}.pt"
 
 
-def optim_file(tp_rank: int, pp_rank: int) -> str:
-    return f"optim_tp{tp_rank}_pp{pp_rank}.pt"
+def optim_file(tp_rank: int, pp_rank: int, part: Optional[int] = None) -> str:
+    return optim_name(model_file(tp_rank, pp_rank, part))
 
 
 def rng_file(rank: int) -> str:
@@ -357,7 +361,7 @@ def optim_name(model_filename: str) -> str:
 
 
 def shard_name_layout(filename: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(?:model|optim)_tp(\d+)_pp(\d+)\.pt", filename)
+    match = re.fullmatch(r"(?:model|optim)_tp(\d+)_pp(\d+)(?:_part\d+)?\.pt", filename)
     if match is None:
         raise CheckpointError(f"unexpected shard file name {filename}")
     return int(match.group(1)), int(match.group(2))
@@ -402,29 +406,33 @@ def write_checkpoint_from_full_tensors(save_dir: str, iteration: int, config: An
         if meta.is_tied_copy:
             continue  # refilled from the embedding on load
         by_stage.setdefault(stage_of(name), []).append(name)
-    # Fill one (tp, pp) file at a time; a full tensor is fetched once per stage and sliced for all TP ranks.
+    # Stream one layer at a time: each layer (and the embedding / final-norm group) of a stage becomes
+    # its own part file per TP rank, so memory stays near one layer's shards plus one full tensor.
     for pp_rank in range(pp):
-        model_shards: list[dict] = [{} for _ in range(tp)]
-        optim_shards: list[dict] = [{} for _ in range(tp)]
-        for name in by_stage.get(pp_rank, []):
-            meta = dataclasses.replace(param_meta[name], pp_rank=pp_rank)
-            full = source(name)
-            if list(full.shape) != list(meta.shape):
-                raise CheckpointError(f"{name}: given tensor shape {list(full.shape)} vs metadata shape {meta.shape}")
-            states = optimizer_states(name) if optimizer_states is not None else None
-            ranks = range(tp) if meta.tensor_model_parallel else range(1)
-            for tp_rank in ranks:
-                model_shards[tp_rank][name] = _shard(full, meta, tp_rank, tp, model_cfg).to(meta.torch_dtype).contiguous()
-                if states is not None:
-                    optim_shards[tp_rank][name] = {k: _shard(v, meta, tp_rank, tp, model_cfg).contiguous() for k, v in states.items()}
-            meta.files = [model_file(t, pp_rank) for t in ranks]
-            meta.dtype = str(meta.torch_dtype).replace("torch.", "")
-            metas[name] = meta
-        for tp_rank in range(tp):
-            if model_shards[tp_rank]:
-                atomic_torch_save(model_shards[tp_rank], os.path.join(tmp, model_file(tp_rank, pp_rank)))
-            if optimizer_states is not None and optim_shards[tp_rank]:
-                atomic_torch_save(optim_shards[tp_rank], os.path.join(tmp, optim_file(tp_rank, pp_rank)))
+        for part, names in enumerate(_layer_groups(by_stage.get(pp_rank, []))):
+            model_shards: list[dict] = [{} for _ in range(tp)]
+            optim_shards: list[dict] = [{} for _ in range(tp)]
+            for name in names:
+                meta = dataclasses.replace(param_meta[name], pp_rank=pp_rank)
+                full = source(name)
+                if list(full.shape) != list(meta.shape):
+                    raise CheckpointError(f"{name}: given tensor shape {list(full.shape)} vs metadata shape {meta.shape}")
+                states = optimizer_states(name) if optimizer_states is not None else None
+                ranks = range(tp) if meta.tensor_model_parallel else range(1)
+                for tp_rank in ranks:
+                    model_shards[tp_rank][name] = _shard(full, meta, tp_rank, tp, model_cfg).to(meta.torch_dtype).contiguous()
+                    if states is not None:
+                        optim_shards[tp_rank][name] = {k: _shard(v, meta, tp_rank, tp, model_cfg).contiguous()
+                                                       for k, v in states.items()}
+                meta.files = [model_file(t, pp_rank, part) for t in ranks]
+                meta.dtype = str(meta.torch_dtype).replace("torch.", "")
+                metas[name] = meta
+                del full, states
+            for tp_rank in range(tp):
+                if model_shards[tp_rank]:
+                    atomic_torch_save(model_shards[tp_rank], os.path.join(tmp, model_file(tp_rank, pp_rank, part)))
+                if optimizer_states is not None and optim_shards[tp_rank]:
+                    atomic_torch_save(optim_shards[tp_rank], os.path.join(tmp, optim_file(tp_rank, pp_rank, part)))
     if common:
         atomic_torch_save(common, os.path.join(tmp, COMMON_FILE))
     layout = {"tp": tp, "pp": pp, "vp": vp, "dp": None, "world_size": None, "distributed_optimizer": False}
@@ -454,6 +462,15 @@ def _shard(full: torch.Tensor, meta: ParamMeta, tp_rank: int, tp_size: int, mode
 
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _layer_groups(names: list[str]) -> list[list[str]]:
+    """`names` split into consecutive groups: one per transformer layer, one for everything else."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        match = _LAYER_RE.match(name)
+        groups.setdefault(match.group(1) if match else "other", []).append(name)
+    return list(groups.values())
 
 
 def stage_of_param(name: str, num_layers: int, pp: int, vp: Optional[int] = None, config_dict: Optional[dict] = None) -> int:

@@ -2,6 +2,7 @@
 reader/writer resharding, and shape-mismatch errors."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -196,12 +197,18 @@ def test_offline_writer_reader_reshard_exact(tmp_path):
                                        optimizer_states=optim.__getitem__, common={"optimizer": {"steps": 7}})
     reader = CheckpointReader(str(src))
     assert reader.iteration == 7 and reader.layout["tp"] == 2 and reader.has_optimizer()
-    assert set(os.listdir(reader.path)) >= {"model_tp0_pp0.pt", "model_tp1_pp1.pt", "optim_tp1_pp0.pt"}
-    assert reader.params["decoder.layers.1.mlp.linear_fc1.weight"].files == ["model_tp0_pp1.pt", "model_tp1_pp1.pt"]
-    assert reader.params["decoder.layers.0.input_layernorm.weight"].files == ["model_tp0_pp0.pt"]
-    shard = torch.load(src / "iter_0000007" / "model_tp1_pp0.pt")["embedding.word_embeddings.weight"]
+    # Streamed: one part file per layer (and one for the embedding / final norm) per (tp, pp).
+    fc1_files = reader.params["decoder.layers.1.mlp.linear_fc1.weight"].files
+    assert [re.sub(r"_part\d+", "", f) for f in fc1_files] == ["model_tp0_pp1.pt", "model_tp1_pp1.pt"]
+    assert fc1_files[0].replace("tp0", "tp1") == fc1_files[1]
+    norm_files = reader.params["decoder.layers.0.input_layernorm.weight"].files
+    assert len(norm_files) == 1 and norm_files[0].startswith("model_tp0_pp0_part")
+    assert norm_files != reader.params["decoder.layers.1.input_layernorm.weight"].files
+    assert all(os.path.isfile(os.path.join(reader.path, "optim_" + f[len("model_"):])) for f in fc1_files)
+    embedding_file = reader.params["embedding.word_embeddings.weight"].files[1]
+    shard = torch.load(src / "iter_0000007" / embedding_file)["embedding.word_embeddings.weight"]
     assert shard.shape == (28, toys.HIDDEN) and torch.all(shard[25:] == 0)  # vocab 50 padded to 56
-    fc1_shard = torch.load(src / "iter_0000007" / "model_tp1_pp1.pt")["decoder.layers.1.mlp.linear_fc1.weight"]
+    fc1_shard = torch.load(src / "iter_0000007" / fc1_files[1])["decoder.layers.1.mlp.linear_fc1.weight"]
     full_fc1 = originals["decoder.layers.1.mlp.linear_fc1.weight"]
     assert torch.equal(fc1_shard, torch.cat([full_fc1[6:12], full_fc1[18:24]]))  # stride 2: gate half + up half
     for name, tensor in originals.items():
@@ -242,7 +249,9 @@ def test_writer_places_layers_on_virtual_stages_and_incomplete_checkpoint_is_an_
     assert reader.params["output_layer.weight"].pp_rank == 1 and reader.layout["vp"] == 2
     assert not reader.has_optimizer() and reader.iteration == 3
 
-    os.remove(tmp_path / "iter_0000003" / "model_tp0_pp1.pt")
+    missing = reader.params["output_layer.weight"].files[0]  # a part file of stage 1
+    assert missing.startswith("model_tp0_pp1_part")
+    os.remove(tmp_path / "iter_0000003" / missing)
     chunks = toys.build_chunks(4, 0, 1, 0, 1, tied=False)
-    with pytest.raises(CheckpointError, match="model_tp0_pp1.pt is missing"):
+    with pytest.raises(CheckpointError, match=f"{missing} is missing"):
         load_checkpoint(chunks, None, None, make_config(load=str(tmp_path), no_load_rng=True))
