@@ -51,6 +51,7 @@ def run_steps(model, opt, steps=3, dtype=torch.float32):
 @pytest.mark.parametrize("name", ["adam", "sgd"])
 def test_matches_torch_with_no_decay_group_and_clipping(name):
     model, cfg = model_and_config(name, clip=0.05)
+    cfg.logging.log_num_zeros_in_grad = True  # counted only on request (Megatron's --log-num-zeros-in-grad)
     reference = copy.deepcopy(model)
     opt = get_megatron_optimizer(cfg, [model])
     assert [len(g["params"]) for g in opt.param_groups] == [2, 4]  # 2 weights decay; biases and norm do not
