@@ -152,3 +152,13 @@ def train_step(chunks, optimizer: ToyAdam, scheduler: ToyScheduler) -> None:
             param.grad[first_pad:] = 0
     optimizer.step()
     scheduler.step()
+
+
+def assert_same_states(a: dict, b: dict) -> None:
+    """Two snapshots {"model", "optim", "common", "sched"} are bitwise equal."""
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+        for key in a["optim"][name]:
+            assert torch.equal(a["optim"][name][key], b["optim"][name][key]), (name, key)
+    assert a["common"] == b["common"] and a["sched"] == b["sched"]

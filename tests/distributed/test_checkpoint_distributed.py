@@ -98,21 +98,12 @@ def _full_tensors(rank_states: list[dict]) -> tuple[dict, dict]:
     return full, full_optim
 
 
-def _assert_equal_states(a: dict, b: dict) -> None:
-    assert a["model"].keys() == b["model"].keys()
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
-        for key in a["optim"][name]:
-            assert torch.equal(a["optim"][name][key], b["optim"][name][key]), (name, key)
-    assert a["common"] == b["common"] and a["sched"] == b["sched"]
-
-
 def test_save_resume_and_reshard_on_four_ranks(tmp_path):
     results = run_distributed(_checkpoint_ranks, 4, directory=str(tmp_path))
     for out in results:
         assert out["resume_result"] == (2, 32)
-        _assert_equal_states(out["saved"], out["resumed"])
-        _assert_equal_states(out["continued"], out["resumed_continued"])
+        toys.assert_same_states(out["saved"], out["resumed"])
+        toys.assert_same_states(out["continued"], out["resumed_continued"])
     full, full_optim = _full_tensors([out["saved"] for out in results])
     assert "output_layer.weight" in full  # the tied copy exists on the last stage ...
     assert torch.equal(full["output_layer.weight"], full["embedding.word_embeddings.weight"])  # ... and equals it

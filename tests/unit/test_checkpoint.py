@@ -40,15 +40,6 @@ def snapshot(chunks, optimizer, scheduler) -> dict:
             "sched": scheduler.state_dict()}
 
 
-def assert_same(a: dict, b: dict) -> None:
-    assert a["model"].keys() == b["model"].keys()
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
-        for key in a["optim"][name]:
-            assert torch.equal(a["optim"][name][key], b["optim"][name][key]), (name, key)
-    assert a["common"] == b["common"] and a["sched"] == b["sched"]
-
-
 def test_round_trip_and_bitwise_resume(tmp_path):
     cfg = make_config(save=str(tmp_path))
     chunks, opt, sched = make_state()
@@ -64,10 +55,10 @@ def test_round_trip_and_bitwise_resume(tmp_path):
     chunks2, opt2, sched2 = make_state()
     torch.manual_seed(999)  # a different RNG stream that the checkpoint must replace
     assert load_checkpoint(chunks2, opt2, sched2, make_config(load=str(tmp_path))) == (2, 16)
-    assert_same(saved, snapshot(chunks2, opt2, sched2))
+    toys.assert_same_states(saved, snapshot(chunks2, opt2, sched2))
     for _ in range(3):
         toys.train_step(chunks2, opt2, sched2)
-    assert_same(reference, snapshot(chunks2, opt2, sched2))
+    toys.assert_same_states(reference, snapshot(chunks2, opt2, sched2))
 
     # Format: metadata describes every parameter and the saving layout; files as documented.
     meta = json.load(open(tmp_path / "iter_0000002" / "metadata.json"))
@@ -142,7 +133,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "iter_0000002")
     restored, restored_opt, restored_sched = make_state()
     assert load_checkpoint(restored, restored_opt, restored_sched, cfg) == (1, 8)
-    assert_same(before, snapshot(restored, restored_opt, restored_sched))
+    toys.assert_same_states(before, snapshot(restored, restored_opt, restored_sched))
     # The next save cleans the stale .tmp; saving the same iteration again replaces it.
     save_checkpoint(2, chunks, opt, sched, 16, cfg)
     save_checkpoint(2, chunks, opt, sched, 17, cfg)
