@@ -57,9 +57,10 @@ def num_floating_point_operations(config, batch_size: int) -> float:
 
 
 def padded_vocab_size(config) -> int:
+    """The vocabulary the output layer computes (Megatron counts the padded rows in its FLOPs too)."""
+    from megatron_lite.tensor_parallel.utils import pad_vocab_size
     m = config.model
-    multiple = m.make_vocab_size_divisible_by * config.parallel.tensor_model_parallel_size
-    return int(math.ceil((m.vocab_size or 0) / multiple) * multiple)
+    return pad_vocab_size(m.vocab_size or 0, m.make_vocab_size_divisible_by, config.parallel.tensor_model_parallel_size)
 
 
 def is_logging_rank() -> bool:
