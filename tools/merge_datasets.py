@@ -16,13 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lite.data.indexed_dataset import (  # noqa: E402
-    IndexedDataset,
-    IndexedDatasetBuilder,
-    data_file_path,
-    exists,
-    index_file_path,
-)
+from megatron_lite.data.indexed_dataset import IndexedDataset, data_file_path, exists, merge_indexed_datasets  # noqa: E402
 
 
 def find_prefixes(inputs: list[str]) -> list[str]:
@@ -45,14 +39,8 @@ def find_prefixes(inputs: list[str]) -> list[str]:
 
 
 def merge(prefixes: list[str], output_prefix: str) -> None:
-    dtype = IndexedDataset(prefixes[0]).dtype
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    builder = IndexedDatasetBuilder(data_file_path(output_prefix) + ".tmp", dtype=dtype)
-    for prefix in prefixes:
-        builder.add_index(prefix)
-    builder.finalize(index_file_path(output_prefix) + ".tmp")
-    os.replace(data_file_path(output_prefix) + ".tmp", data_file_path(output_prefix))
-    os.replace(index_file_path(output_prefix) + ".tmp", index_file_path(output_prefix))
+    merge_indexed_datasets(prefixes, output_prefix)
 
 
 def main(argv: list[str] | None = None) -> int:

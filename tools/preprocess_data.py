@@ -31,7 +31,8 @@ import numpy as np
 # Allow running as `python tools/preprocess_data.py` from a checkout without installing.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path, optimal_dtype  # noqa: E402
+from megatron_lite.data.indexed_dataset import (  # noqa: E402
+    builder_for_prefix, data_file_path, finalize_prefix, index_file_path, merge_indexed_datasets, optimal_dtype)
 from megatron_lite.data.tokenizers import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
 LINES_PER_BATCH = 128
@@ -121,7 +122,7 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 
 def process_files(files: list[str], prefixes: dict[str, str], args, tokenizer_kwargs: dict, dtype, pool, totals: dict) -> None:
     """Tokenize `files` into `{prefix}.bin/.idx` for each key (temporary names, renamed at the end)."""
-    builders = {key: IndexedDatasetBuilder(data_file_path(p) + ".tmp", dtype=dtype) for key, p in prefixes.items()}
+    builders = {key: builder_for_prefix(p, dtype) for key, p in prefixes.items()}
     start = time.perf_counter()
     next_log = args.log_interval
     batches = iter_line_batches(files)
@@ -141,18 +142,11 @@ def process_files(files: list[str], prefixes: dict[str, str], args, tokenizer_kw
             )
             next_log = (totals["documents"] // args.log_interval + 1) * args.log_interval
     for key, prefix in prefixes.items():
-        builders[key].finalize(index_file_path(prefix) + ".tmp")
-        os.replace(data_file_path(prefix) + ".tmp", data_file_path(prefix))
-        os.replace(index_file_path(prefix) + ".tmp", index_file_path(prefix))
+        finalize_prefix(builders[key], prefix)
 
 
 def merge_partitions(partition_prefixes: list[str], final_prefix: str, dtype) -> None:
-    builder = IndexedDatasetBuilder(data_file_path(final_prefix) + ".tmp", dtype=dtype)
-    for prefix in partition_prefixes:
-        builder.add_index(prefix)
-    builder.finalize(index_file_path(final_prefix) + ".tmp")
-    os.replace(data_file_path(final_prefix) + ".tmp", data_file_path(final_prefix))
-    os.replace(index_file_path(final_prefix) + ".tmp", index_file_path(final_prefix))
+    merge_indexed_datasets(partition_prefixes, final_prefix, dtype)
     for prefix in partition_prefixes:
         os.remove(data_file_path(prefix))
         os.remove(index_file_path(prefix))

@@ -333,6 +333,28 @@ class IndexedDatasetBuilder:
             self._file.close()
 
 
+def builder_for_prefix(path_prefix: str, dtype) -> IndexedDatasetBuilder:
+    """A builder that writes `<prefix>.bin` under a temporary name; publish it with `finalize_prefix`,
+    so readers never see a half-written dataset."""
+    return IndexedDatasetBuilder(data_file_path(path_prefix) + ".tmp", dtype=dtype)
+
+
+def finalize_prefix(builder: IndexedDatasetBuilder, path_prefix: str) -> None:
+    """Write the index, then rename `.bin` and `.idx` into place (the `.idx` last: it marks completion)."""
+    builder.finalize(index_file_path(path_prefix) + ".tmp")
+    os.replace(data_file_path(path_prefix) + ".tmp", data_file_path(path_prefix))
+    os.replace(index_file_path(path_prefix) + ".tmp", index_file_path(path_prefix))
+
+
+def merge_indexed_datasets(path_prefixes: Sequence[str], output_prefix: str, dtype=None) -> None:
+    """Concatenate datasets (documents in order) into `output_prefix`; dtype defaults to the first's."""
+    dtype = dtype if dtype is not None else IndexedDataset(path_prefixes[0]).dtype
+    builder = builder_for_prefix(output_prefix, dtype)
+    for prefix in path_prefixes:
+        builder.add_index(prefix)
+    finalize_prefix(builder, output_prefix)
+
+
 def write_index(idx_path: str, dtype, lengths: np.ndarray, pointers: np.ndarray, doc_indices: np.ndarray) -> None:
     with open(idx_path, "wb") as f:
         f.write(INDEX_MAGIC)
