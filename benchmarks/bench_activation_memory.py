@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from results import append_results  # noqa: E402  (benchmarks/ is the script's own folder)
 
 from megatron_lite.config import Config  # noqa: E402
 from megatron_lite.models.gpt import transformer  # noqa: E402
@@ -122,10 +123,8 @@ def main() -> None:
     print(header)
     print("\n".join(lines))
     if args.append_results:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        with open(path, "a") as f:
-            f.write(f"\n## Activation memory per layer (bench_activation_memory.py), {datetime.date.today()}\n\n"
-                    f"{header}\n\n" + "\n".join(lines) + "\n")
+        append_results(f"\n## Activation memory per layer (bench_activation_memory.py), {datetime.date.today()}\n\n"
+                       f"{header}\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from results import append_results  # noqa: E402  (benchmarks/ is the script's own folder)
 
 
 def tool(name: str, *args: str) -> float:
@@ -122,8 +123,7 @@ def main() -> int:
     )
     print(table)
     if args.append_results:
-        with open(os.path.join(ROOT, "benchmarks", "RESULTS.md"), "a") as f:
-            f.write(table + "\n")
+        append_results(table + "\n")
     return 0
 
 

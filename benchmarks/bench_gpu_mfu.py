@@ -23,6 +23,7 @@ from functools import partial
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from results import append_results  # noqa: E402  (benchmarks/ is the script's own folder)
 
 from megatron_lite.config import Config, ConfigError  # noqa: E402
 from megatron_lite.logging import detect_peak_tflops, num_floating_point_operations  # noqa: E402
@@ -158,9 +159,7 @@ def main() -> None:
     text = header + "\n\n" + "\n".join(lines + rows) + "\n\n" + "\n".join(profiles) + "\n"
     print(text)
     if args.append_results:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        with open(path, "a") as f:
-            f.write(f"\n## GPU throughput and MFU (bench_gpu_mfu.py), {datetime.date.today()}\n\n{text}")
+        append_results(f"\n## GPU throughput and MFU (bench_gpu_mfu.py), {datetime.date.today()}\n\n{text}")
 
 
 if __name__ == "__main__":

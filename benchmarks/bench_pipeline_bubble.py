@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from results import append_results  # noqa: E402  (benchmarks/ is the script's own folder)
 
 from megatron_lite import collectives  # noqa: E402
 from megatron_lite import parallel_state as ps  # noqa: E402
@@ -141,9 +142,7 @@ def main() -> None:
               "runtime overhead. Idle fraction = 1 - compute time / step time, per stage.\n\n")
     print(header + table)
     if args.append:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        with open(path, "a") as results:
-            results.write(header + table + "\n")
+        append_results(header + table + "\n")
 
 
 if __name__ == "__main__":

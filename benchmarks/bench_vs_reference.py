@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results import append_results  # noqa: E402  (benchmarks/ is the script's own folder)
 
 from nanogpt_reference import NanoGPT, RefConfig, make_optimizer, train_step as ref_train_step  # noqa: E402
 
@@ -151,10 +152,8 @@ def main() -> None:
     print(header)
     print("\n".join(lines))
     if args.append_results:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        with open(path, "a") as f:
-            f.write(f"\n## Framework overhead vs plain PyTorch (bench_vs_reference.py), {datetime.date.today()}\n\n"
-                    f"{header}\n\n" + "\n".join(lines) + "\n")
+        append_results(f"\n## Framework overhead vs plain PyTorch (bench_vs_reference.py), {datetime.date.today()}\n\n"
+                       f"{header}\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
