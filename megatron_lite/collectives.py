@@ -94,20 +94,12 @@ def _is_timeout(error: BaseException) -> bool:
 class _Work:
     """Wraps an async handle so that wait() translates timeouts like the sync path does."""
 
-    def __init__(self, work, op: str, group, on_done=None):
-        self._work, self._op, self._group, self._on_done = work, op, group, on_done
+    def __init__(self, work, op: str, group):
+        self._work, self._op, self._group = work, op, group
 
     def wait(self) -> None:
-        try:
-            if self._work is not None:
-                self._work.wait()
-        except RuntimeError as error:
-            if _is_timeout(error):
-                raise CollectiveTimeoutError(_describe(self._op, self._group)) from error
-            raise
-        if self._on_done is not None:
-            self._on_done()
-            self._on_done = None
+        if self._work is not None:
+            _call(self._op, self._group, self._work.wait)
 
     def is_completed(self) -> bool:
         return self._work is None or self._work.is_completed()
@@ -123,13 +115,9 @@ def _call(op: str, group, fn):
         raise
 
 
-def _run(op: str, group, call, async_op: bool, on_done=None):
+def _run(op: str, group, call, async_op: bool):
     work = _call(op, group, call)
-    if async_op:
-        return _Work(work, op, group, on_done)
-    if on_done is not None:
-        on_done()
-    return None
+    return _Work(work, op, group) if async_op else None
 
 
 # ---- collectives ---------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ _GROUP_NAMES: dict[object, str] = {}  # ProcessGroup -> name, for collectives' a
 _PG_CACHE: dict[tuple[int, ...], object] = {}  # rank list -> ProcessGroup (each created once)
 _VIRTUAL_PP_SIZE: Optional[int] = None
 _VIRTUAL_PP_RANK: Optional[int] = None
-_SIZES: dict[str, int] = {}
 
 
 def rank_groups(world_size: int, sizes: dict[str, int], dims: tuple[str, ...],
@@ -102,7 +101,6 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     dp = world // (tp * pp * cp)
     dense = {"tp": tp, "cp": cp, "ep": 1, "dp": dp, "pp": pp}
     expert = {"tp": tp, "cp": 1, "ep": ep, "dp": world // (tp * pp * ep), "pp": pp}
-    _SIZES.update(dense, expert_dp=expert["dp"], expert_ep=ep, vp=virtual_pipeline_model_parallel_size or 1)
 
     specs = {  # group name -> (sizes, dims), following megatron-core's tokens
         "tp": (dense, ("tp",)),
@@ -339,6 +337,5 @@ def destroy_model_parallel() -> None:
     _GROUPS.clear()
     _ALL_GROUP_RANKS.clear()
     _GROUP_NAMES.clear()
-    _SIZES.clear()
     _VIRTUAL_PP_SIZE = None
     _VIRTUAL_PP_RANK = None

@@ -270,7 +270,7 @@ def pretrain(config: Config, model_provider: Callable, forward_step_func: Callab
     state = TrainState()
     if config.checkpoint.load:
         state.iteration, state.consumed_train_samples = load_checkpoint(model, optimizer, scheduler, config)
-    _print_summary(config, model, logger)
+    _print_summary(config, model)
 
     total_iters = train_iters(config)
     batches = NumMicroBatchesCalculator(config)
@@ -374,7 +374,7 @@ def _should_exit(config: Config, state: TrainState, start_time: float, signals: 
     return True
 
 
-def _print_summary(config: Config, model, logger: MetricsLogger) -> None:
+def _print_summary(config: Config, model) -> None:
     local = sum(p.numel() for chunk in model for p in chunk.parameters())
     counts = collectives.all_gather_object(
         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(), local))
@@ -397,4 +397,3 @@ def _print_summary(config: Config, model, logger: MetricsLogger) -> None:
         f"schedule: {p.pipeline_schedule}",
     ]
     print_rank_0("\n".join(lines))
-    del logger
