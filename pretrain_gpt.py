@@ -67,7 +67,8 @@ def forward_step(config: Config, data_iterator, model):
     if first or last:
         batch = get_batch(config, data_iterator)
         output = model(batch["tokens"] if first else None, batch["position_ids"] if first else None,
-                       batch.get("attention_mask"), labels=batch["labels"] if last else None)
+                       batch.get("attention_mask"), labels=batch["labels"] if last else None,
+                       loss_mask=batch["loss_mask"] if last else None)
         return output, partial(loss_func, batch["loss_mask"])
     output = model(None, None, None, labels=None)
     return output, partial(loss_func, None)

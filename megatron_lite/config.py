@@ -70,7 +70,7 @@ class ModelConfig:
     bias_dropout_fusion: bool = arg(True, "Disable fused bias+dropout+add.", flag="--no-bias-dropout-fusion", action="store_false")
     apply_rope_fusion: bool = arg(True, "Disable the fused RoPE kernel.", flag="--no-rope-fusion", action="store_false")
     persist_layer_norm: bool = arg(True, "Disable fused/persistent LayerNorm kernels.", flag="--no-persist-layer-norm", action="store_false")
-    cross_entropy_fusion: bool = arg(True, "Disable the fused cross-entropy kernel.", flag="--no-cross-entropy-fusion", action="store_false")
+    cross_entropy_fusion: bool = arg(True, "Disable the fused cross entropy (TE's on GPU, else the output GEMM + loss in token chunks): compute the loss from materialised logits.", flag="--no-cross-entropy-fusion", action="store_false")
 
     @property
     def head_dim(self) -> int:

@@ -63,13 +63,16 @@ class ColumnParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def parallel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The GEMM's input on this rank: the all-gathered sequence under sequence parallelism, else x
+        (whose gradient is all-reduced over TP in backward). Fused output kernels start from here."""
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(x)
+        return copy_to_tensor_model_parallel_region(x)
+
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = self.weight if weight is None else weight
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x)
-        else:
-            x = copy_to_tensor_model_parallel_region(x)
-        y = self.linear_fn(x, weight, self.bias)
+        y = self.linear_fn(self.parallel_input(x), weight, self.bias)
         return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
 
 

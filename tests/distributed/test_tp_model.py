@@ -3,10 +3,12 @@
 Each spawned rank first builds the TP=1 reference and runs it (before any parallel group exists, so
 every mapping is the identity), then initialises TP groups and checks, for every variant: each
 parameter gathered to full shape equals the reference's, logits (gathered over the vocabulary), the
-per-token loss and every parameter's gradient (gathered to full shape) match.
+per-token loss and every parameter's gradient (gathered to full shape) match. The reference computes
+the loss from materialised logits; the TP models use the fused output layer + cross entropy.
 
-Tolerance (fp32): rtol 1e-5, atol 1e-6 for logits/loss; grads rtol 1e-5, atol 1e-7
-(observed differences are at the 1e-7 level: only the summation order changes).
+Tolerance (fp32): rtol 1e-5, atol 1e-6 for logits/loss; grads rtol 1e-5, atol 5e-7 (observed: at most
+1.2e-7, and 2.7e-7 for the 50257-token vocabulary at TP 4, where the fused output layer scales d x after
+its GEMM rather than before: only the rounding order changes).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from megatron_lite.config import Config
 from megatron_lite.testing import run_distributed
 
 LOGITS_TOL = dict(rtol=1e-5, atol=1e-6)
-GRAD_TOL = dict(rtol=1e-5, atol=1e-7)
+GRAD_TOL = dict(rtol=1e-5, atol=5e-7)
 
 
 def make_config(style: str, tp: int = 1, sp: bool = False, vocab: int = 100, divisible_by: int = 8,
@@ -56,8 +58,10 @@ def run_model(model, ids, labels):
     if ps.get_tensor_model_parallel_world_size() > 1:
         logits = collectives.all_gather(logits, ps.get_tensor_model_parallel_group(), dim=-1)
     logits = logits[..., :model.vocab_size]
-    loss = model(ids, labels=labels)
-    loss.mean().backward()
+    # A masked mean, as pretrain_gpt's loss, with the mask passed as the fused output layer's hint.
+    mask = (torch.arange(ids.numel()) % 3 != 0).float().view_as(ids)
+    loss = model(ids, labels=labels, loss_mask=mask)
+    ((loss * mask).sum() / mask.sum()).backward()
     allreduce_sequence_parallel_grads([model])
     params = {n: gather_full_param(p).clone() for n, p in model.named_parameters()}
     grads = {n: gather_full_param(p, p.grad).clone() for n, p in model.named_parameters()}
@@ -83,13 +87,17 @@ def _layout_invariance(tp: int, variants: list[tuple[str, bool, int, int]]) -> d
     refs = {}
     for style, sp, vocab, divisible_by in variants:  # single-process references first: no groups yet
         ids, labels = make_batch(vocab)
-        refs[(style, vocab, divisible_by)] = run_model(GPTModel(make_config(style, 1, False, vocab, divisible_by)), ids, labels)
+        # The reference is the unfused path (materialised logits, vocab-parallel CE); the TP models use
+        # the default kernels (output GEMM + CE fused in chunks, statistics all-reduced over TP).
+        ref_cfg = make_config(style, 1, False, vocab, divisible_by, cross_entropy_fusion=False)
+        refs[(style, vocab, divisible_by)] = run_model(GPTModel(ref_cfg), ids, labels)
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     model_parallel_seed(77)
     worst = {}
     for style, sp, vocab, divisible_by in variants:
         ids, labels = make_batch(vocab)
         model = GPTModel(make_config(style, tp, sp, vocab, divisible_by))
+        assert model.kernels.fuses_output_layer
         tag = f"tp={tp} sp={sp} {style} vocab={vocab}"
         worst[tag] = compare(run_model(model, ids, labels), refs[(style, vocab, divisible_by)], tag)
     return worst

@@ -106,6 +106,50 @@ def test_torch_cross_entropy_matches_vocab_parallel_at_tp1(dtype: torch.dtype) -
     _compare(lambda x: fast.cross_entropy_fn(x, target), lambda x: REFERENCE.cross_entropy_fn(x, target), [logits], dtype)
 
 
+def _fused_linear_case(dtype: torch.dtype, upstream: str, chunk_tokens: int) -> None:
+    """fused_linear (chunked output GEMM + CE) against GEMM -> mask_padded_vocab -> vocab-parallel CE:
+    loss, d x and d weight, with a padded vocabulary (250 real of 256) and a masked-mean upstream gradient
+    (the fast path: d weight computed during forward) or an arbitrary one (backward recomputes)."""
+    from megatron_lite.kernels.linear_cross_entropy import linear_cross_entropy
+    from megatron_lite.tensor_parallel.layers import mask_padded_vocab
+    x, weight = _inputs((8, 3, 64), (256, 64), dtype=dtype)
+    target = torch.randint(0, 250, (8, 3), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    mask = (torch.arange(24, device=DEVICE) % 5 != 0).float().view(8, 3)
+    upstream_grad = mask * 0.37 if upstream == "masked_mean" else torch.rand(8, 3, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    outs = []
+    for fused in (True, False):
+        xs, w = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        if fused:
+            loss = linear_cross_entropy(xs, w, target, vocab_size=250, grad_weights=mask, chunk_tokens=chunk_tokens)
+        else:
+            loss = REFERENCE.cross_entropy_fn(mask_padded_vocab(xs @ w.t(), 0, 250), target)
+        loss.backward(upstream_grad)
+        outs.append((loss.detach(), xs.grad.float(), w.grad.float()))
+    for fast, ref in zip(*outs):
+        torch.testing.assert_close(fast, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("upstream", ["masked_mean", "arbitrary"])
+def test_fused_linear_cross_entropy_matches_reference(dtype: torch.dtype, upstream: str) -> None:
+    _fused_linear_case(dtype, upstream, chunk_tokens=5)  # chunks of 5 of 24 tokens: a ragged last chunk
+
+
+def test_fused_linear_cross_entropy_chunking_and_eval() -> None:
+    from megatron_lite.kernels.linear_cross_entropy import default_chunk_tokens, linear_cross_entropy
+    for chunk in (1, 24, 1000):
+        _fused_linear_case(torch.float32, "masked_mean", chunk)
+    assert default_chunk_tokens(8192, "cpu") == 256 and default_chunk_tokens(10 ** 9, "cpu") == 1
+    x, w = torch.randn(4, 16), torch.randn(32, 16)
+    target = torch.randint(0, 32, (4,))
+    with torch.no_grad():  # evaluation: the loss only, equal to the training path's
+        eval_loss = linear_cross_entropy(x, w, target)
+    train_loss = linear_cross_entropy(x.requires_grad_(), w, target)
+    torch.testing.assert_close(eval_loss, train_loss.detach(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="leading"):
+        linear_cross_entropy(x, w, target[:3])
+
+
 @needs_te
 def test_te_cross_entropy_matches_reference() -> None:
     if not external.te_cross_entropy_available():
@@ -165,7 +209,7 @@ def _config(**model: object) -> Config:
 def test_cpu_defaults() -> None:
     choice = select_kernels(_config(), log=False)
     assert (choice.norm, choice.attention, choice.bias_gelu, choice.swiglu, choice.rope, choice.cross_entropy) == \
-        ("reference", "sdpa", "reference", "reference", "reference", "torch")
+        ("reference", "sdpa", "reference", "reference", "reference", "fused_linear")
     assert choice.adam == adam.select_adam_impl(True, "cpu")
     assert not choice.torch_compile and choice.fp8 is None
 

@@ -135,9 +135,12 @@ class GPTModel(nn.Module):
 
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                inference_context: Optional[InferenceContext] = None) -> torch.Tensor:
+                inference_context: Optional[InferenceContext] = None,
+                loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`inference_context` (generation only): keys/values of earlier tokens are read from and appended
-        to it, and default positions continue from its offset; pass explicit position_ids when decoding."""
+        to it, and default positions continue from its offset; pass explicit position_ids when decoding.
+        `loss_mask` [b, s] (with labels): the weights the loss function will give the per-token losses. A
+        hint for the fused output layer (gradients computed during forward); any loss stays exact without it."""
         if inference_context is not None and position_ids is None and input_ids is not None:
             position_ids = inference_context.positions(input_ids.shape[1], input_ids.shape[0], input_ids.device)
         if self.pre_process:
@@ -149,6 +152,11 @@ class GPTModel(nn.Module):
         x = self.decoder(x, attention_mask, position_ids, inference_context)
         if not self.post_process:
             return x
+        if labels is not None and self.kernels.fuses_output_layer:
+            loss = self.kernels.output_cross_entropy(
+                self.output_layer.parallel_input(x), self.output_weight(), labels.transpose(0, 1), self.vocab_start,
+                self.vocab_size, None if loss_mask is None else loss_mask.transpose(0, 1))  # [s, b], fp32
+            return loss.transpose(0, 1).contiguous()
         logits = self.output_layer(x, self.output_weight())  # [s, b, padded_vocab / tp]
         logits = mask_padded_vocab(logits, self.vocab_start, self.vocab_size)
         if labels is None:
