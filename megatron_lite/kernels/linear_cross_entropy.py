@@ -108,19 +108,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss, dx, dw = _chunks(x, weight, target, vocab_start, vocab_size, chunk_tokens, grad_weights, want_dx, want_dw)
         ctx.save_for_backward(x, weight, target, grad_weights, dx, dw)
         ctx.args = (vocab_start, vocab_size, chunk_tokens)
+        ctx.used = False
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("the fused output layer + cross entropy supports one backward per forward (its "
+                               "gradients are computed in forward); for retain_graph=True use --no-cross-entropy-fusion")
+        ctx.used = True
         x, weight, target, grad_weights, dx, dw = ctx.saved_tensors
         g = grad_loss.float()
         grad_x = grad_w = None
         if dx is not None:
-            grad_x = (dx.float() * g.unsqueeze(-1)).to(dx.dtype)
+            grad_x = dx.mul_(g.unsqueeze(-1)) if dx.dtype == torch.float32 else (dx.float() * g.unsqueeze(-1)).to(dx.dtype)
         if dw is not None:
             c = _scale_of(g, grad_weights)
             if c is not None:
-                grad_w = (dw * c).to(weight.dtype)
+                grad_w = dw.mul_(c).to(weight.dtype)  # in place: the buffer is not needed after this
             else:  # a loss that weights tokens otherwise: one more pass with the true per-token gradient
                 _, _, dw = _chunks(x, weight, target, *ctx.args, g, False, True)
                 grad_w = dw.to(weight.dtype)

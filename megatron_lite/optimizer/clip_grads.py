@@ -43,8 +43,12 @@ def clip_grad_by_total_norm_fp32(grads: Iterable[torch.Tensor], max_norm: float,
     """Scale every gradient (all copies, not only the counted ones) by max_norm / total_norm if above 1."""
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff < 1.0:
-        for grad in grads:
-            grad.mul_(clip_coeff)
+        grads = list(grads)
+        if hasattr(torch, "_foreach_mul_"):
+            torch._foreach_mul_(grads, clip_coeff)  # one multi-tensor kernel instead of a launch per tensor
+        else:
+            for grad in grads:
+                grad.mul_(clip_coeff)
 
 
 def count_zeros_fp32(grads_for_norm: Iterable[torch.Tensor], groups: list) -> int:

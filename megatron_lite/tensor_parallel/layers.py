@@ -105,6 +105,8 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _tp()[1] == 1 and not self.sequence_parallel:  # nothing to reduce: the bias goes into the GEMM (addmm)
+            return self.linear_fn(x, self.weight, self.bias)
         y = self.linear_fn(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y)

@@ -9,7 +9,8 @@ and along the sequence (dim 0 of [s, b, h]) for sequence parallelism:
   scatter_to_sequence_parallel     split / all-gather
   gather_from_sequence_parallel    all-gather / reduce-scatter (or split)
   reduce_scatter_to_sequence_parallel  reduce-scatter / all-gather
-With one TP rank every mapping is the identity, so no collective (and no group) is needed.
+With one TP rank every mapping is the identity: the public functions return their input untouched
+(no autograd node, no collective, no group needed).
 All communication goes through megatron_lite.collectives.
 """
 from __future__ import annotations
@@ -128,28 +129,42 @@ class _ReduceScatterToSequence(torch.autograd.Function):
 
 
 def copy_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    if _tp_size() == 1:
+        return x
     return _CopyToRegion.apply(x)
 
 
 def reduce_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    if _tp_size() == 1:
+        return x
     return _ReduceFromRegion.apply(x)
 
 
 def scatter_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    if _tp_size() == 1:
+        return x
     return _ScatterToRegion.apply(x)
 
 
 def gather_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    if _tp_size() == 1:
+        return x
     return _GatherFromRegion.apply(x)
 
 
 def scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    if _tp_size() == 1:
+        return x
     return _ScatterToSequence.apply(x)
 
 
 def gather_from_sequence_parallel_region(x: torch.Tensor, tensor_parallel_output_grad: bool = True) -> torch.Tensor:
+    if _tp_size() == 1:
+        return x
     return _GatherFromSequence.apply(x, tensor_parallel_output_grad)
 
 
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    if _tp_size() == 1:
+        return x
     return _ReduceScatterToSequence.apply(x)

@@ -148,6 +148,10 @@ def test_fused_linear_cross_entropy_chunking_and_eval() -> None:
     torch.testing.assert_close(eval_loss, train_loss.detach(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="leading"):
         linear_cross_entropy(x, w, target[:3])
+    loss = linear_cross_entropy(x, w.requires_grad_(), target).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
 
 
 @needs_te
