@@ -3,7 +3,7 @@
 `select_kernels(config)` decides once per process (cached per configuration) and logs one line:
 
     kernels: norm=reference, attention=sdpa, bias_gelu=reference, swiglu=reference, rope=reference,
-             cross_entropy=torch, adam=torch_fused, torch_compile=off, fp8=off
+             cross_entropy=fused_linear, adam=torch_fused, torch_compile=off, fp8=off
 
 The returned `KernelChoice` is what the model calls (`kernels.layer_norm(...)`, `kernels.attention(...)`),
 so model code never branches on hardware. Every non-reference implementation is tested against the

@@ -33,6 +33,8 @@ def assert_same_losses(losses: dict, expected: dict, rtol: float = RTOL) -> None
 
 
 @pytest.mark.parametrize("name,nproc,flags", [
+    # The references use the fused output layer + cross entropy (the default): the unfused path must agree.
+    ("single_unfused_cross_entropy", 1, ["--no-cross-entropy-fusion"]),
     ("tp2_pp2_dp2", 8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
     ("pp4_dp2_distopt", 8, ["--pipeline-model-parallel-size", "4", "--use-distributed-optimizer"]),
     ("tp2_vp2_pp2_dp2_llama", 8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
