@@ -25,9 +25,10 @@ import torch
 
 from megatron_lite import collectives, parallel_state
 
-# Bytes of fp32 logits per chunk. CPU: a few MiB stays in L2/L3 while the softmax passes run over it (8 MiB
-# was fastest of 2-32 MiB for vocab 8192, hidden 256 on a 2-core EPYC). GPU: large enough for full-rate GEMMs.
-CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 1 << 30}
+# Bytes of fp32 logits per chunk. CPU: a few MiB that stay in L2/L3 while the softmax passes run over them
+# (of 2-32 MiB, 8-16 MiB were fastest for vocab 8192, hidden 256 on a 2-core EPYC). GPU: large enough
+# for full-rate GEMMs and few launches.
+CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}
 
 
 def _all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -48,7 +49,7 @@ def _chunks(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_s
     num_real = vocab_size - vocab_start  # columns >= num_real are vocabulary padding
     loss = torch.empty(tokens, dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x) if want_dx else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_dw else None
+    dw = (torch.empty if tokens else torch.zeros)(weight.shape, dtype=torch.float32, device=x.device) if want_dw else None
     # One logits buffer (and an fp32 one for low-precision weights) reused by every chunk: fresh
     # multi-MiB allocations cost page faults on CPU, as much as the GEMM that fills them.
     rows = min(chunk_tokens, tokens)
@@ -82,15 +83,20 @@ def _chunks(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_s
             if weights is not None:
                 grad.mul_(weights[s:e].unsqueeze(-1))
             grad = low.copy_(grad) if low is not grad else grad  # in the GEMM's dtype
-            if dw.dtype == grad.dtype:
+            if dw.dtype != grad.dtype:  # bf16/fp16 GEMM, accumulated over the chunks in fp32
+                part = torch.mm(grad.t(), xc)
+                dw.copy_(part) if s == 0 else dw.add_(part)
+            elif s == 0:  # the first chunk writes d weight: no zero-fill pass
+                torch.mm(grad.t(), xc, out=dw)
+            else:
                 dw.addmm_(grad.t(), xc)
-            else:  # bf16/fp16 GEMM, accumulated over the chunks in fp32
-                dw.add_(torch.mm(grad.t(), xc))
     return loss, dx, dw
 
 
 def _scale_of(g: torch.Tensor, weights: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The scalar c with g == c * weights (weights None = ones), or None if there is none."""
+    if g.numel() == 0:
+        return g.new_zeros(())
     w = torch.ones_like(g) if weights is None else weights.float()
     i = int(w.abs().argmax())
     if w[i] == 0:
@@ -124,6 +130,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if dx is not None:
             grad_x = dx.mul_(g.unsqueeze(-1)) if dx.dtype == torch.float32 else (dx.float() * g.unsqueeze(-1)).to(dx.dtype)
         if dw is not None:
+            # g and the weights are the same on every TP rank (replicated loss), so all ranks take the
+            # same branch: the recompute's all-reduces cannot be entered by only some of them.
             c = _scale_of(g, grad_weights)
             if c is not None:
                 grad_w = dw.mul_(c).to(weight.dtype)  # in place: the buffer is not needed after this

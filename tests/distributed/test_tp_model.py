@@ -147,3 +147,37 @@ def _recompute_case(sp: bool, ids: torch.Tensor, labels: torch.Tensor) -> torch.
 def test_recompute_identical_grads_with_dropout_tp2():
     rank0, rank1 = run_distributed(_recompute_with_dropout, 2)
     torch.testing.assert_close(rank0[0], rank1[0], rtol=0, atol=0)  # without SP, TP ranks agree exactly
+
+
+def _fused_cross_entropy_tp2(upstream: str) -> float:
+    """The fused output layer + CE at TP 2 (each rank one vocabulary slice, statistics all-reduced) against
+    the single-process unfused path, for a masked-mean upstream gradient (d weight from forward) and an
+    arbitrary one (backward recomputes, all-reducing again)."""
+    from megatron_lite.kernels.linear_cross_entropy import linear_cross_entropy
+    from megatron_lite.tensor_parallel import vocab_parallel_cross_entropy
+    from megatron_lite.tensor_parallel.layers import mask_padded_vocab
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(12, 3, 16, generator=gen), torch.randn(64, 16, generator=gen)  # 60 real + 4 padding
+    target = torch.randint(0, 60, (12, 3), generator=gen)
+    mask = (torch.rand(12, 3, generator=gen) > 0.3).float()
+    upstream_grad = mask * 0.1 if upstream == "masked_mean" else torch.rand(12, 3, generator=gen)
+    xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = vocab_parallel_cross_entropy(mask_padded_vocab(xr @ wr.t(), 0, 60), target)  # no groups yet: TP 1
+    ref.backward(upstream_grad)
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=2)
+    rank = ps.get_tensor_model_parallel_rank()
+    xs, ws = x.clone().requires_grad_(), weight[32 * rank:32 * (rank + 1)].clone().requires_grad_()
+    loss = linear_cross_entropy(xs, ws, target, vocab_start=32 * rank, vocab_size=60, grad_weights=mask, chunk_tokens=7)
+    loss.backward(upstream_grad)
+    grad_x = xs.grad.clone()
+    collectives.all_reduce(grad_x, ps.get_tensor_model_parallel_group())  # what copy_to_tp's backward does
+    torch.testing.assert_close(loss.detach(), ref.detach(), **LOGITS_TOL)
+    torch.testing.assert_close(grad_x, xr.grad, **GRAD_TOL)
+    torch.testing.assert_close(ws.grad, wr.grad[32 * rank:32 * (rank + 1)], **GRAD_TOL)
+    return float((ws.grad - wr.grad[32 * rank:32 * (rank + 1)]).abs().max())
+
+
+@pytest.mark.parametrize("upstream", ["masked_mean", "arbitrary"])
+def test_fused_cross_entropy_tp2_both_backward_paths(upstream):
+    run_distributed(_fused_cross_entropy_tp2, 2, upstream=upstream)

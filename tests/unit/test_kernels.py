@@ -139,7 +139,7 @@ def test_fused_linear_cross_entropy_chunking_and_eval() -> None:
     from megatron_lite.kernels.linear_cross_entropy import default_chunk_tokens, linear_cross_entropy
     for chunk in (1, 24, 1000):
         _fused_linear_case(torch.float32, "masked_mean", chunk)
-    assert default_chunk_tokens(8192, "cpu") == 256 and default_chunk_tokens(10 ** 9, "cpu") == 1
+    assert default_chunk_tokens(8192, "cpu") == 512 and default_chunk_tokens(10 ** 9, "cpu") == 1
     x, w = torch.randn(4, 16), torch.randn(32, 16)
     target = torch.randint(0, 32, (4,))
     with torch.no_grad():  # evaluation: the loss only, equal to the training path's
@@ -148,6 +148,10 @@ def test_fused_linear_cross_entropy_chunking_and_eval() -> None:
     torch.testing.assert_close(eval_loss, train_loss.detach(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="leading"):
         linear_cross_entropy(x, w, target[:3])
+    empty = torch.zeros(0, 16, requires_grad=True)  # a micro-batch with no tokens: zero gradients
+    wz = w.detach().clone().requires_grad_()
+    linear_cross_entropy(empty, wz, target[:0]).sum().backward()
+    assert wz.grad is not None and not wz.grad.any()
     loss = linear_cross_entropy(x, w.requires_grad_(), target).sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
