@@ -24,16 +24,25 @@ VOCAB, SEQ, GLOBAL_BATCH, STEPS = 64, 16, 8, 3
 PARAM_TOL = dict(rtol=1e-5, atol=2e-6)
 # bf16 against a one-process bf16 run: activations are rounded to bf16 at different points under TP
 # (partial sums), so gradients differ at the 1e-2 relative level; Adam turns that into at most a few
-# ulps, except for near-zero gradients whose sign flips (a step of up to lr). Stated tolerance: mean
-# absolute difference of every tensor <= 0.05 x lr x steps (observed <= 7.3e-5 vs 4.5e-4) and no element
-# further than 2 x lr x steps (observed <= 4.8e-3 vs 1.8e-2).
+# ulps, except for near-zero gradients whose sign flips (a step of up to lr). The compared parameters are
+# the bf16 copies, and near 1.0 (norm weights) one bf16 ulp (2^-7 = 7.8e-3) is more than lr x steps: a
+# rounding flip there is one whole ulp. Stated tolerance: no element further than 2 x lr x steps
+# (observed <= 7.8e-3 vs 1.8e-2, a one-ulp flip at 1.0), and the mean absolute difference of every tensor
+# <= 0.05 x lr x steps plus one ulp for an eighth of its elements (observed: 4.9e-4 for a 32-element
+# norm weight with two flips, vs 4.5e-4 + 9.8e-4; elsewhere <= 7.3e-5).
 BF16_TOL = dict(rtol=2e-2, atol=2e-3)  # only for the tied-copy check (copies must agree bit for bit in practice)
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp(min=2.0 ** -126))) - 7)
 
 
 def _assert_bf16_close(got: torch.Tensor, ref: torch.Tensor, name: str) -> None:
     mean = (got - ref).abs().mean().item()
     worst = (got - ref).abs().max().item()
-    assert mean <= 0.05 * 3e-3 * STEPS and worst <= 2 * 3e-3 * STEPS, f"{name}: mean abs {mean:.2e}, max abs {worst:.2e}"
+    mean_bound = 0.05 * 3e-3 * STEPS + _bf16_ulp(ref).mean().item() / 8
+    assert mean <= mean_bound and worst <= 2 * 3e-3 * STEPS, \
+        f"{name}: mean abs {mean:.2e} (bound {mean_bound:.2e}), max abs {worst:.2e}"
 
 
 def make_config(world: int, tp: int = 1, pp: int = 1, dist_opt: bool = False, overlap: bool = False,
