@@ -222,6 +222,16 @@ def test_cpu_defaults() -> None:
     assert not choice.torch_compile and choice.fp8 is None
 
 
+def test_cross_entropy_selection() -> None:
+    """Off Transformer Engine the fused output layer + CE is chosen on any device and any TP size;
+    --no-cross-entropy-fusion restores the materialised-logits path."""
+    for device in ("cpu", "cuda"):
+        choice = select_kernels(_config(), device, log=False)
+        expected = "te" if device == "cuda" and external.te_cross_entropy_available() else "fused_linear"
+        assert choice.cross_entropy == expected and choice.fuses_output_layer == (expected == "fused_linear")
+    assert select_kernels(_config(cross_entropy_fusion=False), "cpu", log=False).cross_entropy == "reference"
+
+
 def test_switches_force_reference_paths() -> None:
     cfg = _config(attention_backend="local", persist_layer_norm=False, bias_gelu_fusion=False, bias_swiglu_fusion=False,
                   apply_rope_fusion=False, cross_entropy_fusion=False)
