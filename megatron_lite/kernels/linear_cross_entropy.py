@@ -23,18 +23,13 @@ from typing import Optional
 
 import torch
 
-from megatron_lite import collectives, parallel_state
+from megatron_lite.tensor_parallel.cross_entropy import all_reduce_over_tp, local_targets, subtract_one_hot_
+from megatron_lite.tensor_parallel.layers import mask_padded_vocab
 
 # Bytes of fp32 logits per chunk. CPU: a few MiB that stay in L2/L3 while the softmax passes run over them
 # (of 2-32 MiB, 8-16 MiB were fastest for vocab 8192, hidden 256 on a 2-core EPYC). GPU: large enough
 # for full-rate GEMMs and few launches.
 CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}
-
-
-def _all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
-        collectives.all_reduce(x, parallel_state.get_tensor_model_parallel_group(), op=op)
-    return x
 
 
 def default_chunk_tokens(vocab_local: int, device_type: str) -> int:
@@ -46,7 +41,6 @@ def _chunks(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_s
     """One pass over the tokens: the per-token loss and, if wanted, d loss/d x (unweighted: the caller
     scales its rows) and d loss/d weight for per-token weights `weights` (None = all 1)."""
     tokens, vocab_local = x.shape[0], weight.shape[0]
-    num_real = vocab_size - vocab_start  # columns >= num_real are vocabulary padding
     loss = torch.empty(tokens, dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x) if want_dx else None
     dw = (torch.empty if tokens else torch.zeros)(weight.shape, dtype=torch.float32, device=x.device) if want_dw else None
@@ -60,23 +54,20 @@ def _chunks(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_s
         xc, tc = x[s:e], target[s:e]
         low = torch.mm(xc, weight.t(), out=gemm_buf[:e - s])
         logits = low if low.dtype == torch.float32 else fp32_buf[:e - s].copy_(low)
-        if num_real < vocab_local:
-            logits[:, max(num_real, 0):] = float("-inf")
+        mask_padded_vocab(logits, vocab_start, vocab_size)  # in place
         logits_max = logits.amax(dim=-1)
-        _all_reduce(logits_max, op="max")
+        all_reduce_over_tp(logits_max, op="max")
         logits.sub_(logits_max.unsqueeze(-1))
-        outside = (tc < vocab_start) | (tc >= vocab_start + vocab_local)
-        local_t = (tc - vocab_start).masked_fill(outside, 0).unsqueeze(-1)
+        local_t, outside = local_targets(tc, vocab_start, vocab_local)
         stats = torch.empty(2, e - s, dtype=torch.float32, device=x.device)
         stats[0] = logits.gather(-1, local_t).squeeze(-1).masked_fill(outside, 0.0)
         logits.exp_()
         torch.sum(logits, dim=-1, out=stats[1])
-        _all_reduce(stats)  # [target logit, sum of exp], summed over the vocabulary slices
+        all_reduce_over_tp(stats)  # [target logit, sum of exp], summed over the vocabulary slices
         loss[s:e] = stats[1].log() - stats[0]
         if not (want_dx or want_dw):
             continue
-        grad = logits.div_(stats[1].unsqueeze(-1))  # softmax ...
-        grad.scatter_add_(-1, local_t, (~outside).to(grad.dtype).unsqueeze(-1).neg())  # ... minus one-hot
+        grad = subtract_one_hot_(logits.div_(stats[1].unsqueeze(-1)), local_t, outside)  # softmax - one-hot
         if want_dx:
             torch.mm(low.copy_(grad) if low is not grad else grad, weight, out=dx[s:e])
         if want_dw:

@@ -11,10 +11,23 @@ import torch
 from megatron_lite import collectives, parallel_state
 
 
-def _all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def all_reduce_over_tp(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place over the TP group (nothing with one TP rank); returns x."""
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         collectives.all_reduce(x, parallel_state.get_tensor_model_parallel_group(), op=op)
     return x
+
+
+def local_targets(target: torch.Tensor, vocab_start: int, vocab_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target index within this rank's vocabulary slice [..., 1] (0 where it is not here), mask of the
+    targets outside the slice)."""
+    outside = (target < vocab_start) | (target >= vocab_start + vocab_local)
+    return (target - vocab_start).masked_fill(outside, 0).unsqueeze(-1), outside
+
+
+def subtract_one_hot_(softmax: torch.Tensor, local_target: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """softmax - one_hot(target) on this rank's slice, in place: the gradient of the loss w.r.t. the logits."""
+    return softmax.scatter_add_(-1, local_target, (~outside).to(softmax.dtype).unsqueeze(-1).neg())
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -22,19 +35,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         logits_max = logits.max(dim=-1)[0]
-        _all_reduce(logits_max, op="max")
+        all_reduce_over_tp(logits_max, op="max")
         logits = logits - logits_max.unsqueeze(-1)
 
-        vocab_local = logits.shape[-1]
-        start = parallel_state.get_tensor_model_parallel_rank() * vocab_local
-        outside = (target < start) | (target >= start + vocab_local)
-        local_target = (target - start).masked_fill(outside, 0)
-        predicted = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        _all_reduce(predicted)
+        start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+        local_target, outside = local_targets(target, start, logits.shape[-1])
+        predicted = logits.gather(-1, local_target).squeeze(-1).masked_fill(outside, 0.0)
+        all_reduce_over_tp(predicted)
 
         exp_logits = logits.exp()
         sum_exp = exp_logits.sum(dim=-1)
-        _all_reduce(sum_exp)
+        all_reduce_over_tp(sum_exp)
         loss = sum_exp.log() - predicted
 
         softmax = exp_logits.div_(sum_exp.unsqueeze(-1))
@@ -44,9 +55,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         softmax, outside, local_target = ctx.saved_tensors
-        grad = softmax  # reuse the saved buffer: it is not needed after this
-        inside = (~outside).to(grad.dtype).unsqueeze(-1)
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -inside)
+        grad = subtract_one_hot_(softmax, local_target, outside)  # reuse the saved buffer: not needed after this
         grad.mul_(grad_loss.unsqueeze(-1))
         return grad, None
 
