@@ -15,6 +15,9 @@ All communication goes through megatron_lite.collectives.
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 
 from megatron_lite import collectives, parallel_state
@@ -22,6 +25,14 @@ from megatron_lite import collectives, parallel_state
 
 def _tp_size() -> int:
     return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _identity_without_tp(mapping: Callable) -> Callable:
+    """With one TP rank a mapping returns its input itself: no autograd node, no group needed."""
+    @functools.wraps(mapping)
+    def wrapper(x: torch.Tensor, *args, **kwargs):
+        return x if _tp_size() == 1 else mapping(x, *args, **kwargs)
+    return wrapper
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -128,43 +139,36 @@ class _ReduceScatterToSequence(torch.autograd.Function):
         return _gather(grad, 0)
 
 
+@_identity_without_tp
 def copy_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    if _tp_size() == 1:
-        return x
     return _CopyToRegion.apply(x)
 
 
+@_identity_without_tp
 def reduce_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    if _tp_size() == 1:
-        return x
     return _ReduceFromRegion.apply(x)
 
 
+@_identity_without_tp
 def scatter_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    if _tp_size() == 1:
-        return x
     return _ScatterToRegion.apply(x)
 
 
+@_identity_without_tp
 def gather_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    if _tp_size() == 1:
-        return x
     return _GatherFromRegion.apply(x)
 
 
+@_identity_without_tp
 def scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    if _tp_size() == 1:
-        return x
     return _ScatterToSequence.apply(x)
 
 
+@_identity_without_tp
 def gather_from_sequence_parallel_region(x: torch.Tensor, tensor_parallel_output_grad: bool = True) -> torch.Tensor:
-    if _tp_size() == 1:
-        return x
     return _GatherFromSequence.apply(x, tensor_parallel_output_grad)
 
 
+@_identity_without_tp
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    if _tp_size() == 1:
-        return x
     return _ReduceScatterToSequence.apply(x)
