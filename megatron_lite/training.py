@@ -7,7 +7,6 @@ optimizer (unscale, clip, step, param gather) -> LR schedule -> logging -> eval 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass

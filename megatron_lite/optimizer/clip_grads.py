@@ -32,7 +32,7 @@ def get_grad_norm_fp32(grads_for_norm: Iterable[torch.Tensor], groups: list) -> 
     if grads:
         # One multi-tensor pass for the per-tensor norms (fp32, like Megatron's multi_tensor_l2norm), then
         # their squares summed in fp64: no fp64 copy of every gradient.
-        norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+        norms = torch._foreach_norm(grads)
         total += torch.stack(norms).double().pow(2).sum()
     for group in groups:
         collectives.all_reduce(total, group=group)
@@ -43,12 +43,7 @@ def clip_grad_by_total_norm_fp32(grads: Iterable[torch.Tensor], max_norm: float,
     """Scale every gradient (all copies, not only the counted ones) by max_norm / total_norm if above 1."""
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff < 1.0:
-        grads = list(grads)
-        if hasattr(torch, "_foreach_mul_"):
-            torch._foreach_mul_(grads, clip_coeff)  # one multi-tensor kernel instead of a launch per tensor
-        else:
-            for grad in grads:
-                grad.mul_(clip_coeff)
+        torch._foreach_mul_(list(grads), clip_coeff)  # one multi-tensor kernel instead of a launch per tensor
 
 
 def count_zeros_fp32(grads_for_norm: Iterable[torch.Tensor], groups: list) -> int:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_lite.config import Config, ConfigError
-from megatron_lite.kernels import adam, external, fused
+from megatron_lite.kernels import adam, external
 from megatron_lite.kernels.registry import REFERENCE, KernelChoice, select_kernels, with_impls
 
 CUDA = torch.cuda.is_available()
@@ -117,9 +117,9 @@ def _fused_linear_case(dtype: torch.dtype, upstream: str, chunk_tokens: int) -> 
     mask = (torch.arange(24, device=DEVICE) % 5 != 0).float().view(8, 3)
     upstream_grad = mask * 0.37 if upstream == "masked_mean" else torch.rand(8, 3, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     outs = []
-    for fused in (True, False):
+    for use_fused in (True, False):
         xs, w = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-        if fused:
+        if use_fused:
             loss = linear_cross_entropy(xs, w, target, vocab_size=250, grad_weights=mask, chunk_tokens=chunk_tokens)
         else:
             loss = REFERENCE.cross_entropy_fn(mask_padded_vocab(xs @ w.t(), 0, 250), target)
