@@ -16,7 +16,6 @@ On CPU, SDPA with dropout falls back to its decomposed math path, which saves mo
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from typing import Any, Optional
@@ -24,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from results import append_results  # noqa: E402  (benchmarks/ is the script's own folder)
+from results import report  # noqa: E402  (benchmarks/ is the script's own folder)
 
 from megatron_lite.config import Config  # noqa: E402
 from megatron_lite.models.gpt import transformer  # noqa: E402
@@ -120,11 +119,7 @@ def main() -> None:
               "Measured = bytes autograd saves in one layer's forward (+ checkpoint inputs), per distinct storage.")
     lines = ["| attention | recompute | measured MiB | formula MiB | measured/formula | measured bytes / sbh |",
              "| --- | --- | --- | --- | --- | --- |"] + rows
-    print(header)
-    print("\n".join(lines))
-    if args.append_results:
-        append_results(f"\n## Activation memory per layer (bench_activation_memory.py), {datetime.date.today()}\n\n"
-                       f"{header}\n\n" + "\n".join(lines) + "\n")
+    report("Activation memory per layer (bench_activation_memory.py)", header, lines, args.append_results)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ bytes of the distinct storages autograd saves, counted with saved_tensors_hooks.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import statistics
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results import append_results  # noqa: E402
+from results import report  # noqa: E402
 
 from megatron_lite.kernels import fused  # noqa: E402
 from megatron_lite.kernels.linear_cross_entropy import default_chunk_tokens, linear_cross_entropy  # noqa: E402
@@ -99,11 +98,7 @@ def main() -> None:
               f"loss = masked mean (10 % of tokens masked)")
     lines = ["| dtype | path | ms | speed-up vs first row | MiB kept for backward (beyond inputs) |",
              "| --- | --- | --- | --- | --- |"] + rows
-    print(header)
-    print("\n".join(lines))
-    if args.append_results:
-        append_results(f"\n## Output layer + cross entropy (bench_cross_entropy.py), {datetime.date.today()}\n\n"
-                       f"{header}\n\n" + "\n".join(lines) + "\n")
+    report("Output layer + cross entropy (bench_cross_entropy.py)", header, lines, args.append_results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ machine noise (other jobs on a shared box) hits both alike; the ratio is of medi
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import statistics
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results import append_results  # noqa: E402  (benchmarks/ is the script's own folder)
+from results import report  # noqa: E402  (benchmarks/ is the script's own folder)
 
 from nanogpt_reference import NanoGPT, RefConfig, make_optimizer, train_step as ref_train_step  # noqa: E402
 
@@ -51,7 +50,6 @@ def megatron_step_fn(cfg: Config, tokens: torch.Tensor, labels: torch.Tensor) ->
     """The real training step of megatron_lite at TP = PP = DP = 1."""
     import pretrain_gpt
     from megatron_lite import training
-    from megatron_lite.pipeline.stages import build_model_chunks  # noqa: F401  (import check: the engine exists)
 
     from megatron_lite import parallel_state
     if not parallel_state.model_parallel_is_initialized():
@@ -135,11 +133,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     rows = [run(args, dtype) for dtype in args.dtype]
-    try:
-        from megatron_lite.kernels.registry import select_kernels
-        kernels = select_kernels(make_config(args, False)).describe()
-    except ImportError:  # a checkout from before the kernel registry
-        kernels = "kernels: reference"
+    from megatron_lite.kernels.registry import select_kernels
+    kernels = select_kernels(make_config(args, False)).describe()
     header = (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads), "
               f"torch {torch.__version__}; GPT-2 style: layers={args.layers} hidden={args.hidden} heads={args.heads} "
               f"seq={args.seq} batch={args.batch} vocab={args.vocab}, dropout 0, median of {args.steps} alternating steps "
@@ -149,11 +144,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['dtype']} | {r['params_ml']:,} / {r['params_ref']:,} | {r['ml_tok_s']:.0f} | {r['ref_tok_s']:.0f} "
                      f"| {r['ml_ms']:.1f} | {r['ref_ms']:.1f} | {r['ratio']:.3f} | {r['ratio_best']:.3f} |")
-    print(header)
-    print("\n".join(lines))
-    if args.append_results:
-        append_results(f"\n## Framework overhead vs plain PyTorch (bench_vs_reference.py), {datetime.date.today()}\n\n"
-                       f"{header}\n\n" + "\n".join(lines) + "\n")
+    report("Framework overhead vs plain PyTorch (bench_vs_reference.py)", header, lines, args.append_results)
 
 
 if __name__ == "__main__":
