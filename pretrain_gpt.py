@@ -17,8 +17,16 @@ _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
 def model_provider(config: Config, pre_process: bool, post_process: bool, layer_numbers: list[int]):
+    """This rank's GPT model chunk, built over the process groups the driver initialised."""
     from megatron_lite.models.gpt.model import GPTModel
-    return GPTModel(config, pre_process=pre_process, post_process=post_process, layer_numbers=layer_numbers)
+    return GPTModel(config, pre_process=pre_process, post_process=post_process, layer_numbers=layer_numbers,
+                    groups=_groups())
+
+
+def _groups():
+    """The groups training.initialize built (one process when a test calls these functions directly)."""
+    from megatron_lite.process_groups import ProcessGroups
+    return ps.get_process_groups() if ps.model_parallel_is_initialized() else ProcessGroups.single()
 
 
 def datasets_provider(config: Config, num_samples: tuple[int, int, int]):
@@ -39,7 +47,8 @@ def get_batch(config: Config, data_iterator) -> dict:
     if with_mask:
         shapes["attention_mask"], dtypes["attention_mask"] = (mbs, 1, seq, seq), torch.bool
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    src, group = ps.get_tensor_model_parallel_src_rank(), ps.get_tensor_model_parallel_group()
+    group = _groups().tp
+    src = group.first
     out = {}
     for key in shapes:
         if batch is not None:
@@ -63,7 +72,9 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(config: Config, data_iterator, model):
     """Megatron's forward_step: (output tensor, loss function) for one micro-batch on one chunk."""
-    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    from megatron_lite.distributed.model_chunk import ModelChunk
+    chunk = model.module if isinstance(model, ModelChunk) else model
+    first, last = chunk.pre_process, chunk.post_process
     if first or last:
         batch = get_batch(config, data_iterator)
         output = model(batch["tokens"] if first else None, batch["position_ids"] if first else None,

@@ -49,14 +49,15 @@ def bench(dp: int, threads: int, variants: list[dict], steps: int) -> list[dict]
 
     torch.set_num_threads(threads)
     ps.initialize_model_parallel()
+    groups = ps.get_process_groups()
     rows = []
     for variant in variants:
         cfg = make_config(dp, **variant)
-        model = [DistributedDataParallel(cfg, GPTModel(cfg))]
-        opt = get_megatron_optimizer(cfg, model)
-        forward_backward = get_forward_backward_func(cfg)
-        gen = torch.Generator().manual_seed(ps.get_data_parallel_rank())
-        dp_name = ps.group_name(ps.get_data_parallel_group(with_context_parallel=True))
+        model = [DistributedDataParallel(cfg, GPTModel(cfg, groups=groups), groups=groups)]
+        opt = get_megatron_optimizer(cfg, model, groups)
+        forward_backward = get_forward_backward_func(cfg, groups)
+        gen = torch.Generator().manual_seed(groups.dp.rank)
+        dp_name = groups.dp_cp.name
         times = []
         for step in range(steps + 1):  # step 0 warms up
             tokens = torch.randint(0, VOCAB, (cfg.num_microbatches, MICRO_BATCH, SEQ + 1), generator=gen)

@@ -91,8 +91,9 @@ def _measure(pp: int, vp: int | None, counts: list[int], repeats: int) -> list[d
         cfg.parallel.pipeline_model_parallel_size, cfg.parallel.virtual_pipeline_model_parallel_size = pp, vp
         cfg.training.global_batch_size = m
         cfg.validate()
-        chunks = build_model_chunks(cfg, lambda pre, post, layers: SleepStage(pre, post, layers, vp or 1))
-        forward_backward = get_forward_backward_func(cfg)
+        groups = ps.get_process_groups()
+        chunks = build_model_chunks(cfg, lambda pre, post, layers: SleepStage(pre, post, layers, vp or 1), groups)
+        forward_backward = get_forward_backward_func(cfg, groups)
         best = None
         for _ in range(repeats):
             data = [torch.randn(SEQ, 1, HIDDEN) for _ in range(m)]
@@ -102,11 +103,11 @@ def _measure(pp: int, vp: int | None, counts: list[int], repeats: int) -> list[d
             start = time.perf_counter()
             forward_backward(forward_step_func=_forward_step, data_iterator=iterators, model=chunks, num_microbatches=m,
                              seq_length=SEQ, micro_batch_size=1, config=cfg)
-            elapsed = torch.tensor([time.perf_counter() - start])
-            collectives.all_reduce(elapsed, op="max")  # the step ends when the slowest rank ends
-            idle = 1.0 - _BUSY[0] / elapsed.item()
-            if best is None or elapsed.item() < best[0]:
-                best = (elapsed.item(), idle)
+            # the step ends when the slowest rank ends
+            elapsed = collectives.all_reduce_scalar(time.perf_counter() - start, op="max")
+            idle = 1.0 - _BUSY[0] / elapsed
+            if best is None or elapsed < best[0]:
+                best = (elapsed, idle)
         rows.append({"m": m, "step_s": best[0], "idle": best[1], "schedule": forward_backward.schedule})
     return rows
 

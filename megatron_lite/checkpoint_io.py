@@ -15,8 +15,8 @@ Format (FORMAT_VERSION 1), one directory per iteration:
     <save>/iter_0000100/rng_rank{r}.pt            every global rank's RNG states
 
 Each parameter's entry in metadata.json carries what is needed to rebuild its canonical full tensor
-from its shards without building a model: shape (full, unpadded), dtype, tensor_model_parallel,
-partition_dim, partition_stride, unpadded_size, shared_embedding, and `files` (shard files in TP-rank
+from its shards without building a model: shape (full, unpadded), dtype, its ShardSpec
+(tensor_model_parallel, partition_dim, partition_stride, unpadded_size, shard_axis), shared_embedding, and `files` (shard files in TP-rank
 order; one file for a replicated parameter). We store the metadata rather than rebuild a model on the
 meta device when reading, because it keeps the reader independent of model code (a checkpoint stays
 readable after the model classes change) and makes offline tools need nothing but the directory.
@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
+
+from megatron_lite.tensor_parallel.shard_spec import ShardSpec, shard_spec_of
 
 FORMAT_VERSION = 1
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -67,29 +69,26 @@ def rng_file(rank: int) -> str:
 # ---- parameter metadata --------------------------------------------------------------------------
 @dataclass
 class ParamMeta:
-    """Layout-invariant description of one parameter (docs/internals.md's attributes + its full shape).
-
-    It quacks like an nn.Parameter for the attributes tensor_parallel.utils reads, so it can be passed
-    to `full_from_shards` / `shard_of_full` where no real parameter exists (offline tools).
-    """
+    """Layout-invariant description of one parameter: its canonical full shape, dtype and ShardSpec (the
+    same object the layers attach to their parameters), plus where its shards are stored. metadata.json
+    keeps the ShardSpec's flat keys (tensor_model_parallel, partition_dim, partition_stride, unpadded_size)."""
     name: str
     shape: list[int]  # canonical full shape (vocab rows unpadded)
     dtype: str = "float32"
-    tensor_model_parallel: bool = False
-    partition_dim: int = -1
-    partition_stride: int = 1
-    unpadded_size: Optional[int] = None
+    shard: ShardSpec = field(default_factory=ShardSpec)
     shared_embedding: bool = False
     files: list[str] = field(default_factory=list)  # shard files, TP-rank order
     pp_rank: int = 0
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, **self.shard.to_json(),
+                "shared_embedding": self.shared_embedding, "files": list(self.files), "pp_rank": self.pp_rank}
 
     @classmethod
     def from_json(cls, values: dict) -> "ParamMeta":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(name=values["name"], shape=list(values["shape"]), dtype=values.get("dtype", "float32"),
+                   shard=ShardSpec.from_json(values), shared_embedding=bool(values.get("shared_embedding", False)),
+                   files=list(values.get("files", [])), pp_rank=int(values.get("pp_rank", 0)))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -99,23 +98,20 @@ class ParamMeta:
     def is_tied_copy(self) -> bool:
         return is_tied_copy(self.name, self.shared_embedding)
 
-    def shard_meta(self, local_shape: Iterable[int]) -> dict:
-        """The dict `tensor_parallel.utils.shard_of_full/full_from_shards` take for a shard of `local_shape`."""
-        return {"tensor_model_parallel": self.tensor_model_parallel, "partition_dim": self.partition_dim,
-                "partition_stride": self.partition_stride, "unpadded_size": self.unpadded_size,
-                "local_shape": tuple(local_shape)}
-
     def local_shape(self, tp_size: int, make_vocab_size_divisible_by: int = 128) -> list[int]:
         """The shard shape in a layout with `tp_size` (vocab rows padded as Megatron pads them)."""
-        shape = list(self.shape)
-        if self.tensor_model_parallel:
-            dim = self.partition_dim
-            if self.unpadded_size is not None:
-                shape[dim] = tp_utils().pad_vocab_size(self.unpadded_size, make_vocab_size_divisible_by, tp_size)
-            if shape[dim] % tp_size != 0:
-                raise CheckpointError(f"{self.name}: dimension {dim} of size {shape[dim]} does not split over TP={tp_size}.")
-            shape[dim] //= tp_size
-        return shape
+        padded = None
+        if self.shard.unpadded_size is not None:
+            padded = _pad_vocab_size(self.shard.unpadded_size, make_vocab_size_divisible_by, tp_size)
+        try:
+            return list(self.shard.local_shape(self.shape, tp_size, padded))
+        except ValueError as error:
+            raise CheckpointError(f"{self.name}: {error} (TP={tp_size}).") from None
+
+
+def _pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    multiple = divisible_by * tp_size
+    return -(-vocab_size // multiple) * multiple
 
 
 def is_tied_copy(name: str, shared_embedding: bool) -> bool:
@@ -125,14 +121,9 @@ def is_tied_copy(name: str, shared_embedding: bool) -> bool:
 
 def param_meta_of(name: str, param: torch.Tensor, tp_size: int, pp_rank: int = 0) -> ParamMeta:
     """Metadata of a (local shard) parameter; its canonical full shape follows from the shard shape."""
-    tensor_parallel = bool(getattr(param, "tensor_model_parallel", False))
-    partition_dim = int(getattr(param, "partition_dim", -1))
-    unpadded = getattr(param, "unpadded_size", None)
-    shape = list(tp_utils().full_shape(param, tp_size))
-    return ParamMeta(name=name, shape=shape, dtype=str(param.dtype).replace("torch.", ""),
-                     tensor_model_parallel=tensor_parallel, partition_dim=partition_dim,
-                     partition_stride=int(getattr(param, "partition_stride", 1)),
-                     unpadded_size=None if unpadded is None else int(unpadded),
+    spec = shard_spec_of(param)
+    return ParamMeta(name=name, shape=list(spec.full_shape(param.shape, tp_size)),
+                     dtype=str(param.dtype).replace("torch.", ""), shard=spec,
                      shared_embedding=bool(getattr(param, "shared_embedding", False)), pp_rank=pp_rank)
 
 
@@ -151,13 +142,6 @@ def strip_wrapper_prefix(name: str) -> str:
     while name.startswith("module."):
         name = name[len("module."):]
     return name
-
-
-# ---- tensor-parallel shard helpers (owned by tensor_parallel/utils.py) ---------------------------
-def tp_utils():
-    """The model engineer's shard helpers; imported lazily so reading metadata needs no model code."""
-    from megatron_lite.tensor_parallel import utils
-    return utils
 
 
 # ---- atomic file operations ----------------------------------------------------------------------
@@ -314,10 +298,7 @@ class CheckpointReader:
         return self._files[filename]
 
     def _full(self, meta: ParamMeta, shards: list[torch.Tensor]) -> torch.Tensor:
-        if not meta.tensor_model_parallel:
-            full = shards[0]
-        else:
-            full = tp_utils().full_from_shards(shards, meta.shard_meta(shards[0].shape))
+        full = meta.shard.unshard(shards)
         if list(full.shape) != list(meta.shape):
             raise CheckpointError(f"{self.path}: parameter {meta.name} rebuilds to shape {list(full.shape)}, "
                                   f"metadata says {meta.shape}; the checkpoint is corrupt.")
@@ -418,7 +399,7 @@ def write_checkpoint_from_full_tensors(save_dir: str, iteration: int, config: An
                 if list(full.shape) != list(meta.shape):
                     raise CheckpointError(f"{name}: given tensor shape {list(full.shape)} vs metadata shape {meta.shape}")
                 states = optimizer_states(name) if optimizer_states is not None else None
-                ranks = range(tp) if meta.tensor_model_parallel else range(1)
+                ranks = range(tp) if meta.shard.is_sharded else range(1)
                 for tp_rank in ranks:
                     model_shards[tp_rank][name] = _shard(full, meta, tp_rank, tp, model_cfg).to(meta.torch_dtype).contiguous()
                     if states is not None:
@@ -455,10 +436,10 @@ def reshard_checkpoint(src: str, dst: str, tp: int = 1, pp: int = 1, vp: Optiona
 
 
 def _shard(full: torch.Tensor, meta: ParamMeta, tp_rank: int, tp_size: int, model_cfg: dict) -> torch.Tensor:
-    if not meta.tensor_model_parallel:
+    if not meta.shard.is_sharded:
         return full
     local_shape = meta.local_shape(tp_size, model_cfg.get("make_vocab_size_divisible_by", 128))
-    return tp_utils().shard_of_full(full, meta.shard_meta(local_shape), tp_rank, tp_size)
+    return meta.shard.shard(full, tp_rank, tp_size, local_shape)
 
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")

@@ -31,58 +31,38 @@ from megatron_lite.checkpoint_io import (COMMON_FILE, EMBEDDING_NAME, METADATA_F
                                          CheckpointReader, ParamMeta, atomic_torch_save, atomic_write_text,
                                          build_metadata, is_tied_copy, iteration_dir_name, model_file, optim_file, optim_name,
                                          param_meta_of, prepare_tmp_dir, publish, read_tracker, rng_file,
-                                         strip_wrapper_prefix, tp_utils)
+                                         strip_wrapper_prefix)
+from megatron_lite.distributed.model_chunk import as_model_chunks
+from megatron_lite.process_groups import ProcessGroups
+from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_tracker", "CheckpointError", "CheckpointReader"]
 
 
 # ---- layout of this process ----------------------------------------------------------------------
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+def _groups(groups: Optional[ProcessGroups]) -> ProcessGroups:
+    """The groups passed in; a script that built parallel_state's groups may leave them out."""
+    if groups is not None:
+        return groups
+    return parallel_state.get_process_groups() if parallel_state.model_parallel_is_initialized() else ProcessGroups.single()
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if _distributed() else 0
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if _distributed() else 1
-
-
-def _barrier() -> None:
-    if _distributed():
-        collectives.barrier()
-
-
-def _all_gather_object(obj: Any) -> list:
-    return collectives.all_gather_object(obj) if _distributed() else [obj]
-
-
-def _layout(config: Any, optimizer: Any) -> dict:
+def _layout(config: Any, groups: ProcessGroups) -> dict:
     """Where this rank sits, and the saving layout recorded in metadata.json."""
-    ps = parallel_state
-    initialised = ps.model_parallel_is_initialized()
     return {
-        "tp": ps.get_tensor_model_parallel_world_size(), "tp_rank": ps.get_tensor_model_parallel_rank(),
-        "pp": ps.get_pipeline_model_parallel_world_size() if initialised else 1,
-        "pp_rank": ps.get_pipeline_model_parallel_rank() if initialised else 0,
-        "vp": ps.get_virtual_pipeline_model_parallel_world_size(),
-        "dp": ps.get_data_parallel_world_size(),
+        "tp": groups.tp.size, "tp_rank": groups.tp.rank, "pp": groups.pp.size, "pp_rank": groups.pp.rank,
+        "vp": groups.vp_size, "dp": groups.dp.size,
         # DP and CP ranks hold identical model/optimizer copies (after the optimizer's gather): rank 0 writes.
-        "dp_rank": ps.get_data_parallel_rank(with_context_parallel=True) if initialised else 0,
-        "world_size": _world(),
-        "distributed_optimizer": bool(getattr(getattr(config, "parallel", None), "use_distributed_optimizer", False)),
+        "dp_rank": groups.dp_cp.rank, "world_size": groups.world.size, "rank": groups.world.rank,
+        "distributed_optimizer": bool(config.parallel.use_distributed_optimizer),
     }
 
 
 def _named_params(model: Any) -> dict[str, torch.nn.Parameter]:
     """Every local parameter over all model chunks, by global name (chunks use global layer numbers)."""
-    chunks = model if isinstance(model, (list, tuple)) else [model]
     params: dict[str, torch.nn.Parameter] = {}
-    for chunk in chunks:
-        if hasattr(chunk, "finish_param_sync"):
-            chunk.finish_param_sync()  # DDP with overlapped param gather: never touch half-gathered params
-        for name, param in chunk.named_parameters():
+    for chunk in as_model_chunks(model):
+        for name, param in chunk.sharded_state().items():  # waits for any overlapped param all-gather
             name = strip_wrapper_prefix(name)
             if name in params and params[name] is not param:
                 raise CheckpointError(f"parameter name {name} appears in two model chunks; names must be global.")
@@ -94,7 +74,7 @@ def _writes(meta: ParamMeta, layout: dict) -> bool:
     """Whether this rank stores `meta`'s shard: DP rank 0 only; replicated params only on TP rank 0."""
     if meta.is_tied_copy or layout["dp_rank"] != 0:
         return False
-    return meta.tensor_model_parallel or layout["tp_rank"] == 0
+    return meta.shard.is_sharded or layout["tp_rank"] == 0
 
 
 # ---- RNG -----------------------------------------------------------------------------------------
@@ -124,19 +104,21 @@ def _to_tuple(value: Any) -> Any:
 
 # ---- save ----------------------------------------------------------------------------------------
 def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_scheduler: Any,
-                    consumed_samples: int, config: Any, save_dir: Optional[str] = None) -> str:
+                    consumed_samples: int, config: Any, save_dir: Optional[str] = None,
+                    groups: Optional[ProcessGroups] = None) -> str:
     """Save on every rank (collective); returns the published `<save>/iter_NNNNNNN` directory."""
     save_dir = save_dir or config.checkpoint.save
     if not save_dir:
         raise CheckpointError("save_checkpoint: no directory. Pass --save DIR.")
-    layout = _layout(config, optimizer)
-    rank = _rank()
+    groups = _groups(groups)
+    layout = _layout(config, groups)
+    rank = layout["rank"]
     save_optim = optimizer is not None and not config.checkpoint.no_save_optim
     tmp = os.path.join(save_dir, f"iter_{iteration:07d}.tmp")
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
         tmp = prepare_tmp_dir(save_dir, iteration)
-    _barrier()
+    collectives.barrier(groups.world)
 
     params = _named_params(model)
     metas = {name: param_meta_of(name, p, layout["tp"], layout["pp_rank"]) for name, p in params.items()}
@@ -157,7 +139,7 @@ def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_schedu
     atomic_torch_save(get_rng_state(), os.path.join(tmp, rng_file(rank)))
 
     report = {name: (metas[name].to_json(), layout["tp_rank"], here if name in mine else None) for name in metas}
-    reports = _all_gather_object(report)
+    reports = collectives.all_gather_object(report, groups.world)
     if rank == 0:
         common = {}
         if save_optim:
@@ -169,11 +151,11 @@ def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_schedu
         metadata = build_metadata(iteration, consumed_samples, config.to_dict(), saved_layout,
                                   _merge_reports(reports), save_optim)
         atomic_write_text(os.path.join(tmp, METADATA_FILE), json.dumps(metadata, indent=1))
-    _barrier()  # every rank's files are durable before the directory becomes visible
+    collectives.barrier(groups.world)  # every rank's files are durable before the directory becomes visible
     final = os.path.join(save_dir, f"iter_{iteration:07d}")
     if rank == 0:
         publish(save_dir, iteration)
-    _barrier()
+    collectives.barrier(groups.world)
     return final
 
 
@@ -198,7 +180,7 @@ def _merge_reports(reports: list[dict]) -> dict[str, ParamMeta]:
 
 # ---- load ----------------------------------------------------------------------------------------
 def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config: Any,
-                    load_dir: Optional[str] = None) -> tuple[int, int]:
+                    load_dir: Optional[str] = None, groups: Optional[ProcessGroups] = None) -> tuple[int, int]:
     """Load on every rank (collective); returns (iteration, consumed_samples), (0, 0) when `load_dir`
     holds no checkpoint yet (a fresh run, as in Megatron) or with --finetune."""
     ckpt = config.checkpoint
@@ -210,11 +192,12 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
         if not os.path.isfile(os.path.join(load_dir, METADATA_FILE)):
             raise CheckpointError(f"--ckpt-step {ckpt.ckpt_step}: {load_dir} holds no checkpoint. "
                                   "Pick an iteration that exists under --load.")
+    groups = _groups(groups)
     if read_tracker(load_dir) is None and not os.path.isfile(os.path.join(load_dir, METADATA_FILE)):
-        if _rank() == 0:
+        if groups.world.rank == 0:
             warnings.warn(f"no checkpoint in {load_dir} (no latest_checkpointed_iteration.txt): starting from scratch.")
         return 0, 0
-    layout = _layout(config, optimizer)
+    layout = _layout(config, groups)
     params = _named_params(model)
 
     # Validate on every rank, then agree, so that every rank raises the same error instead of some
@@ -226,7 +209,7 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
         problems = _local_problems(reader, params, layout, load_optim)
     except Exception as error:  # noqa: BLE001 - reported by every rank together below, never a lone raise
         problems = [f"{type(error).__name__}: {error}"]
-    results = _all_gather_object((problems, sorted(params)))
+    results = collectives.all_gather_object((problems, sorted(params)), groups.world)
     all_problems = sorted({p for rank_problems, _ in results for p in rank_problems})
     if reader is not None and not all_problems:
         model_names = {n for _, names in results for n in names}
@@ -250,7 +233,7 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
         _load_rng(reader, layout)
     iteration, consumed = (0, 0) if finetune else (reader.iteration, reader.consumed_samples)
     reader.close()
-    _barrier()
+    collectives.barrier(groups.world)
     return iteration, consumed
 
 
@@ -305,9 +288,7 @@ def _mismatch_message(load_dir: str, reader: Optional[CheckpointReader], config:
 
 
 def _local_shard(full: torch.Tensor, param: torch.Tensor, layout: dict) -> torch.Tensor:
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
-    return tp_utils().shard_of_full(full, param, layout["tp_rank"], layout["tp"])
+    return shard_spec_of(param).shard(full, layout["tp_rank"], layout["tp"], param.shape)
 
 
 def _load_model(reader: CheckpointReader, params: dict[str, torch.nn.Parameter], layout: dict) -> None:
@@ -329,23 +310,20 @@ def _optimizer_states(reader: CheckpointReader, params: dict[str, torch.nn.Param
 
 def _refresh_main_params(optimizer: Any, params: dict[str, torch.nn.Parameter]) -> None:
     """Without optimizer state (--no-load-optim, --finetune) the fp32 main copies must still follow the
-    loaded (possibly bf16/fp16) weights; set_parameter_state with only "param" does exactly that."""
-    if hasattr(optimizer, "reload_model_params"):
-        optimizer.reload_model_params()
-    else:
-        optimizer.set_parameter_state({name: {"param": p.detach().float()} for name, p in params.items()})
+    loaded (possibly bf16/fp16) weights."""
+    optimizer.reload_model_params()
 
 
 def _load_rng(reader: CheckpointReader, layout: dict) -> None:
     saved = reader.layout
     same = all(saved.get(k) == layout[k] for k in ("world_size", "tp", "pp"))
     if not same:
-        if _rank() == 0:
+        if layout["rank"] == 0:
             warnings.warn(f"checkpoint layout (world {saved.get('world_size')}, TP {saved.get('tp')}, PP {saved.get('pp')}) "
                           f"differs from this run's (world {layout['world_size']}, TP {layout['tp']}, PP {layout['pp']}): "
                           "RNG states are not restored (as in Megatron).")
         return
-    path = os.path.join(reader.path, rng_file(_rank()))
+    path = os.path.join(reader.path, rng_file(layout["rank"]))
     if not os.path.isfile(path):
         warnings.warn(f"{path} is missing: RNG states are not restored.")
         return

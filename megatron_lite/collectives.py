@@ -10,20 +10,33 @@ Why one place:
 Bytes counted per call are the size of the logical buffer the op works on: the tensor for all_reduce,
 broadcast, send and recv; the gathered output for all_gather; the unreduced input for reduce_scatter;
 the input for all_to_all.
+
+Groups are `process_groups.Group` objects (or raw torch ProcessGroups, or None for the world). Device
+placement is owned here as well: NCCL communicates CUDA tensors and gloo CPU tensors, so every tensor a
+collective receives is checked against its group's backend (a clear error instead of an NCCL crash),
+and values that have no device of their own (a loss to average, a flag, a norm) go through the scalar
+helpers (`all_reduce_scalars`, `any_rank`, `broadcast_scalar`), which create their tensor on
+`device_for(group)`.
 """
 from __future__ import annotations
 
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from megatron_lite import parallel_state
+from megatron_lite.process_groups import Group
 
 _TIMEOUT_MINUTES = 10.0
+_GROUP_NAMES: dict[object, str] = {}  # raw ProcessGroup -> name, registered by parallel_state
+_BACKENDS: dict[object, str] = {}  # raw ProcessGroup (None = world) -> backend name, cached
+# The device each backend communicates from; anything not listed uses the CPU.
+BACKEND_DEVICE: dict[str, Callable[[], torch.device]] = {
+    "nccl": lambda: torch.device("cuda", torch.cuda.current_device()),
+}
 _STATS_LOCK = threading.Lock()
 _STATS: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])  # (group, op) -> [calls, bytes]
 
@@ -36,6 +49,58 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 class CollectiveTimeoutError(RuntimeError):
     """A collective or p2p op did not complete within --distributed-timeout-minutes."""
+
+
+class CollectiveDeviceError(RuntimeError):
+    """A tensor on a device the group's backend cannot communicate (e.g. a CPU tensor under NCCL)."""
+
+
+def register_group_name(handle, name: str) -> None:
+    """Name a raw ProcessGroup for accounting and error messages (parallel_state registers its own)."""
+    _GROUP_NAMES.setdefault(handle, name)
+
+
+def forget_group_names() -> None:
+    _GROUP_NAMES.clear()
+    _BACKENDS.clear()
+
+
+def _handle(group):
+    return group.handle if isinstance(group, Group) else group
+
+
+def group_name(group) -> str:
+    """'tp', 'dp', ... for a Group or a registered ProcessGroup; 'world' for the default group."""
+    if isinstance(group, Group):
+        return group.name
+    if group is None or group is dist.GroupMember.WORLD:
+        return "world"
+    return _GROUP_NAMES.get(group, "other")
+
+
+def backend_of(group) -> str:
+    """The backend ('nccl', 'gloo', ...) a group communicates with; 'gloo' without torch.distributed."""
+    handle = _handle(group)
+    if handle not in _BACKENDS:
+        if not (dist.is_available() and dist.is_initialized()):
+            return "gloo"
+        _BACKENDS[handle] = str(dist.get_backend(handle))
+    return _BACKENDS[handle]
+
+
+def device_for(group) -> torch.device:
+    """The device a tensor must live on to be communicated over `group` (CUDA for NCCL, else CPU)."""
+    make = BACKEND_DEVICE.get(backend_of(group))
+    return make() if make is not None else torch.device("cpu")
+
+
+def _check_device(op: str, tensor: torch.Tensor, group) -> None:
+    expected = device_for(group)
+    if tensor.device.type != expected.type:
+        raise CollectiveDeviceError(
+            f"{op} on group '{group_name(group)}': got a {tensor.device.type} tensor, but the "
+            f"{backend_of(group)} backend communicates {expected.type} tensors. Create the tensor on "
+            "collectives.device_for(group), or use the scalar helpers (all_reduce_scalars, any_rank).")
 
 
 def set_timeout(minutes: float) -> None:
@@ -62,7 +127,7 @@ def bytes_for(op: Optional[str] = None, group: Optional[str] = None) -> int:
 
 def _record(group, op: str, nbytes: int) -> None:
     with _STATS_LOCK:
-        entry = _STATS[(parallel_state.group_name(group), op)]
+        entry = _STATS[(group_name(group), op)]
         entry[0] += 1
         entry[1] += nbytes
 
@@ -72,13 +137,20 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 
 def _group_size(group) -> int:
+    if isinstance(group, Group):
+        return group.size
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
     return dist.get_world_size(group)
 
 
 def _describe(op: str, group) -> str:
-    name = parallel_state.group_name(group)
+    name = group_name(group)
     try:
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        if isinstance(group, Group):
+            ranks = list(group.ranks)
+        else:
+            ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
     except Exception:  # noqa: BLE001 - only for the message
         ranks = "?"
     return (f"{op} on group '{name}' (ranks {ranks}) timed out after {_TIMEOUT_MINUTES:g} min on rank "
@@ -126,7 +198,9 @@ def all_reduce(tensor: torch.Tensor, group=None, op: str = "sum", async_op: bool
     _record(group, "all_reduce", _nbytes(tensor))
     if _group_size(group) == 1:
         return _Work(None, "all_reduce", group) if async_op else None
-    return _run("all_reduce", group, lambda: dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=group, async_op=async_op), async_op)
+    _check_device("all_reduce", tensor, group)
+    handle = _handle(group)
+    return _run("all_reduce", group, lambda: dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=handle, async_op=async_op), async_op)
 
 
 def all_gather_into_tensor(output: torch.Tensor, tensor: torch.Tensor, group=None, async_op: bool = False):
@@ -135,7 +209,9 @@ def all_gather_into_tensor(output: torch.Tensor, tensor: torch.Tensor, group=Non
     if _group_size(group) == 1:
         output.copy_(tensor.reshape(output.shape))
         return _Work(None, "all_gather", group) if async_op else None
-    return _run("all_gather", group, lambda: _all_gather_single(output, tensor.contiguous(), group=group, async_op=async_op), async_op)
+    _check_device("all_gather", output, group)
+    handle = _handle(group)
+    return _run("all_gather", group, lambda: _all_gather_single(output, tensor.contiguous(), group=handle, async_op=async_op), async_op)
 
 
 def all_gather(tensor: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
@@ -157,8 +233,10 @@ def reduce_scatter_tensor(output: torch.Tensor, tensor: torch.Tensor, group=None
     if world == 1:
         output.copy_(tensor.reshape(output.shape))
         return _Work(None, "reduce_scatter", group) if async_op else None
+    _check_device("reduce_scatter", tensor, group)
+    handle = _handle(group)
     return _run("reduce_scatter", group,
-                lambda: _reduce_scatter_single(output, tensor.contiguous(), op=_REDUCE_OPS[op], group=group, async_op=async_op), async_op)
+                lambda: _reduce_scatter_single(output, tensor.contiguous(), op=_REDUCE_OPS[op], group=handle, async_op=async_op), async_op)
 
 
 def reduce_scatter(tensor: torch.Tensor, group=None, dim: int = 0) -> torch.Tensor:
@@ -180,7 +258,9 @@ def all_to_all_single(output: torch.Tensor, tensor: torch.Tensor, group=None, as
     if _group_size(group) == 1:
         output.copy_(tensor)
         return _Work(None, "all_to_all", group) if async_op else None
-    return _run("all_to_all", group, lambda: dist.all_to_all_single(output, tensor.contiguous(), group=group, async_op=async_op), async_op)
+    _check_device("all_to_all", tensor, group)
+    handle = _handle(group)
+    return _run("all_to_all", group, lambda: dist.all_to_all_single(output, tensor.contiguous(), group=handle, async_op=async_op), async_op)
 
 
 def broadcast(tensor: torch.Tensor, src: int, group=None, async_op: bool = False):
@@ -188,7 +268,9 @@ def broadcast(tensor: torch.Tensor, src: int, group=None, async_op: bool = False
     _record(group, "broadcast", _nbytes(tensor))
     if _group_size(group) == 1:
         return _Work(None, "broadcast", group) if async_op else None
-    return _run("broadcast", group, lambda: dist.broadcast(tensor, src=src, group=group, async_op=async_op), async_op)
+    _check_device("broadcast", tensor, group)
+    handle = _handle(group)
+    return _run("broadcast", group, lambda: dist.broadcast(tensor, src=src, group=handle, async_op=async_op), async_op)
 
 
 def broadcast_object(obj: Any, src: int, group=None) -> Any:
@@ -196,7 +278,8 @@ def broadcast_object(obj: Any, src: int, group=None) -> Any:
     if _group_size(group) == 1:
         return obj
     holder = [obj]
-    _run("broadcast_object", group, lambda: dist.broadcast_object_list(holder, src=src, group=group), False)
+    handle = _handle(group)
+    _run("broadcast_object", group, lambda: dist.broadcast_object_list(holder, src=src, group=handle), False)
     _record(group, "broadcast_object", 0)
     return holder[0]
 
@@ -207,7 +290,8 @@ def all_gather_object(obj: Any, group=None) -> list:
     if world == 1:
         return [obj]
     gathered: list = [None] * world
-    _run("all_gather_object", group, lambda: dist.all_gather_object(gathered, obj, group=group), False)
+    handle = _handle(group)
+    _run("all_gather_object", group, lambda: dist.all_gather_object(gathered, obj, group=handle), False)
     _record(group, "all_gather_object", 0)
     return gathered
 
@@ -215,7 +299,36 @@ def all_gather_object(obj: Any, group=None) -> list:
 def barrier(group=None) -> None:
     _record(group, "barrier", 0)
     if dist.is_initialized() and _group_size(group) > 1:
-        _run("barrier", group, lambda: dist.barrier(group=group), False)
+        handle = _handle(group)
+        _run("barrier", group, lambda: dist.barrier(group=handle), False)
+
+
+# ---- values without a device of their own ---------------------------------------------------------
+def _to_host(tensor: torch.Tensor) -> list:
+    return tensor.tolist()
+
+
+def all_reduce_scalars(values: Sequence[float], group=None, op: str = "sum") -> list[float]:
+    """Reduce a few Python numbers over `group` (fp64, on the group's device); every rank gets the result."""
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device_for(group))
+    all_reduce(tensor, group=group, op=op)
+    return [float(v) for v in _to_host(tensor)]
+
+
+def all_reduce_scalar(value: float, group=None, op: str = "sum") -> float:
+    return all_reduce_scalars([value], group, op)[0]
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank of `group` if `flag` is True on any of them."""
+    return all_reduce_scalar(1.0 if flag else 0.0, group, op="max") > 0.0
+
+
+def broadcast_scalar(value: Optional[float], src: int, group=None) -> float:
+    """The number `value` of global rank `src`, on every rank of `group` (others may pass None)."""
+    tensor = torch.tensor([0.0 if value is None else float(value)], dtype=torch.float64, device=device_for(group))
+    broadcast(tensor, src=src, group=group)
+    return float(_to_host(tensor)[0])
 
 
 # ---- point to point ------------------------------------------------------------------------------
@@ -230,12 +343,16 @@ class P2P:
 
 def send(tensor: torch.Tensor, dst: int, group=None) -> None:
     _record(group, "send", _nbytes(tensor))
-    _run("send", group, lambda: dist.send(tensor.contiguous(), dst=dst, group=group), False)
+    _check_device("send", tensor, group)
+    handle = _handle(group)
+    _run("send", group, lambda: dist.send(tensor.contiguous(), dst=dst, group=handle), False)
 
 
 def recv(tensor: torch.Tensor, src: int, group=None) -> None:
     _record(group, "recv", _nbytes(tensor))
-    _run("recv", group, lambda: dist.recv(tensor, src=src, group=group), False)
+    _check_device("recv", tensor, group)
+    handle = _handle(group)
+    _run("recv", group, lambda: dist.recv(tensor, src=src, group=handle), False)
 
 
 def batch_isend_irecv(ops: Sequence[P2P]) -> list[_Work]:
@@ -248,14 +365,15 @@ def batch_isend_irecv(ops: Sequence[P2P]) -> list[_Work]:
         return []
     for p in ops:
         _record(p.group, p.op, _nbytes(p.tensor))
-    backend = dist.get_backend(ops[0].group)
+        _check_device(p.op, p.tensor, p.group)
+    backend = backend_of(ops[0].group)
     if backend == "nccl":
-        p2p_ops = [dist.P2POp(dist.isend if p.op == "send" else dist.irecv, p.tensor, p.peer, p.group) for p in ops]
+        p2p_ops = [dist.P2POp(dist.isend if p.op == "send" else dist.irecv, p.tensor, p.peer, _handle(p.group)) for p in ops]
         works = _call("batch_isend_irecv", ops[0].group, lambda: dist.batch_isend_irecv(p2p_ops))
         return [_Work(w, "batch_isend_irecv", ops[0].group) for w in works]
     handles = []
     for p in ops:
         start = dist.isend if p.op == "send" else dist.irecv
-        work = _call(p.op, p.group, lambda: start(p.tensor, p.peer, group=p.group))
+        work = _call(p.op, p.group, lambda: start(p.tensor, p.peer, group=_handle(p.group)))
         handles.append(_Work(work, p.op, p.group))
     return handles

@@ -12,9 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-
-class ConfigError(ValueError):
-    """An invalid configuration. The message names the flag, the values and a valid alternative."""
+from megatron_lite.errors import ConfigError, fail as _fail
 
 
 def arg(default: Any = None, help: str = "", flag: str | None = None, choices: list | None = None,
@@ -242,10 +240,6 @@ class Config:
         """Fill derived defaults and check every cross-field rule. Raises ConfigError; never touches torch.distributed."""
         validate(self)
         return self
-
-
-def _fail(flag: str, problem: str, fix: str) -> None:
-    raise ConfigError(f"{flag}: {problem}. {fix}")
 
 
 def _divisors(n: int) -> list[int]:

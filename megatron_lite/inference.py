@@ -17,6 +17,14 @@ import torch
 from megatron_lite import collectives, parallel_state as ps
 from megatron_lite.checkpoint_io import CheckpointReader
 from megatron_lite.config import Config
+from megatron_lite.process_groups import ProcessGroups
+
+
+def _groups(groups: Optional[ProcessGroups]) -> ProcessGroups:
+    """The groups passed in, else parallel_state's (a tool that initialised them), else one process."""
+    if groups is not None:
+        return groups
+    return ps.get_process_groups() if ps.model_parallel_is_initialized() else ProcessGroups.single()
 
 
 # ---- model loading --------------------------------------------------------------------------------
@@ -41,68 +49,70 @@ def inference_config(load_dir: str, tp: int = 1, pp: int = 1, bf16: bool = False
     return cfg.validate()
 
 
-def load_model(config: Config, device: Optional[torch.device] = None) -> torch.nn.Module:
-    """This rank's model chunk (parallel_state must match config's TP/PP) with the checkpoint's weights,
+def load_model(config: Config, device: Optional[torch.device] = None,
+               groups: Optional[ProcessGroups] = None) -> torch.nn.Module:
+    """This rank's model chunk (the groups must match config's TP/PP) with the checkpoint's weights,
     resharded on load to this layout, in eval mode."""
     from megatron_lite.checkpointing import load_checkpoint
     from megatron_lite.models.gpt.model import GPTModel
     from megatron_lite.pipeline.stages import layers_for_stage
-    pp_size, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    groups = _groups(groups)
+    pp_size, pp_rank = groups.pp.size, groups.pp.rank
     layers = layers_for_stage(config.model.num_layers, pp_size, pp_rank)
-    model = GPTModel(config, pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1, layer_numbers=layers)
+    model = GPTModel(config, pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1, layer_numbers=layers,
+                     groups=groups)
     if device is not None:
         model = model.to(device)
-    load_checkpoint(model, None, None, config)
+    load_checkpoint(model, None, None, config, groups=groups)
     return model.eval()
 
 
 # ---- one forward through every pipeline stage ----------------------------------------------------
-def _pp() -> tuple[int, int]:
-    return ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-
-
 def pipeline_forward(model: torch.nn.Module, tokens: torch.Tensor, position_ids: torch.Tensor,
-                     inference_context=None, labels: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                     inference_context=None, labels: Optional[torch.Tensor] = None,
+                     groups: Optional[ProcessGroups] = None) -> Optional[torch.Tensor]:
     """Run tokens [b, s] through all stages. Returns, on the last stage, the full-vocabulary logits
     [b, s, vocab] (gathered over TP, padding removed), or the per-token loss [b, s] when labels are
     given; None on other stages."""
-    pp_size, pp_rank = _pp()
+    groups = _groups(groups)
+    pp_size, pp_rank = groups.pp.size, groups.pp.rank
     config = model.config
     batch, seq = tokens.shape
     if pp_rank > 0:
         hidden = torch.empty(seq, batch, config.model.hidden_size, dtype=config.params_dtype, device=tokens.device)
-        collectives.recv(hidden, ps.get_pipeline_model_parallel_prev_rank())
+        collectives.recv(hidden, groups.pp.global_rank(pp_rank - 1))
         model.set_input_tensor(hidden)
     kwargs = {"inference_context": inference_context} if inference_context is not None else {}
     out = model(tokens if pp_rank == 0 else None, position_ids, None,
                 labels=labels if pp_rank == pp_size - 1 else None, **kwargs)
     if pp_rank < pp_size - 1:
-        collectives.send(out, ps.get_pipeline_model_parallel_next_rank())
+        collectives.send(out, groups.pp.global_rank(pp_rank + 1))
         return None
     if labels is not None:
         return out
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        out = collectives.all_gather(out.contiguous(), ps.get_tensor_model_parallel_group(), dim=-1)
+    if groups.tp.size > 1:
+        out = collectives.all_gather(out.contiguous(), groups.tp, dim=-1)
     return out[..., :config.model.vocab_size]
 
 
-def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
+def broadcast_from_last_stage(tensor: torch.Tensor, groups: Optional[ProcessGroups] = None) -> torch.Tensor:
     """Every stage gets the last stage's tensor (same shape and dtype on every rank)."""
-    pp_size, _ = _pp()
-    if pp_size > 1:
-        collectives.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(),
-                              group=ps.get_pipeline_model_parallel_group())
+    groups = _groups(groups)
+    if groups.pp.size > 1:
+        collectives.broadcast(tensor, src=groups.pp.last, group=groups.pp)
     return tensor
 
 
 @torch.no_grad()
-def token_losses(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_losses(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
+                 groups: Optional[ProcessGroups] = None) -> torch.Tensor:
     """Per-token loss [b, s] of a batch, available on every rank (for checking checkpoints)."""
+    groups = _groups(groups)
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    loss = pipeline_forward(model, tokens, positions, labels=labels)
+    loss = pipeline_forward(model, tokens, positions, labels=labels, groups=groups)
     if loss is None:
         loss = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
-    return broadcast_from_last_stage(loss.float().contiguous())
+    return broadcast_from_last_stage(loss.float().contiguous(), groups)
 
 
 # ---- sampling -------------------------------------------------------------------------------------
@@ -137,12 +147,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
              params: Optional[SamplingParams] = None, stop_ids: Sequence[int] = (),
-             use_kv_cache: bool = True) -> list[int]:
+             use_kv_cache: bool = True, groups: Optional[ProcessGroups] = None) -> list[int]:
     """Generate up to max_new_tokens after prompt_ids (stopping after a token in stop_ids). Collective:
     every rank of the model-parallel group calls it with the same arguments; every rank returns the
     same ids. With the KV cache, the prompt is processed once and each step feeds only the new token."""
     from megatron_lite.models.gpt.transformer import InferenceContext
     params = params or SamplingParams()
+    groups = _groups(groups)
     generator = torch.Generator().manual_seed(params.seed)
     device = next(model.parameters()).device
     context = InferenceContext() if use_kv_cache else None
@@ -151,13 +162,13 @@ def generate(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_tokens: 
     for _ in range(max_new_tokens):
         start = context.offset if context is not None else 0
         positions = torch.arange(start, start + step_input.shape[1], device=device)[None]
-        logits = pipeline_forward(model, step_input, positions, context)
+        logits = pipeline_forward(model, step_input, positions, context, groups=groups)
         if context is not None:
             context.advance(step_input.shape[1])
         next_token = torch.zeros(1, dtype=torch.long, device=device)
         if logits is not None:
             next_token.fill_(sample(logits[0, -1], params, generator))
-        next_id = int(broadcast_from_last_stage(next_token).item())
+        next_id = int(broadcast_from_last_stage(next_token, groups).item())
         generated.append(next_id)
         if next_id in stop_ids:
             break

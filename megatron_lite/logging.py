@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_lite import parallel_state as ps
+from megatron_lite.process_groups import ProcessGroups
 
 # Dense bf16 peak TFLOP/s per device, for MFU when --peak-tflops is not given.
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
@@ -63,11 +63,11 @@ def padded_vocab_size(config) -> int:
     return pad_vocab_size(m.vocab_size or 0, m.make_vocab_size_divisible_by, config.parallel.tensor_model_parallel_size)
 
 
-def is_logging_rank() -> bool:
-    if not torch.distributed.is_initialized() or not ps.model_parallel_is_initialized():
+def is_logging_rank(groups: Optional[ProcessGroups] = None) -> bool:
+    """The last pipeline stage's first TP and DP x CP rank (every rank of a one-process layout)."""
+    if groups is None:
         return True
-    return (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_data_parallel_rank(with_context_parallel=True) == 0)
+    return groups.is_last_stage and groups.tp.rank == 0 and groups.dp_cp.rank == 0
 
 
 def memory_gb() -> dict[str, float]:
@@ -80,10 +80,10 @@ def memory_gb() -> dict[str, float]:
 
 
 class MetricsLogger:
-    def __init__(self, config, world_size: int):
+    def __init__(self, config, world_size: int, groups: Optional[ProcessGroups] = None):
         self.config = config
         self.world_size = world_size
-        self.enabled = is_logging_rank()
+        self.enabled = is_logging_rank(groups)
         self.peak_tflops = config.logging.peak_tflops or detect_peak_tflops()
         self.jsonl = None
         self.tensorboard = None

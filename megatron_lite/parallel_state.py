@@ -7,7 +7,10 @@ exactly megatron-core's `RankGenerator` memberships for the same sizes. As in me
 groups use EP = 1 and the expert groups (EP, expert-DP) come from a second grid where EP takes CP's and
 part of DP's place: reshape(pp, expert_dp, ep, tp).
 
-This module is the only holder of global parallel state (besides the RNG tracker).
+This module is the only holder of global parallel state (besides the RNG tracker). Components do not
+read it: `get_process_groups()` returns this rank's groups as one `ProcessGroups` object, which the
+driver hands to the model, DDP, optimizer, pipeline and data code. The getters below (megatron-core's
+names) remain for launchers, tools and tests.
 """
 from __future__ import annotations
 
@@ -19,16 +22,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_lite import collectives
+from megatron_lite.process_groups import Group, ProcessGroups
+
 _ORDER = ("tp", "cp", "ep", "dp", "pp")  # fastest-varying first
 
 # name -> (group for this rank, list of its ranks); filled by initialize_model_parallel.
 _GROUPS: dict[str, tuple[Optional[dist.ProcessGroup], list[int]]] = {}
 # every group created, by name, as a list of rank lists (for the self-check table and tests)
 _ALL_GROUP_RANKS: dict[str, list[list[int]]] = {}
-_GROUP_NAMES: dict[object, str] = {}  # ProcessGroup -> name, for collectives' accounting and errors
 _PG_CACHE: dict[tuple[int, ...], object] = {}  # rank list -> ProcessGroup (each created once)
 _VIRTUAL_PP_SIZE: Optional[int] = None
 _VIRTUAL_PP_RANK: Optional[int] = None
+_PROCESS_GROUPS: Optional[ProcessGroups] = None
 
 
 def rank_groups(world_size: int, sizes: dict[str, int], dims: tuple[str, ...],
@@ -68,7 +74,6 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
-    from megatron_lite import collectives
     collectives.set_timeout(timeout_minutes)
 
 
@@ -110,6 +115,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
         "pp": (dense, ("pp",)),
         "mp": (dense, ("tp", "pp")),
         "tp_cp": (dense, ("tp", "cp")),
+        "tp_dp": (dense, ("tp", "dp")),
         "tp_dp_cp": (dense, ("tp", "dp", "cp")),
         "ep": (expert, ("ep",)),
         "expert_dp": (expert, ("dp",)),
@@ -140,7 +146,7 @@ def _make_groups(name: str, groups: list[list[int]], rank: int) -> None:
         if rank in ranks:
             group = _PG_CACHE[key]
             _GROUPS[name] = (group, ranks)
-            _GROUP_NAMES.setdefault(group, name)
+            collectives.register_group_name(group, name)
 
 
 def model_parallel_is_initialized() -> bool:
@@ -163,9 +169,29 @@ def _ranks(name: str) -> list[int]:
 
 def group_name(group) -> str:
     """The name ('tp', 'dp', ...) of a group made here; 'world' for the default group."""
-    if group is None or group is dist.GroupMember.WORLD:
-        return "world"
-    return _GROUP_NAMES.get(group, "other")
+    return collectives.group_name(group)
+
+
+def _group_object(name: str) -> Optional[Group]:
+    if name not in _GROUPS:
+        return None
+    handle, ranks = _GROUPS[name]
+    # Groups with the same members share one communicator and one name in the byte accounting (with CP = 1,
+    # 'dp_cp' is the 'dp' group), so a Group is named after its communicator.
+    return Group(collectives.group_name(handle), tuple(ranks), ranks.index(dist.get_rank()), handle)
+
+
+def get_process_groups() -> ProcessGroups:
+    """This rank's groups as the object handed to every component (built once per initialisation)."""
+    global _PROCESS_GROUPS
+    if not _GROUPS:
+        raise RuntimeError("model parallel groups are not initialised: call initialize_model_parallel() first.")
+    if _PROCESS_GROUPS is None:
+        world = Group("world", tuple(range(dist.get_world_size())), dist.get_rank(), None)
+        fields = {name: _group_object(name) for name in ("tp", "pp", "dp", "dp_cp", "cp", "mp", "tp_cp", "tp_dp",
+                                                          "tp_dp_cp", "ep", "expert_dp", "tp_ep")}
+        _PROCESS_GROUPS = ProcessGroups(world=world, embd=_group_object("embd"), vp_size=_VIRTUAL_PP_SIZE, **fields)
+    return _PROCESS_GROUPS
 
 
 def group_ranks(name: str) -> list[int]:
@@ -264,7 +290,7 @@ def get_model_parallel_group():
 
 
 def get_tensor_and_data_parallel_group(with_context_parallel: bool = True):
-    return _group("tp_dp_cp")
+    return _group("tp_dp_cp" if with_context_parallel else "tp_dp")
 
 
 def get_embedding_group():
@@ -329,13 +355,14 @@ def is_pipeline_last_stage(ignore_virtual: bool = False) -> bool:
 
 def destroy_model_parallel() -> None:
     """Forget every group (and destroy their communicators) so initialize_model_parallel can run again."""
-    global _VIRTUAL_PP_SIZE, _VIRTUAL_PP_RANK
+    global _VIRTUAL_PP_SIZE, _VIRTUAL_PP_RANK, _PROCESS_GROUPS
     for group in _PG_CACHE.values():
         if group not in (None, dist.GroupMember.WORLD, dist.GroupMember.NON_GROUP_MEMBER):
             dist.destroy_process_group(group)
     _PG_CACHE.clear()
     _GROUPS.clear()
     _ALL_GROUP_RANKS.clear()
-    _GROUP_NAMES.clear()
+    collectives.forget_group_names()
     _VIRTUAL_PP_SIZE = None
     _VIRTUAL_PP_RANK = None
+    _PROCESS_GROUPS = None

@@ -23,8 +23,9 @@ from megatron_lite.kernels.registry import select_kernels
 from megatron_lite.logging import MetricsLogger, print_rank_0
 from megatron_lite.optimizer import get_megatron_optimizer
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
-from megatron_lite.pipeline.schedules import get_forward_backward_func
+from megatron_lite.pipeline.runner import get_forward_backward_func
 from megatron_lite.pipeline.stages import build_model_chunks
+from megatron_lite.process_groups import ProcessGroups
 from megatron_lite.tensor_parallel.random import model_parallel_seed
 
 
@@ -71,10 +72,8 @@ class _SignalFlag:
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
         self.received = True
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        collectives.all_reduce(flag, op="max")
-        return bool(flag.item())
+    def any_rank(self, groups: ProcessGroups) -> bool:
+        return collectives.any_rank(self.received, groups.world)
 
 
 # ---- set-up -------------------------------------------------------------------------------------
@@ -86,8 +85,9 @@ class TrainState:
     nan_iterations: int = 0
 
 
-def initialize(config: Config) -> None:
-    """torch.distributed, parallel groups and seeds. Config has been validated on every rank already."""
+def initialize(config: Config) -> ProcessGroups:
+    """torch.distributed, parallel groups and seeds; returns this rank's groups (handed to every component).
+    Config has been validated on every rank already."""
     p = config.parallel
     ps.init_distributed(p.distributed_backend, p.distributed_timeout_minutes)
     world = torch.distributed.get_world_size()
@@ -97,17 +97,23 @@ def initialize(config: Config) -> None:
     ps.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                  p.virtual_pipeline_model_parallel_size, p.context_parallel_size,
                                  p.expert_model_parallel_size)
+    groups = ps.get_process_groups()
     # Offset by pipeline stage (as Megatron does) so dropout on different stages draws different masks;
     # weights do not depend on it (they are drawn from the seed and each parameter's name).
-    model_parallel_seed(config.training.seed + 100 * ps.get_pipeline_model_parallel_rank())
+    model_parallel_seed(config.training.seed + 100 * groups.pp.rank, groups.tp.rank)
+    return groups
 
 
-def setup_model_and_optimizer(config: Config, model_provider: Callable):
-    chunks = build_model_chunks(config, model_provider)
+def setup_model_and_optimizer(config: Config, model_provider: Callable, groups: Optional[ProcessGroups] = None):
+    """This rank's model chunks (DDP-wrapped), the optimizer and the LR scheduler. `groups` defaults to
+    the groups parallel_state holds (one process when none were initialised)."""
+    if groups is None:
+        groups = ps.get_process_groups() if ps.model_parallel_is_initialized() else ProcessGroups.single()
+    chunks = build_model_chunks(config, model_provider, groups)
     if torch.cuda.is_available():
         chunks = [chunk.cuda() for chunk in chunks]
-    model = [DistributedDataParallel(config, chunk) for chunk in chunks]
-    optimizer = get_megatron_optimizer(config, model)
+    model = [DistributedDataParallel(config, chunk, groups=groups) for chunk in chunks]
+    optimizer = get_megatron_optimizer(config, model, groups)
     scheduler = build_lr_scheduler(config, optimizer)
     return model, optimizer, scheduler
 
@@ -141,13 +147,12 @@ def train_iters(config: Config) -> int:
     return 0
 
 
-def _chunk_needs_data(chunk_index: int, num_chunks: int) -> bool:
-    pp_rank, pp_size = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
-    return (pp_rank == 0 and chunk_index == 0) or (pp_rank == pp_size - 1 and chunk_index == num_chunks - 1)
+def _chunk_needs_data(chunk_index: int, num_chunks: int, groups: ProcessGroups) -> bool:
+    return (groups.is_first_stage and chunk_index == 0) or (groups.is_last_stage and chunk_index == num_chunks - 1)
 
 
 def build_data_iterators(config: Config, datasets_provider: Callable, consumed_samples: int, num_chunks: int,
-                         eval_consumed: int = 0):
+                         eval_consumed: int = 0, groups: Optional[ProcessGroups] = None):
     """One iterator per model chunk for each split: only chunks on the first/last stage read data, and
     only TP rank 0 of them reads it (pretrain_gpt's get_batch broadcasts over TP)."""
     from megatron_lite.data import build_pretraining_data_loader
@@ -159,15 +164,16 @@ def build_data_iterators(config: Config, datasets_provider: Callable, consumed_s
     # Every rank builds the datasets (cheap: memory-mapped), because index caching is collective:
     # rank 0 builds the index files while the others wait at a world barrier, then load them. Only the
     # ranks that feed a model chunk (TP rank 0 of the first and last stage) get loaders.
+    groups = groups or ProcessGroups.single()
     datasets = datasets_provider(config, num_samples)
-    if ps.get_tensor_model_parallel_rank() != 0:
+    if groups.tp.rank != 0:
         datasets = (None, None, None)
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    dp_rank, dp_size = groups.dp.rank, groups.dp.size
 
     def iterators(dataset, consumed: int, cyclic: bool) -> list[Optional[Iterator]]:
         out = []
         for c in range(num_chunks):
-            if dataset is None or not _chunk_needs_data(c, num_chunks):
+            if dataset is None or not _chunk_needs_data(c, num_chunks, groups):
                 out.append(None)
                 continue
             loader = build_pretraining_data_loader(dataset, consumed, t.micro_batch_size, dp_rank, dp_size,
@@ -190,8 +196,9 @@ def _has_data(iterators) -> bool:
 
 # ---- the step -----------------------------------------------------------------------------------
 def train_step(config: Config, forward_step_func, data_iterators, model, optimizer, scheduler,
-               num_microbatches: int, global_batch_size: int):
-    forward_backward = get_forward_backward_func(config)
+               num_microbatches: int, global_batch_size: int, groups: Optional[ProcessGroups] = None):
+    groups = groups or ProcessGroups.single()
+    forward_backward = get_forward_backward_func(config, groups)
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -205,7 +212,7 @@ def train_step(config: Config, forward_step_func, data_iterators, model, optimiz
     update_successful, grad_norm, num_zeros = optimizer.step()
     if update_successful:
         scheduler.step(increment=global_batch_size)
-    return _average_losses(losses), update_successful, grad_norm, num_zeros
+    return _average_losses(losses, groups), update_successful, grad_norm, num_zeros
 
 
 def _no_sync_func(model):
@@ -219,17 +226,18 @@ def _no_sync_func(model):
     return no_sync
 
 
-def _average_losses(losses: list[dict]) -> Optional[float]:
+def _average_losses(losses: list[dict], groups: ProcessGroups) -> Optional[float]:
     """Mean of the micro-batch losses on the last stage, averaged over DP (for reporting only)."""
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+    if not groups.is_last_stage:
         return None
-    value = torch.tensor([sum(float(d["lm loss"]) for d in losses) / max(1, len(losses))], dtype=torch.float64)
-    collectives.all_reduce(value, group=ps.get_data_parallel_group(with_context_parallel=True))
-    return value.item() / ps.get_data_parallel_world_size(with_context_parallel=True)
+    value = sum(float(d["lm loss"]) for d in losses) / max(1, len(losses))
+    return collectives.all_reduce_scalar(value, groups.dp_cp) / groups.dp_cp.size
 
 
-def evaluate(config: Config, forward_step_func, data_iterators, model, num_microbatches: int) -> Optional[float]:
-    forward_backward = get_forward_backward_func(config)
+def evaluate(config: Config, forward_step_func, data_iterators, model, num_microbatches: int,
+             groups: Optional[ProcessGroups] = None) -> Optional[float]:
+    groups = groups or ProcessGroups.single()
+    forward_backward = get_forward_backward_func(config, groups)
     for chunk in model:
         chunk.eval()
     total, count = 0.0, 0
@@ -240,19 +248,12 @@ def evaluate(config: Config, forward_step_func, data_iterators, model, num_micro
                 data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
                 model=model, num_microbatches=num_microbatches, seq_length=config.model.seq_length,
                 micro_batch_size=config.training.micro_batch_size, config=config, forward_only=True)
-            loss = _average_losses(losses)
+            loss = _average_losses(losses, groups)
             if loss is not None:
                 total, count = total + loss, count + 1
     for chunk in model:
         chunk.train()
     return total / count if count else None
-
-
-def _broadcast_from_last_stage(value: Optional[float]) -> Optional[float]:
-    """Make the last stage's loss known on every rank (for exit decisions and messages)."""
-    tensor = torch.tensor([value if value is not None else 0.0], dtype=torch.float64)
-    collectives.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-    return tensor.item()
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -262,73 +263,126 @@ def pretrain(config: Config, model_provider: Callable, forward_step_func: Callab
     # Kernel availability (--transformer-impl transformer_engine, --fp8-format) is checked on every rank before
     # the first collective, so a missing TE or GPU is an error naming the flag, not a hang.
     select_kernels(config, log=False)
-    initialize(config)
-    world = torch.distributed.get_world_size()
-    logger = MetricsLogger(config, world)
-    model, optimizer, scheduler = setup_model_and_optimizer(config, model_provider)
+    groups = initialize(config)
+    logger = MetricsLogger(config, groups.world.size, groups)
+    model, optimizer, scheduler = setup_model_and_optimizer(config, model_provider, groups)
     state = TrainState()
     if config.checkpoint.load:
-        state.iteration, state.consumed_train_samples = load_checkpoint(model, optimizer, scheduler, config)
-    _print_summary(config, model)
+        state.iteration, state.consumed_train_samples = load_checkpoint(model, optimizer, scheduler, config, groups=groups)
+    _print_summary(config, model, groups)
+    run = _Run(config, groups, model, optimizer, scheduler, forward_step_func, logger, state, start_time)
+    run.data = build_data_iterators(config, datasets_provider, state.consumed_train_samples, len(model),
+                                    run.eval_consumed(), groups)
+    try:
+        run.train_and_evaluate()
+    finally:
+        logger.close()
+    shutdown()
+    run.summary["iteration"] = state.iteration
+    return run.summary
 
-    total_iters = train_iters(config)
-    batches = NumMicroBatchesCalculator(config)
-    t = config.training
-    eval_consumed = (state.iteration // t.eval_interval) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
-    train_data, valid_data, test_data = build_data_iterators(config, datasets_provider, state.consumed_train_samples,
-                                                             len(model), eval_consumed)
-    signals = _SignalFlag(config.training.exit_signal_handler)
-    summary = {"iteration": state.iteration, "train_losses": [], "valid_loss": None}
-    saved_at = None
 
-    def save(reason: str) -> None:
-        nonlocal saved_at
-        if config.checkpoint.save and saved_at != state.iteration:
-            save_checkpoint(state.iteration, model, optimizer, scheduler, state.consumed_train_samples, config)
-            saved_at = state.iteration
+class _Run:
+    """One pretrain() call: the training loop, evaluations, saves and exit decisions."""
+
+    def __init__(self, config: Config, groups: ProcessGroups, model, optimizer, scheduler, forward_step_func,
+                 logger: MetricsLogger, state: TrainState, start_time: float):
+        self.config, self.groups, self.model = config, groups, model
+        self.optimizer, self.scheduler, self.forward_step_func = optimizer, scheduler, forward_step_func
+        self.logger, self.state, self.start_time = logger, state, start_time
+        self.batches = NumMicroBatchesCalculator(config)
+        self.signals = _SignalFlag(config.training.exit_signal_handler)
+        self.summary: dict = {"iteration": state.iteration, "train_losses": [], "valid_loss": None}
+        self.saved_at: Optional[int] = None
+        self.data = ([], [], [])
+
+    def eval_consumed(self) -> int:
+        t = self.config.training
+        return (self.state.iteration // t.eval_interval) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
+
+    def save(self, reason: str) -> None:
+        config, state = self.config, self.state
+        if config.checkpoint.save and self.saved_at != state.iteration:
+            save_checkpoint(state.iteration, self.model, self.optimizer, self.scheduler, state.consumed_train_samples,
+                            config, groups=self.groups)
+            self.saved_at = state.iteration
             print_rank_0(f"saved checkpoint at iteration {state.iteration} to {config.checkpoint.save} ({reason})")
 
-    window_start, window_iters = time.time(), 0
-    if not t.skip_train:
+    def train_and_evaluate(self) -> None:
+        t = self.config.training
+        train_data, valid_data, test_data = self.data
+        if not t.skip_train:
+            if self.train(train_data, valid_data):
+                return  # an exit condition fired (after a save)
+            if self.state.iteration > 0:
+                self.save("end of training")
+        if self.any(valid_data) and (t.skip_train or not t.eval_interval or self.state.iteration % t.eval_interval != 0):
+            self.run_eval("valid", valid_data)
+        if self.any(test_data):
+            self.run_eval("test", test_data)
+
+    def train(self, train_data, valid_data) -> bool:
+        """The loop; True if it stopped early on an exit condition."""
+        config, state, t = self.config, self.state, self.config.training
+        total_iters = train_iters(config)
+        window_start, window_iters = time.time(), 0
         while state.iteration < total_iters:
-            batches.update(state.consumed_train_samples)
-            loss, ok, grad_norm, num_zeros = train_step(config, forward_step_func, train_data, model, optimizer,
-                                                        scheduler, batches.num_microbatches, batches.global_batch_size)
+            self.batches.update(state.consumed_train_samples)
+            loss, ok, grad_norm, num_zeros = train_step(
+                config, self.forward_step_func, train_data, self.model, self.optimizer, self.scheduler,
+                self.batches.num_microbatches, self.batches.global_batch_size, self.groups)
             state.iteration += 1
-            state.consumed_train_samples += batches.global_batch_size
-            if not ok:
-                state.skipped_iterations += 1
+            state.consumed_train_samples += self.batches.global_batch_size
+            state.skipped_iterations += 0 if ok else 1
             if grad_norm is not None and not math.isfinite(grad_norm):
                 state.nan_iterations += 1
             window_iters += 1
             if loss is not None:
-                summary["train_losses"].append(loss)
+                self.summary["train_losses"].append(loss)
             if state.iteration % config.logging.log_interval == 0:
-                elapsed = (time.time() - window_start) / window_iters
-                logger.log_training(state.iteration, total_iters, state.consumed_train_samples, loss,
-                                    optimizer.get_lr(), batches.global_batch_size, grad_norm, num_zeros,
-                                    float(optimizer.get_loss_scale()), state.skipped_iterations,
-                                    state.nan_iterations, elapsed)
+                self.log(loss, grad_norm, num_zeros, (time.time() - window_start) / window_iters)
                 window_start, window_iters = time.time(), 0
-            if t.eval_interval and state.iteration % t.eval_interval == 0 and _any(valid_data):
-                _run_eval(config, "valid", forward_step_func, valid_data, model, batches, state, logger, summary)
+            if t.eval_interval and state.iteration % t.eval_interval == 0 and self.any(valid_data):
+                self.run_eval("valid", valid_data)
             if config.checkpoint.save_interval and state.iteration % config.checkpoint.save_interval == 0:
-                save("interval")
-            if _should_exit(config, state, start_time, signals, save):
-                summary["iteration"] = state.iteration
-                logger.close()
-                shutdown()
-                return summary
-        if state.iteration > 0:
-            save("end of training")
-    if _any(valid_data) and (t.skip_train or not t.eval_interval or state.iteration % t.eval_interval != 0):
-        _run_eval(config, "valid", forward_step_func, valid_data, model, batches, state, logger, summary)
-    if _any(test_data):
-        _run_eval(config, "test", forward_step_func, test_data, model, batches, state, logger, summary)
-    summary["iteration"] = state.iteration
-    logger.close()
-    shutdown()
-    return summary
+                self.save("interval")
+            if self.should_exit():
+                return True
+        return False
+
+    def log(self, loss, grad_norm, num_zeros, elapsed: float) -> None:
+        state = self.state
+        self.logger.log_training(state.iteration, train_iters(self.config), state.consumed_train_samples, loss,
+                                 self.optimizer.get_lr(), self.batches.global_batch_size, grad_norm, num_zeros,
+                                 float(self.optimizer.get_loss_scale()), state.skipped_iterations,
+                                 state.nan_iterations, elapsed)
+
+    def any(self, iterators) -> bool:
+        """Whether any rank has data for this split (all ranks must agree before a collective schedule)."""
+        return collectives.any_rank(_has_data(iterators), self.groups.world)
+
+    def run_eval(self, split: str, data) -> None:
+        loss = evaluate(self.config, self.forward_step_func, data, self.model, self.batches.num_microbatches, self.groups)
+        if self.groups.is_last_stage and loss is not None:
+            self.logger.log_evaluation(split, self.state.iteration, self.state.consumed_train_samples, loss)
+        self.summary[f"{split}_loss"] = collectives.broadcast_scalar(loss, src=self.groups.pp.last, group=self.groups.pp)
+
+    def should_exit(self) -> bool:
+        t, state = self.config.training, self.state
+        reason = None
+        if self.signals.any_rank(self.groups):
+            reason = "SIGTERM"
+        elif t.exit_interval and state.iteration % t.exit_interval == 0:
+            reason = f"--exit-interval {t.exit_interval}"
+        elif t.exit_duration_in_mins:
+            elapsed = collectives.all_reduce_scalar((time.time() - self.start_time) / 60.0, self.groups.world, op="max")
+            if elapsed > t.exit_duration_in_mins:
+                reason = f"--exit-duration-in-mins {t.exit_duration_in_mins}"
+        if reason is None:
+            return False
+        self.save(reason)
+        print_rank_0(f"exiting at iteration {state.iteration} ({reason})")
+        return True
 
 
 def shutdown() -> None:
@@ -340,43 +394,9 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _any(iterators) -> bool:
-    """Whether any rank has data for this split (all ranks must agree before a collective schedule)."""
-    flag = torch.tensor([1.0 if _has_data(iterators) else 0.0])
-    collectives.all_reduce(flag, op="max")
-    return bool(flag.item())
-
-
-def _run_eval(config, split, forward_step_func, data, model, batches, state, logger, summary) -> None:
-    loss = evaluate(config, forward_step_func, data, model, batches.num_microbatches)
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and loss is not None:
-        logger.log_evaluation(split, state.iteration, state.consumed_train_samples, loss)
-    summary[f"{split}_loss"] = _broadcast_from_last_stage(loss)
-
-
-def _should_exit(config: Config, state: TrainState, start_time: float, signals: _SignalFlag, save) -> bool:
-    t = config.training
-    reason = None
-    if signals.any_rank():
-        reason = "SIGTERM"
-    elif t.exit_interval and state.iteration % t.exit_interval == 0:
-        reason = f"--exit-interval {t.exit_interval}"
-    elif t.exit_duration_in_mins:
-        elapsed = torch.tensor([(time.time() - start_time) / 60.0])
-        collectives.all_reduce(elapsed, op="max")
-        if elapsed.item() > t.exit_duration_in_mins:
-            reason = f"--exit-duration-in-mins {t.exit_duration_in_mins}"
-    if reason is None:
-        return False
-    save(reason)
-    print_rank_0(f"exiting at iteration {state.iteration} ({reason})")
-    return True
-
-
-def _print_summary(config: Config, model) -> None:
+def _print_summary(config: Config, model, groups: ProcessGroups) -> None:
     local = sum(p.numel() for chunk in model for p in chunk.parameters())
-    counts = collectives.all_gather_object(
-        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(), local))
+    counts = collectives.all_gather_object((groups.pp.rank, groups.tp.rank, groups.dp.rank, local), groups.world)
     per_stage: dict[int, int] = {}
     for pp_rank, tp_rank, dp_rank, n in counts:
         if dp_rank == 0:

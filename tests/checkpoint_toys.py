@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from megatron_lite.pipeline.stages import layers_for_stage
+from megatron_lite.tensor_parallel.shard_spec import ShardSpec, set_shard_spec, shard_spec_of
 from megatron_lite.tensor_parallel.utils import pad_vocab_size, seed_for, shard_of_full
 
 VOCAB, HIDDEN, FFN, DIVISIBLE_BY = 50, 8, 12, 4
@@ -56,8 +57,7 @@ class ToyChunk(nn.Module):
                 rows = pad_vocab_size(unpadded, DIVISIBLE_BY, tp_size) if unpadded else shape[dim]
                 local_shape[dim] = rows // tp_size
             param = nn.Parameter(torch.empty(local_shape))
-            param.tensor_model_parallel, param.partition_dim = parallel, dim
-            param.partition_stride, param.unpadded_size = stride, unpadded
+            set_shard_spec(param, ShardSpec(dim if parallel else None, stride if parallel else 1, unpadded_size=unpadded))
             param.toy_first_row = tp_rank * local_shape[dim] if parallel else 0
             param.shared_embedding = tied and pp_size > 1 and name in ("embedding.word_embeddings.weight", "output_layer.weight")
             with torch.no_grad():
@@ -143,12 +143,13 @@ def train_step(chunks, optimizer: ToyAdam, scheduler: ToyScheduler) -> None:
     """A step whose gradient draws from the torch RNG (like dropout), so RNG restore matters."""
     for name, param in named(chunks).items():
         param.grad = param.detach() * 0.1 + torch.randn(param.shape) * math.sqrt(0.01)
-        if param.shared_embedding or not param.tensor_model_parallel:
+        spec = shard_spec_of(param)
+        if param.shared_embedding or not spec.is_sharded:
             # Replicas must stay equal (TP-replicated params; the tied pair, which the embedding-group
             # all-reduce keeps equal), so only TP shards see the RNG, like TP-local dropout.
             param.grad = param.detach() * 0.1
-        if param.unpadded_size is not None:  # padded vocab rows get no gradient and stay zero (internals.md)
-            first_pad = max(0, param.unpadded_size - param.toy_first_row)
+        if spec.unpadded_size is not None:  # padded vocab rows get no gradient and stay zero (internals.md)
+            first_pad = max(0, spec.unpadded_size - param.toy_first_row)
             param.grad[first_pad:] = 0
     optimizer.step()
     scheduler.step()

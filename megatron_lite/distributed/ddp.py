@@ -14,14 +14,15 @@ Gradients are pre-multiplied by 1/(DP x CP) so the summing collective yields the
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
-from megatron_lite import parallel_state
-from megatron_lite.config import Config
+from megatron_lite.config import Config, ConfigError
+from megatron_lite.distributed.model_chunk import ModelChunk
 from megatron_lite.distributed.param_and_grad_buffer import ParamAndGradBuffer
+from megatron_lite.process_groups import ProcessGroups
 
 
 def default_bucket_size(dp_size: int) -> int:
@@ -29,22 +30,27 @@ def default_bucket_size(dp_size: int) -> int:
     return max(40_000_000, 1_000_000 * dp_size)
 
 
-class DistributedDataParallel(nn.Module):
-    """Wraps ONE model chunk. Keys of state_dict() are the module's own (global) parameter names."""
+class DistributedDataParallel(ModelChunk):
+    """Wraps ONE model chunk (the ModelChunk interface, model_chunk.py). Keys of state_dict() are the
+    module's own (global) parameter names. `groups` (default: one process) gives the data-parallel group."""
 
-    def __init__(self, config: Config, module: nn.Module, disable_bucketing: bool = False):
-        super().__init__()
+    def __init__(self, config: Config, module: nn.Module, disable_bucketing: bool = False,
+                 groups: Optional[ProcessGroups] = None):
+        super().__init__(module)
         self.config = config
-        self.module = module
         parallel = config.parallel
         self.overlap_grad_reduce = parallel.overlap_grad_reduce
         self.use_distributed_optimizer = parallel.use_distributed_optimizer
         self.overlap_param_gather = parallel.overlap_param_gather and self.use_distributed_optimizer
 
         # CP ranks see different tokens of the same samples, so their grads are averaged like DP's.
-        self.dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        self.dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
-        self.dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        groups = groups or ProcessGroups.single()
+        expected = config.data_parallel_size * parallel.context_parallel_size
+        if groups.dp_cp.size != expected:
+            raise ConfigError(f"DistributedDataParallel: the config gives DP x CP = {expected} but the process groups "
+                              f"have {groups.dp_cp.size} data-parallel ranks. Pass groups=parallel_state.get_process_groups().")
+        self.dp_group = groups.dp_cp
+        self.dp_size, self.dp_rank = groups.dp_cp.size, groups.dp_cp.rank
         bucket_size = None if disable_bucketing else (parallel.ddp_bucket_size or default_bucket_size(self.dp_size))
 
         # One buffer per (param dtype, grad dtype): bf16 params always accumulate grads in fp32.
@@ -55,12 +61,12 @@ class DistributedDataParallel(nn.Module):
             fp32_grads = parallel.accumulate_allreduce_grads_in_fp32 or param.dtype == torch.bfloat16
             grad_dtype = torch.float32 if fp32_grads else param.dtype
             by_dtype.setdefault((param.dtype, grad_dtype), []).append(param)
-        self.param_and_grad_buffers: list[ParamAndGradBuffer] = [
+        self._buffers: list[ParamAndGradBuffer] = [
             ParamAndGradBuffer(params, param_dtype, grad_dtype, bucket_size, self.dp_group, self.dp_size,
                                self.dp_rank, self.use_distributed_optimizer, 1.0 / self.dp_size)
             for (param_dtype, grad_dtype), params in by_dtype.items()]
         self.buffer_of: dict[int, ParamAndGradBuffer] = {
-            id(p): buffer for buffer in self.param_and_grad_buffers for p in buffer.params}
+            id(p): buffer for buffer in self._buffers for p in buffer.params}
 
         self.is_last_microbatch = True
         self._hook_handles = []
@@ -93,9 +99,14 @@ class DistributedDataParallel(nn.Module):
             if buffer is not None:
                 buffer.finish_bucket_param_sync(buffer.bucket_of[id(param)])
 
-    # ---- the Megatron DDP interface --------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+    # ---- the ModelChunk interface (Megatron's DDP) --------------------------------------------------
+    @property
+    def param_and_grad_buffers(self) -> list[ParamAndGradBuffer]:
+        return self._buffers
+
+    @property
+    def shards_optimizer_state(self) -> bool:
+        return self.use_distributed_optimizer
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -134,24 +145,3 @@ class DistributedDataParallel(nn.Module):
         for buffer in self.param_and_grad_buffers:
             for bucket in buffer.buckets:
                 buffer.finish_bucket_param_sync(bucket)
-
-    def state_dict(self, *args, **kwargs):
-        self.finish_param_sync()  # never save half-gathered parameters
-        return self.module.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True):
-        self.finish_param_sync()
-        # copy_ keeps param.data pointing into the contiguous param buffer.
-        return self.module.load_state_dict(state_dict, strict=strict)
-
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        # The module's global names, without a "module." prefix (layout-invariant keys). Whoever reads
-        # parameters (checkpoint writers, tests) must not see a half-finished overlapped all-gather.
-        self.finish_param_sync()
-        return self.module.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)  # e.g. set_input_tensor for the pipeline engine

@@ -95,13 +95,13 @@ def te_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_ma
     return out.view(b, s, heads, d).transpose(1, 2)
 
 
-def te_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """TE's fused (Triton) vocab-parallel cross entropy: per-token loss, no fp32 copy of the logits."""
+def te_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """TE's fused (Triton) vocab-parallel cross entropy: per-token loss, no fp32 copy of the logits.
+    `tp_group` is the process_groups.Group the vocabulary is split over (None: one rank)."""
     from transformer_engine.pytorch.cross_entropy import parallel_cross_entropy
 
-    from megatron_lite import parallel_state
-    group = parallel_state.get_tensor_model_parallel_group() if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
-    return parallel_cross_entropy(logits, target, 0.0, False, group).float()
+    handle = tp_group.handle if tp_group is not None and tp_group.size > 1 else None
+    return parallel_cross_entropy(logits, target, 0.0, False, handle).float()
 
 
 def te_cross_entropy_available() -> bool:

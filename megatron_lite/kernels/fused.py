@@ -90,10 +90,12 @@ def compiled_apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return compiled(rope.apply_rotary)(x, cos, sin)
 
 
-def torch_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def torch_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None) -> torch.Tensor:
     """Per-token cross entropy (fp32) when this rank holds the whole vocabulary (TP = 1): torch's fused
     log-softmax + NLL (3 passes over the logits instead of the vocab-parallel path's max / sub / exp /
     sum / div). Same result as tensor_parallel.vocab_parallel_cross_entropy at TP = 1, padded -inf
-    entries included."""
+    entries included. Refuses a split vocabulary (`tp_group` of more than one rank)."""
+    if tp_group is not None and tp_group.size > 1:
+        raise ValueError("torch_cross_entropy needs the whole vocabulary on this rank (TP = 1)")
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
     return loss.view(target.shape)

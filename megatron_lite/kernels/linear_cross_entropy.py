@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from megatron_lite.process_groups import Group
 from megatron_lite.tensor_parallel.cross_entropy import all_reduce_over_tp, local_targets, subtract_one_hot_
 from megatron_lite.tensor_parallel.layers import mask_padded_vocab
 
@@ -37,7 +38,7 @@ def default_chunk_tokens(vocab_local: int, device_type: str) -> int:
 
 
 def _chunks(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_size: int,
-            chunk_tokens: int, weights: Optional[torch.Tensor], want_dx: bool, want_dw: bool):
+            chunk_tokens: int, tp_group: Group, weights: Optional[torch.Tensor], want_dx: bool, want_dw: bool):
     """One pass over the tokens: the per-token loss and, if wanted, d loss/d x (unweighted: the caller
     scales its rows) and d loss/d weight for per-token weights `weights` (None = all 1)."""
     tokens, vocab_local = x.shape[0], weight.shape[0]
@@ -56,14 +57,14 @@ def _chunks(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_s
         logits = low if low.dtype == torch.float32 else fp32_buf[:e - s].copy_(low)
         mask_padded_vocab(logits, vocab_start, vocab_size)  # in place
         logits_max = logits.amax(dim=-1)
-        all_reduce_over_tp(logits_max, op="max")
+        all_reduce_over_tp(logits_max, tp_group, op="max")
         logits.sub_(logits_max.unsqueeze(-1))
         local_t, outside = local_targets(tc, vocab_start, vocab_local)
         stats = torch.empty(2, e - s, dtype=torch.float32, device=x.device)
         stats[0] = logits.gather(-1, local_t).squeeze(-1).masked_fill(outside, 0.0)
         logits.exp_()
         torch.sum(logits, dim=-1, out=stats[1])
-        all_reduce_over_tp(stats)  # [target logit, sum of exp], summed over the vocabulary slices
+        all_reduce_over_tp(stats, tp_group)  # [target logit, sum of exp], summed over the vocabulary slices
         loss[s:e] = stats[1].log() - stats[0]
         if not (want_dx or want_dw):
             continue
@@ -100,11 +101,12 @@ def _scale_of(g: torch.Tensor, weights: Optional[torch.Tensor]) -> Optional[torc
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, grad_weights: Optional[torch.Tensor],
-                vocab_start: int, vocab_size: int, chunk_tokens: int) -> torch.Tensor:
+                vocab_start: int, vocab_size: int, chunk_tokens: int, tp_group: Group) -> torch.Tensor:
         want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, dx, dw = _chunks(x, weight, target, vocab_start, vocab_size, chunk_tokens, grad_weights, want_dx, want_dw)
+        loss, dx, dw = _chunks(x, weight, target, vocab_start, vocab_size, chunk_tokens, tp_group, grad_weights,
+                               want_dx, want_dw)
         ctx.save_for_backward(x, weight, target, grad_weights, dx, dw)
-        ctx.args = (vocab_start, vocab_size, chunk_tokens)
+        ctx.args = (vocab_start, vocab_size, chunk_tokens, tp_group)
         ctx.used = False
         return loss
 
@@ -129,18 +131,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:  # a loss that weights tokens otherwise: one more pass with the true per-token gradient
                 _, _, dw = _chunks(x, weight, target, *ctx.args, g, False, True)
                 grad_w = dw.to(weight.dtype)
-        return grad_x, grad_w, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, vocab_start: int = 0,
                          vocab_size: Optional[int] = None, grad_weights: Optional[torch.Tensor] = None,
-                         chunk_tokens: Optional[int] = None) -> torch.Tensor:
+                         chunk_tokens: Optional[int] = None, tp_group: Optional[Group] = None) -> torch.Tensor:
     """Per-token fp32 loss of (x @ weight^T) against target, shape of target.
 
     x [..., hidden] (leading dims those of target), weight [vocab/tp, hidden] (this TP rank's slice,
     starting at global index vocab_start), vocab_size the unpadded vocabulary (None: no padding).
     grad_weights [...]: the weights the loss will give each token (the loss mask), a speed hint only.
+    tp_group: the tensor-parallel group the vocabulary is split over (default: one rank).
     """
+    tp_group = tp_group or Group.single("tp")
     hidden = x.shape[-1]
     if x.shape[:-1] != target.shape:
         raise ValueError(f"linear_cross_entropy: input {tuple(x.shape)} and target {tuple(target.shape)} differ in "
@@ -150,8 +154,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
     flat_w = None if grad_weights is None else grad_weights.reshape(-1).to(torch.float32)
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):  # evaluation: loss only
         loss, _, _ = _chunks(x.reshape(-1, hidden), weight, target.reshape(-1), vocab_start, vocab_size, chunk_tokens,
-                             None, False, False)
+                             tp_group, None, False, False)
         return loss.view(target.shape)
     loss = _LinearCrossEntropy.apply(x.reshape(-1, hidden), weight, target.reshape(-1), flat_w, vocab_start,
-                                     vocab_size, chunk_tokens)
+                                     vocab_size, chunk_tokens, tp_group)
     return loss.view(target.shape)

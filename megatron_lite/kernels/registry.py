@@ -12,7 +12,8 @@ reference in tests/unit/test_kernels.py (GPU-only ones are skipped there with th
 Operation      candidates, best first                                  forced to reference by
 norm           te (TE LayerNorm/RMSNorm), apex (fused), torch (F.*)    --no-persist-layer-norm
 attention      te (DotProductAttention), sdpa[(flash|efficient|cudnn)],
-               unfused (matmul + softmax + matmul)                     --attention-backend local|unfused
+               unfused (matmul + softmax + matmul)                     --attention-backend local|unfused;
+                                                                       auto -> unfused: --no-masked-softmax-fusion
 bias_gelu      compiled (torch.compile -> one Triton kernel)           --no-bias-gelu-fusion
 swiglu         compiled                                                --no-bias-swiglu-fusion
 rope           compiled                                                --no-rope-fusion
@@ -103,9 +104,9 @@ class KernelChoice:
     def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return _ROPE[self.rope](x, cos, sin)
 
-    def cross_entropy_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-token fp32 loss of vocab-parallel logits [..., vocab/tp] against target [...]."""
-        return _CROSS_ENTROPY[self.cross_entropy](logits, target)
+    def cross_entropy_fn(self, logits: torch.Tensor, target: torch.Tensor, tp_group=None) -> torch.Tensor:
+        """Per-token fp32 loss of vocab-parallel logits [..., vocab/tp] (split over `tp_group`) against target [...]."""
+        return _CROSS_ENTROPY[self.cross_entropy](logits, target, tp_group)
 
     @property
     def fuses_output_layer(self) -> bool:
@@ -114,15 +115,11 @@ class KernelChoice:
         return self.cross_entropy == "fused_linear"
 
     def output_cross_entropy(self, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, vocab_start: int,
-                             vocab_size: int, grad_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             vocab_size: int, grad_weights: Optional[torch.Tensor] = None, tp_group=None) -> torch.Tensor:
         """Per-token fp32 loss of the output GEMM x @ weight^T (this rank's vocabulary slice, padding
         beyond vocab_size masked) against target, without the [tokens, vocab] logits (fused_linear)."""
         return linear_cross_entropy(x, weight, target, vocab_start=vocab_start, vocab_size=vocab_size,
-                                    grad_weights=grad_weights)
-
-    def fp8_autocast(self):
-        """Context for the forward pass: TE's fp8_autocast with --fp8-format, else a null context."""
-        return external.fp8_autocast(self.fp8)
+                                    grad_weights=grad_weights, tp_group=tp_group)
 
     def compile_layer(self, layer: torch.nn.Module) -> torch.nn.Module:
         """Prepare a transformer layer: with --fp8-format its linear layers run their GEMMs through
@@ -216,7 +213,7 @@ def _select(config: Config, device_type: str) -> KernelChoice:
     else:
         norm_impl = "torch" if cuda else "reference"
 
-    attention_impl = _select_attention(m.attention_backend, te, cuda, notes)
+    attention_impl = _select_attention(m.attention_backend, te, cuda, notes, m.masked_softmax_fusion)
 
     # torch.compile-fused elementwise kernels need Triton (CUDA). With --torch-compile the whole layer is
     # compiled, which fuses these too, so compiling them separately would only add graph breaks.
@@ -241,12 +238,13 @@ def _select(config: Config, device_type: str) -> KernelChoice:
                         torch_compile=m.torch_compile, fp8=m.fp8_format, notes=tuple(notes))
 
 
-def _select_attention(backend: str, te: bool, cuda: bool, notes: list[str]) -> str:
+def _select_attention(backend: str, te: bool, cuda: bool, notes: list[str], masked_softmax_fusion: bool = True) -> str:
     """--attention-backend: local = the model engineer's reference, unfused = explicit softmax, flash / fused
-    = those kernels (TE's under transformer_engine, else SDPA's), auto = TE or SDPA's own choice."""
+    = those kernels (TE's under transformer_engine, else SDPA's), auto = TE or SDPA's own choice, or the
+    explicit softmax under --no-masked-softmax-fusion (Megatron's switch off its fused scale-mask-softmax)."""
     if backend == "local":
         return "reference"
-    if backend == "unfused":
+    if backend == "unfused" or (backend == "auto" and not masked_softmax_fusion):
         return "unfused"
     if te:
         return "te"

@@ -9,34 +9,41 @@ Each element of the full model must be counted exactly once:
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 import torch
 
-from megatron_lite import collectives, parallel_state
+from megatron_lite import collectives
+from megatron_lite.process_groups import ProcessGroups
+from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
 
 
-def counts_toward_norm(model_param: torch.nn.Parameter) -> bool:
+def counts_toward_norm(model_param: torch.nn.Parameter, groups: ProcessGroups) -> bool:
     """True if this rank's copy of the parameter is the one counted in global statistics."""
-    if getattr(model_param, "shared_embedding", False) and not parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+    if getattr(model_param, "shared_embedding", False) and not groups.is_first_stage:
         return False
-    if getattr(model_param, "tensor_model_parallel", False):
+    if shard_spec_of(model_param).is_sharded:
         return True
-    return parallel_state.get_tensor_model_parallel_rank() == 0
+    return groups.tp.rank == 0
+
+
+def _sum_over(value: float, groups: list) -> float:
+    for group in groups:
+        value = collectives.all_reduce_scalar(value, group)
+    return value
 
 
 def get_grad_norm_fp32(grads_for_norm: Iterable[torch.Tensor], groups: list) -> float:
     """L2 norm of all given gradients, summed in fp64 over `groups` (each all-reduced in turn)."""
     grads = [grad.detach() for grad in grads_for_norm]
-    total = torch.zeros(1, dtype=torch.float64)
+    total = 0.0
     if grads:
         # One multi-tensor pass for the per-tensor norms (fp32, like Megatron's multi_tensor_l2norm), then
         # their squares summed in fp64: no fp64 copy of every gradient.
         norms = torch._foreach_norm(grads)
-        total += torch.stack(norms).double().pow(2).sum()
-    for group in groups:
-        collectives.all_reduce(total, group=group)
-    return float(total.sqrt().item())
+        total = float(torch.stack(norms).double().pow(2).sum())
+    return math.sqrt(_sum_over(total, groups))
 
 
 def clip_grad_by_total_norm_fp32(grads: Iterable[torch.Tensor], max_norm: float, total_norm: float) -> None:
@@ -47,21 +54,15 @@ def clip_grad_by_total_norm_fp32(grads: Iterable[torch.Tensor], max_norm: float,
 
 
 def count_zeros_fp32(grads_for_norm: Iterable[torch.Tensor], groups: list) -> int:
-    total = torch.zeros(1, dtype=torch.float64)
+    total = 0
     for grad in grads_for_norm:
-        total += grad.numel() - torch.count_nonzero(grad)
-    for group in groups:
-        collectives.all_reduce(total, group=group)
-    return int(total.item())
+        total += grad.numel() - int(torch.count_nonzero(grad))
+    return int(_sum_over(float(total), groups))
 
 
 def any_nonfinite(grads: Iterable[Optional[torch.Tensor]], groups: list) -> bool:
     """True on every rank if any rank's gradient holds inf/nan (so all ranks skip the step together)."""
-    found = torch.zeros(1)
-    for grad in grads:
-        if grad is not None and not torch.isfinite(grad).all():
-            found.fill_(1.0)
-            break
+    found = any(grad is not None and not bool(torch.isfinite(grad).all()) for grad in grads)
     for group in groups:
-        collectives.all_reduce(found, group=group, op="max")
-    return bool(found.item() > 0)
+        found = collectives.any_rank(found, group)
+    return found

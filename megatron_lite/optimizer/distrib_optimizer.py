@@ -7,21 +7,21 @@ and ddp.start_param_sync() all-gathers the updated parameters: per step the same
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
-from torch import nn
 
 from megatron_lite import collectives
+from megatron_lite.distributed.model_chunk import ModelChunk
 
-if TYPE_CHECKING:
-    from megatron_lite.optimizer.optimizer import MegatronOptimizer
+# (model param, flat [start, end) this rank owns, {state key: that slice's tensor})
+OwnedSlice = tuple[torch.nn.Parameter, int, int, Callable[[str], torch.Tensor]]
 
 
-def shard_slices(ddp_chunk: nn.Module) -> list[tuple[nn.Parameter, int, int]]:
+def shard_slices(chunk: ModelChunk) -> list[tuple[torch.nn.Parameter, int, int]]:
     """(param, start, end): the flat slices of this chunk's parameters that this DP rank owns."""
     slices = []
-    for buffer in ddp_chunk.param_and_grad_buffers:
+    for buffer in chunk.param_and_grad_buffers:
         for bucket in buffer.buckets:
             shard_start, shard_end = bucket.shard_range(buffer.dp_rank, buffer.dp_size)
             shard_start += bucket.offset
@@ -34,25 +34,28 @@ def shard_slices(ddp_chunk: nn.Module) -> list[tuple[nn.Parameter, int, int]]:
     return slices
 
 
-def gather_parameter_state(optimizer: "MegatronOptimizer", keys: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+def gather_parameter_state(model_chunks: list[ModelChunk], owned: list[OwnedSlice],
+                           keys: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
     """All-gather every key's shards over DP, bucket by bucket, and cut out each parameter (full local shape).
 
-    Every DP rank returns the full dict (simplest for checkpoint writers; the volume is one fp32
-    all-gather per key). Collective over DP: call on every rank.
+    `owned` lists this rank's slices with a function giving each slice's tensor for a key. Every DP rank
+    returns the full dict (simplest for checkpoint writers; the volume is one fp32 all-gather per key).
+    Collective over DP: call on every rank.
     """
-    by_param = {id(m.model_param): [] for m in optimizer.main_params}
-    for m in optimizer.main_params:
-        by_param[id(m.model_param)].append(m)
+    by_param: dict[int, list[OwnedSlice]] = {}
+    for entry in owned:
+        by_param.setdefault(id(entry[0]), []).append(entry)
     result: dict[str, dict[str, torch.Tensor]] = {}
-    for chunk in optimizer.model_chunks:
-        names = {id(p): n for n, p in chunk.named_parameters()}
+    for chunk in model_chunks:
+        names = {id(p): n for n, p in chunk.sharded_state().items()}
         for buffer in chunk.param_and_grad_buffers:
-            flats = {key: torch.zeros(buffer.numel, dtype=torch.float32) for key in keys}
+            device = buffer.grad_data.device  # where the DP group communicates
+            flats = {key: torch.zeros(buffer.numel, dtype=torch.float32, device=device) for key in keys}
             for param in buffer.params:
                 param_start, _ = buffer.param_index[id(param)]
-                for m in by_param.get(id(param), []):
+                for _, start, end, tensor_for in by_param.get(id(param), []):
                     for key in keys:
-                        flats[key][param_start + m.start:param_start + m.end] = optimizer._tensor_for(m, key).view(-1)
+                        flats[key][param_start + start:param_start + end] = tensor_for(key).view(-1)
             for bucket in buffer.buckets:
                 shard_start, shard_end = bucket.shard_range(buffer.dp_rank, buffer.dp_size)
                 for key in keys:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megatron_lite.distributed.model_chunk import as_model_chunks
+
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
@@ -19,15 +21,16 @@ def memory_report(model_chunks: list[nn.Module], optimizer) -> dict:
     """{"params", "grads", "main_params", "optimizer_states", "total": bytes, "num_params": local count,
     "bytes_per_param": total / num_params}. Grads are the DDP grad buffers (padding included) when the
     chunks are DDP-wrapped, else the live .grad tensors."""
-    params = {id(p): p for chunk in model_chunks for p in chunk.parameters()}
+    chunks = as_model_chunks(model_chunks)
+    params = {id(p): p for chunk in chunks for p in chunk.module.parameters()}
     num_params = sum(p.numel() for p in params.values())
     param_bytes = sum(_nbytes(p) for p in params.values())
     grad_bytes = 0
-    for chunk in model_chunks:
-        if hasattr(chunk, "param_and_grad_buffers"):
+    for chunk in chunks:
+        if chunk.param_and_grad_buffers:
             grad_bytes += sum(_nbytes(b.grad_data) for b in chunk.param_and_grad_buffers)
         else:
-            grad_bytes += sum(_nbytes(p.grad) for p in chunk.parameters() if p.grad is not None)
+            grad_bytes += sum(_nbytes(p.grad) for p in chunk.module.parameters() if p.grad is not None)
     main_bytes = sum(_nbytes(m.main) for m in optimizer.main_params if not m.aliases_model)
     state_bytes = sum(_nbytes(v) for state in optimizer.optimizer.state.values() for k, v in state.items()
                       if torch.is_tensor(v) and k != "step")

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from megatron_lite import parallel_state
 from megatron_lite.config import Config
+from megatron_lite.distributed.model_chunk import ModelChunk, as_model_chunks
 from megatron_lite.kernels.adam import build_adam, select_adam_impl
-from megatron_lite.optimizer import distrib_optimizer
+from megatron_lite.optimizer.distrib_optimizer import gather_parameter_state, shard_slices
 from megatron_lite.optimizer.clip_grads import (any_nonfinite, clip_grad_by_total_norm_fp32, count_zeros_fp32,
                                                 counts_toward_norm, get_grad_norm_fp32)
 from megatron_lite.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from megatron_lite.process_groups import ProcessGroups
 
 
 @dataclass
@@ -46,18 +46,20 @@ class MainParam:
 class MegatronOptimizer:
     """The optimizer for all model chunks of this rank. See get_megatron_optimizer."""
 
-    def __init__(self, config: Config, model_chunks: list[nn.Module]):
+    def __init__(self, config: Config, model_chunks: list[nn.Module], groups: Optional[ProcessGroups] = None):
         self.config = config
-        self.model_chunks = model_chunks
+        self.model_chunks: list[ModelChunk] = as_model_chunks(model_chunks)
+        self.groups = groups or ProcessGroups.single()
         opt = config.optimizer
         self.distributed = config.parallel.use_distributed_optimizer
-        if self.distributed and not all(hasattr(c, "param_and_grad_buffers") and hasattr(c, "start_param_sync") for c in model_chunks):
-            raise ValueError("--use-distributed-optimizer: wrap every model chunk in DistributedDataParallel first")
+        if self.distributed and not all(c.shards_optimizer_state for c in self.model_chunks):
+            raise ValueError("--use-distributed-optimizer: wrap every model chunk in DistributedDataParallel "
+                             "built with the same config first")
 
         self.main_params: list[MainParam] = []
-        for chunk in model_chunks:
-            names = {id(p): n for n, p in chunk.named_parameters()}
-            slices = (distrib_optimizer.shard_slices(chunk) if self.distributed else
+        for chunk in self.model_chunks:
+            names = {id(p): n for n, p in chunk.sharded_state().items()}
+            slices = (shard_slices(chunk) if self.distributed else
                       [(p, 0, p.numel()) for p in chunk.parameters() if p.requires_grad])
             for param, start, end in slices:
                 flat = param.detach().view(-1)[start:end]
@@ -96,11 +98,8 @@ class MegatronOptimizer:
                                                   growth_interval=opt.loss_scale_window, hysteresis=opt.hysteresis))
         # Statistics: non-distributed, the DP replicas agree, so model-parallel ranks suffice; distributed,
         # each DP rank holds a disjoint shard, so sum over every rank (TP x PP x DP x CP = the world).
-        # Without torch.distributed (a plain one-process script) there is nothing to reduce over.
-        world = [None] if dist.is_available() and dist.is_initialized() else []
-        model_parallel = [parallel_state.get_model_parallel_group()] if parallel_state.model_parallel_is_initialized() else []
-        self._stat_groups = world if self.distributed else model_parallel
-        self._inf_groups = world  # every TP / PP / DP rank skips an overflowing step together
+        self._stat_groups = [self.groups.world] if self.distributed else [self.groups.mp]
+        self._inf_groups = [self.groups.world]  # every TP / PP / DP rank skips an overflowing step together
 
     # ---- the training-loop interface -------------------------------------------------------------
     @property
@@ -122,10 +121,7 @@ class MegatronOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for chunk in self.model_chunks:
-            if hasattr(chunk, "zero_grad_buffer"):
-                chunk.zero_grad_buffer()
-            else:
-                chunk.zero_grad(set_to_none=True)
+            chunk.zero_grad_buffer()
         for m in self.main_params:
             m.main.grad = None
 
@@ -151,7 +147,8 @@ class MegatronOptimizer:
                 self._drop_main_grads()
                 return False, None, None
 
-        counted = [m.main.grad for m in self.main_params if m.main.grad is not None and counts_toward_norm(m.model_param)]
+        counted = [m.main.grad for m in self.main_params
+                   if m.main.grad is not None and counts_toward_norm(m.model_param, self.groups)]
         grad_norm = get_grad_norm_fp32(counted, self._stat_groups)
         if self.config.optimizer.clip_grad > 0.0:
             clip_grad_by_total_norm_fp32(grads, self.config.optimizer.clip_grad, grad_norm)
@@ -197,8 +194,9 @@ class MegatronOptimizer:
         (a collective: call on every DP rank) and EVERY DP rank returns the full dict."""
         keys = ("param",) + self._state_keys
         if self.distributed:
-            return distrib_optimizer.gather_parameter_state(self, keys)
-        return {m.name: {key: self._tensor_for(m, key).detach().clone().view(m.model_param.shape) for key in keys}
+            owned = [(m.model_param, m.start, m.end, lambda key, m=m: self.state_tensor(m, key)) for m in self.main_params]
+            return gather_parameter_state(self.model_chunks, owned, keys)
+        return {m.name: {key: self.state_tensor(m, key).detach().clone().view(m.model_param.shape) for key in keys}
                 for m in self.main_params}
 
     def set_parameter_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -207,7 +205,7 @@ class MegatronOptimizer:
         for m in self.main_params:
             for key, value in states.get(m.name, {}).items():
                 if key == "param" or key in self._state_keys:
-                    self._tensor_for(m, key).copy_(value.reshape(-1)[m.start:m.end])
+                    self.state_tensor(m, key).copy_(value.reshape(-1)[m.start:m.end].to(m.main.device))
             if not m.aliases_model:
                 m.model_param.detach().view(-1)[m.start:m.end].copy_(m.main)
         if self.distributed:
@@ -221,7 +219,8 @@ class MegatronOptimizer:
             if not m.aliases_model:
                 m.main.copy_(m.model_param.detach().view(-1)[m.start:m.end])
 
-    def _tensor_for(self, m: MainParam, key: str) -> torch.Tensor:
+    def state_tensor(self, m: MainParam, key: str) -> torch.Tensor:
+        """The tensor behind state `key` ("param" = the fp32 main param, or an optimizer state) of `m`."""
         return m.main if key == "param" else self.optimizer.state[m.main][key]
 
     def _init_state(self, main: torch.Tensor) -> None:

@@ -13,7 +13,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from megatron_lite import collectives, parallel_state
+from megatron_lite import collectives
+from megatron_lite.process_groups import ProcessGroups
 
 
 def shared_embedding_params(model_chunks: Iterable[nn.Module]) -> list[nn.Parameter]:
@@ -21,12 +22,10 @@ def shared_embedding_params(model_chunks: Iterable[nn.Module]) -> list[nn.Parame
     return [param for chunk in model_chunks for param in chunk.parameters() if getattr(param, "shared_embedding", False)]
 
 
-def allreduce_embedding_grads(model_chunks: Iterable[nn.Module]) -> None:
+def allreduce_embedding_grads(model_chunks: Iterable[nn.Module], groups: ProcessGroups) -> None:
     """Sum the gradients (.main_grad when present, else .grad) of shared_embedding params over the
     embedding group. A no-op on ranks outside it and when the group has one member (PP = 1)."""
-    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return
-    if not parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
+    if groups.pp.size == 1 or groups.embd is None:
         return
     params = shared_embedding_params(model_chunks)
     if len(params) > 1:
@@ -40,4 +39,4 @@ def allreduce_embedding_grads(model_chunks: Iterable[nn.Module]) -> None:
         if param.grad is None:  # e.g. no backward reached it; the peer still expects our contribution
             param.grad = torch.zeros_like(param)
         grad = param.grad
-    collectives.all_reduce(grad, group=parallel_state.get_embedding_group())
+    collectives.all_reduce(grad, group=groups.embd)

@@ -2,7 +2,7 @@
 
 Activations travel forward (to the next pipeline rank), gradients backward (to the previous rank); with
 virtual stages the last rank's "next" is rank 0 and rank 0's "previous" is the last rank, which
-parallel_state's prev/next ranks already wrap. Every tensor has the one shape both sides know from the
+the pipeline group's ranks wrap around. Every tensor has the one shape both sides know from the
 configuration, [seq / (TP if sequence parallel else 1), micro-batch, hidden] in params_dtype, so no shape
 is ever exchanged (no extra round trip).
 
@@ -17,8 +17,9 @@ from typing import Optional
 
 import torch
 
-from megatron_lite import collectives, parallel_state
+from megatron_lite import collectives
 from megatron_lite.collectives import P2P
+from megatron_lite.process_groups import ProcessGroups
 
 
 def tensor_shape(config, seq_length: int, micro_batch_size: int) -> tuple[int, int, int]:
@@ -32,25 +33,26 @@ def tensor_shape(config, seq_length: int, micro_batch_size: int) -> tuple[int, i
     return (seq_length, micro_batch_size, config.model.hidden_size)
 
 
-def _groups() -> tuple[object, object]:
+def _channels(groups: ProcessGroups) -> tuple[object, object]:
     """(group for activations, group for gradients)."""
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    if parallel_state.get_pipeline_model_parallel_world_size() == 2:
-        return pp_group, None  # None = the world group: a second channel between the same two ranks
-    return pp_group, pp_group
+    if groups.pp.size == 2:
+        return groups.pp, groups.world  # the world group: a second channel between the same two ranks
+    return groups.pp, groups.pp
 
 
 def communicate(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional[torch.Tensor] = None,
                 recv_prev: bool = False, recv_next: bool = False, shape: tuple[int, ...],
-                dtype: torch.dtype, device: torch.device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                dtype: torch.dtype, device: torch.device,
+                groups: ProcessGroups) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Start every requested send/receive at once, wait for all, and return (from_prev, from_next).
 
     send_next: an activation for the next stage; recv_prev: receive one from the previous stage.
     send_prev: a gradient for the previous stage; recv_next: receive one from the next stage.
     """
-    prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
-    next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
-    act_group, grad_group = _groups()
+    pp = groups.pp
+    prev_rank = pp.global_rank((pp.rank - 1) % pp.size)
+    next_rank = pp.global_rank((pp.rank + 1) % pp.size)
+    act_group, grad_group = _channels(groups)
     from_prev = torch.empty(shape, dtype=dtype, device=device) if recv_prev else None
     from_next = torch.empty(shape, dtype=dtype, device=device) if recv_next else None
     for name, tensor in (("send_next", send_next), ("send_prev", send_prev)):
@@ -80,19 +82,3 @@ def communicate(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional
     for handle in handles:
         handle.wait()
     return from_prev, from_next
-
-
-def send_forward(tensor: torch.Tensor) -> None:
-    communicate(send_next=tensor, shape=tuple(tensor.shape), dtype=tensor.dtype, device=tensor.device)
-
-
-def send_backward(tensor: torch.Tensor) -> None:
-    communicate(send_prev=tensor, shape=tuple(tensor.shape), dtype=tensor.dtype, device=tensor.device)
-
-
-def recv_forward(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return communicate(recv_prev=True, shape=shape, dtype=dtype, device=device)[0]
-
-
-def recv_backward(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return communicate(recv_next=True, shape=shape, dtype=dtype, device=device)[1]

@@ -1,6 +1,6 @@
 """The one interpreter of pipeline action lists (schedules.py): runs forwards, backwards and exchanges.
 
-forward_backward(...) is what get_forward_backward_func(config) returns (Megatron's signature):
+forward_backward(...) is what get_forward_backward_func(config, groups) returns (Megatron's signature):
 - forward_step_func(data_iterator, model_chunk) -> (output_tensor, loss_func);
 - on the last stage loss_func(output_tensor) -> (loss, {"lm loss": detached value}); the loss is divided
   by num_microbatches before backward (so the accumulated gradient is that of the mean over micro-batches)
@@ -20,10 +20,12 @@ import torch
 from torch import nn
 from torch.autograd import Variable
 
-from megatron_lite import parallel_state
+from megatron_lite.errors import ConfigError
+from megatron_lite.distributed.model_chunk import ModelChunk, as_model_chunks
 from megatron_lite.pipeline import p2p
 from megatron_lite.pipeline.schedules import (RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, Backward,
-                                              Exchange, FinalizeGrads, Forward, build_schedule)
+                                              Exchange, FinalizeGrads, Forward, build_schedule, schedule_name)
+from megatron_lite.process_groups import ProcessGroups
 
 Key = tuple[int, int]  # (chunk, micro-batch)
 
@@ -52,25 +54,21 @@ def custom_backward(output: torch.Tensor, grad_output: Optional[torch.Tensor]) -
         inputs=tuple(), allow_unreachable=True, accumulate_grad=True)
 
 
-def _set_input_tensor(model: nn.Module, tensor: Optional[torch.Tensor]) -> None:
-    target = model
-    while not hasattr(target, "set_input_tensor") and hasattr(target, "module"):
-        target = target.module  # a DDP-style wrapper
-    target.set_input_tensor(tensor)
-
-
 class _PipelineRun:
     """State of one forward_backward call on one rank: the tensors in flight, keyed by (chunk, mb)."""
 
     def __init__(self, *, forward_step_func: Callable, data_iterators: list, model: list[nn.Module],
                  num_microbatches: int, shape: tuple[int, ...], dtype: torch.dtype, forward_only: bool,
                  no_sync_funcs: list[Optional[Callable]], finalize_model_grads_func: Optional[Callable],
-                 grad_scale_func: Optional[Callable], pp_size: int, pp_rank: int):
+                 grad_scale_func: Optional[Callable], groups: ProcessGroups):
+        # forward_step_func gets the chunks as the caller gave them; the engine drives them as ModelChunks.
         self.forward_step_func, self.data_iterators, self.model = forward_step_func, data_iterators, model
+        self.chunks: list[ModelChunk] = as_model_chunks(model)
         self.num_microbatches, self.shape, self.dtype = num_microbatches, shape, dtype
         self.forward_only, self.no_sync_funcs = forward_only, no_sync_funcs
         self.finalize_model_grads_func, self.grad_scale_func = finalize_model_grads_func, grad_scale_func
-        self.pp_size, self.pp_rank, self.num_chunks = pp_size, pp_rank, len(model)
+        self.groups = groups
+        self.pp_size, self.pp_rank, self.num_chunks = groups.pp.size, groups.pp.rank, len(model)
         self.device = next((param.device for chunk in model for param in chunk.parameters()), torch.device("cpu"))
         self.inputs: dict[Key, Optional[torch.Tensor]] = {}    # received activations (kept for backward)
         self.outputs: dict[Key, torch.Tensor] = {}             # outputs (loss on the last stage)
@@ -89,11 +87,6 @@ class _PipelineRun:
     def is_last(self, chunk: int) -> bool:
         return self.virtual_stage(chunk) == self.pp_size * self.num_chunks - 1
 
-    def _select_chunk(self, chunk: int) -> None:
-        # Model code may ask parallel_state.is_pipeline_first/last_stage() during forward.
-        if parallel_state.get_virtual_pipeline_model_parallel_world_size() is not None:
-            parallel_state.set_virtual_pipeline_model_parallel_rank(chunk)
-
     def _track_memory(self) -> None:
         stored = sum(t.numel() * t.element_size() for t in (*self.inputs.values(), *self.outputs.values())
                      if t is not None)
@@ -101,13 +94,12 @@ class _PipelineRun:
 
     # ---- actions -----------------------------------------------------------------------------------
     def forward(self, chunk: int, microbatch: int) -> None:
-        self._select_chunk(chunk)
         key = (chunk, microbatch)
         input_tensor = self.inputs.get(key)
         if not self.is_first(chunk) and input_tensor is None:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: forward of chunk {chunk}, micro-batch {microbatch} "
                                "has no input (schedule bug)")
-        _set_input_tensor(self.model[chunk], input_tensor)
+        self.chunks[chunk].set_input_tensor(input_tensor)
         with torch.no_grad() if self.forward_only else contextlib.nullcontext():
             output, loss_func = self.forward_step_func(self.data_iterators[chunk], self.model[chunk])
             if self.is_last(chunk):
@@ -122,7 +114,6 @@ class _PipelineRun:
             self._release(key)
 
     def backward(self, chunk: int, microbatch: int, sync_grads: bool) -> None:
-        self._select_chunk(chunk)
         key = (chunk, microbatch)
         input_tensor, output = self.inputs.pop(key, None), self.outputs.pop(key)
         output_grad = self.output_grads.pop(key, None)
@@ -145,7 +136,8 @@ class _PipelineRun:
         send_prev = self.input_grads.pop(by_kind[SEND_BACKWARD]) if SEND_BACKWARD in by_kind else None
         from_prev, from_next = p2p.communicate(
             send_next=send_next, send_prev=send_prev, recv_prev=RECV_FORWARD in by_kind,
-            recv_next=RECV_BACKWARD in by_kind, shape=self.shape, dtype=self.dtype, device=self.device)
+            recv_next=RECV_BACKWARD in by_kind, shape=self.shape, dtype=self.dtype, device=self.device,
+            groups=self.groups)
         if SEND_FORWARD in by_kind:
             self.stats["sent"] += 1
             if self.forward_only:
@@ -173,14 +165,12 @@ class _PipelineRun:
                 self.exchange(action)
             elif isinstance(action, FinalizeGrads):
                 if self.finalize_model_grads_func is not None:
-                    self.finalize_model_grads_func(self.model)
+                    self.finalize_model_grads_func(self.chunks, self.groups)
             else:
                 raise TypeError(f"unknown pipeline action {action!r}")
         if self.outputs or self.inputs or self.output_grads or self.input_grads:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: tensors left over after the schedule "
                                f"({len(self.outputs)} outputs, {len(self.inputs)} inputs): schedule bug")
-        if parallel_state.get_virtual_pipeline_model_parallel_world_size() is not None:
-            parallel_state.set_virtual_pipeline_model_parallel_rank(0)
         return self.losses if self.is_last(self.num_chunks - 1) else []
 
 
@@ -189,20 +179,24 @@ def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterato
                      micro_batch_size: int, config: Any, forward_only: bool = False,
                      no_sync_func: Union[Callable, list, None] = None,
                      finalize_model_grads_func: Optional[Callable] = None, grad_scale_func: Optional[Callable] = None,
-                     stats: Optional[dict] = None) -> list[dict]:
+                     stats: Optional[dict] = None, groups: Optional[ProcessGroups] = None) -> list[dict]:
     """Run schedule `schedule` for this pipeline rank over num_microbatches micro-batches.
 
+    `groups` (default: one process) gives the pipeline group; model chunks that are not ModelChunks are
+    wrapped in LocalChunk (no data-parallel reduction). finalize_model_grads_func(chunks, groups) runs once
+    after all backwards.
     With several model chunks (virtual stages) data_iterator is a list, one per chunk. no_sync_func (or a
     list, one per chunk) returns a context manager under which backward must not start data-parallel
-    grad reduction; it wraps every backward but each chunk's last. finalize_model_grads_func(model) runs
-    once after all backwards. `stats`, if given, receives max_in_flight, deallocated, peak_stored_bytes.
+    grad reduction; it wraps every backward but each chunk's last. `stats`, if given, receives max_in_flight, deallocated, peak_stored_bytes.
     """
     model = list(model) if isinstance(model, (list, tuple)) else [model]
     num_chunks = len(model)
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+    groups = groups or ProcessGroups.single()
+    if groups.pp.size != config.parallel.pipeline_model_parallel_size:
+        raise ConfigError(f"--pipeline-model-parallel-size: the config says {config.parallel.pipeline_model_parallel_size} "
+                          f"but the process groups have PP = {groups.pp.size}. Pass groups=parallel_state.get_process_groups().")
     # Every check happens here, identically on every rank, before the first send.
-    actions = build_schedule(schedule, pp_size, pp_rank, num_chunks, num_microbatches, forward_only)
+    actions = build_schedule(schedule, groups.pp.size, groups.pp.rank, num_chunks, num_microbatches, forward_only)
     if isinstance(data_iterator, (list, tuple)):
         if len(data_iterator) != num_chunks:
             raise ValueError(f"data_iterator: {len(data_iterator)} iterators for {num_chunks} model chunks")
@@ -216,8 +210,22 @@ def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterato
                        num_microbatches=num_microbatches, shape=p2p.tensor_shape(config, seq_length, micro_batch_size),
                        dtype=config.params_dtype, forward_only=forward_only, no_sync_funcs=no_sync_funcs,
                        finalize_model_grads_func=finalize_model_grads_func, grad_scale_func=grad_scale_func,
-                       pp_size=pp_size, pp_rank=pp_rank)
+                       groups=groups)
     losses = run.run(actions)
     if stats is not None:
         stats.update(run.stats)
     return losses
+
+
+def get_forward_backward_func(config, groups: Optional[ProcessGroups] = None) -> Callable[..., list[dict]]:
+    """The forward_backward_func for this configuration's pipeline schedule, bound to `groups`."""
+    p = config.parallel
+    num_chunks = p.virtual_pipeline_model_parallel_size or 1
+    name = schedule_name(p.pipeline_model_parallel_size, num_chunks, p.pipeline_schedule)
+
+    def forward_backward_func(**kwargs) -> list[dict]:
+        kwargs.setdefault("groups", groups)
+        return forward_backward(schedule=name, **kwargs)
+
+    forward_backward_func.schedule = name  # type: ignore[attr-defined]
+    return forward_backward_func

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-from megatron_lite.config import ConfigError
+from megatron_lite.errors import ConfigError
 
 SEND_FORWARD, RECV_FORWARD, SEND_BACKWARD, RECV_BACKWARD = "send_forward", "recv_forward", "send_backward", "recv_backward"
 
@@ -333,18 +333,3 @@ def all_rank_schedules(name: str, pp_size: int, num_chunks: int, num_microbatche
                        forward_only: bool = False) -> list[list[Action]]:
     """Every pipeline rank's action list (for the simulator and single-process tests)."""
     return [build_schedule(name, pp_size, rank, num_chunks, num_microbatches, forward_only) for rank in range(pp_size)]
-
-
-def get_forward_backward_func(config) -> Callable[..., list[dict]]:
-    """The forward_backward_func for this configuration's pipeline schedule (see runner.run_schedule)."""
-    from megatron_lite.pipeline.runner import forward_backward  # runner imports this module
-
-    p = config.parallel
-    num_chunks = p.virtual_pipeline_model_parallel_size or 1
-    name = schedule_name(p.pipeline_model_parallel_size, num_chunks, p.pipeline_schedule)
-
-    def forward_backward_func(**kwargs) -> list[dict]:
-        return forward_backward(schedule=name, **kwargs)
-
-    forward_backward_func.schedule = name  # type: ignore[attr-defined]
-    return forward_backward_func

@@ -10,8 +10,8 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from megatron_lite import parallel_state
-from megatron_lite.config import ConfigError
+from megatron_lite.errors import ConfigError
+from megatron_lite.process_groups import ProcessGroups
 
 ModelProvider = Callable[[bool, bool, list], nn.Module]
 
@@ -68,30 +68,22 @@ def stage_layer_counts(num_layers: int, pp_size: int, first_stage_layers: Option
     return counts
 
 
-def build_model_chunks(config, model_provider: ModelProvider) -> list[nn.Module]:
+def build_model_chunks(config, model_provider: ModelProvider, groups: Optional[ProcessGroups] = None) -> list[nn.Module]:
     """This rank's model chunks (one, or VP with virtual stages), each from
-    `model_provider(pre_process, post_process, layer_numbers)`.
-
-    The virtual pipeline rank is set while each chunk is built, so code inside the provider that asks
-    parallel_state.is_pipeline_first/last_stage() gets the answer for that chunk.
-    """
+    `model_provider(pre_process, post_process, layer_numbers)`; `groups` (default: one process) gives
+    this rank's pipeline position."""
     p, m = config.parallel, config.model
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    groups = groups or ProcessGroups.single()
+    pp_size, pp_rank = groups.pp.size, groups.pp.rank
     if pp_size != p.pipeline_model_parallel_size:
-        raise RuntimeError(f"parallel_state has PP = {pp_size} but the config says {p.pipeline_model_parallel_size}")
-    vp_size = p.virtual_pipeline_model_parallel_size
-    if vp_size is not None and vp_size > 1 and parallel_state.get_virtual_pipeline_model_parallel_world_size() != vp_size:
-        raise RuntimeError("virtual pipeline size in parallel_state differs from the config: pass "
-                           "virtual_pipeline_model_parallel_size to initialize_model_parallel.")
+        raise ConfigError(f"--pipeline-model-parallel-size: the config says {p.pipeline_model_parallel_size} but the "
+                          f"process groups have PP = {pp_size}. Pass groups=parallel_state.get_process_groups().")
+    vp_size = p.virtual_pipeline_model_parallel_size or 1
     chunks = []
-    for vp_rank in range(vp_size if vp_size and vp_size > 1 else 1):
-        if vp_size and vp_size > 1:
-            parallel_state.set_virtual_pipeline_model_parallel_rank(vp_rank)
-        layers = layers_for_stage(m.num_layers, pp_size, pp_rank, vp_size, vp_rank,
+    for vp_rank in range(vp_size):
+        layers = layers_for_stage(m.num_layers, pp_size, pp_rank, vp_size if vp_size > 1 else None, vp_rank,
                                   p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
-        chunks.append(model_provider(parallel_state.is_pipeline_first_stage(),
-                                     parallel_state.is_pipeline_last_stage(), layers))
-    if vp_size and vp_size > 1:
-        parallel_state.set_virtual_pipeline_model_parallel_rank(0)
+        first = pp_rank == 0 and vp_rank == 0
+        last = pp_rank == pp_size - 1 and vp_rank == vp_size - 1
+        chunks.append(model_provider(first, last, layers))
     return chunks

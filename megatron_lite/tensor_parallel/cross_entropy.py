@@ -6,15 +6,20 @@ local: softmax - one_hot(target) on this rank's slice.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from megatron_lite import collectives, parallel_state
+from megatron_lite import collectives
+from megatron_lite.process_groups import Group
+
+_ONE_RANK = Group.single("tp")
 
 
-def all_reduce_over_tp(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def all_reduce_over_tp(x: torch.Tensor, tp_group: Group, op: str = "sum") -> torch.Tensor:
     """In place over the TP group (nothing with one TP rank); returns x."""
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        collectives.all_reduce(x, parallel_state.get_tensor_model_parallel_group(), op=op)
+    if tp_group.size > 1:
+        collectives.all_reduce(x, tp_group, op=op)
     return x
 
 
@@ -32,20 +37,20 @@ def subtract_one_hot_(softmax: torch.Tensor, local_target: torch.Tensor, outside
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, tp_group: Group) -> torch.Tensor:
         logits = logits.float()
         logits_max = logits.max(dim=-1)[0]
-        all_reduce_over_tp(logits_max, op="max")
+        all_reduce_over_tp(logits_max, tp_group, op="max")
         logits = logits - logits_max.unsqueeze(-1)
 
-        start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+        start = tp_group.rank * logits.shape[-1]
         local_target, outside = local_targets(target, start, logits.shape[-1])
         predicted = logits.gather(-1, local_target).squeeze(-1).masked_fill(outside, 0.0)
-        all_reduce_over_tp(predicted)
+        all_reduce_over_tp(predicted, tp_group)
 
         exp_logits = logits.exp()
         sum_exp = exp_logits.sum(dim=-1)
-        all_reduce_over_tp(sum_exp)
+        all_reduce_over_tp(sum_exp, tp_group)
         loss = sum_exp.log() - predicted
 
         softmax = exp_logits.div_(sum_exp.unsqueeze(-1))
@@ -57,10 +62,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         softmax, outside, local_target = ctx.saved_tensors
         grad = subtract_one_hot_(softmax, local_target, outside)  # reuse the saved buffer: not needed after this
         grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None
+        return grad, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-token loss (fp32, shape of target) for logits [..., vocab/tp] split over TP ranks in rank order
-    (padded entries should be -inf). Works for [s, b, v] or [b, s, v] with target [s, b] or [b, s]."""
-    return _VocabParallelCrossEntropy.apply(logits, target)
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                                 tp_group: Optional[Group] = None) -> torch.Tensor:
+    """Per-token loss (fp32, shape of target) for logits [..., vocab/tp] split over the ranks of `tp_group`
+    in rank order (padded entries should be -inf; default: one rank holding the whole vocabulary). Works
+    for [s, b, v] or [b, s, v] with target [s, b] or [b, s]."""
+    return _VocabParallelCrossEntropy.apply(logits, target, tp_group or _ONE_RANK)

@@ -22,8 +22,6 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 
-from megatron_lite import parallel_state
-
 MODEL_PARALLEL_RNG = "model-parallel-rng"
 _TP_SEED_OFFSET = 2718  # Megatron's offset of the tensor-parallel stream
 
@@ -86,7 +84,7 @@ class RNGStatesTracker:
     def fork(self, name: str = MODEL_PARALLEL_RNG) -> Iterator[None]:
         """Run the block with the default generator(s) set to stream `name`; advance the stream."""
         if name not in self._states:
-            raise RuntimeError(f"RNG stream {name!r} is not set: call model_parallel_seed(seed) first")
+            raise RuntimeError(f"RNG stream {name!r} is not set: call model_parallel_seed(seed, tp_rank) first")
         outer = _get_default_state()
         _set_default_state(self._states[name])
         try:
@@ -103,11 +101,10 @@ def get_rng_tracker() -> RNGStatesTracker:
     return _TRACKER
 
 
-def model_parallel_seed(seed: int) -> None:
+def model_parallel_seed(seed: int, tp_rank: int = 0) -> None:
     """Seed the default stream with `seed` (the same on every TP rank) and the tensor-parallel stream
     with seed + 2718 + tp_rank, as Megatron's model_parallel_cuda_manual_seed. (Training adds
     100 x pp_rank to `seed` first, as Megatron does, so pipeline stages draw different masks.)"""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     torch.manual_seed(seed)
     _TRACKER.reset()
     _TRACKER.add(MODEL_PARALLEL_RNG, seed + _TP_SEED_OFFSET + tp_rank)

@@ -1,9 +1,11 @@
 """Parameter metadata, sharding of canonical full tensors, and layout-invariant initialisation.
 
 A parameter's *canonical full tensor* is what the single-process model holds: unpadded for
-vocabulary-parallel tensors. `shard_of_full` and `full_from_shards` convert between it and the
-TP shards, honouring the attributes of docs/internals.md (tensor_model_parallel, partition_dim,
-partition_stride, unpadded_size). Checkpoints, converters and tests use only these.
+vocabulary-parallel tensors. Its ShardSpec (`shard_spec.py`, attached by the layer that made it) says how
+the local shard is cut from it; `shard_of_full` and `full_from_shards` apply that rule to a parameter.
+Besides the ShardSpec, two attributes give a parameter's gradient-sync role (docs/internals.md):
+`sequence_parallel` (replicated over TP but fed part of the sequence) and `shared_embedding` (the tied
+word embedding and its last-stage copy).
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from typing import Any, Optional, Union
 
 import torch
 
-from megatron_lite import collectives, parallel_state
+from megatron_lite import collectives
+from megatron_lite.process_groups import Group
+from megatron_lite.tensor_parallel.shard_spec import ShardSpec, set_shard_spec, shard_spec_of
 
-Meta = Union[torch.Tensor, dict]
+SpecSource = Union[torch.Tensor, tuple]  # a parameter, or (ShardSpec, local shape)
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
@@ -23,85 +27,51 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def set_tensor_model_parallel_attributes(param: torch.Tensor, is_parallel: bool, partition_dim: int = 0,
-                                         stride: int = 1, unpadded_size: Optional[int] = None) -> None:
-    param.tensor_model_parallel = is_parallel
-    param.partition_dim = partition_dim
-    param.partition_stride = stride
-    param.unpadded_size = unpadded_size
-
-
 def set_default_attributes(param: torch.Tensor) -> None:
-    """Give every parameter the full set of attributes, so consumers never need getattr defaults."""
-    for name, default in (("tensor_model_parallel", False), ("partition_dim", -1), ("partition_stride", 1),
-                          ("unpadded_size", None), ("sequence_parallel", False), ("shared_embedding", False)):
+    """Give every parameter its ShardSpec and grad-sync attributes, so consumers never need getattr defaults."""
+    if not hasattr(param, "shard_spec"):
+        set_shard_spec(param, ShardSpec())
+    for name in ("sequence_parallel", "shared_embedding"):
         if not hasattr(param, name):
-            setattr(param, name, default)
+            setattr(param, name, False)
 
 
-def param_meta(param: torch.Tensor) -> dict:
-    """The attributes that describe how `param` is sharded, plus its local shape (a plain dict, for checkpoints)."""
-    return {"tensor_model_parallel": bool(getattr(param, "tensor_model_parallel", False)),
-            "partition_dim": int(getattr(param, "partition_dim", -1)),
-            "partition_stride": int(getattr(param, "partition_stride", 1)),
-            "unpadded_size": getattr(param, "unpadded_size", None),
-            "local_shape": tuple(param.shape)}
+def _spec_and_shape(source: SpecSource) -> tuple[ShardSpec, tuple[int, ...]]:
+    if isinstance(source, tuple):
+        spec, local_shape = source
+        return spec, tuple(local_shape)
+    return shard_spec_of(source), tuple(source.shape)
 
 
-def _meta(param_or_meta: Meta) -> dict:
-    return param_or_meta if isinstance(param_or_meta, dict) else param_meta(param_or_meta)
+def full_shape(source: SpecSource, tp_size: int) -> tuple[int, ...]:
+    """Shape of the canonical (unpadded) full tensor of a parameter (or of (ShardSpec, local shape))."""
+    spec, local_shape = _spec_and_shape(source)
+    return spec.full_shape(local_shape, tp_size)
 
 
-def full_shape(param_or_meta: Meta, tp_size: int) -> tuple[int, ...]:
-    """Shape of the canonical (unpadded) full tensor."""
-    meta = _meta(param_or_meta)
-    shape = list(meta["local_shape"])
-    if meta["tensor_model_parallel"]:
-        dim = meta["partition_dim"]
-        shape[dim] = meta["unpadded_size"] if meta["unpadded_size"] is not None else shape[dim] * tp_size
-    return tuple(shape)
-
-
-def shard_of_full(full: torch.Tensor, param_or_meta: Meta, tp_rank: int, tp_size: int) -> torch.Tensor:
+def shard_of_full(full: torch.Tensor, source: SpecSource, tp_rank: int, tp_size: int) -> torch.Tensor:
     """This TP rank's shard of the canonical full tensor (padding vocabulary rows with zeros)."""
-    meta = _meta(param_or_meta)
-    if not meta["tensor_model_parallel"]:
-        return full
-    dim, stride = meta["partition_dim"], meta["partition_stride"]
-    if meta["unpadded_size"] is not None:
-        padded = meta["local_shape"][dim] * tp_size
-        pad_shape = list(full.shape)
-        pad_shape[dim] = padded - full.shape[dim]
-        full = torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
-    pieces = torch.chunk(full, stride, dim=dim)
-    return torch.cat([torch.chunk(piece, tp_size, dim=dim)[tp_rank] for piece in pieces], dim=dim).contiguous()
+    spec, local_shape = _spec_and_shape(source)
+    return spec.shard(full, tp_rank, tp_size, local_shape)
 
 
-def full_from_shards(shards: list[torch.Tensor], param_or_meta: Meta) -> torch.Tensor:
+def full_from_shards(shards: list[torch.Tensor], source: Union[SpecSource, ShardSpec]) -> torch.Tensor:
     """The canonical full tensor from every TP rank's shard (rank order); inverse of shard_of_full."""
-    meta = _meta(param_or_meta)
-    if not meta["tensor_model_parallel"]:
-        return shards[0]
-    dim, stride = meta["partition_dim"], meta["partition_stride"]
-    per_rank = [torch.chunk(shard, stride, dim=dim) for shard in shards]
-    full = torch.cat([torch.cat([pieces[i] for pieces in per_rank], dim=dim) for i in range(stride)], dim=dim)
-    if meta["unpadded_size"] is not None:
-        full = full.narrow(dim, 0, meta["unpadded_size"])
-    return full.contiguous()
+    spec = source if isinstance(source, ShardSpec) else _spec_and_shape(source)[0]
+    return spec.unshard(shards)
 
 
-def gather_full_param(param: torch.Tensor, tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """All-gather `tensor` (default: the param's data; pass param.grad for its gradient) over TP and
-    return the canonical full tensor on every TP rank."""
+def gather_full_param(param: torch.Tensor, tensor: Optional[torch.Tensor] = None, *, group: Group) -> torch.Tensor:
+    """All-gather `tensor` (default: the param's data; pass param.grad for its gradient) over the TP group
+    `group` and return the canonical full tensor on every TP rank."""
     data = (param.detach() if tensor is None else tensor.detach())
-    meta = param_meta(param)
-    if not meta["tensor_model_parallel"]:
+    spec = shard_spec_of(param)
+    if not spec.is_sharded:
         return data
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    if tp_size == 1:
-        return full_from_shards([data], meta)
-    gathered = collectives.all_gather(data.contiguous(), parallel_state.get_tensor_model_parallel_group(), dim=0)
-    return full_from_shards(list(torch.chunk(gathered, tp_size, dim=0)), meta)
+    if group.size == 1:
+        return spec.unshard([data])
+    gathered = collectives.all_gather(data.contiguous(), group, dim=0)
+    return spec.unshard(list(torch.chunk(gathered, group.size, dim=0)))
 
 
 # ---- layout-invariant initialisation -------------------------------------------------------------
@@ -117,11 +87,10 @@ def set_init(param: torch.Tensor, kind: str, std: float = 0.0) -> None:
 
 
 @torch.no_grad()
-def initialize_param(param: torch.Tensor, name: str, seed: int) -> None:
+def initialize_param(param: torch.Tensor, name: str, seed: int, tp_rank: int = 0, tp_size: int = 1) -> None:
     """Draw the canonical full tensor of `param` from a CPU generator seeded by (seed, name), in fp32,
     and copy this TP rank's shard into it. The CPU generator makes the draw identical on any device."""
     kind, std = getattr(param, "init_spec", ("normal", 0.02))
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     shape = full_shape(param, tp_size)
     if kind == "zeros":
         full = torch.zeros(shape)
@@ -132,11 +101,12 @@ def initialize_param(param: torch.Tensor, name: str, seed: int) -> None:
         full = torch.empty(shape).normal_(0.0, std, generator=generator)
     else:
         raise ValueError(f"unknown init kind {kind!r} for {name}")
-    shard = shard_of_full(full, param, parallel_state.get_tensor_model_parallel_rank(), tp_size)
+    shard = shard_of_full(full, param, tp_rank, tp_size)
     param.copy_(shard.to(dtype=param.dtype, device=param.device))
 
 
 def describe(param: torch.Tensor) -> dict[str, Any]:
     """Every metadata attribute of a parameter (for logging and debugging)."""
-    return {**param_meta(param), "sequence_parallel": getattr(param, "sequence_parallel", False),
+    return {**shard_spec_of(param).to_json(), "local_shape": tuple(param.shape),
+            "sequence_parallel": getattr(param, "sequence_parallel", False),
             "shared_embedding": getattr(param, "shared_embedding", False)}

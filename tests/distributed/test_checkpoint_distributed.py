@@ -8,7 +8,8 @@ import checkpoint_toys as toys
 from megatron_lite import parallel_state as ps
 from megatron_lite.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
 from megatron_lite.config import Config
-from megatron_lite.tensor_parallel.utils import full_from_shards, param_meta, shard_of_full
+from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
+from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of_full
 from megatron_lite.testing import run_distributed
 
 LAYERS = 4
@@ -35,7 +36,7 @@ def _build(tp: int, pp: int, vp=None):
 def _state(chunks, optimizer, scheduler) -> dict:
     return {"tp_rank": ps.get_tensor_model_parallel_rank(), "tp": ps.get_tensor_model_parallel_world_size(),
             "model": {n: p.detach().clone() for n, p in toys.named(chunks).items()},
-            "meta": {n: param_meta(p) for n, p in toys.named(chunks).items()},
+            "meta": {n: (shard_spec_of(p), tuple(p.shape)) for n, p in toys.named(chunks).items()},
             "optim": optimizer.get_parameter_state(), "common": optimizer.state_dict(), "sched": scheduler.state_dict()}
 
 

@@ -17,7 +17,8 @@ from megatron_lite.distributed import DistributedDataParallel, finalize_model_gr
 from megatron_lite.models.gpt import GPTModel
 from megatron_lite.optimizer import get_megatron_optimizer
 from megatron_lite.tensor_parallel.random import model_parallel_seed
-from megatron_lite.tensor_parallel.utils import full_from_shards, param_meta, shard_of_full
+from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
+from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of_full
 from megatron_lite.testing import run_distributed
 from megatron_lite.training import build_lr_scheduler
 
@@ -43,9 +44,10 @@ def _config(world: int, tp: int, dist_opt: bool, dropout: float = 0.0, bf16: boo
 def _setup(cfg: Config):
     p = cfg.parallel
     ps.initialize_model_parallel(p.tensor_model_parallel_size, 1)
-    model_parallel_seed(cfg.training.seed)
-    ddp = DistributedDataParallel(cfg, GPTModel(cfg))
-    optimizer = get_megatron_optimizer(cfg, [ddp])
+    groups = ps.get_process_groups()
+    model_parallel_seed(cfg.training.seed, groups.tp.rank)
+    ddp = DistributedDataParallel(cfg, GPTModel(cfg, groups=groups), groups=groups)
+    optimizer = get_megatron_optimizer(cfg, [ddp], groups)
     return ddp, optimizer, build_lr_scheduler(cfg, optimizer)
 
 
@@ -57,7 +59,7 @@ def _train_step(ddp, optimizer, scheduler, step: int) -> None:
     optimizer.zero_grad()
     loss = ddp(local[:, :-1], positions, None, local[:, 1:]).mean()
     optimizer.scale_loss(loss).backward()
-    finalize_model_grads([ddp])
+    finalize_model_grads([ddp], ps.get_process_groups())
     optimizer.step()
     ddp.finish_param_sync()
     scheduler.step(GLOBAL_BATCH)
@@ -65,8 +67,8 @@ def _train_step(ddp, optimizer, scheduler, step: int) -> None:
 
 def _state(ddp, optimizer, scheduler) -> dict:
     return {"tp_rank": ps.get_tensor_model_parallel_rank(), "tp": ps.get_tensor_model_parallel_world_size(),
-            "model": {n: p.detach().clone() for n, p in ddp.named_parameters()},
-            "meta": {n: param_meta(p) for n, p in ddp.named_parameters()},
+            "model": {n: p.detach().clone() for n, p in ddp.sharded_state().items()},
+            "meta": {n: (shard_spec_of(p), tuple(p.shape)) for n, p in ddp.sharded_state().items()},
             "optim": optimizer.get_parameter_state(), "common": optimizer.state_dict(),
             "sched": scheduler.state_dict()}
 
@@ -119,7 +121,7 @@ def _one_rank(directory: str, resume_dir: str) -> dict:
     ddp, optimizer, scheduler = _setup(cfg)
     out["bf16_result"] = load_checkpoint([ddp], optimizer, scheduler, cfg)
     states = optimizer.get_parameter_state()
-    out["bf16_main_follows"] = all(torch.equal(states[n]["param"], p.detach().float()) for n, p in ddp.named_parameters())
+    out["bf16_main_follows"] = all(torch.equal(states[n]["param"], p.detach().float()) for n, p in ddp.sharded_state().items())
     out["bf16_steps"] = optimizer.num_steps
     ps.destroy_model_parallel()
     return out

@@ -75,7 +75,7 @@ def _timeout():
     ps.initialize_model_parallel(tensor_model_parallel_size=2)
     # A short per-group timeout keeps the test fast: gloo honours the group's own timeout.
     fast = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=2))
-    ps._GROUP_NAMES[fast] = "tp"
+    C.register_group_name(fast, "tp")
     if dist.get_rank() == 1:
         time.sleep(6)  # never joins in time
         return "slept"

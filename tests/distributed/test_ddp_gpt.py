@@ -84,12 +84,13 @@ def train(cfg: Config) -> dict:
     from megatron_lite.pipeline import build_model_chunks, get_forward_backward_func
     from megatron_lite.tensor_parallel import gather_full_param
 
-    chunks = build_model_chunks(cfg, lambda pre, post, layers: GPTModel(cfg, pre, post, layers))
-    model = [DistributedDataParallel(cfg, chunk) for chunk in chunks]
-    opt = get_megatron_optimizer(cfg, model)
+    groups = ps.get_process_groups()
+    chunks = build_model_chunks(cfg, lambda pre, post, layers: GPTModel(cfg, pre, post, layers, groups=groups), groups)
+    model = [DistributedDataParallel(cfg, chunk, groups=groups) for chunk in chunks]
+    opt = get_megatron_optimizer(cfg, model, groups)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     num_micro = cfg.num_microbatches
-    forward_backward = get_forward_backward_func(cfg)
+    forward_backward = get_forward_backward_func(cfg, groups)
     dp_name = ps.group_name(ps.get_data_parallel_group(with_context_parallel=True))
     collectives.reset_comm_stats()
     norms = []
@@ -109,7 +110,7 @@ def train(cfg: Config) -> dict:
     grad_bytes = sum(b.grad_data.numel() * b.grad_data.element_size() for c in model for b in c.param_and_grad_buffers)
     param_bytes = sum(b.param_data.numel() * b.param_data.element_size() for c in model for b in c.param_and_grad_buffers
                       if b.param_data is not None)
-    params = {name: gather_full_param(p).float().clone() for c in chunks for name, p in c.named_parameters()}
+    params = {name: gather_full_param(p, group=groups.tp).float().clone() for c in chunks for name, p in c.named_parameters()}
     return {"params": params, "norms": norms, "bytes": bytes_, "grad_bytes": grad_bytes, "param_bytes": param_bytes,
             "memory": memory_report(model, opt), "dp": dp}
 

@@ -18,6 +18,7 @@ from torch import nn
 from megatron_lite import collectives, parallel_state
 from megatron_lite.config import Config
 from megatron_lite.distributed import DistributedDataParallel, finalize_model_grads
+from megatron_lite.tensor_parallel.shard_spec import ShardSpec, set_shard_spec
 from megatron_lite.optimizer import get_megatron_optimizer, memory_report
 from megatron_lite.testing import run_distributed
 
@@ -33,10 +34,10 @@ class ToyModel(nn.Module):
         self.norm = nn.LayerNorm(FFN)
         self.fc2 = nn.Linear(FFN, HIDDEN)
         for p in (self.fc1.weight, self.fc1.bias):  # "column parallel" (TP = 1 here)
-            p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
-        self.fc2.weight.tensor_model_parallel, self.fc2.weight.partition_dim = True, 1
+            set_shard_spec(p, ShardSpec(partition_dim=0))
+        set_shard_spec(self.fc2.weight, ShardSpec(partition_dim=1))
         for p in (self.norm.weight, self.norm.bias, self.fc2.bias):  # replicated over TP
-            p.tensor_model_parallel = False
+            set_shard_spec(p, ShardSpec())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.nn.functional.gelu(self.norm(self.fc1(x))))
@@ -67,8 +68,9 @@ def train(cfg: Config, steps: int = STEPS, inject_inf_at: int | None = None) -> 
     """Train the toy model; return final params, per-step stats, comm bytes and the memory report."""
     torch.manual_seed(1234)
     model = ToyModel().to(cfg.params_dtype)
-    ddp = DistributedDataParallel(cfg, model)
-    opt = get_megatron_optimizer(cfg, [ddp])
+    groups = parallel_state.get_process_groups()
+    ddp = DistributedDataParallel(cfg, model, groups=groups)
+    opt = get_megatron_optimizer(cfg, [ddp], groups)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     num_micro = GLOBAL_BATCH // (MICRO_BATCH * dp)
     out = {"norms": [], "ok": [], "scales": [], "params_per_step": [], "early_dp_bytes": 0, "overlapped": False}
@@ -89,7 +91,7 @@ def train(cfg: Config, steps: int = STEPS, inject_inf_at: int | None = None) -> 
                 out["early_dp_bytes"] += collectives.bytes_for(group=dp_name) - dp_bytes_at_start  # must stay 0: no reduction yet
             elif collectives.bytes_for(group=dp_name) > dp_bytes_at_start:
                 out["overlapped"] = True  # some bucket started before finish_grad_sync
-        finalize_model_grads([ddp])
+        finalize_model_grads([ddp], groups)
         if inject_inf_at == step and torch.distributed.get_rank() == 0:
             next(iter(model.parameters())).main_grad.view(-1)[0] = float("inf")  # one rank, after the sync
         ok, norm, _ = opt.step()
@@ -181,7 +183,7 @@ def _fp16_overflow(world: int) -> list:
         out.append({k: result[k] for k in ("ok", "scales", "params_per_step")})
     # A second backward after the overlapped reduction started is refused, not silently mis-reduced.
     cfg = make_config(world, overlap=True)
-    ddp = DistributedDataParallel(cfg, ToyModel())
+    ddp = DistributedDataParallel(cfg, ToyModel(), groups=parallel_state.get_process_groups())
     x = torch.randn(2, HIDDEN)
     ddp(x).sum().backward()
     try:

@@ -8,6 +8,7 @@ import pytest
 
 from megatron_lite import parallel_state as ps
 from megatron_lite.checkpoint_io import param_meta_from_model, write_checkpoint_from_full_tensors
+from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
 from megatron_lite.config import Config
 from megatron_lite.testing import run_distributed
 
@@ -27,7 +28,7 @@ def make_checkpoint(style: str, directory: str) -> None:
     cfg.validate()
     from megatron_lite.models.gpt.model import GPTModel
     model = GPTModel(cfg)
-    tensors = {name: p.detach()[:m.vocab_size] if getattr(p, "unpadded_size", None) else p.detach()
+    tensors = {name: p.detach()[:m.vocab_size] if shard_spec_of(p).unpadded_size else p.detach()
                for name, p in model.named_parameters()}
     write_checkpoint_from_full_tensors(directory, 10, cfg, tensors, param_meta_from_model([model]))
 

@@ -54,7 +54,9 @@ def _run_cases(pp: int, num_layers: int, cases: list[dict], tied: bool = True) -
                          num_microbatches=case["m"] if case["m"] % pp == 0 else None)
         cfg.parallel.decoder_first_pipeline_num_layers = case.get("first")
         cfg.parallel.decoder_last_pipeline_num_layers = case.get("last")
-        chunks = build_model_chunks(cfg, lambda pre, post, layers: ToyStage(pre, post, layers, hidden=HIDDEN, tied=tied))
+        groups = ps.get_process_groups()
+        chunks = build_model_chunks(cfg, lambda pre, post, layers: ToyStage(pre, post, layers, hidden=HIDDEN, tied=tied),
+                                    groups)
         m = case["m"]
         data = toy_microbatches(m, MBS, SEQ)
         iterators = [iter(data) for _ in chunks] if len(chunks) > 1 else iter(data)
@@ -67,7 +69,7 @@ def _run_cases(pp: int, num_layers: int, cases: list[dict], tied: bool = True) -
             return no_sync
 
         stats: dict = {}
-        forward_backward = get_forward_backward_func(cfg)
+        forward_backward = get_forward_backward_func(cfg, groups)
         scale = case.get("grad_scale", 1.0)
         losses = forward_backward(
             forward_step_func=toy_forward_step, data_iterator=iterators, model=chunks, num_microbatches=m,
@@ -159,10 +161,11 @@ def test_untied_embeddings_pp2():
 def _refuse_interleaving_with_too_few_microbatches() -> dict:
     ps.initialize_model_parallel(1, 2, 2)
     cfg = toy_config(4, 2, 2, "auto", HIDDEN, SEQ, MBS)
-    chunks = build_model_chunks(cfg, lambda pre, post, layers: ToyStage(pre, post, layers, hidden=HIDDEN))
+    groups = ps.get_process_groups()
+    chunks = build_model_chunks(cfg, lambda pre, post, layers: ToyStage(pre, post, layers, hidden=HIDDEN), groups)
     collectives.reset_comm_stats()
     try:
-        get_forward_backward_func(cfg)(forward_step_func=toy_forward_step, data_iterator=[iter([])] * 2, model=chunks,
+        get_forward_backward_func(cfg, groups)(forward_step_func=toy_forward_step, data_iterator=[iter([])] * 2, model=chunks,
                                        num_microbatches=3, seq_length=SEQ, micro_batch_size=MBS, config=cfg)
     except ConfigError as error:
         return {"error": str(error), "p2p_bytes": collectives.bytes_for("send") + collectives.bytes_for("recv")}

@@ -69,7 +69,8 @@ def _reference(num_layers: int, count: int, style: str) -> dict:
         (loss / count).backward()
         losses.append(loss.item())
     from megatron_lite.tensor_parallel.utils import gather_full_param  # canonical (unpadded) full tensors
-    return {"losses": losses, "grads": {n: gather_full_param(p, p.grad).clone() for n, p in model.named_parameters()}}
+    return {"losses": losses, "grads": {n: gather_full_param(p, p.grad, group=model.tp_group).clone()
+                                        for n, p in model.named_parameters()}}
 
 
 def _run(tp: int, pp: int, cases: list[dict], num_layers: int, style: str = "gpt", ddp: bool = False) -> dict:
@@ -93,20 +94,21 @@ def _run(tp: int, pp: int, cases: list[dict], num_layers: int, style: str = "gpt
             current_vp = vp
         cfg = gpt_config(num_layers, tp, pp, vp, case.get("sp", False), world, m, case.get("schedule", "auto"), style,
                          case.get("first"), case.get("last"))
-        chunks = build_model_chunks(cfg, lambda pre, post, layers: GPTModel(cfg, pre, post, layers))
+        groups = ps.get_process_groups()
+        chunks = build_model_chunks(cfg, lambda pre, post, layers: GPTModel(cfg, pre, post, layers, groups=groups), groups)
         if ddp:
-            chunks = [DistributedDataParallel(cfg, chunk) for chunk in chunks]
+            chunks = [DistributedDataParallel(cfg, chunk, groups=groups) for chunk in chunks]
             finalize, no_sync = finalize_model_grads, [chunk.no_sync for chunk in chunks]
         else:
-            def finalize(model_chunks):
-                allreduce_sequence_parallel_grads(model_chunks)
-                allreduce_embedding_grads(model_chunks)
+            def finalize(model_chunks, groups):
+                allreduce_sequence_parallel_grads(model_chunks, groups.tp)
+                allreduce_embedding_grads(model_chunks, groups)
             no_sync = None
         dp_rank = ps.get_data_parallel_rank()
         data = microbatches(m * dp)[dp_rank * m:(dp_rank + 1) * m]
         iterators = [iter(data) for _ in chunks] if len(chunks) > 1 else iter(data)
         stats: dict = {}
-        losses = get_forward_backward_func(cfg)(
+        losses = get_forward_backward_func(cfg, groups)(
             forward_step_func=forward_step, data_iterator=iterators, model=chunks, num_microbatches=m,
             seq_length=SEQ, micro_batch_size=MBS, config=cfg, no_sync_func=no_sync,
             finalize_model_grads_func=finalize, stats=stats)
@@ -119,7 +121,7 @@ def _run(tp: int, pp: int, cases: list[dict], num_layers: int, style: str = "gpt
                     grad = grad.clone()
                     dist.all_reduce(grad, group=ps.get_data_parallel_group())
                     grad /= dp
-                grads[name] = gather_full_param(param, grad).clone()
+                grads[name] = gather_full_param(param, grad, group=groups.tp).clone()
         results.append({"case": case, "losses": [d["lm loss"].item() for d in losses], "grads": grads,
                         "dp_rank": dp_rank, "pp_rank": ps.get_pipeline_model_parallel_rank(), "stats": stats})
     return {"references": references, "results": results, "dp": dp}

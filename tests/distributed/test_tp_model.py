@@ -62,9 +62,9 @@ def run_model(model, ids, labels):
     mask = (torch.arange(ids.numel()) % 3 != 0).float().view_as(ids)
     loss = model(ids, labels=labels, loss_mask=mask)
     ((loss * mask).sum() / mask.sum()).backward()
-    allreduce_sequence_parallel_grads([model])
-    params = {n: gather_full_param(p).clone() for n, p in model.named_parameters()}
-    grads = {n: gather_full_param(p, p.grad).clone() for n, p in model.named_parameters()}
+    allreduce_sequence_parallel_grads([model], model.tp_group)
+    params = {n: gather_full_param(p, group=model.tp_group).clone() for n, p in model.named_parameters()}
+    grads = {n: gather_full_param(p, p.grad, group=model.tp_group).clone() for n, p in model.named_parameters()}
     return {"logits": logits, "loss": loss.detach(), "params": params, "grads": grads}
 
 
@@ -92,11 +92,12 @@ def _layout_invariance(tp: int, variants: list[tuple[str, bool, int, int]]) -> d
         ref_cfg = make_config(style, 1, False, vocab, divisible_by, cross_entropy_fusion=False)
         refs[(style, vocab, divisible_by)] = run_model(GPTModel(ref_cfg), ids, labels)
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
-    model_parallel_seed(77)
+    groups = ps.get_process_groups()
+    model_parallel_seed(77, groups.tp.rank)
     worst = {}
     for style, sp, vocab, divisible_by in variants:
         ids, labels = make_batch(vocab)
-        model = GPTModel(make_config(style, tp, sp, vocab, divisible_by))
+        model = GPTModel(make_config(style, tp, sp, vocab, divisible_by), groups=groups)
         assert model.kernels.fuses_output_layer
         tag = f"tp={tp} sp={sp} {style} vocab={vocab}"
         worst[tag] = compare(run_model(model, ids, labels), refs[(style, vocab, divisible_by)], tag)
@@ -130,11 +131,13 @@ def _recompute_case(sp: bool, ids: torch.Tensor, labels: torch.Tensor) -> torch.
     for name, recompute in [("none", {}), ("selective", dict(recompute_granularity="selective")),
                             ("uniform", dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)),
                             ("block", dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1))]:
-        model = GPTModel(make_config("llama", 2, sp, hidden_dropout=0.2, attention_dropout=0.2, **recompute)).train()
-        model_parallel_seed(1234)
+        groups = ps.get_process_groups()
+        model = GPTModel(make_config("llama", 2, sp, hidden_dropout=0.2, attention_dropout=0.2, **recompute),
+                         groups=groups).train()
+        model_parallel_seed(1234, groups.tp.rank)
         loss = model(ids, labels=labels)
         loss.mean().backward()
-        allreduce_sequence_parallel_grads([model])
+        allreduce_sequence_parallel_grads([model], groups.tp)
         results[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     ref_loss, ref_grads = results.pop("none")
     for name, (loss, grads) in results.items():
@@ -168,7 +171,8 @@ def _fused_cross_entropy_tp2(upstream: str) -> float:
     ps.initialize_model_parallel(tensor_model_parallel_size=2)
     rank = ps.get_tensor_model_parallel_rank()
     xs, ws = x.clone().requires_grad_(), weight[32 * rank:32 * (rank + 1)].clone().requires_grad_()
-    loss = linear_cross_entropy(xs, ws, target, vocab_start=32 * rank, vocab_size=60, grad_weights=mask, chunk_tokens=7)
+    loss = linear_cross_entropy(xs, ws, target, vocab_start=32 * rank, vocab_size=60, grad_weights=mask, chunk_tokens=7,
+                                tp_group=ps.get_process_groups().tp)
     loss.backward(upstream_grad)
     grad_x = xs.grad.clone()
     collectives.all_reduce(grad_x, ps.get_tensor_model_parallel_group())  # what copy_to_tp's backward does

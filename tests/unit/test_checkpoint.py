@@ -15,6 +15,7 @@ from megatron_lite import checkpoint_io, checkpointing
 from megatron_lite.checkpoint_io import CheckpointError, CheckpointReader, write_checkpoint_from_full_tensors
 from megatron_lite.checkpointing import load_checkpoint, read_tracker, save_checkpoint
 from megatron_lite.config import Config
+from megatron_lite.tensor_parallel.shard_spec import ShardSpec
 from megatron_lite.tensor_parallel.utils import shard_of_full
 
 LAYERS = 2
@@ -179,8 +180,8 @@ def test_offline_writer_reader_reshard_exact(tmp_path):
     cfg = make_config()
     specs = toys.param_specs(LAYERS)
     originals = {name: toys.full_tensor(name, spec[0]) for name, spec in specs.items() if name != "output_layer.weight"}
-    metas = {name: checkpoint_io.ParamMeta(name=name, shape=list(spec[0]), tensor_model_parallel=spec[1],
-                                           partition_dim=spec[2], partition_stride=spec[3], unpadded_size=spec[4])
+    metas = {name: checkpoint_io.ParamMeta(name=name, shape=list(spec[0]), shard=ShardSpec(
+                                               spec[2] if spec[1] else None, spec[3], unpadded_size=spec[4]))
              for name, spec in specs.items() if name in originals}
     optim = {name: {"param": t, "exp_avg": t * 2, "exp_avg_sq": t.abs()} for name, t in originals.items()}
     src = tmp_path / "tp2pp2"
@@ -227,8 +228,8 @@ def test_writer_places_layers_on_virtual_stages_and_incomplete_checkpoint_is_an_
     cfg = make_config()
     cfg.model.num_layers = 4
     specs = toys.param_specs(4)
-    metas = {name: checkpoint_io.ParamMeta(name=name, shape=list(spec[0]), tensor_model_parallel=spec[1],
-                                           partition_dim=spec[2], partition_stride=spec[3], unpadded_size=spec[4])
+    metas = {name: checkpoint_io.ParamMeta(name=name, shape=list(spec[0]), shard=ShardSpec(
+                                               spec[2] if spec[1] else None, spec[3], unpadded_size=spec[4]))
              for name, spec in specs.items()}
     tensors = {name: toys.full_tensor(name, spec[0]) for name, spec in specs.items()}
     write_checkpoint_from_full_tensors(str(tmp_path), 3, cfg, tensors.__getitem__, metas, tp=1, pp=2, vp=2)

@@ -31,13 +31,12 @@ def test_parameter_names_are_global_and_metadata_complete():
     assert all(n.startswith(("decoder.layers.2.", "decoder.layers.3.")) for n in names), names
     assert [layer.layer_number for layer in model.decoder.layers.values()] == [2, 3]
     for param in model.parameters():
-        for attr in ("tensor_model_parallel", "partition_dim", "partition_stride", "unpadded_size",
-                     "sequence_parallel", "shared_embedding"):
+        for attr in ("shard_spec", "sequence_parallel", "shared_embedding"):
             assert hasattr(param, attr), attr
     qkv = model.decoder.layers["2"].self_attention.linear_qkv.weight
-    assert (qkv.tensor_model_parallel, qkv.partition_dim) == (True, 0)
+    assert (qkv.shard_spec.is_sharded, qkv.shard_spec.partition_dim) == (True, 0)
     proj = model.decoder.layers["2"].self_attention.linear_proj.weight
-    assert (proj.tensor_model_parallel, proj.partition_dim) == (True, 1)
+    assert (proj.shard_spec.is_sharded, proj.shard_spec.partition_dim) == (True, 1)
 
 
 @pytest.mark.parametrize("untie", [False, True])

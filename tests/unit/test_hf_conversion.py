@@ -7,6 +7,7 @@ import torch
 
 from megatron_lite import hf_conversion as hfc
 from megatron_lite.config import ConfigError
+from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
 
 
 @pytest.mark.parametrize("heads,groups", [(8, 2), (4, 4), (6, 1)])
@@ -70,7 +71,7 @@ def test_rules_cover_every_parameter_and_invert():
         rule = weight_map.rule(name)
         assert not seen & set(rule.hf_names)
         seen |= set(rule.hf_names)
-        full = param.detach()[:100] if getattr(param, "unpadded_size", None) else param.detach()
+        full = param.detach()[:100] if shard_spec_of(param).unpadded_size else param.detach()
         assert torch.equal(rule.to_ours(rule.to_hf(full)), full), name
     assert "model.layers.1.self_attn.o_proj.bias" in seen and "model.layers.0.mlp.up_proj.bias" in seen
     with pytest.raises(KeyError):

@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 
 from megatron_lite.config import Config, ConfigError
+from megatron_lite.pipeline.runner import get_forward_backward_func
 from megatron_lite.pipeline.schedules import (Backward, Exchange, FinalizeGrads, Forward, all_rank_schedules,
-                                              build_schedule, get_forward_backward_func, schedule_name)
+                                              build_schedule, schedule_name)
 from megatron_lite.pipeline.simulator import ScheduleError, check_schedules, max_in_flight, simulate, simulate_timeline
 from megatron_lite.pipeline.stages import layers_for_stage, stage_layer_counts
 

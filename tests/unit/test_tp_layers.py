@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lite.kernels.rope import apply_rotary, rope_cos_sin
-from megatron_lite.tensor_parallel import (checkpoint, full_from_shards, get_all_rng_states, get_rng_tracker,
-                                           mask_padded_vocab, model_parallel_seed, pad_vocab_size, set_all_rng_states,
-                                           shard_of_full, vocab_parallel_cross_entropy)
+from megatron_lite.tensor_parallel import (ShardSpec, checkpoint, full_from_shards, get_all_rng_states,
+                                           get_rng_tracker, mask_padded_vocab, model_parallel_seed, pad_vocab_size,
+                                           set_all_rng_states, shard_of_full, vocab_parallel_cross_entropy)
 
 
 def _meta(shape, dim, stride=1, unpadded=None, parallel=True):
-    return {"tensor_model_parallel": parallel, "partition_dim": dim, "partition_stride": stride,
-            "unpadded_size": unpadded, "local_shape": shape}
+    """(ShardSpec, local shape): what shard_of_full/full_from_shards take in place of a parameter."""
+    return ShardSpec(dim if parallel else None, stride, unpadded_size=unpadded), tuple(shape)
 
 
 def test_pad_vocab_size():

@@ -28,6 +28,12 @@ MODEL_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
               "seq_length", "position_embedding_type", "normalization", "swiglu", "untie_embeddings_and_output_weights")
 
 
+def _sharding(spec) -> str:
+    if not spec.is_sharded:
+        return "replicated"
+    return f"dim {spec.partition_dim}" + (f", stride {spec.stride}" if spec.stride > 1 else "")
+
+
 def summarize(path: str, norms: bool = True) -> dict:
     """Everything inspect prints, as a dict (also what --json writes)."""
     with CheckpointReader(path) as reader:
@@ -39,9 +45,8 @@ def summarize(path: str, norms: bool = True) -> dict:
             for size in meta.shape:
                 numel *= size
             total += numel
-            entry = {"name": name, "shape": meta.shape, "dtype": meta.dtype,
-                     "sharding": (f"dim {meta.partition_dim}" + (f", stride {meta.partition_stride}" if meta.partition_stride > 1 else ""))
-                     if meta.tensor_model_parallel else "replicated", "pp_rank": meta.pp_rank}
+            entry = {"name": name, "shape": meta.shape, "dtype": meta.dtype, "sharding": _sharding(meta.shard),
+                     "pp_rank": meta.pp_rank}
             if norms:
                 entry["norm"] = float(reader.full_tensor(name).float().norm())
             params.append(entry)

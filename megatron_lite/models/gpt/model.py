@@ -13,15 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_lite import parallel_state
 from megatron_lite.config import Config, ConfigError
-from megatron_lite.models.gpt.transformer import InferenceContext, TransformerBlock, hidden_dropout_rng
 from megatron_lite.kernels.registry import select_kernels
+from megatron_lite.models.gpt.transformer import InferenceContext, TransformerBlock, hidden_dropout_rng
+from megatron_lite.process_groups import Group, ProcessGroups
 from megatron_lite.tensor_parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, mask_padded_vocab,
                                                   vocab_range)
 from megatron_lite.tensor_parallel.mappings import scatter_to_sequence_parallel_region
-from megatron_lite.tensor_parallel.utils import (initialize_param, pad_vocab_size, set_default_attributes, set_init,
-                                                 set_tensor_model_parallel_attributes)
+from megatron_lite.tensor_parallel.utils import initialize_param, pad_vocab_size, set_default_attributes, set_init
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 
@@ -30,13 +29,15 @@ class LanguageModelEmbedding(nn.Module):
     """Word embeddings (vocab-parallel) + learned absolute positions, transposed to [s, b, h], split along
     the sequence under sequence parallelism, then hidden dropout."""
 
-    def __init__(self, config: Config, device: Optional[torch.device] = None) -> None:
+    def __init__(self, config: Config, tp_group: Group, device: Optional[torch.device] = None) -> None:
         super().__init__()
         m = config.model
         self.sequence_parallel = config.parallel.sequence_parallel
+        self.tp_group = tp_group
         self.word_embeddings = VocabParallelEmbedding(
             m.vocab_size, m.hidden_size, divisible_by=m.make_vocab_size_divisible_by, init_std=m.init_method_std,
-            reduce_scatter_embeddings=self.sequence_parallel, params_dtype=config.params_dtype, device=device)
+            reduce_scatter_embeddings=self.sequence_parallel, params_dtype=config.params_dtype, device=device,
+            tp_group=tp_group)
         if m.position_embedding_type == "learned_absolute":
             # _weight: allocate without nn.Embedding's own random init (it would consume the global RNG).
             table = torch.empty(m.max_position_embeddings, m.hidden_size, dtype=config.params_dtype, device=device)
@@ -55,7 +56,7 @@ class LanguageModelEmbedding(nn.Module):
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             positions = self.position_embeddings(position_ids).transpose(0, 1)  # [s, b, h]
             if self.sequence_parallel:  # backward all-gathers, so the table's grad is whole on every rank
-                positions = scatter_to_sequence_parallel_region(positions)
+                positions = scatter_to_sequence_parallel_region(positions, self.tp_group)
             x = x + positions
         x = x.contiguous()
         if self.training and self.hidden_dropout > 0:
@@ -67,6 +68,9 @@ class LanguageModelEmbedding(nn.Module):
 class GPTModel(nn.Module):
     """A GPT model chunk. See docs/internals.md for parameter names, metadata and the chunk interface.
 
+    `groups` (process_groups.ProcessGroups, default: one process) gives the tensor-parallel group the
+    layers split over; the model reads no global parallel state.
+
     forward(input_ids [b, s], position_ids [b, s] | None, attention_mask [b, 1, s, s] bool (True = masked)
     | None (plain causal), labels [b, s] | None) returns
       - post_process with labels: per-token loss [b, s] (fp32);
@@ -76,12 +80,19 @@ class GPTModel(nn.Module):
     """
 
     def __init__(self, config: Config, pre_process: bool = True, post_process: bool = True,
-                 layer_numbers: Optional[list[int]] = None, device: Optional[Union[str, torch.device]] = None) -> None:
+                 layer_numbers: Optional[list[int]] = None, device: Optional[Union[str, torch.device]] = None,
+                 groups: Optional[ProcessGroups] = None) -> None:
         super().__init__()
         m = config.model
         if m.vocab_size is None:
             raise ConfigError("--vocab-size: the model needs a vocabulary size. Set it, or let the tokenizer set it.")
+        groups = groups or ProcessGroups.single()
+        if groups.tp.size != config.parallel.tensor_model_parallel_size:
+            raise ConfigError(f"--tensor-model-parallel-size: the config says {config.parallel.tensor_model_parallel_size} "
+                              f"but the process groups given to GPTModel have TP = {groups.tp.size}. Pass "
+                              "groups=parallel_state.get_process_groups() (the default is one process).")
         self.config = config
+        self.tp_group = groups.tp
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_numbers = list(range(m.num_layers)) if layer_numbers is None else list(layer_numbers)
         self.vocab_size = m.vocab_size
@@ -90,19 +101,16 @@ class GPTModel(nn.Module):
         self.kernels = select_kernels(config)
 
         if pre_process:
-            self.embedding = LanguageModelEmbedding(config, device)
-        self.decoder = TransformerBlock(config, self.layer_numbers, post_process, device)
+            self.embedding = LanguageModelEmbedding(config, self.tp_group, device)
+        self.decoder = TransformerBlock(config, self.layer_numbers, post_process, self.tp_group, device)
         if post_process:
-            padded = pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,
-                                    parallel_state.get_tensor_model_parallel_world_size())
+            padded = pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, self.tp_group.size)
             self.output_layer = ColumnParallelLinear(
                 m.hidden_size, padded, bias=False, init_std=m.init_method_std,
                 sequence_parallel=config.parallel.sequence_parallel,
                 skip_weight_param_allocation=self.tied and pre_process,  # PP=1 tied: use the embedding's weight
-                params_dtype=config.params_dtype, device=device)
-            if self.output_layer.weight is not None:
-                set_tensor_model_parallel_attributes(self.output_layer.weight, True, 0, 1, unpadded_size=m.vocab_size)
-            self.vocab_start = vocab_range(padded)[0]
+                params_dtype=config.params_dtype, device=device, tp_group=self.tp_group, unpadded_size=m.vocab_size)
+            self.vocab_start = vocab_range(padded, self.tp_group)[0]
         # Tied embeddings split over pipeline stages: the first stage's table and the last stage's copy
         # are kept equal by summing their grads over the embedding group.
         if self.tied and pre_process and not post_process:
@@ -119,7 +127,7 @@ class GPTModel(nn.Module):
             if param.is_meta:  # shape-only model (converters, planning): nothing to draw
                 continue
             init_name = WORD_EMBEDDINGS if (name == "output_layer.weight" and self.tied) else name
-            initialize_param(param, init_name, seed)
+            initialize_param(param, init_name, seed, self.tp_group.rank, self.tp_group.size)
 
     def set_input_tensor(self, input_tensor: Union[torch.Tensor, list, tuple, None]) -> None:
         """The activation received from the previous pipeline stage (used instead of the embedding)."""
@@ -155,11 +163,11 @@ class GPTModel(nn.Module):
         if labels is not None and self.kernels.fuses_output_layer:
             loss = self.kernels.output_cross_entropy(
                 self.output_layer.parallel_input(x), self.output_weight(), labels.transpose(0, 1), self.vocab_start,
-                self.vocab_size, None if loss_mask is None else loss_mask.transpose(0, 1))  # [s, b], fp32
+                self.vocab_size, None if loss_mask is None else loss_mask.transpose(0, 1), self.tp_group)  # [s, b], fp32
             return loss.transpose(0, 1).contiguous()
         logits = self.output_layer(x, self.output_weight())  # [s, b, padded_vocab / tp]
         logits = mask_padded_vocab(logits, self.vocab_start, self.vocab_size)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
-        loss = self.kernels.cross_entropy_fn(logits, labels.transpose(0, 1))  # [s, b], fp32
+        loss = self.kernels.cross_entropy_fn(logits, labels.transpose(0, 1), self.tp_group)  # [s, b], fp32
         return loss.transpose(0, 1).contiguous()

@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_lite import parallel_state
 from megatron_lite.config import Config
 from megatron_lite.kernels.registry import select_kernels
 from megatron_lite.kernels.rope import rope_cos_sin
+from megatron_lite.process_groups import Group
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
 from megatron_lite.tensor_parallel.utils import set_init
@@ -96,10 +96,10 @@ class SelfAttention(nn.Module):
     queries, then its key, then its value (Megatron's layout), so TP splits whole groups.
     """
 
-    def __init__(self, config: Config, device: Optional[torch.device] = None) -> None:
+    def __init__(self, config: Config, tp_group: Group, device: Optional[torch.device] = None) -> None:
         super().__init__()
         m = config.model
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        tp_size = tp_group.size
         self.head_dim = m.head_dim
         self.heads_local = m.num_attention_heads // tp_size
         self.groups_local = m.num_query_groups // tp_size
@@ -110,7 +110,8 @@ class SelfAttention(nn.Module):
         self.recompute_core = m.recompute_granularity == "selective"
         self.kernels = select_kernels(config)
         qkv_size = m.num_query_groups * (self.heads_per_group + 2) * self.head_dim
-        common = dict(sequence_parallel=config.parallel.sequence_parallel, params_dtype=config.params_dtype, device=device)
+        common = dict(sequence_parallel=config.parallel.sequence_parallel, params_dtype=config.params_dtype, device=device,
+                      tp_group=tp_group)
         self.linear_qkv = ColumnParallelLinear(m.hidden_size, qkv_size, bias=m.add_bias_linear or m.add_qkv_bias,
                                                init_std=m.init_method_std, **common)
         self.linear_proj = RowParallelLinear(m.num_attention_heads * self.head_dim, m.hidden_size, bias=m.add_bias_linear,
@@ -156,12 +157,13 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     """fc1 -> GeLU (tanh, GPT-2) or SwiGLU (fc1 holds [gate; up], split over TP with stride 2) -> fc2."""
 
-    def __init__(self, config: Config, device: Optional[torch.device] = None) -> None:
+    def __init__(self, config: Config, tp_group: Group, device: Optional[torch.device] = None) -> None:
         super().__init__()
         m = config.model
         self.swiglu = m.swiglu
         self.kernels = select_kernels(config)
-        common = dict(sequence_parallel=config.parallel.sequence_parallel, params_dtype=config.params_dtype, device=device)
+        common = dict(sequence_parallel=config.parallel.sequence_parallel, params_dtype=config.params_dtype, device=device,
+                      tp_group=tp_group)
         self.linear_fc1 = ColumnParallelLinear(m.hidden_size, m.ffn_hidden_size * (2 if m.swiglu else 1),
                                                bias=m.add_bias_linear, init_std=m.init_method_std,
                                                stride=2 if m.swiglu else 1, **common)
@@ -176,16 +178,16 @@ class MLP(nn.Module):
 class TransformerLayer(nn.Module):
     """x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x)))."""
 
-    def __init__(self, config: Config, layer_number: int, device: Optional[torch.device] = None) -> None:
+    def __init__(self, config: Config, layer_number: int, tp_group: Group, device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.layer_number = layer_number  # global, 0-based
         self.hidden_dropout = config.model.hidden_dropout
         self.sequence_parallel = config.parallel.sequence_parallel
         self.input_layernorm = Norm(config, config.model.hidden_size, device)
-        self.self_attention = SelfAttention(config, device)
+        self.self_attention = SelfAttention(config, tp_group, device)
         self.self_attention.layer_number = layer_number  # its key in an InferenceContext
         self.pre_mlp_layernorm = Norm(config, config.model.hidden_size, device)
-        self.mlp = MLP(config, device)
+        self.mlp = MLP(config, tp_group, device)
 
     def dropout(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.hidden_dropout == 0.0:
@@ -204,11 +206,11 @@ class TransformerBlock(nn.Module):
     """The layers this model chunk holds (keyed by global layer number) and, on the last stage, the
     final norm; applies --recompute-granularity full (uniform or block) here."""
 
-    def __init__(self, config: Config, layer_numbers: list[int], post_process: bool,
+    def __init__(self, config: Config, layer_numbers: list[int], post_process: bool, tp_group: Group,
                  device: Optional[torch.device] = None) -> None:
         super().__init__()
         m = config.model
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, i, device) for i in layer_numbers})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, i, tp_group, device) for i in layer_numbers})
         for layer in self.layers.values():
             select_kernels(config).compile_layer(layer)  # --torch-compile: in place, names unchanged
         self.final_layernorm = Norm(config, m.hidden_size, device) if post_process else None

@@ -1,0 +1,96 @@
+"""ModelChunk: what the pipeline schedules, the optimizer and checkpointing need from one model chunk.
+
+Every consumer talks to this interface instead of probing a wrapper with hasattr:
+- `module`: the wrapped model chunk (global parameter names, `set_input_tensor` for non-first stages);
+- gradients: `no_sync()` (accumulate only), `zero_grad_buffer()`, `start_grad_sync()`/`finish_grad_sync()`
+  (data-parallel reduction), `param_and_grad_buffers` (the contiguous buffers the distributed optimizer
+  shards; empty when there are none);
+- parameters: `start_param_sync()`/`finish_param_sync()` (the distributed optimizer's all-gather);
+- `sharded_state()`: {global name: parameter} with every parameter's ShardSpec attached, after any
+  pending parameter all-gather has finished: what checkpoints save and load.
+
+`DistributedDataParallel` (ddp.py) implements it with data-parallel reduction; `LocalChunk` implements it
+for a chunk that is not data-parallel (one process, inference, unit tests): gradients stay in `.grad`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Union
+
+from torch import nn
+
+
+class ModelChunk(nn.Module):
+    """Base of both wrappers: forwarding, naming and state dicts are the wrapped module's."""
+
+    module: nn.Module
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    # ---- the model interface ---------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.module.set_input_tensor(input_tensor)
+
+    @property
+    def param_and_grad_buffers(self) -> list:
+        return []
+
+    @property
+    def shards_optimizer_state(self) -> bool:
+        """True when the distributed optimizer owns slices of this chunk's buffers (ZeRO-1 and beyond)."""
+        return False
+
+    # ---- gradients -------------------------------------------------------------------------------
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def zero_grad_buffer(self) -> None:
+        for param in self.module.parameters():
+            param.grad = None
+
+    def start_grad_sync(self) -> None:
+        pass
+
+    def finish_grad_sync(self) -> None:
+        pass
+
+    # ---- parameters ------------------------------------------------------------------------------
+    def start_param_sync(self, force_sync: bool = False) -> None:
+        pass
+
+    def finish_param_sync(self) -> None:
+        pass
+
+    def sharded_state(self) -> dict[str, nn.Parameter]:
+        """{global name: parameter}; parameters are whole (no pending all-gather) when this returns."""
+        self.finish_param_sync()
+        return dict(self.module.named_parameters())
+
+    def state_dict(self, *args, **kwargs):
+        self.finish_param_sync()  # never save half-gathered parameters
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.finish_param_sync()
+        # copy_ (not assign) keeps param.data pointing into any contiguous parameter buffer.
+        return self.module.load_state_dict(state_dict, strict=strict)
+
+
+class LocalChunk(ModelChunk):
+    """A chunk without data-parallel reduction: gradients stay in `.grad`."""
+
+
+def as_model_chunks(model: Union[nn.Module, list, tuple]) -> list[ModelChunk]:
+    """Model chunks as ModelChunks: wrappers pass through, bare modules are wrapped in LocalChunk."""
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    return [chunk if isinstance(chunk, ModelChunk) else LocalChunk(chunk) for chunk in chunks]
+
+
+def iter_params(chunks: list[ModelChunk]) -> Iterator[nn.Parameter]:
+    for chunk in chunks:
+        yield from chunk.module.parameters()
