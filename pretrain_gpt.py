@@ -46,8 +46,8 @@ def get_batch(config: Config, data_iterator) -> dict:
     dtypes = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32, "position_ids": torch.int64}
     if with_mask:
         shapes["attention_mask"], dtypes["attention_mask"] = (mbs, 1, seq, seq), torch.bool
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     group = _groups().tp
+    device = collectives.device_for(group)  # where the model runs and the TP group communicates
     src = group.first
     out = {}
     for key in shapes:

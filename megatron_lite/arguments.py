@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from typing import Any, Optional, Sequence, Union, get_args, get_origin
 
 import yaml
@@ -100,4 +101,7 @@ def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
     cfg.extra = extras  # flags added by extra_args_provider (e.g. by tools)
     if validate:
         cfg.validate()
+        if os.environ.get("RANK", "0") == "0":
+            for note in cfg.notes:
+                print(f"note: {note}", file=sys.stderr, flush=True)
     return cfg

@@ -5,7 +5,7 @@
 optimizer (distributed shards included), LR scheduler, loss scaler, RNG states and consumed samples,
 honouring --no-load-optim, --no-load-rng and --finetune.
 
-Departure from DESIGN.md ("torch.distributed.checkpoint underneath"): a stride-2 SwiGLU fc1 shard
+Departure from the target design ("torch.distributed.checkpoint underneath", docs/internals.md): a stride-2 SwiGLU fc1 shard
 (a slice of the gate half and of the up half) and a padded vocab shard are not even DTensor shards, so
 DCP cannot describe them. Instead each parameter is stored as its TP shards plus the metadata that
 `tensor_parallel.utils.full_from_shards` needs; loading rebuilds the canonical full tensor and slices

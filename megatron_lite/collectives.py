@@ -304,7 +304,8 @@ def barrier(group=None) -> None:
 
 
 # ---- values without a device of their own ---------------------------------------------------------
-def _to_host(tensor: torch.Tensor) -> list:
+def to_host(tensor: torch.Tensor) -> list:
+    """A communicated tensor's values as Python numbers (one device-to-host copy)."""
     return tensor.tolist()
 
 
@@ -312,7 +313,7 @@ def all_reduce_scalars(values: Sequence[float], group=None, op: str = "sum") -> 
     """Reduce a few Python numbers over `group` (fp64, on the group's device); every rank gets the result."""
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device_for(group))
     all_reduce(tensor, group=group, op=op)
-    return [float(v) for v in _to_host(tensor)]
+    return [float(v) for v in to_host(tensor)]
 
 
 def all_reduce_scalar(value: float, group=None, op: str = "sum") -> float:
@@ -328,7 +329,7 @@ def broadcast_scalar(value: Optional[float], src: int, group=None) -> float:
     """The number `value` of global rank `src`, on every rank of `group` (others may pass None)."""
     tensor = torch.tensor([0.0 if value is None else float(value)], dtype=torch.float64, device=device_for(group))
     broadcast(tensor, src=src, group=group)
-    return float(_to_host(tensor)[0])
+    return float(to_host(tensor)[0])
 
 
 # ---- point to point ------------------------------------------------------------------------------

@@ -1,14 +1,19 @@
-"""Typed configuration: one dataclass per concern, and one validate() for every cross-field rule.
+"""Typed configuration: one dataclass per section, each owning its own rules.
 
 Each field carries its command-line flag in its metadata (see `arg`), so `arguments.py` builds the
 parser from these classes and a flag can never drift from the field it sets. Flags keep Megatron-LM's
 spelling; a YAML file given with --config uses the field names (snake_case or hyphenated).
+
+`Config.validate()` = `derive_defaults()` (fills what the user left to be derived; a value the user set is
+never rewritten silently, each change becomes a note) + each section's `validate(cfg)`, in one order.
+A rule lives in exactly one place: the pipeline layout rules in pipeline/layout.py, the interleaving
+rule in pipeline/schedules.py, the parallel sizes here (check_parallel_sizes, also asked by parallel_state).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -74,6 +79,71 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
+    def derive_defaults(self) -> list[str]:
+        if self.num_query_groups is None and not self.group_query_attention:
+            self.num_query_groups = self.num_attention_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = int((4 * self.hidden_size * 2 / 3) / 64) * 64 if self.swiglu else 4 * self.hidden_size
+            if self.ffn_hidden_size == 0:  # tiny test models
+                self.ffn_hidden_size = 4 * self.hidden_size
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        if self.recompute_granularity == "full" and self.recompute_num_layers is None:
+            self.recompute_num_layers = 1
+        return []
+
+    def validate(self, cfg: "Config") -> None:
+        """The model's shape, and what a TP size of --tensor-model-parallel-size needs of it."""
+        tp, world = cfg.parallel.tensor_model_parallel_size, cfg.world_size
+        if self.num_layers < 1:
+            _fail("--num-layers", f"must be >= 1, got {self.num_layers}", "Use a positive layer count.")
+        if self.hidden_size % self.num_attention_heads != 0 and self.kv_channels is None:
+            _fail("--hidden-size", f"{self.hidden_size} is not divisible by --num-attention-heads {self.num_attention_heads}",
+                  "Pick a hidden size that is a multiple of the head count, or set --kv-channels.")
+        if self.num_attention_heads % tp != 0:
+            _fail("--num-attention-heads", f"{self.num_attention_heads} heads are not divisible by --tensor-model-parallel-size {tp}",
+                  f"Use a TP size from {[x for x in _divisors(self.num_attention_heads) if world % x == 0]}.")
+        self._validate_query_groups(tp)
+        if self.ffn_hidden_size % tp != 0:
+            _fail("--ffn-hidden-size", f"{self.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}",
+                  f"Use a multiple of {tp}.")
+        if self.position_embedding_type == "learned_absolute" and self.max_position_embeddings < self.seq_length:
+            _fail("--max-position-embeddings", f"{self.max_position_embeddings} is smaller than --seq-length {self.seq_length}",
+                  f"Set --max-position-embeddings >= {self.seq_length}.")
+        if self.position_embedding_type == "rope" and self.head_dim % 2 != 0:
+            _fail("--position-embedding-type rope", f"needs an even head dimension, got {self.head_dim}",
+                  "Change --hidden-size or --num-attention-heads.")
+        for flag, value in [("--hidden-dropout", self.hidden_dropout), ("--attention-dropout", self.attention_dropout)]:
+            if not 0.0 <= value < 1.0:
+                _fail(flag, f"must be in [0, 1), got {value}", "Use e.g. 0.1, or 0 to disable dropout.")
+        self._validate_recompute()
+        if self.fp8_format is not None and self.transformer_impl != "transformer_engine":
+            _fail("--fp8-format", "needs --transformer-impl transformer_engine",
+                  "Add --transformer-impl transformer_engine (needs TE and a Hopper GPU).")
+
+    def _validate_query_groups(self, tp: int) -> None:
+        if self.group_query_attention and self.num_query_groups is None:
+            _fail("--num-query-groups", "is required with --group-query-attention", "Set it, e.g. --num-query-groups 8.")
+        if not self.group_query_attention and self.num_query_groups != self.num_attention_heads:
+            _fail("--num-query-groups", f"{self.num_query_groups} given without --group-query-attention",
+                  "Add --group-query-attention or drop --num-query-groups.")
+        if self.num_attention_heads % self.num_query_groups != 0:
+            _fail("--num-query-groups", f"{self.num_attention_heads} heads are not divisible by {self.num_query_groups} query groups",
+                  f"Use one of {_divisors(self.num_attention_heads)}.")
+        if self.num_query_groups % tp != 0:
+            _fail("--num-query-groups", f"{self.num_query_groups} query groups are not divisible by --tensor-model-parallel-size {tp}",
+                  f"Use a TP size from {_divisors(self.num_query_groups)} or more query groups.")
+
+    def _validate_recompute(self) -> None:
+        if self.recompute_granularity == "full":
+            if self.recompute_method is None:
+                _fail("--recompute-method", "is required with --recompute-granularity full", "Use uniform or block.")
+            if self.recompute_num_layers < 1:
+                _fail("--recompute-num-layers", f"must be >= 1, got {self.recompute_num_layers}", "Use 1 or more.")
+        elif self.recompute_method is not None:
+            _fail("--recompute-method", "only applies with --recompute-granularity full",
+                  "Add --recompute-granularity full or drop it.")
+
 
 @dataclass
 class ParallelConfig:
@@ -95,6 +165,37 @@ class ParallelConfig:
     overlap_param_gather: bool = arg(False, "Overlap the distributed optimizer's parameter all-gather with the next forward.", action="store_true")
     ddp_bucket_size: Optional[int] = arg(None, "Elements per gradient bucket (default max(40M, 1M*DP)).")
     accumulate_allreduce_grads_in_fp32: bool = arg(False, "Accumulate and reduce gradients in fp32 (always on with --bf16).", action="store_true")
+
+    def derive_defaults(self) -> list[str]:
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            self.sequence_parallel = False  # Megatron turns it off too, silently; we say so
+            return ["--sequence-parallel turned off: with --tensor-model-parallel-size 1 there is nothing to split"]
+        return []
+
+    def validate(self, cfg: "Config") -> None:
+        """Sizes against the world, and what sequence/context parallelism need of the sequence length."""
+        check_parallel_sizes(cfg.world_size, self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                             self.context_parallel_size, self.expert_model_parallel_size)
+        tp, cp, seq = self.tensor_model_parallel_size, self.context_parallel_size, cfg.model.seq_length
+        if self.sequence_parallel and seq % tp != 0:
+            _fail("--sequence-parallel", f"--seq-length {seq} is not divisible by --tensor-model-parallel-size {tp}",
+                  f"Use a sequence length that is a multiple of {tp}.")
+        if cp > 1 and seq % (2 * cp) != 0:
+            _fail("--context-parallel-size", f"--seq-length {seq} is not divisible by 2 x CP = {2 * cp}",
+                  f"Use a sequence length that is a multiple of {2 * cp}.")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            _fail("--overlap-param-gather", "needs --use-distributed-optimizer", "Add --use-distributed-optimizer or drop it.")
+
+    def validate_implemented(self, cfg: "Config") -> None:
+        # The groups exist (parallel_state builds them, the self-check prints them), but no model code splits
+        # the sequence over CP or routes tokens to experts yet: refuse rather than train something else.
+        if self.context_parallel_size > 1:
+            _fail("--context-parallel-size", f"{self.context_parallel_size}: context parallelism is not implemented "
+                  "in the model yet", "Use --context-parallel-size 1 (sequence parallelism with TP also splits "
+                  "activations along the sequence).")
+        if self.expert_model_parallel_size > 1:
+            _fail("--expert-model-parallel-size", f"{self.expert_model_parallel_size}: mixture-of-experts layers are "
+                  "not implemented yet", "Use --expert-model-parallel-size 1.")
 
 
 @dataclass
@@ -126,6 +227,18 @@ class OptimizerConfig:
     hysteresis: int = arg(2, "Overflows tolerated before the scale is lowered.")
     use_fused_adam: bool = arg(True, "Disable fused/foreach Adam kernels.", flag="--no-fused-adam", action="store_false")
 
+    def validate(self, cfg: "Config") -> None:
+        if self.fp16 and self.bf16:
+            _fail("--fp16/--bf16", "both given", "Choose one: --bf16 (recommended on Ampere and newer) or --fp16.")
+        if self.loss_scale is not None and not self.fp16:
+            _fail("--loss-scale", "only applies with --fp16", "Add --fp16 or drop --loss-scale.")
+        train_iters = cfg.training.train_iters
+        if train_iters is not None:
+            decay_iters = self.lr_decay_iters or train_iters
+            if self.lr_warmup_fraction is None and self.lr_warmup_iters >= decay_iters:
+                _fail("--lr-warmup-iters", f"{self.lr_warmup_iters} warm-up iterations do not fit in {decay_iters} decay "
+                      "iterations (--lr-decay-iters, default --train-iters)", f"Use fewer than {decay_iters} warm-up iterations.")
+
 
 @dataclass
 class DataConfig:
@@ -141,6 +254,25 @@ class DataConfig:
     reset_position_ids: bool = arg(False, "Restart position ids after each end-of-document token.", action="store_true")
     reset_attention_mask: bool = arg(False, "Do not attend across end-of-document tokens.", action="store_true")
     eod_mask_loss: bool = arg(False, "Do not train on end-of-document tokens.", action="store_true")
+
+    def validate(self, cfg: "Config") -> None:
+        if not self.mock_data and self.tokenizer_type == "NullTokenizer" and cfg.model.vocab_size is None and self.data_path:
+            _fail("--vocab-size", "is required with --tokenizer-type NullTokenizer", "Give the vocabulary size of the preprocessed data.")
+        if self.tokenizer_type == "SentencePieceTokenizer" and self.tokenizer_model is None:
+            _fail("--tokenizer-model", "is required with --tokenizer-type SentencePieceTokenizer", "Point it at a .model file.")
+        if self.tokenizer_type == "HuggingFaceTokenizer" and self.tokenizer_model is None:
+            _fail("--tokenizer-model", "is required with --tokenizer-type HuggingFaceTokenizer",
+                  "Point it at a local tokenizer.json or directory.")
+        if self.tokenizer_type == "GPT2BPETokenizer" and (self.vocab_file is None or self.merge_file is None):
+            _fail("--vocab-file/--merge-file", "are required with --tokenizer-type GPT2BPETokenizer",
+                  "Give GPT-2's vocab.json and merges.txt.")
+        split = [part for part in self.split.replace("/", ",").split(",") if part.strip()]
+        try:
+            weights = [float(part) for part in split]
+        except ValueError:
+            weights = []
+        if not weights or len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+            _fail("--split", f"cannot parse {self.split!r}", "Use up to three non-negative weights, e.g. 949,50,1.")
 
 
 @dataclass
@@ -158,6 +290,35 @@ class TrainingConfig:
     exit_signal_handler: bool = arg(True, "Do not save and exit on SIGTERM.", flag="--no-exit-signal-handler", action="store_false")
     seed: int = arg(1234, "Random seed: weights, dropout and data order.")
 
+    def derive_defaults(self, cfg: "Config") -> list[str]:
+        if self.global_batch_size is None:
+            self.global_batch_size = self.micro_batch_size * cfg.data_parallel_size
+        return []
+
+    def first_num_microbatches(self, dp: int) -> int:
+        """Micro-batches of the first step (the smallest with a batch-size ramp-up)."""
+        start = self.rampup_batch_size[0] if self.rampup_batch_size is not None else self.global_batch_size
+        return start // (self.micro_batch_size * dp)
+
+    def validate(self, cfg: "Config") -> None:
+        dp, mbs = cfg.data_parallel_size, self.micro_batch_size
+        if mbs < 1:
+            _fail("--micro-batch-size", f"must be >= 1, got {mbs}", "Use 1 or more.")
+        if self.rampup_batch_size is not None:
+            start, increment, _ = self.rampup_batch_size
+            for flag, value in [("--rampup-batch-size start", start), ("--global-batch-size", self.global_batch_size)]:
+                if value % (mbs * dp) != 0:
+                    _fail(flag, f"{value} is not divisible by micro-batch x DP = {mbs} x {dp}", f"Use a multiple of {mbs * dp}.")
+            if increment % (mbs * dp) != 0:
+                _fail("--rampup-batch-size increment", f"{increment} is not divisible by micro-batch x DP = {mbs * dp}",
+                      f"Use a multiple of {mbs * dp}.")
+        if self.global_batch_size % (mbs * dp) != 0:
+            good = mbs * dp * max(1, self.global_batch_size // (mbs * dp))
+            _fail("--global-batch-size", f"{self.global_batch_size} is not divisible by --micro-batch-size x DP = {mbs} x {dp}",
+                  f"Use a multiple of {mbs * dp}, e.g. {good}.")
+        if self.train_iters is not None and self.train_samples is not None:
+            _fail("--train-iters/--train-samples", "both given", "Give only one.")
+
 
 @dataclass
 class CheckpointConfig:
@@ -169,6 +330,10 @@ class CheckpointConfig:
     no_load_rng: bool = arg(False, "Do not load RNG states.", action="store_true")
     finetune: bool = arg(False, "Load weights only and start at iteration 0.", action="store_true")
     ckpt_step: Optional[int] = arg(None, "Load this iteration from --load instead of the latest one.")
+
+    def validate(self, cfg: "Config") -> None:
+        if self.save_interval is not None and self.save_interval < 1:
+            _fail("--save-interval", f"must be >= 1, got {self.save_interval}", "Use a positive interval.")
 
 
 @dataclass
@@ -182,6 +347,10 @@ class LoggingConfig:
     peak_tflops: Optional[float] = arg(None, "Peak dense TFLOP/s per device for MFU (detected for known GPUs).")
     log_memory: bool = arg(True, "Do not log memory.", flag="--no-log-memory", action="store_false")
     log_num_zeros_in_grad: bool = arg(False, "Count and log zero gradient elements (an extra pass over all grads).", action="store_true")
+
+    def validate(self, cfg: "Config") -> None:
+        if self.log_interval < 1:
+            _fail("--log-interval", f"must be >= 1, got {self.log_interval}", "Use a positive interval.")
 
 
 SECTIONS = {
@@ -204,6 +373,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    notes: ClassVar[list] = []  # what derive_defaults changed (set per instance by validate)
     world_size: int = 1  # set from the launcher's WORLD_SIZE by arguments.parse
     extra: dict = field(default_factory=dict)  # flags added by a tool's extra_args_provider
 
@@ -218,7 +388,8 @@ class Config:
     @property
     def data_parallel_size(self) -> int:
         p = self.parallel
-        return self.world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size)
+        model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+        return max(1, self.world_size // max(1, model_parallel))  # sizes themselves are checked by validate()
 
     @property
     def num_microbatches(self) -> int:
@@ -236,9 +407,32 @@ class Config:
                 setattr(getattr(cfg, name), key, value)
         return cfg
 
+    def derive_defaults(self) -> list[str]:
+        """Fill every field left to be derived (ffn size, query groups, positions, global batch, virtual
+        stages, ...). Values the user gave are never rewritten silently: each change is returned as a note
+        (arguments.parse prints them)."""
+        from megatron_lite.pipeline.layout import derive_virtual_stages
+        notes = self.model.derive_defaults()
+        notes += self.parallel.derive_defaults()
+        notes += derive_virtual_stages(self)
+        notes += self.training.derive_defaults(self)
+        return notes
+
     def validate(self) -> "Config":
-        """Fill derived defaults and check every cross-field rule. Raises ConfigError; never touches torch.distributed."""
-        validate(self)
+        """derive_defaults(), then every section's own rules; raises ConfigError naming the flag, the values
+        and a fix. Never touches torch.distributed, so every rank runs it before any process group exists."""
+        from megatron_lite.pipeline.layout import validate_layout, validate_schedule
+        self.notes = self.derive_defaults()
+        self.parallel.validate(self)
+        self.model.validate(self)
+        validate_layout(self)
+        self.optimizer.validate(self)
+        self.training.validate(self)
+        validate_schedule(self, self.training.first_num_microbatches(self.data_parallel_size))
+        self.data.validate(self)
+        self.checkpoint.validate(self)
+        self.logging.validate(self)
+        self.parallel.validate_implemented(self)
         return self
 
 
@@ -247,213 +441,20 @@ def _divisors(n: int) -> list[int]:
 
 
 def validate(cfg: Config) -> None:
-    m, p, o, d, t = cfg.model, cfg.parallel, cfg.optimizer, cfg.data, cfg.training
-    world = cfg.world_size
-    tp, pp, cp, ep = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                      p.context_parallel_size, p.expert_model_parallel_size)
+    """Derive defaults and check every rule (Config.validate, as a function)."""
+    cfg.validate()
 
-    # --- parallel sizes ---
+
+def check_parallel_sizes(world: int, tp: int, pp: int, cp: int = 1, ep: int = 1) -> None:
+    """The sizes rule, owned here and asked by parallel_state.initialize_model_parallel too."""
     for flag, value in [("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
                         ("--context-parallel-size", cp), ("--expert-model-parallel-size", ep)]:
         if value < 1:
             _fail(flag, f"must be >= 1, got {value}", "Use 1 to disable this kind of parallelism.")
-    model_parallel = tp * pp * cp
-    if world % model_parallel != 0:
-        valid = [x for x in _divisors(world) if x <= world]
+    if world % (tp * pp * cp) != 0:
         _fail("--tensor-model-parallel-size/--pipeline-model-parallel-size/--context-parallel-size",
-              f"world size {world} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {model_parallel}",
-              f"Choose sizes whose product divides {world} (divisors: {valid}).")
-    dp = world // model_parallel
+              f"world size {world} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {tp * pp * cp}",
+              f"Choose sizes whose product divides {world} (divisors: {_divisors(world)}).")
     if world % (tp * pp * ep) != 0:
         _fail("--expert-model-parallel-size", f"world size {world} is not divisible by TP x PP x EP = {tp * pp * ep}",
-              f"Choose EP dividing {world // (tp * pp)}.")
-
-    # --- model shape ---
-    if m.hidden_size % m.num_attention_heads != 0 and m.kv_channels is None:
-        _fail("--hidden-size", f"{m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}",
-              "Pick a hidden size that is a multiple of the head count, or set --kv-channels.")
-    if m.num_attention_heads % tp != 0:
-        _fail("--num-attention-heads", f"{m.num_attention_heads} heads are not divisible by --tensor-model-parallel-size {tp}",
-              f"Use a TP size from {[x for x in _divisors(m.num_attention_heads) if world % x == 0]}.")
-    if m.group_query_attention:
-        if m.num_query_groups is None:
-            _fail("--num-query-groups", "is required with --group-query-attention", "Set it, e.g. --num-query-groups 8.")
-    elif m.num_query_groups is not None and m.num_query_groups != m.num_attention_heads:
-        _fail("--num-query-groups", f"{m.num_query_groups} given without --group-query-attention",
-              "Add --group-query-attention or drop --num-query-groups.")
-    if m.num_query_groups is None:
-        m.num_query_groups = m.num_attention_heads
-    if m.num_attention_heads % m.num_query_groups != 0:
-        _fail("--num-query-groups", f"{m.num_attention_heads} heads are not divisible by {m.num_query_groups} query groups",
-              f"Use one of {_divisors(m.num_attention_heads)}.")
-    if m.num_query_groups % tp != 0:
-        _fail("--num-query-groups", f"{m.num_query_groups} query groups are not divisible by --tensor-model-parallel-size {tp}",
-              f"Use a TP size from {_divisors(m.num_query_groups)} or more query groups.")
-    if m.ffn_hidden_size is None:
-        m.ffn_hidden_size = int((4 * m.hidden_size * 2 / 3) / 64) * 64 if m.swiglu else 4 * m.hidden_size
-        if m.ffn_hidden_size == 0:  # tiny test models
-            m.ffn_hidden_size = 4 * m.hidden_size
-    if m.ffn_hidden_size % tp != 0:
-        _fail("--ffn-hidden-size", f"{m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}",
-              f"Use a multiple of {tp}.")
-    if m.max_position_embeddings is None:
-        m.max_position_embeddings = m.seq_length
-    if m.position_embedding_type == "learned_absolute" and m.max_position_embeddings < m.seq_length:
-        _fail("--max-position-embeddings", f"{m.max_position_embeddings} is smaller than --seq-length {m.seq_length}",
-              f"Set --max-position-embeddings >= {m.seq_length}.")
-    if m.position_embedding_type == "rope" and m.head_dim % 2 != 0:
-        _fail("--position-embedding-type rope", f"needs an even head dimension, got {m.head_dim}", "Change --hidden-size or --num-attention-heads.")
-    for flag, value in [("--hidden-dropout", m.hidden_dropout), ("--attention-dropout", m.attention_dropout)]:
-        if not 0.0 <= value < 1.0:
-            _fail(flag, f"must be in [0, 1), got {value}", "Use e.g. 0.1, or 0 to disable dropout.")
-    if m.num_layers < 1:
-        _fail("--num-layers", f"must be >= 1, got {m.num_layers}", "Use a positive layer count.")
-
-    # --- pipeline ---
-    _validate_pipeline(cfg, pp)
-
-    # --- sequence / context parallel ---
-    if p.sequence_parallel and tp == 1:
-        p.sequence_parallel = False  # Megatron silently disables it too: nothing to split over.
-    if p.sequence_parallel and m.seq_length % tp != 0:
-        _fail("--sequence-parallel", f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp}",
-              f"Use a sequence length that is a multiple of {tp}.")
-    if cp > 1 and m.seq_length % (2 * cp) != 0:
-        _fail("--context-parallel-size", f"--seq-length {m.seq_length} is not divisible by 2 x CP = {2 * cp}",
-              f"Use a sequence length that is a multiple of {2 * cp}.")
-
-    # --- recompute ---
-    if m.recompute_granularity == "full":
-        if m.recompute_method is None:
-            _fail("--recompute-method", "is required with --recompute-granularity full", "Use uniform or block.")
-        if m.recompute_num_layers is None:
-            m.recompute_num_layers = 1
-        if m.recompute_num_layers < 1:
-            _fail("--recompute-num-layers", f"must be >= 1, got {m.recompute_num_layers}", "Use 1 or more.")
-    elif m.recompute_method is not None:
-        _fail("--recompute-method", "only applies with --recompute-granularity full", "Add --recompute-granularity full or drop it.")
-
-    # --- precision ---
-    if o.fp16 and o.bf16:
-        _fail("--fp16/--bf16", "both given", "Choose one: --bf16 (recommended on Ampere and newer) or --fp16.")
-    if o.loss_scale is not None and not o.fp16:
-        _fail("--loss-scale", "only applies with --fp16", "Add --fp16 or drop --loss-scale.")
-    if m.fp8_format is not None and m.transformer_impl != "transformer_engine":
-        _fail("--fp8-format", "needs --transformer-impl transformer_engine", "Add --transformer-impl transformer_engine (needs TE and a Hopper GPU).")
-    if p.overlap_param_gather and not p.use_distributed_optimizer:
-        _fail("--overlap-param-gather", "needs --use-distributed-optimizer", "Add --use-distributed-optimizer or drop it.")
-
-    # --- batch ---
-    if t.micro_batch_size < 1:
-        _fail("--micro-batch-size", f"must be >= 1, got {t.micro_batch_size}", "Use 1 or more.")
-    if t.global_batch_size is None:
-        t.global_batch_size = t.micro_batch_size * dp
-    if t.rampup_batch_size is not None:
-        start, increment, _ = t.rampup_batch_size
-        for flag, value in [("--rampup-batch-size start", start), ("--global-batch-size", t.global_batch_size)]:
-            if value % (t.micro_batch_size * dp) != 0:
-                _fail(flag, f"{value} is not divisible by micro-batch x DP = {t.micro_batch_size} x {dp}",
-                      f"Use a multiple of {t.micro_batch_size * dp}.")
-        if increment % (t.micro_batch_size * dp) != 0:
-            _fail("--rampup-batch-size increment", f"{increment} is not divisible by micro-batch x DP = {t.micro_batch_size * dp}",
-                  f"Use a multiple of {t.micro_batch_size * dp}.")
-    if t.global_batch_size % (t.micro_batch_size * dp) != 0:
-        good = t.micro_batch_size * dp * max(1, t.global_batch_size // (t.micro_batch_size * dp))
-        _fail("--global-batch-size", f"{t.global_batch_size} is not divisible by --micro-batch-size x DP = {t.micro_batch_size} x {dp}",
-              f"Use a multiple of {t.micro_batch_size * dp}, e.g. {good}.")
-    if t.train_iters is not None and t.train_samples is not None:
-        _fail("--train-iters/--train-samples", "both given", "Give only one.")
-    interleaved = p.virtual_pipeline_model_parallel_size is not None
-    if interleaved and p.pipeline_schedule in ("auto", "interleaved"):
-        num_micro = t.global_batch_size // (t.micro_batch_size * dp)
-        if t.rampup_batch_size is not None:
-            num_micro = t.rampup_batch_size[0] // (t.micro_batch_size * dp)
-        if num_micro % pp != 0:
-            _fail("--global-batch-size", f"interleaved 1F1B needs the number of micro-batches ({num_micro}) to be a multiple of PP = {pp}",
-                  f"Use a global batch of {t.micro_batch_size * dp * pp * max(1, -(-num_micro // pp))}.")
-
-    # --- data ---
-    if not d.mock_data and d.tokenizer_type == "NullTokenizer" and m.vocab_size is None and d.data_path:
-        _fail("--vocab-size", "is required with --tokenizer-type NullTokenizer", "Give the vocabulary size of the preprocessed data.")
-    if d.tokenizer_type == "SentencePieceTokenizer" and d.tokenizer_model is None:
-        _fail("--tokenizer-model", "is required with --tokenizer-type SentencePieceTokenizer", "Point it at a .model file.")
-    if d.tokenizer_type == "HuggingFaceTokenizer" and d.tokenizer_model is None:
-        _fail("--tokenizer-model", "is required with --tokenizer-type HuggingFaceTokenizer", "Point it at a local tokenizer.json or directory.")
-    if d.tokenizer_type == "GPT2BPETokenizer" and (d.vocab_file is None or d.merge_file is None):
-        _fail("--vocab-file/--merge-file", "are required with --tokenizer-type GPT2BPETokenizer", "Give GPT-2's vocab.json and merges.txt.")
-    split = [s for s in d.split.replace("/", ",").split(",") if s.strip()]
-    try:
-        weights = [float(s) for s in split]
-    except ValueError:
-        weights = []
-    if not weights or len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        _fail("--split", f"cannot parse {d.split!r}", "Use up to three non-negative weights, e.g. 949,50,1.")
-    if t.train_iters is not None:
-        decay_iters = o.lr_decay_iters or t.train_iters
-        if o.lr_warmup_fraction is None and o.lr_warmup_iters >= decay_iters:
-            _fail("--lr-warmup-iters", f"{o.lr_warmup_iters} warm-up iterations do not fit in {decay_iters} decay iterations "
-                  "(--lr-decay-iters, default --train-iters)", f"Use fewer than {decay_iters} warm-up iterations.")
-    if cfg.checkpoint.save_interval is not None and cfg.checkpoint.save_interval < 1:
-        _fail("--save-interval", f"must be >= 1, got {cfg.checkpoint.save_interval}", "Use a positive interval.")
-    if cfg.logging.log_interval < 1:
-        _fail("--log-interval", f"must be >= 1, got {cfg.logging.log_interval}", "Use a positive interval.")
-
-    # The groups exist (parallel_state builds them, the self-check prints them), but no model code splits
-    # the sequence over CP or routes tokens to experts yet: refuse rather than train something else.
-    if cp > 1:
-        _fail("--context-parallel-size", f"{cp}: context parallelism is not implemented in the model yet",
-              "Use --context-parallel-size 1 (sequence parallelism with TP also splits activations along the sequence).")
-    if ep > 1:
-        _fail("--expert-model-parallel-size", f"{ep}: mixture-of-experts layers are not implemented yet",
-              "Use --expert-model-parallel-size 1.")
-
-
-def _validate_pipeline(cfg: Config, pp: int) -> None:
-    m, p = cfg.model, cfg.parallel
-    first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
-    if (first is not None or last is not None) and pp == 1:
-        _fail("--decoder-first-pipeline-num-layers", "needs --pipeline-model-parallel-size > 1", "Drop it, or use PP > 1.")
-    if first is None and last is None and m.num_layers % pp != 0:
-        _fail("--num-layers", f"{m.num_layers} layers are not divisible by --pipeline-model-parallel-size {pp}",
-              f"Use a multiple of {pp}, or set --decoder-first/last-pipeline-num-layers.")
-    middle_layers = m.num_layers - (first or 0) - (last or 0)
-    middle_stages = pp - (first is not None) - (last is not None)
-    if middle_layers < 0 or (middle_stages == 0 and middle_layers != 0):
-        _fail("--decoder-first/last-pipeline-num-layers", f"do not add up to --num-layers {m.num_layers} over {pp} stages",
-              "Make first + last + (an even share per middle stage) equal --num-layers.")
-    if middle_stages > 0 and middle_layers % middle_stages != 0:
-        _fail("--num-layers", f"the {middle_layers} layers left for {middle_stages} pipeline stage(s) do not divide evenly",
-              f"Use --num-layers such that the remaining layers are a multiple of {middle_stages}.")
-    per_stage = m.num_layers // pp
-    if p.num_layers_per_virtual_pipeline_stage is not None:
-        if pp == 1:
-            _fail("--num-layers-per-virtual-pipeline-stage", "needs --pipeline-model-parallel-size > 1",
-                  "Drop it, or use PP >= 2 (interleaving needs several stages).")
-        if first is not None or last is not None:
-            _fail("--num-layers-per-virtual-pipeline-stage", "cannot be combined with uneven first/last stages here",
-                  "Drop --decoder-first/last-pipeline-num-layers.")
-        if per_stage % p.num_layers_per_virtual_pipeline_stage != 0:
-            _fail("--num-layers-per-virtual-pipeline-stage",
-                  f"{m.num_layers} layers over PP={pp} give {per_stage} per stage, not divisible by {p.num_layers_per_virtual_pipeline_stage}",
-                  f"Use a divisor of {per_stage}.")
-        vp = per_stage // p.num_layers_per_virtual_pipeline_stage
-        if p.virtual_pipeline_model_parallel_size not in (None, vp):
-            _fail("--num-virtual-stages-per-pipeline-rank", f"{p.virtual_pipeline_model_parallel_size} contradicts "
-                  f"--num-layers-per-virtual-pipeline-stage (which gives {vp})", "Give only one of the two.")
-        p.virtual_pipeline_model_parallel_size = vp
-    elif p.virtual_pipeline_model_parallel_size is not None:
-        vp = p.virtual_pipeline_model_parallel_size
-        if pp == 1:
-            _fail("--num-virtual-stages-per-pipeline-rank", "needs --pipeline-model-parallel-size > 1", "Drop it, or use PP >= 2.")
-        if m.num_layers % (pp * vp) != 0:
-            _fail("--num-virtual-stages-per-pipeline-rank", f"{m.num_layers} layers are not divisible by PP x VP = {pp * vp}",
-                  f"Use --num-layers that is a multiple of {pp * vp}.")
-        p.num_layers_per_virtual_pipeline_stage = m.num_layers // (pp * vp)
-    if p.virtual_pipeline_model_parallel_size == 1:
-        p.virtual_pipeline_model_parallel_size = None
-        p.num_layers_per_virtual_pipeline_stage = None
-    if p.pipeline_schedule == "interleaved" and p.virtual_pipeline_model_parallel_size is None:
-        _fail("--pipeline-schedule interleaved", "needs virtual stages", "Add --num-layers-per-virtual-pipeline-stage.")
-    if p.pipeline_schedule in ("gpipe", "1f1b") and p.virtual_pipeline_model_parallel_size is not None:
-        _fail(f"--pipeline-schedule {p.pipeline_schedule}", "does not support virtual stages",
-              "Use --pipeline-schedule interleaved (or auto), or drop --num-layers-per-virtual-pipeline-stage.")
+              f"Choose EP dividing {max(1, world // (tp * pp))}.")

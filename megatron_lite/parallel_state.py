@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite import collectives
+from megatron_lite.config import check_parallel_sizes
+from megatron_lite.pipeline.layout import check_virtual_stages
 from megatron_lite.process_groups import Group, ProcessGroups
 
 _ORDER = ("tp", "cp", "ep", "dp", "pp")  # fastest-varying first
@@ -95,14 +97,9 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     world = dist.get_world_size()
     tp, pp, cp, ep = (tensor_model_parallel_size, pipeline_model_parallel_size,
                       context_parallel_size, expert_model_parallel_size)
-    if world % (tp * pp * cp) != 0:
-        raise RuntimeError(f"world size {world} is not divisible by TP x PP x CP = {tp} x {pp} x {cp}; "
-                           "check --tensor/--pipeline-model-parallel-size and --context-parallel-size.")
-    if world % (tp * pp * ep) != 0:
-        raise RuntimeError(f"world size {world} is not divisible by TP x PP x EP = {tp} x {pp} x {ep}; "
-                           "check --expert-model-parallel-size.")
-    if virtual_pipeline_model_parallel_size is not None and pp < 2:
-        raise RuntimeError("virtual pipeline stages need --pipeline-model-parallel-size > 1.")
+    check_parallel_sizes(world, tp, pp, cp, ep)  # config.py owns the rule
+    if virtual_pipeline_model_parallel_size is not None and virtual_pipeline_model_parallel_size > 1:
+        check_virtual_stages(virtual_pipeline_model_parallel_size * pp, pp, virtual_pipeline_model_parallel_size)
     dp = world // (tp * pp * cp)
     dense = {"tp": tp, "cp": cp, "ep": 1, "dp": dp, "pp": pp}
     expert = {"tp": tp, "cp": 1, "ep": ep, "dp": world // (tp * pp * ep), "pp": pp}

@@ -26,6 +26,14 @@ def _layouts(world: int):
             yield tp, pp, cp, ep
 
 
+def group_problem(name: str, members: list[int], group, rank: int) -> str | None:
+    """All-reduce this rank's number over `group`: the sum must be that of exactly its members."""
+    total = collectives.all_reduce_scalar(float(rank), group=group)
+    if total != float(sum(members)):
+        return f"rank {rank}: group {name} {members} summed to {total}, expected {sum(members)}"
+    return None
+
+
 def check_layout(tp: int, pp: int, cp: int = 1, ep: int = 1, vp: int | None = None, verbose: bool = True) -> list[str]:
     """Initialise one layout on the running world, verify every group, return the printed lines (rank 0)."""
     ps.initialize_model_parallel(tp, pp, vp if pp > 1 else None, cp, ep)
@@ -38,12 +46,9 @@ def check_layout(tp: int, pp: int, cp: int = 1, ep: int = 1, vp: int | None = No
                "embd": ps.get_embedding_group}
     for name, getter in getters.items():
         members = ps.group_ranks(name)
-        if not members:
-            continue
-        value = torch.tensor([float(rank)])
-        collectives.all_reduce(value, group=getter())
-        if value.item() != float(sum(members)):
-            problems.append(f"rank {rank}: group {name} {members} summed to {value.item()}, expected {sum(members)}")
+        problem = group_problem(name, members, getter(), rank) if members else None
+        if problem:
+            problems.append(problem)
     all_problems = collectives.all_gather_object(problems)
     lines = []
     if rank == 0:

@@ -1,6 +1,6 @@
 """pretrain(): set-up, the training loop, evaluation, checkpoints, exit conditions and signals.
 
-The step, in DESIGN.md's order: micro-batches from the data iterator -> the pipeline schedule runs
+The step (docs/architecture.md): micro-batches from the data iterator -> the pipeline schedule runs
 forward/backward over them -> finalize_model_grads (DP reduction, SP and tied-embedding grads) ->
 optimizer (unscale, clip, step, param gather) -> LR schedule -> logging -> eval / checkpoint / exit.
 """

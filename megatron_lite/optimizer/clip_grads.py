@@ -28,22 +28,27 @@ def counts_toward_norm(model_param: torch.nn.Parameter, groups: ProcessGroups) -
     return groups.tp.rank == 0
 
 
-def _sum_over(value: float, groups: list) -> float:
+def _reduced(local: Optional[torch.Tensor], groups: list, op: str = "sum") -> float:
+    """`local` (a 1-element fp64 tensor on the gradients' device, or None when this rank has no gradients)
+    reduced over each group in turn. Starting from the gradients' own device keeps the statistics on the
+    GPU until the one host copy at the end; a rank without gradients starts from the group's device."""
+    if local is None:
+        local = torch.zeros(1, dtype=torch.float64, device=collectives.device_for(groups[0] if groups else None))
     for group in groups:
-        value = collectives.all_reduce_scalar(value, group)
-    return value
+        collectives.all_reduce(local, group=group, op=op)
+    return float(collectives.to_host(local)[0])
 
 
 def get_grad_norm_fp32(grads_for_norm: Iterable[torch.Tensor], groups: list) -> float:
     """L2 norm of all given gradients, summed in fp64 over `groups` (each all-reduced in turn)."""
     grads = [grad.detach() for grad in grads_for_norm]
-    total = 0.0
+    local = None
     if grads:
         # One multi-tensor pass for the per-tensor norms (fp32, like Megatron's multi_tensor_l2norm), then
         # their squares summed in fp64: no fp64 copy of every gradient.
         norms = torch._foreach_norm(grads)
-        total = float(torch.stack(norms).double().pow(2).sum())
-    return math.sqrt(_sum_over(total, groups))
+        local = torch.stack(norms).double().pow(2).sum().reshape(1)
+    return math.sqrt(_reduced(local, groups))
 
 
 def clip_grad_by_total_norm_fp32(grads: Iterable[torch.Tensor], max_norm: float, total_norm: float) -> None:
@@ -54,15 +59,17 @@ def clip_grad_by_total_norm_fp32(grads: Iterable[torch.Tensor], max_norm: float,
 
 
 def count_zeros_fp32(grads_for_norm: Iterable[torch.Tensor], groups: list) -> int:
-    total = 0
-    for grad in grads_for_norm:
-        total += grad.numel() - int(torch.count_nonzero(grad))
-    return int(_sum_over(float(total), groups))
+    grads = list(grads_for_norm)
+    local = None
+    if grads:
+        local = sum((grad.numel() - torch.count_nonzero(grad)).double() for grad in grads).reshape(1)
+    return int(_reduced(local, groups))
 
 
 def any_nonfinite(grads: Iterable[Optional[torch.Tensor]], groups: list) -> bool:
     """True on every rank if any rank's gradient holds inf/nan (so all ranks skip the step together)."""
-    found = any(grad is not None and not bool(torch.isfinite(grad).all()) for grad in grads)
-    for group in groups:
-        found = collectives.any_rank(found, group)
-    return found
+    present = [grad for grad in grads if grad is not None]
+    local = None
+    if present:
+        local = torch.stack([(~torch.isfinite(grad)).any() for grad in present]).any().double().reshape(1)
+    return _reduced(local, groups, op="max") > 0.0

@@ -193,97 +193,111 @@ def interleaved_1f1b_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_m
     the chunks in reverse order. Warm-up is 2 (PP - r - 1) + (VP - 1) PP forwards (all of them when
     there are only PP micro-batches). Every step exchanges with both neighbours in one batch.
     """
-    pp, v, m = pp_size, num_chunks, num_microbatches
-    check_interleaving(pp, v, m)
-    b = _Builder(pp, pp_rank, v)
-    total = m * v
-    if forward_only:
-        num_warmup, all_warmup = total, False
-    elif m == pp:
-        num_warmup, all_warmup = total, True
-    else:
-        num_warmup, all_warmup = min(2 * (pp - pp_rank - 1) + (v - 1) * pp, total), False
-    num_steady = total - num_warmup
-    first_rank, last_rank = pp_rank == 0, pp_rank == pp - 1
-
-    def chunk_of(k: int, forward: bool) -> int:
-        chunk = (k % (pp * v)) // pp
-        return chunk if forward else v - chunk - 1
-
-    def microbatch_of(k: int) -> int:
-        return (k // (pp * v)) * pp + k % pp
-
-    # Each chunk consumes its inputs and output grads in micro-batch order, so the micro-batch a receive
-    # carries is the next one not yet received for that chunk.
-    received_inputs, received_grads = [0] * v, [0] * v
-
-    def recv_forward(chunk: int) -> Optional[P2POp]:
-        op = _op(RECV_FORWARD, chunk, received_inputs[chunk])
-        if not b.has_peer(op):  # virtual stage 0 has no one to receive from
-            return None
-        received_inputs[chunk] += 1
-        return op
-
-    def recv_backward(chunk: int) -> Optional[P2POp]:
-        op = _op(RECV_BACKWARD, chunk, received_grads[chunk])
-        if not b.has_peer(op):  # the last virtual stage starts backward from its loss
-            return None
-        received_grads[chunk] += 1
-        return op
-
-    def send_forward(k: int) -> P2POp:
-        return _op(SEND_FORWARD, chunk_of(k, True), microbatch_of(k))
-
-    def send_backward(k: int) -> P2POp:
-        return _op(SEND_BACKWARD, chunk_of(k, False), microbatch_of(k))
-
-    # Warm-up: forwards only; after each, send its output and receive the next forward's input.
-    b.exchange(recv_forward(0))
-    for k in range(num_warmup):
-        b.forward(chunk_of(k, True), microbatch_of(k))
-        recv_next_input = None
-        if k < total - 1 and not (first_rank and chunk_of(k + 1, True) == 0):
-            recv_next_input = recv_forward(chunk_of(k + 1, True))
-        recv_first_grad = None
-        if k == num_warmup - 1 and not forward_only and not all_warmup:
-            recv_first_grad = recv_backward(v - 1)  # the steady state starts with a backward of the last chunk
-        b.exchange(send_forward(k), recv_next_input, recv_first_grad)
-
-    # Steady state: one forward and one backward, then one exchange with both neighbours.
-    for k in range(num_steady):
-        forward_k, backward_k = k + num_warmup, k
-        b.forward(chunk_of(forward_k, True), microbatch_of(forward_k))
-        b.backward(chunk_of(backward_k, False), microbatch_of(backward_k))
-        recv_input = None
-        if k < num_steady - 1:
-            if first_rank:
-                # The first rank is PP - 1 forwards ahead of the last rank, whose output it receives.
-                sender_chunk = chunk_of(forward_k - (pp - 1), True)
-                if sender_chunk != v - 1:
-                    recv_input = recv_forward(sender_chunk + 1)
-            else:
-                recv_input = recv_forward(chunk_of(forward_k + 1, True))
-        recv_grad = None
-        if last_rank:
-            # The last rank is PP - 1 backwards ahead of the first rank, whose input grad it receives.
-            sender_chunk = chunk_of(backward_k - (pp - 1), False)
-            if sender_chunk != 0:
-                recv_grad = recv_backward(sender_chunk - 1)
-        else:
-            recv_grad = recv_backward(chunk_of(backward_k + 1, False))
-        b.exchange(send_forward(forward_k), recv_input, send_backward(backward_k), recv_grad)
-
-    # Cool-down: the remaining backwards.
+    check_interleaving(pp_size, num_chunks, num_microbatches)
+    plan = _Interleaved(pp_size, pp_rank, num_chunks, num_microbatches, forward_only)
+    plan.warmup()
+    plan.steady()
     if not forward_only:
-        if all_warmup:
-            b.exchange(recv_backward(v - 1))
-        for k in range(num_steady, total):
+        plan.cooldown()
+    return plan.b.finish(forward_only)
+
+
+class _Interleaved:
+    """The three phases of interleaved 1F1B for one rank, sharing the order of forwards and backwards."""
+
+    def __init__(self, pp: int, pp_rank: int, v: int, m: int, forward_only: bool):
+        self.pp, self.v, self.forward_only = pp, v, forward_only
+        self.b = _Builder(pp, pp_rank, v)
+        self.total = m * v
+        if forward_only:
+            self.num_warmup, self.all_warmup = self.total, False
+        elif m == pp:
+            self.num_warmup, self.all_warmup = self.total, True
+        else:
+            self.num_warmup, self.all_warmup = min(2 * (pp - pp_rank - 1) + (v - 1) * pp, self.total), False
+        self.num_steady = self.total - self.num_warmup
+        self.first_rank, self.last_rank = pp_rank == 0, pp_rank == pp - 1
+        # Each chunk consumes its inputs and output grads in micro-batch order, so the micro-batch a receive
+        # carries is the next one not yet received for that chunk.
+        self.received_inputs, self.received_grads = [0] * v, [0] * v
+
+    def chunk_of(self, k: int, forward: bool) -> int:
+        chunk = (k % (self.pp * self.v)) // self.pp
+        return chunk if forward else self.v - chunk - 1
+
+    def microbatch_of(self, k: int) -> int:
+        return (k // (self.pp * self.v)) * self.pp + k % self.pp
+
+    def recv_forward(self, chunk: int) -> Optional[P2POp]:
+        op = _op(RECV_FORWARD, chunk, self.received_inputs[chunk])
+        if not self.b.has_peer(op):  # virtual stage 0 has no one to receive from
+            return None
+        self.received_inputs[chunk] += 1
+        return op
+
+    def recv_backward(self, chunk: int) -> Optional[P2POp]:
+        op = _op(RECV_BACKWARD, chunk, self.received_grads[chunk])
+        if not self.b.has_peer(op):  # the last virtual stage starts backward from its loss
+            return None
+        self.received_grads[chunk] += 1
+        return op
+
+    def send_forward(self, k: int) -> P2POp:
+        return _op(SEND_FORWARD, self.chunk_of(k, True), self.microbatch_of(k))
+
+    def send_backward(self, k: int) -> P2POp:
+        return _op(SEND_BACKWARD, self.chunk_of(k, False), self.microbatch_of(k))
+
+    def warmup(self) -> None:
+        """Forwards only; after each, send its output and receive the next forward's input."""
+        b = self.b
+        b.exchange(self.recv_forward(0))
+        for k in range(self.num_warmup):
+            b.forward(self.chunk_of(k, True), self.microbatch_of(k))
+            recv_next_input = None
+            if k < self.total - 1 and not (self.first_rank and self.chunk_of(k + 1, True) == 0):
+                recv_next_input = self.recv_forward(self.chunk_of(k + 1, True))
+            recv_first_grad = None
+            if k == self.num_warmup - 1 and not self.forward_only and not self.all_warmup:
+                recv_first_grad = self.recv_backward(self.v - 1)  # the steady state starts with the last chunk's backward
+            b.exchange(self.send_forward(k), recv_next_input, recv_first_grad)
+
+    def steady(self) -> None:
+        """One forward and one backward, then one exchange with both neighbours."""
+        for k in range(self.num_steady):
+            forward_k, backward_k = k + self.num_warmup, k
+            self.b.forward(self.chunk_of(forward_k, True), self.microbatch_of(forward_k))
+            self.b.backward(self.chunk_of(backward_k, False), self.microbatch_of(backward_k))
+            recv_input = self._steady_recv_input(k, forward_k)
+            recv_grad = self._steady_recv_grad(backward_k)
+            self.b.exchange(self.send_forward(forward_k), recv_input, self.send_backward(backward_k), recv_grad)
+
+    def _steady_recv_input(self, k: int, forward_k: int) -> Optional[P2POp]:
+        if k >= self.num_steady - 1:
+            return None
+        if self.first_rank:
+            # The first rank is PP - 1 forwards ahead of the last rank, whose output it receives.
+            sender_chunk = self.chunk_of(forward_k - (self.pp - 1), True)
+            return self.recv_forward(sender_chunk + 1) if sender_chunk != self.v - 1 else None
+        return self.recv_forward(self.chunk_of(forward_k + 1, True))
+
+    def _steady_recv_grad(self, backward_k: int) -> Optional[P2POp]:
+        if self.last_rank:
+            # The last rank is PP - 1 backwards ahead of the first rank, whose input grad it receives.
+            sender_chunk = self.chunk_of(backward_k - (self.pp - 1), False)
+            return self.recv_backward(sender_chunk - 1) if sender_chunk != 0 else None
+        return self.recv_backward(self.chunk_of(backward_k + 1, False))
+
+    def cooldown(self) -> None:
+        """The remaining backwards."""
+        if self.all_warmup:
+            self.b.exchange(self.recv_backward(self.v - 1))
+        for k in range(self.num_steady, self.total):
             recv_grad = None
-            if k < total - 1 and not (last_rank and chunk_of(k + 1, False) == v - 1):
-                recv_grad = recv_backward(chunk_of(k + 1, False))
-            b.backward(chunk_of(k, False), microbatch_of(k))
-            b.exchange(send_backward(k), recv_grad)
-    return b.finish(forward_only)
+            if k < self.total - 1 and not (self.last_rank and self.chunk_of(k + 1, False) == self.v - 1):
+                recv_grad = self.recv_backward(self.chunk_of(k + 1, False))
+            self.b.backward(self.chunk_of(k, False), self.microbatch_of(k))
+            self.b.exchange(self.send_backward(k), recv_grad)
 
 
 SCHEDULES: dict[str, Callable[..., list[Action]]] = {
@@ -302,7 +316,8 @@ def check_interleaving(pp_size: int, num_chunks: int, num_microbatches: int) -> 
     if num_microbatches % pp_size != 0:
         raise ConfigError(f"--global-batch-size: interleaved 1F1B needs the number of micro-batches ({num_microbatches}) "
                           f"to be a multiple of --pipeline-model-parallel-size {pp_size}. "
-                          f"Use {pp_size * max(1, -(-num_microbatches // pp_size))} micro-batches.")
+                          f"Use {pp_size * max(1, -(-num_microbatches // pp_size))} micro-batches (global batch / "
+                          "(micro-batch x DP) must be a multiple of PP).")
 
 
 def schedule_name(pp_size: int, num_chunks: int, requested: str = "auto") -> str:
