@@ -109,3 +109,28 @@ def test_config_round_trips_through_dict():
     c = cfg("--tensor-model-parallel-size", "2", "--bf16")
     again = Config.from_dict(c.to_dict())
     assert again == c
+
+
+def test_derived_changes_to_user_values_are_reported_not_silent(capsys):
+    c = cfg("--sequence-parallel")  # TP = 1: nothing to split
+    assert c.parallel.sequence_parallel is False
+    assert any("--sequence-parallel turned off" in note for note in c.notes)
+    assert "note: --sequence-parallel turned off" in capsys.readouterr().err
+    c = cfg("--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "1")
+    assert c.parallel.virtual_pipeline_model_parallel_size is None
+    assert any("no interleaving" in note for note in c.notes)
+    assert cfg().notes == []
+
+
+def test_sections_validate_themselves_and_derive_defaults_is_separate():
+    from megatron_lite.config import Config
+    c = Config(world_size=8)
+    c.model.num_attention_heads, c.model.hidden_size = 8, 64
+    notes = c.derive_defaults()  # fills, checks nothing
+    assert notes == [] and c.model.ffn_hidden_size == 256 and c.training.global_batch_size == 8
+    c.parallel.tensor_model_parallel_size = 3
+    with pytest.raises(ConfigError, match="world size 8 is not divisible"):
+        c.parallel.validate(c)
+    c.parallel.tensor_model_parallel_size = 16
+    with pytest.raises(ConfigError, match="--num-attention-heads: 8 heads are not divisible"):
+        c.model.validate(c)

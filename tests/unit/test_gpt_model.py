@@ -108,3 +108,16 @@ def test_missing_vocab_size_is_a_config_error():
     cfg.model.vocab_size = None
     with pytest.raises(ConfigError, match="--vocab-size"):
         GPTModel(cfg)
+
+
+def test_groups_that_contradict_the_config_are_refused():
+    from megatron_lite.config import ConfigError
+    from megatron_lite.distributed.ddp import DistributedDataParallel
+    cfg = _config()
+    cfg.parallel.tensor_model_parallel_size, cfg.world_size = 2, 2
+    with pytest.raises(ConfigError, match="--tensor-model-parallel-size: the config says 2 but the process groups"):
+        GPTModel(cfg)  # default groups: one process
+    cfg = _config()
+    cfg.world_size = 2  # DP = 2 in the config, one-process groups given
+    with pytest.raises(ConfigError, match="DP x CP = 2"):
+        DistributedDataParallel(cfg, GPTModel(cfg))
