@@ -259,6 +259,8 @@ def _broadcast_from_last_stage(value: Optional[float]) -> Optional[float]:
 def pretrain(config: Config, model_provider: Callable, forward_step_func: Callable, datasets_provider: Callable) -> dict:
     """Train (and evaluate) as configured. Returns a summary dict (last losses, iteration)."""
     start_time = time.time()
+    # Installed first, so a SIGTERM during set-up (loading, index building) still saves and exits after one step.
+    signals = _SignalFlag(config.training.exit_signal_handler)
     # Kernel availability (--transformer-impl transformer_engine, --fp8-format) is checked on every rank before
     # the first collective, so a missing TE or GPU is an error naming the flag, not a hang.
     select_kernels(config, log=False)
@@ -277,7 +279,6 @@ def pretrain(config: Config, model_provider: Callable, forward_step_func: Callab
     eval_consumed = (state.iteration // t.eval_interval) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
     train_data, valid_data, test_data = build_data_iterators(config, datasets_provider, state.consumed_train_samples,
                                                              len(model), eval_consumed)
-    signals = _SignalFlag(config.training.exit_signal_handler)
     summary = {"iteration": state.iteration, "train_losses": [], "valid_loss": None}
     saved_at = None
 
