@@ -76,6 +76,8 @@ JobAcctGatherType=jobacct_gather/none
 JobRequeue=1
 KillWait=30
 ReturnToService=2
+# Schedule every few seconds (defaults: 60 s, backfill 30 s): a requeued job starts again promptly.
+SchedulerParameters=sched_interval=5,bf_interval=5
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/slurmd
 SlurmctldPidFile=$STATE/slurmctld.pid
