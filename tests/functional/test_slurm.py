@@ -3,8 +3,8 @@ overrides only: a CPU node, 1 node x 2 processes, the tiny model on mock data).
 
 Needs a running cluster: `sudo bash scripts/slurm/start_cluster.sh` (.ci/run starts one when it can);
 skipped with the reason otherwise. Takes about 2 minutes on 2 CPUs: an uninterrupted job (the reference
-losses), then a job that gets SIGTERM mid-run the way `--signal=B:TERM@<lead>` and pre-emption deliver
-it, saves, ends its attempt cleanly, requeues itself and resumes from its checkpoint to the same losses.
+losses), then a job whose tasks get SIGTERM mid-run, as `--signal=TERM@<lead>` and pre-emption deliver
+it: it saves, ends its attempt cleanly, requeues itself and resumes from its checkpoint to the same losses.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _slurm_unavailable() -> str | None:
         return "Slurm does not answer (scontrol ping timed out)"
     if ping.returncode != 0 or "UP" not in ping.stdout:
         return "no Slurm controller is running: sudo bash scripts/slurm/start_cluster.sh"
-    if not re.search(r"^(idle|mix|alloc)", nodes.stdout, re.M):
+    if not re.search(r"^(idle|mix|alloc|comp|plan)", nodes.stdout, re.M):
         return f"no Slurm node is up (sinfo states: {nodes.stdout.split()})"
     conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
     ours = conf.is_file() and "written by megatron_lite scripts/slurm/start_cluster.sh" in conf.read_text()
@@ -104,7 +104,8 @@ def test_sbatch_completes_then_sigterm_saves_requeues_and_resumes_to_the_same_lo
         expected = train_losses(read_jsonl(metrics))
         assert sorted(expected) == list(range(1, ITERS + 1)), _tail(log)
 
-        # 2. SIGTERM to the batch shell mid-run (what --signal=B:TERM@<lead> and pre-emption deliver).
+        # 2. SIGTERM to the job's tasks mid-run (torchrun and its workers, not the batch shell): what
+        #    --signal=TERM@<lead>, pre-emption and GraceTime deliver.
         save = tmp_path / "ckpt"
         job_id, log, metrics = _submit(tmp_path, "preempted", ["--save", str(save), "--load", str(save)])
         jobs.append(job_id)
@@ -112,7 +113,7 @@ def test_sbatch_completes_then_sigterm_saves_requeues_and_resumes_to_the_same_lo
         while not any(r.get("iteration", 0) >= 10 for r in read_jsonl(metrics)):
             assert time.time() < deadline and _job(job_id).get("JobState") in ("PENDING", "RUNNING"), _tail(log)
             time.sleep(0.5)
-        subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], check=True, timeout=30)
+        subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=30)
         job = _wait_done(job_id, log)
         text = log.read_text()
         # The attempt that was stopped saved, exited cleanly and requeued; the second resumed and completed.
@@ -121,6 +122,7 @@ def test_sbatch_completes_then_sigterm_saves_requeues_and_resumes_to_the_same_lo
         assert stopped, _tail(log)
         saved = int(stopped.group(1))
         assert 10 <= saved < ITERS and (save / f"iter_{saved:07d}").is_dir()
+        assert re.search(r"SIGTERM \(\S+ left\): the workers save and exit, torchrun waits for them", text), _tail(log)
         assert f"attempt 1: saved and stopped on SIGTERM; requeueing job {job_id}" in text
         assert f"job {job_id} attempt 2:" in text
         assert f"loaded checkpoint from {save} at iteration {saved}" in text
