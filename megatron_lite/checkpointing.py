@@ -232,6 +232,9 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
     if not finetune and not ckpt.no_load_rng:
         _load_rng(reader, layout)
     iteration, consumed = (0, 0) if finetune else (reader.iteration, reader.consumed_samples)
+    if groups.world.rank == 0:
+        print(f"loaded checkpoint from {load_dir} at iteration {reader.iteration}"
+              + (" (--finetune: starting at iteration 0)" if finetune else ""), flush=True)
     reader.close()
     collectives.barrier(groups.world)
     return iteration, consumed

@@ -260,6 +260,8 @@ def evaluate(config: Config, forward_step_func, data_iterators, model, num_micro
 def pretrain(config: Config, model_provider: Callable, forward_step_func: Callable, datasets_provider: Callable) -> dict:
     """Train (and evaluate) as configured. Returns a summary dict (last losses, iteration)."""
     start_time = time.time()
+    # Installed first, so a SIGTERM during set-up (loading, index building) still saves and exits after one step.
+    signals = _SignalFlag(config.training.exit_signal_handler)
     # Kernel availability (--transformer-impl transformer_engine, --fp8-format) is checked on every rank before
     # the first collective, so a missing TE or GPU is an error naming the flag, not a hang.
     select_kernels(config, log=False)
@@ -270,7 +272,7 @@ def pretrain(config: Config, model_provider: Callable, forward_step_func: Callab
     if config.checkpoint.load:
         state.iteration, state.consumed_train_samples = load_checkpoint(model, optimizer, scheduler, config, groups=groups)
     _print_summary(config, model, groups)
-    run = _Run(config, groups, model, optimizer, scheduler, forward_step_func, logger, state, start_time)
+    run = _Run(config, groups, model, optimizer, scheduler, forward_step_func, logger, state, start_time, signals)
     run.data = build_data_iterators(config, datasets_provider, state.consumed_train_samples, len(model),
                                     run.eval_consumed(), groups)
     try:
@@ -286,12 +288,12 @@ class _Run:
     """One pretrain() call: the training loop, evaluations, saves and exit decisions."""
 
     def __init__(self, config: Config, groups: ProcessGroups, model, optimizer, scheduler, forward_step_func,
-                 logger: MetricsLogger, state: TrainState, start_time: float):
+                 logger: MetricsLogger, state: TrainState, start_time: float, signals: "_SignalFlag"):
         self.config, self.groups, self.model = config, groups, model
         self.optimizer, self.scheduler, self.forward_step_func = optimizer, scheduler, forward_step_func
         self.logger, self.state, self.start_time = logger, state, start_time
         self.batches = NumMicroBatchesCalculator(config)
-        self.signals = _SignalFlag(config.training.exit_signal_handler)
+        self.signals = signals
         self.summary: dict = {"iteration": state.iteration, "train_losses": [], "valid_loss": None}
         self.saved_at: Optional[int] = None
         self.data = ([], [], [])
