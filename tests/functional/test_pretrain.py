@@ -90,7 +90,8 @@ def test_resume_is_bitwise_and_reshards(tmp_path):
                          tmp_path, name)
         losses = train_losses(records)
         assert sorted(losses) == [5, 6, 7, 8]
-        assert_same_losses(losses, {k: v for k, v in expected.items() if k > 4}, rtol=1e-4)
+        # the module's 1e-5, not a looser one: measured 2.6e-8 for both resharded resumes
+        assert_same_losses(losses, {k: v for k, v in expected.items() if k > 4})
 
 
 def test_sigterm_saves_and_exits_zero_and_eval_only(tmp_path):
