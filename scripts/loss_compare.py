@@ -6,16 +6,19 @@ common flags plus its own, writing --metrics-jsonl; the losses are printed side 
 relative difference, and the exit status is 1 when the largest one exceeds --tolerance (2 when a run
 fails). Use it to trust a new layout on your own model before a long run:
 
-    python scripts/loss_compare.py \\
-        --layout-a "" \\
-        --layout-b "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2" --nproc-b 4 \\
-        --tolerance 1e-5 -- --config configs/tiny_cpu.yaml --mock-data --train-iters 20
+    python scripts/loss_compare.py --layout-a "" \\
+        --layout-b "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2" --nproc-b 8 \\
+        --tolerance 1e-5 -- --num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 64 \\
+        --micro-batch-size 2 --global-batch-size 16 --mock-data --vocab-size 1000 \\
+        --tokenizer-type NullTokenizer --hidden-dropout 0 --attention-dropout 0 --train-iters 20 --lr 3e-4
 
-Flags after `--` are common to both runs. A layout of a single flag needs the `=` form
-(`--layout-b=--sequence-parallel`), since argparse reads a lone `--flag` value as an option. A run's process count defaults to TP x PP x CP of its flags
-(data parallel size 1); give --nproc-a/--nproc-b for data parallelism. The reported loss is each
+Flags after `--` are common to both runs (a --config file's parallel sizes are not read here: give
+them as flags). A layout of a single flag needs the `=` form (`--layout-b=--sequence-parallel`), since
+argparse reads a lone `--flag` value as an option. A run's process count defaults to TP x PP x CP of
+its flags (data parallel size 1); give --nproc-a/--nproc-b for data parallelism. The reported loss is each
 iteration's global-batch loss, so every layout of the same global batch must agree: in fp32 to ~1e-5
-relative (reduction order only), in bf16/fp16 to about 1e-2 (rounding at different points).
+relative (reduction order only), in bf16/fp16 to about 1e-2 (rounding at different points). Turn dropout off: its masks are drawn on
+each layout's own ranks.
 """
 from __future__ import annotations
 
@@ -34,15 +37,22 @@ _SIZE_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
 
 
 def default_nproc(flags: list[str]) -> int:
-    """TP x PP x CP named in `flags` (data parallel size 1)."""
+    """TP x PP x CP named in `flags` (the last value of each wins, as in the parser; data parallel size 1)."""
     size = 1
-    for flag in _SIZE_FLAGS:
-        for i, token in enumerate(flags):
-            if token == flag and i + 1 < len(flags):
-                size *= int(flags[i + 1])
-            elif token.startswith(flag + "="):
-                size *= int(token.split("=", 1)[1])
+    for name in _SIZE_FLAGS:
+        size *= int(flag_value(flags, name) or 1)
     return size
+
+
+def flag_value(flags: list[str], name: str) -> Optional[str]:
+    """The last value given for `name` in `flags` (either `--name value` or `--name=value`), else None."""
+    value = None
+    for i, token in enumerate(flags):
+        if token == name and i + 1 < len(flags):
+            value = flags[i + 1]
+        elif token.startswith(name + "="):
+            value = token.split("=", 1)[1]
+    return value
 
 
 def command(nproc: int, flags: list[str]) -> list[str]:
@@ -115,6 +125,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "--log-interval" not in common:
         common = [*common, "--log-interval", "1"]  # a loss for every iteration
     flags_a, flags_b = shlex.split(args.layout_a), shlex.split(args.layout_b)
+    for flags in (flags_a, flags_b):
+        if any(flag_value([*common, *flags], name) not in ("0", "0.0") for name in ("--hidden-dropout", "--attention-dropout")):
+            print("note: dropout is on (Megatron's default 0.1): each layout draws its masks on its own ranks, so the "
+                  "losses differ by more than rounding; pass --hidden-dropout 0 --attention-dropout 0 to compare layouts.",
+                  file=sys.stderr)
+            break
     if args.from_jsonl:
         try:
             rows, worst = compare(train_losses(Path(args.from_jsonl[0])), train_losses(Path(args.from_jsonl[1])))
@@ -126,8 +142,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         try:
-            losses_a = run_layout("a", args.nproc_a or default_nproc(flags_a), common, flags_a, workdir, args.timeout)
-            losses_b = run_layout("b", args.nproc_b or default_nproc(flags_b), common, flags_b, workdir, args.timeout)
+            losses_a = run_layout("a", args.nproc_a or default_nproc([*common, *flags_a]), common, flags_a, workdir,
+                                  args.timeout)
+            losses_b = run_layout("b", args.nproc_b or default_nproc([*common, *flags_b]), common, flags_b, workdir,
+                                  args.timeout)
             rows, worst = compare(losses_a, losses_b)
         except (RuntimeError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)

@@ -24,6 +24,7 @@ def test_two_layouts_agree_and_a_different_run_fails(tmp_path):
     same = _run("--layout-a", "", "--layout-b", "--tensor-model-parallel-size 2", "--tolerance", "1e-5",
                 "--workdir", str(tmp_path), "--", *TINY, "--train-iters", "3")
     assert same.returncode == 0, same.stdout + same.stderr
+    assert "dropout is on" not in same.stderr  # TINY turns dropout off
     table = _table(same.stdout)
     assert [int(row[0]) for row in table] == [1, 2, 3]
     assert all(abs(float(a) - float(b)) <= 1e-5 * float(a) for _, a, b, _ in table)
