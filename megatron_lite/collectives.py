@@ -116,11 +116,8 @@ def in_flight() -> Optional[str]:
     if current is None:
         return None
     op, group, start = current
-    try:
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-    except Exception:  # noqa: BLE001 - only for the message
-        ranks = "?"
-    return f"{op} on group '{parallel_state.group_name(group)}' (ranks {ranks}) for {time.monotonic() - start:.1f} s"
+    where = _describe(op, group).split(" timed out")[0]  # "<op> on group '<name>' (ranks [...])", as in errors
+    return f"{where} for {time.monotonic() - start:.1f} s"
 
 
 def _call(op: str, group, fn):

