@@ -130,7 +130,7 @@ def _full_grads(model, optimizer, groups) -> dict:
                     collectives.all_reduce(full, group=buffer.dp_group)
                     bucket.grad_data.copy_(full)
     return {name: gather(param, param.main_grad.view(param.shape), groups).float() / scale
-            for chunk in model for name, param in chunk.named_parameters()}
+            for chunk in model for name, param in getattr(chunk, "module", chunk).named_parameters()}  # global names
 
 
 class _GradsBeforeStep:
