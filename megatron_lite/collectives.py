@@ -21,6 +21,7 @@ helpers (`all_reduce_scalars`, `any_rank`, `broadcast_scalar`), which create the
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -45,6 +46,9 @@ _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.R
 # torch >= 2.13 names the tensor variants *_single; older releases *_into_tensor / *_tensor.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+_IN_FLIGHT: Optional[tuple[str, Any, float]] = None  # (op, group, start) of the call this rank is blocked in
 
 
 class CollectiveTimeoutError(RuntimeError):
@@ -177,14 +181,29 @@ class _Work:
         return self._work is None or self._work.is_completed()
 
 
+def in_flight() -> Optional[str]:
+    """The op this rank is blocked in right now ("all_reduce on group 'tp' (ranks [0, 1]) for 3.1 s"), or
+    None. Read from another thread (testing.py's heartbeat) to say where each rank hung."""
+    current = _IN_FLIGHT
+    if current is None:
+        return None
+    op, group, start = current
+    where = _describe(op, group).split(" timed out")[0]  # "<op> on group '<name>' (ranks [...])", as in errors
+    return f"{where} for {time.monotonic() - start:.1f} s"
+
+
 def _call(op: str, group, fn):
     """Run fn() and turn a backend timeout into a CollectiveTimeoutError that names op, group and rank."""
+    global _IN_FLIGHT
+    _IN_FLIGHT = (op, group, time.monotonic())
     try:
         return fn()
     except RuntimeError as error:
         if _is_timeout(error):
             raise CollectiveTimeoutError(_describe(op, group)) from error
         raise
+    finally:
+        _IN_FLIGHT = None
 
 
 def _run(op: str, group, call, async_op: bool):

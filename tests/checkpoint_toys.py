@@ -163,3 +163,62 @@ def assert_same_states(a: dict, b: dict) -> None:
         for key in a["optim"][name]:
             assert torch.equal(a["optim"][name][key], b["optim"][name][key]), (name, key)
     assert a["common"] == b["common"] and a["sched"] == b["sched"]
+
+
+# ---- expected shards, independent of tensor_parallel.utils ---------------------------------------------
+# Reshard tests must not build their expectations with shard_of_full/full_from_shards, the helpers the
+# loader itself uses: a bug there would cancel out. These restate the contract of docs/internals.md by
+# explicit index arithmetic instead (checked against hand-built shards in tests/unit/test_checkpoint.py).
+def _layout(meta) -> dict:
+    """The sharding description as a plain dict: accepts the dict of per-parameter attributes
+    (tensor_model_parallel, partition_dim, partition_stride, unpadded_size, local_shape) or a
+    (spec, local_shape) pair whose spec has partition_dim (None: replicated), stride and unpadded_size."""
+    if isinstance(meta, dict):
+        return meta
+    spec, local_shape = meta
+    return {"tensor_model_parallel": spec.partition_dim is not None, "partition_dim": spec.partition_dim,
+            "partition_stride": spec.stride, "unpadded_size": spec.unpadded_size, "local_shape": tuple(local_shape)}
+
+
+def shard_rows(meta, tp_rank: int, tp_size: int) -> list[int]:
+    """Indices along partition_dim of the padded full tensor that TP rank `tp_rank` holds, in order:
+    the full dim is `stride` equal pieces, and the rank holds its contiguous 1/tp of each piece."""
+    meta = _layout(meta)
+    local = meta["local_shape"][meta["partition_dim"]]
+    stride = meta["partition_stride"]
+    per_piece = local // stride  # rows of each piece on one rank
+    piece = per_piece * tp_size
+    return [k * piece + tp_rank * per_piece + j for k in range(stride) for j in range(per_piece)]
+
+
+def expected_shard(full: torch.Tensor, meta, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """The shard a rank must hold of the canonical (unpadded) full tensor; rows past the real
+    vocabulary are zero."""
+    meta = _layout(meta)
+    if not meta["tensor_model_parallel"]:
+        return full
+    dim = meta["partition_dim"] % full.dim()
+    rows = shard_rows(meta, tp_rank, tp_size)
+    moved = full.movedim(dim, 0)
+    out = torch.zeros((len(rows),) + tuple(moved.shape[1:]), dtype=full.dtype)
+    for i, row in enumerate(rows):
+        if row < moved.shape[0]:
+            out[i] = moved[row]
+    return out.movedim(0, dim).contiguous()
+
+
+def expected_full(shards: list[torch.Tensor], meta) -> torch.Tensor:
+    """The canonical full tensor from every TP rank's shard (rank order), padding dropped."""
+    meta = _layout(meta)
+    if not meta["tensor_model_parallel"]:
+        return shards[0]
+    dim = meta["partition_dim"] % shards[0].dim()
+    tp_size = len(shards)
+    total = shards[0].shape[dim] * tp_size
+    size = meta["unpadded_size"] if meta["unpadded_size"] is not None else total
+    rows: dict[int, torch.Tensor] = {}
+    for tp_rank, shard in enumerate(shards):
+        for i, row in enumerate(shard_rows(meta, tp_rank, tp_size)):
+            rows[row] = shard.movedim(dim, 0)[i]
+    assert sorted(rows) == list(range(total))
+    return torch.stack([rows[r] for r in range(size)]).movedim(0, dim).contiguous()

@@ -1,6 +1,7 @@
 """Checkpoints on 4 gloo ranks: TP2 x PP2 save -> bitwise resume in the same layout (model, optimizer,
 scheduler, RNG) and resharded loads into TP1 x PP4, TP4 x PP1, TP1 x PP2 x VP2 x DP2 and TP2 x DP2,
-each compared exactly against the saved state rebuilt in the test process."""
+each compared exactly against the saved state rebuilt in the test process (by checkpoint_toys'
+expected_full/expected_shard: index arithmetic independent of the loader's own helpers)."""
 import torch
 import torch.distributed as dist
 
@@ -9,7 +10,6 @@ from megatron_lite import parallel_state as ps
 from megatron_lite.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
 from megatron_lite.config import Config
 from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
-from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of_full
 from megatron_lite.testing import run_distributed
 
 LAYERS = 4
@@ -94,8 +94,8 @@ def _full_tensors(rank_states: list[dict]) -> tuple[dict, dict]:
             shards.setdefault(name, {})[state["tp_rank"]] = tensor
             optim.setdefault(name, {})[state["tp_rank"]] = state["optim"][name]
             metas[name] = state["meta"][name]
-    full = {n: full_from_shards([s[t] for t in sorted(s)], metas[n]) for n, s in shards.items()}
-    full_optim = {n: {k: full_from_shards([o[t][k] for t in sorted(o)], metas[n]) for k in o[0]} for n, o in optim.items()}
+    full = {n: toys.expected_full([s[t] for t in sorted(s)], metas[n]) for n, s in shards.items()}
+    full_optim = {n: {k: toys.expected_full([o[t][k] for t in sorted(o)], metas[n]) for k in o[0]} for n, o in optim.items()}
     return full, full_optim
 
 
@@ -115,10 +115,11 @@ def test_save_resume_and_reshard_on_four_ranks(tmp_path):
             state = out[layout]
             for name, tensor in state["model"].items():
                 meta = state["meta"][name]
-                expected = shard_of_full(full[name], meta, state["tp_rank"], state["tp"])
+                expected = toys.expected_shard(full[name], meta, state["tp_rank"], state["tp"])
                 assert torch.equal(tensor, expected), (layout, name)
                 for key, value in state["optim"][name].items():
-                    assert torch.equal(value, shard_of_full(full_optim[name][key], meta, state["tp_rank"], state["tp"])), (layout, name, key)
+                    assert torch.equal(value, toys.expected_shard(full_optim[name][key], meta, state["tp_rank"], state["tp"])), \
+                        (layout, name, key)
                 seen.add(name)
             assert state["common"] == results[0]["saved"]["common"] and state["sched"] == {"num_steps": 2}
         expected_names = set(full) - ({"output_layer.weight"} if layout.startswith("tp4pp1") or layout.startswith("tp2pp1") else set())

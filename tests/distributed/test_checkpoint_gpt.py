@@ -18,7 +18,6 @@ from megatron_lite.models.gpt import GPTModel
 from megatron_lite.optimizer import get_megatron_optimizer
 from megatron_lite.tensor_parallel.random import model_parallel_seed
 from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
-from megatron_lite.tensor_parallel.utils import full_from_shards, shard_of_full
 from megatron_lite.testing import run_distributed
 from megatron_lite.training import build_lr_scheduler
 
@@ -131,9 +130,10 @@ def _check_against_full(state: dict, full: dict, full_optim: dict, saved: dict) 
     assert set(state["model"]) == set(full)
     for name, tensor in state["model"].items():
         meta = state["meta"][name]
-        assert torch.equal(tensor, shard_of_full(full[name], meta, state["tp_rank"], state["tp"])), name
+        assert torch.equal(tensor, toys.expected_shard(full[name], meta, state["tp_rank"], state["tp"])), name
         for key, value in state["optim"][name].items():
-            assert torch.equal(value, shard_of_full(full_optim[name][key], meta, state["tp_rank"], state["tp"])), (name, key)
+            assert torch.equal(value, toys.expected_shard(full_optim[name][key], meta, state["tp_rank"], state["tp"])), \
+                (name, key)
     assert state["common"]["num_steps"] == saved["common"]["num_steps"] == 2
     assert state["sched"] == saved["sched"]
 
@@ -146,8 +146,10 @@ def test_gpt_distributed_optimizer_reshard_and_fp32_resume(tmp_path):
     for state in saved[:2]:  # DP rank 0's TP group holds every TP shard
         for name, tensor in state["model"].items():
             shards.setdefault(name, {})[state["tp_rank"]] = (tensor, state["optim"][name], state["meta"][name])
-    full = {n: full_from_shards([s[t][0] for t in sorted(s)], s[0][2]) for n, s in shards.items()}
-    full_optim = {n: {k: full_from_shards([s[t][1][k] for t in sorted(s)], s[0][2]) for k in s[0][1]} for n, s in shards.items()}
+    # Expected values by checkpoint_toys' index rule, not the loader's own shard_of_full/full_from_shards.
+    full = {n: toys.expected_full([s[t][0] for t in sorted(s)], s[0][2]) for n, s in shards.items()}
+    full_optim = {n: {k: toys.expected_full([s[t][1][k] for t in sorted(s)], s[0][2]) for k in s[0][1]}
+                  for n, s in shards.items()}
     for state in saved[2:]:  # DP replicas agree (the distributed optimizer's state is gathered)
         for name, tensor in state["model"].items():
             assert torch.equal(tensor, shards[name][state["tp_rank"]][0]), name

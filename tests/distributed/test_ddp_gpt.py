@@ -1,12 +1,19 @@
 """DDP + optimizer on the real GPT model through the pipeline engine: DP2 x TP2 x PP2 (8 ranks) and DP2,
 with and without the distributed optimizer (and with overlap), equal the single-process run.
 
-Tolerances (fp32, Adam, 3 steps with gradient accumulation): every parameter, gathered to its canonical
-full shape, within rtol 1e-5 / atol 2e-6 of one process (the TP/PP/DP layouts only reorder sums; Adam
-maps ~1e-7 gradient differences of near-zero entries to ~1e-7 weight differences, more with sequence
-parallel reductions); the reported global grad norm within 1e-5 relative for every layout (TP-replicated
-params and the tied embedding copy counted once); the dp-group bytes per step equal one all-reduce of the
-grad buffer, or a reduce-scatter of it plus an all-gather of the param buffer.
+Tolerances (fp32, Adam at its default eps 1e-8, lr 3e-3, 3 steps with gradient accumulation):
+- losses within 1e-6 relative of one process (measured: 1.4e-8);
+- every parameter, gathered to its canonical full shape, in two classes (_assert_adam_close). The layouts
+  only reorder sums, so gradients differ in their last bits; Adam divides each element's moment by
+  sqrt(v_hat) + eps, so where an element's gradient was ever near zero (its bias-corrected second moment
+  sqrt(v_hat) fell below EPS_SCALE = 100 x eps at some step) the last-bit difference becomes a full-size
+  update: a step of up to lr in either direction. Those elements (~2% of them here) may differ by up to
+  2 x lr x steps (measured: 4.6e-6 at TP2 x PP2, with sqrt(v_hat) down to 1.7e-8; the bound is 1.8e-2);
+  every other element within rtol 1e-5 / atol 2e-6 (measured: 1.1e-6). Users meet the same property:
+  two layouts trained with Megatron's default eps agree in loss but not bit for bit in such elements.
+- the reported global grad norm within 1e-5 relative for every layout (TP-replicated params and the tied
+  embedding copy counted once); the dp-group bytes per step equal one all-reduce of the grad buffer, or a
+  reduce-scatter of it plus an all-gather of the param buffer.
 """
 from __future__ import annotations
 
@@ -22,6 +29,9 @@ from megatron_lite.testing import run_distributed
 
 VOCAB, SEQ, GLOBAL_BATCH, STEPS = 64, 16, 8, 3
 PARAM_TOL = dict(rtol=1e-5, atol=2e-6)
+LR, ADAM_EPS = 3e-3, 1e-8
+EPS_SCALE = 100 * ADAM_EPS  # below this sqrt(v_hat), Adam's step direction is decided by last-bit gradient noise
+LOSS_RTOL = 1e-6
 # bf16 against a one-process bf16 run: activations are rounded to bf16 at different points under TP
 # (partial sums), so gradients differ at the 1e-2 relative level; Adam turns that into at most a few
 # ulps, except for near-zero gradients whose sign flips (a step of up to lr). The compared parameters are
@@ -58,9 +68,9 @@ def make_config(world: int, tp: int = 1, pp: int = 1, dist_opt: bool = False, ov
     p.ddp_bucket_size = 4000  # several buckets per stage
     cfg.training.micro_batch_size, cfg.training.global_batch_size, cfg.training.seed = 1, GLOBAL_BATCH, 11
     o = cfg.optimizer
-    o.lr, o.weight_decay, o.clip_grad = 3e-3, 0.1, 0.5
-    o.bf16 = bf16
-    o.adam_eps = 1e-6  # damps Adam on near-zero grads, whose sign is the only thing the layout changes
+    o.lr, o.weight_decay, o.clip_grad = LR, 0.1, 0.5
+    assert o.adam_eps == ADAM_EPS  # Megatron's default
+    o.bf16 = bf16  # adam_eps stays at its default, 1e-8 (Megatron's): see _assert_adam_close
     return cfg.validate()
 
 
@@ -93,17 +103,25 @@ def train(cfg: Config) -> dict:
     forward_backward = get_forward_backward_func(cfg, groups)
     dp_name = ps.group_name(ps.get_data_parallel_group(with_context_parallel=True))
     collectives.reset_comm_stats()
-    norms = []
+    norms, losses, min_root = [], [], {}
     for step in range(STEPS):
         opt.zero_grad()
         local = batch(step).chunk(dp)[dp_rank]
         data = [{"tokens": mb[:, :-1].contiguous(), "labels": mb[:, 1:].contiguous()} for mb in local.chunk(num_micro)]
-        forward_backward(forward_step_func=forward_step, data_iterator=iter(data), model=model, num_microbatches=num_micro,
-                         seq_length=SEQ, micro_batch_size=1, config=cfg, no_sync_func=model[0].no_sync,
-                         finalize_model_grads_func=finalize_model_grads, grad_scale_func=opt.scale_loss)
+        out = forward_backward(forward_step_func=forward_step, data_iterator=iter(data), model=model, num_microbatches=num_micro,
+                               seq_length=SEQ, micro_batch_size=1, config=cfg, no_sync_func=model[0].no_sync,
+                               finalize_model_grads_func=finalize_model_grads, grad_scale_func=opt.scale_loss)
+        if out:  # last stage: this DP rank's mean micro-batch loss (averaged over ranks in _merge; no
+            losses.append(sum(float(d["lm loss"]) for d in out) / len(out))  # collective, so bytes stay exact)
         ok, norm, _ = opt.step()
         assert ok
         norms.append(norm)
+        if ps.get_tensor_model_parallel_world_size() == 1 and dp == 1 and ps.get_pipeline_model_parallel_world_size() == 1:
+            # one process (the reference): the smallest bias-corrected Adam denominator each element has seen
+            correction = 1 - cfg.optimizer.adam_beta2 ** (step + 1)
+            for name, state in opt.get_parameter_state().items():
+                root = (state["exp_avg_sq"] / correction).sqrt()
+                min_root[name] = torch.minimum(min_root[name], root) if name in min_root else root
     for chunk in model:
         chunk.finish_param_sync()
     bytes_ = {op: collectives.bytes_for(op=op, group=dp_name) for op in ("all_reduce", "reduce_scatter", "all_gather")}
@@ -111,7 +129,7 @@ def train(cfg: Config) -> dict:
     param_bytes = sum(b.param_data.numel() * b.param_data.element_size() for c in model for b in c.param_and_grad_buffers
                       if b.param_data is not None)
     params = {name: gather_full_param(p, group=groups.tp).float().clone() for c in chunks for name, p in c.named_parameters()}
-    return {"params": params, "norms": norms, "bytes": bytes_, "grad_bytes": grad_bytes, "param_bytes": param_bytes,
+    return {"params": params, "norms": norms, "losses": losses, "min_adam_root": min_root, "bytes": bytes_, "grad_bytes": grad_bytes, "param_bytes": param_bytes,
             "memory": memory_report(model, opt), "dp": dp}
 
 
@@ -125,16 +143,34 @@ def _merge(rank_results: list[list[dict]], index: int) -> dict:
     params = {}
     for per_rank in rank_results:
         params.update(per_rank[index]["params"])
-    return {**rank_results[0][index], "params": params, "all_norms": [r[index]["norms"] for r in rank_results]}
+    per_rank = [r[index]["losses"] for r in rank_results if r[index]["losses"]]  # every last-stage rank (TP x DP)
+    losses = [sum(step) / len(per_rank) for step in zip(*per_rank)]  # TP ranks agree, so this is the DP mean
+    return {**rank_results[0][index], "params": params, "all_norms": [r[index]["norms"] for r in rank_results],
+            "losses": losses}
+
+
+def _assert_adam_close(got: dict, ref: dict) -> None:
+    """fp32 parameters after Adam at eps 1e-8 (module docstring): elements whose gradient was ever near zero
+    (sqrt(v_hat) < EPS_SCALE at some step, in the one-process run) within 2 x lr x steps; the rest PARAM_TOL."""
+    sensitive = total = 0
+    for name, value in ref["params"].items():
+        near_zero = ref["min_adam_root"][name] < EPS_SCALE
+        diff = (got["params"][name] - value).abs()
+        sensitive, total = sensitive + int(near_zero.sum()), total + value.numel()
+        assert diff[near_zero].max().item() <= 2 * LR * STEPS if near_zero.any() else True, name
+        torch.testing.assert_close(got["params"][name][~near_zero], value[~near_zero], **PARAM_TOL,
+                                   msg=lambda m: f"{name} (elements with sqrt(v_hat) >= {EPS_SCALE:g}): {m}")
+    assert sensitive < 0.05 * total, f"{sensitive} of {total} elements had a near-zero gradient: the check is vacuous"
 
 
 def _check(got: dict, ref: dict, dist_opt: bool, bf16: bool = False) -> None:
     tol = BF16_TOL if bf16 else PARAM_TOL
-    for name, value in ref["params"].items():
-        if bf16:
+    if bf16:
+        for name, value in ref["params"].items():
             _assert_bf16_close(got["params"][name], value, name)
-        else:
-            torch.testing.assert_close(got["params"][name], value, **tol, msg=lambda m: f"{name}: {m}")
+    else:
+        _assert_adam_close(got, ref)
+        assert got["losses"] == pytest.approx(ref["losses"], rel=LOSS_RTOL)
     if "output_layer.weight" in got["params"]:  # the tied copy on the last stage stays equal to the embedding
         torch.testing.assert_close(got["params"]["output_layer.weight"], got["params"]["embedding.word_embeddings.weight"],
                                    **tol)

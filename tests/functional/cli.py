@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,17 +24,13 @@ LLAMA = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--s
          "--ffn-hidden-size", "64"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def command(nproc: int, args: list[str]) -> list[str]:
     if nproc == 1:
         return [sys.executable, str(REPO / "pretrain_gpt.py"), *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(free_port()), str(REPO / "pretrain_gpt.py"), *args]
+    # --standalone: torchrun's own store binds port 0 and the workers reuse it, so no port is chosen
+    # here and released before torchrun binds it (a race when tests run in parallel).
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            str(REPO / "pretrain_gpt.py"), *args]
 
 
 def env() -> dict:

