@@ -145,6 +145,9 @@ class ModelConfig:
                   "Add --recompute-granularity full or drop it.")
 
 
+SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
+
+
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = arg(1, "Tensor model parallel size (TP).")
@@ -160,16 +163,45 @@ class ParallelConfig:
     distributed_backend: Optional[str] = arg(None, "torch.distributed backend (default nccl with CUDA, gloo otherwise).", choices=["nccl", "gloo"])
     distributed_timeout_minutes: float = arg(10.0, "Timeout of every collective, in minutes.")
     # Data-parallel gradient reduction (megatron_lite/distributed/ddp.py).
-    use_distributed_optimizer: bool = arg(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).", action="store_true")
+    use_distributed_optimizer: bool = arg(False, "Shard optimizer state over data-parallel ranks (ZeRO-1); the alias of --data-parallel-sharding-strategy optim.", action="store_true")
+    data_parallel_sharding_strategy: Optional[str] = arg(None, "What is sharded over data-parallel ranks: no_shard, optim (ZeRO-1, = --use-distributed-optimizer), optim_grads (ZeRO-2: also gradients), optim_grads_params (ZeRO-3: also parameters). Default: optim with --use-distributed-optimizer, else no_shard.", choices=list(SHARDING_STRATEGIES))
     overlap_grad_reduce: bool = arg(False, "Overlap gradient reduction with the last micro-batch's backward.", action="store_true")
     overlap_param_gather: bool = arg(False, "Overlap the distributed optimizer's parameter all-gather with the next forward.", action="store_true")
     ddp_bucket_size: Optional[int] = arg(None, "Elements per gradient bucket (default max(40M, 1M*DP)).")
     accumulate_allreduce_grads_in_fp32: bool = arg(False, "Accumulate and reduce gradients in fp32 (always on with --bf16).", action="store_true")
 
+    @property
+    def sharding_strategy(self) -> str:
+        """The effective --data-parallel-sharding-strategy (also before derive_defaults has run)."""
+        if self.data_parallel_sharding_strategy is not None:
+            return self.data_parallel_sharding_strategy
+        return "optim" if self.use_distributed_optimizer else "no_shard"
+
+    @property
+    def shards_grads(self) -> bool:
+        """ZeRO-2 and ZeRO-3: each DP rank keeps only its shard of the reduced gradients."""
+        return self.sharding_strategy in ("optim_grads", "optim_grads_params")
+
     def derive_defaults(self) -> list[str]:
+        notes = self._derive_sharding_strategy()
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             self.sequence_parallel = False  # Megatron turns it off too, silently; we say so
-            return ["--sequence-parallel turned off: with --tensor-model-parallel-size 1 there is nothing to split"]
+            notes.append("--sequence-parallel turned off: with --tensor-model-parallel-size 1 there is nothing to split")
+        return notes
+
+    def _derive_sharding_strategy(self) -> list[str]:
+        """--use-distributed-optimizer is the alias of strategy optim; every sharded strategy implies it."""
+        strategy = self.data_parallel_sharding_strategy
+        if strategy is None:
+            self.data_parallel_sharding_strategy = self.sharding_strategy
+            return []
+        if strategy == "no_shard" and self.use_distributed_optimizer:
+            _fail("--data-parallel-sharding-strategy", "no_shard contradicts --use-distributed-optimizer (= optim)",
+                  "Drop one of them, or use --data-parallel-sharding-strategy optim.")
+        if strategy != "no_shard" and not self.use_distributed_optimizer:
+            self.use_distributed_optimizer = True  # the optimizer states are sharded in every sharded strategy
+            return [f"--use-distributed-optimizer turned on: --data-parallel-sharding-strategy {strategy} shards "
+                    "the optimizer states"]
         return []
 
     def validate(self, cfg: "Config") -> None:
@@ -185,6 +217,9 @@ class ParallelConfig:
                   f"Use a sequence length that is a multiple of {2 * cp}.")
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             _fail("--overlap-param-gather", "needs --use-distributed-optimizer", "Add --use-distributed-optimizer or drop it.")
+        if self.sharding_strategy not in SHARDING_STRATEGIES:
+            _fail("--data-parallel-sharding-strategy", f"unknown {self.sharding_strategy!r}",
+                  f"Use one of {', '.join(SHARDING_STRATEGIES)}.")
 
     def validate_implemented(self, cfg: "Config") -> None:
         # The groups exist (parallel_state builds them, the self-check prints them), but no model code splits
@@ -193,6 +228,9 @@ class ParallelConfig:
             _fail("--context-parallel-size", f"{self.context_parallel_size}: context parallelism is not implemented "
                   "in the model yet", "Use --context-parallel-size 1 (sequence parallelism with TP also splits "
                   "activations along the sequence).")
+        if self.sharding_strategy == "optim_grads_params":
+            _fail("--data-parallel-sharding-strategy", "optim_grads_params (ZeRO-3, parameters sharded at rest) is "
+                  "not implemented yet", "Use optim_grads (ZeRO-2) or optim (ZeRO-1).")
         if self.expert_model_parallel_size > 1:
             _fail("--expert-model-parallel-size", f"{self.expert_model_parallel_size}: mixture-of-experts layers are "
                   "not implemented yet", "Use --expert-model-parallel-size 1.")

@@ -35,8 +35,12 @@ class MainParam:
     start: int  # flat slice [start, end) of the model parameter this main param covers
     end: int
     aliases_model: bool  # main is a view of the model parameter (fp32 params): no copy back needed
+    location: str = "device"  # where main and its optimizer states live: "device", "host" (CPU offload)
 
     def model_grad(self) -> Optional[torch.Tensor]:
+        shard = getattr(self.model_param, "main_grad_shard", None)
+        if shard is not None:  # ZeRO-2: the reduced piece is exactly this rank's [start, end) of the param
+            return shard
         grad = getattr(self.model_param, "main_grad", None)
         if grad is None:
             grad = self.model_param.grad
@@ -51,7 +55,7 @@ class MegatronOptimizer:
         self.model_chunks: list[ModelChunk] = as_model_chunks(model_chunks)
         self.groups = groups or ProcessGroups.single()
         opt = config.optimizer
-        self.distributed = config.parallel.use_distributed_optimizer
+        self.distributed = config.parallel.sharding_strategy != "no_shard"
         if self.distributed and not all(c.shards_optimizer_state for c in self.model_chunks):
             raise ValueError("--use-distributed-optimizer: wrap every model chunk in DistributedDataParallel "
                              "built with the same config first")
@@ -86,7 +90,7 @@ class MegatronOptimizer:
                                              weight_decay=opt.weight_decay, foreach=foreach)
         else:
             raise ValueError(f"--optimizer: unknown {opt.optimizer!r}. Use adam or sgd.")
-        self._state_keys = ("exp_avg", "exp_avg_sq") if opt.optimizer == "adam" else ("momentum_buffer",)
+        self.state_keys = ("exp_avg", "exp_avg_sq") if opt.optimizer == "adam" else ("momentum_buffer",)
         self.num_steps = 0
         for m in self.main_params:  # allocate states now: memory is visible up front, and set_parameter_state works
             self._init_state(m.main)
@@ -192,7 +196,7 @@ class MegatronOptimizer:
         """{global name: {"param": fp32 main param, "exp_avg", "exp_avg_sq" | "momentum_buffer"}}, each in the
         TP-local shape of the parameter. With the distributed optimizer the shards are all-gathered over DP
         (a collective: call on every DP rank) and EVERY DP rank returns the full dict."""
-        keys = ("param",) + self._state_keys
+        keys = ("param",) + self.state_keys
         if self.distributed:
             owned = [(m.model_param, m.start, m.end, lambda key, m=m: self.state_tensor(m, key)) for m in self.main_params]
             return gather_parameter_state(self.model_chunks, owned, keys)
@@ -204,7 +208,7 @@ class MegatronOptimizer:
         parameters get the (rounded) main values too, so model and main weights agree."""
         for m in self.main_params:
             for key, value in states.get(m.name, {}).items():
-                if key == "param" or key in self._state_keys:
+                if key == "param" or key in self.state_keys:
                     self.state_tensor(m, key).copy_(value.reshape(-1)[m.start:m.end].to(m.main.device))
             if not m.aliases_model:
                 m.model_param.detach().view(-1)[m.start:m.end].copy_(m.main)

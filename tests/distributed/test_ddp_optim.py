@@ -44,10 +44,13 @@ class ToyModel(nn.Module):
 
 
 def make_config(world: int, precision: str = "fp32", dist_opt: bool = False, overlap: bool = False,
-                optimizer: str = "adam", clip: float = 0.05, **opt_overrides) -> Config:
+                optimizer: str = "adam", clip: float = 0.05, strategy: str | None = None, **opt_overrides) -> Config:
+    """`strategy` sets --data-parallel-sharding-strategy (sharded strategies imply the distributed optimizer)."""
     cfg = Config(world_size=world)
     cfg.training.micro_batch_size, cfg.training.global_batch_size = MICRO_BATCH, GLOBAL_BATCH
+    dist_opt = dist_opt or strategy not in (None, "no_shard")
     cfg.parallel.use_distributed_optimizer = dist_opt
+    cfg.parallel.data_parallel_sharding_strategy = strategy
     cfg.parallel.overlap_grad_reduce = overlap
     cfg.parallel.overlap_param_gather = overlap and dist_opt
     cfg.parallel.ddp_bucket_size = 1000  # several buckets, some params straddling DP shard boundaries
@@ -101,7 +104,9 @@ def train(cfg: Config, steps: int = STEPS, inject_inf_at: int | None = None) -> 
         out["scales"].append(float(opt.get_loss_scale().item()))
         out["params_per_step"].append({n: p.detach().float().clone() for n, p in model.named_parameters()})
     out["dp_bytes"] = {op: collectives.bytes_for(op=op, group=dp_name) for op in ("all_reduce", "reduce_scatter", "all_gather")}
-    out["grad_numel"] = sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.param_and_grad_buffers)
+    out["grad_numel"] = sum(b.full_grad_bytes() for b in ddp.param_and_grad_buffers)
+    out["grad_bytes_at_rest"] = sum(b.grad_bytes() for b in ddp.param_and_grad_buffers)
+    out["peak_grad_bytes"] = sum(b.peak_grad_bytes for b in ddp.param_and_grad_buffers)
     out["param_buffer_bytes"] = sum(b.param_data.numel() * b.param_data.element_size()
                                     for b in ddp.param_and_grad_buffers if b.param_data is not None)
     out["memory"] = memory_report([ddp], opt)
@@ -114,7 +119,13 @@ CONFIGS = [  # (name, kwargs)
     ("fp32", {}), ("fp32_distopt", {"dist_opt": True}), ("fp32_overlap", {"overlap": True}),
     ("fp32_distopt_overlap", {"dist_opt": True, "overlap": True}), ("fp32_sgd_distopt", {"dist_opt": True, "optimizer": "sgd"}),
     ("bf16", {"precision": "bf16"}), ("bf16_distopt_overlap", {"precision": "bf16", "dist_opt": True, "overlap": True}),
+    ("fp32_zero2", {"strategy": "optim_grads"}), ("fp32_zero2_overlap", {"strategy": "optim_grads", "overlap": True}),
+    ("bf16_zero2_overlap", {"precision": "bf16", "strategy": "optim_grads", "overlap": True}),
 ]
+# ZeRO-2 does ZeRO-1's arithmetic on the same buckets (one reduce-scatter of the same sums), so its results
+# must be bitwise those of the ZeRO-1 run with the same precision and overlap.
+ZERO2_TWIN = {"fp32_zero2": "fp32_distopt", "fp32_zero2_overlap": "fp32_distopt_overlap",
+              "bf16_zero2_overlap": "bf16_distopt_overlap"}
 
 
 def _all_configs(world: int) -> dict:
@@ -141,20 +152,30 @@ def _check_against_reference(results: dict, reference: dict, dp: int) -> None:
             assert got["overlapped"], f"{name}: no bucket started during backward"
         # Communication per step: all-reduce of all grads, or reduce-scatter of grads + all-gather of params.
         b = got["dp_bytes"]
+        sharded = kwargs.get("dist_opt") or kwargs.get("strategy") is not None
+        zero2 = kwargs.get("strategy") == "optim_grads"
         if dp == 1:
             pass  # the one-rank DP group is also the TP/MP group, whose counters hold the grad-norm scalars
-        elif kwargs.get("dist_opt"):
+        elif sharded:  # ZeRO-1 and ZeRO-2 (one reduce-scatter per step, whatever the micro-batches): plain DP's volume
             assert b["reduce_scatter"] == STEPS * got["grad_numel"] and b["all_reduce"] == 0, (name, b)
             assert b["all_gather"] == STEPS * got["param_buffer_bytes"], (name, b)
         else:
             assert b["all_reduce"] == STEPS * got["grad_numel"] and b["reduce_scatter"] == b["all_gather"] == 0, (name, b)
-        # Memory: Megatron's bytes/param table (Adam; SGD has one state instead of two).
+        # Memory: Megatron's bytes/param table (Adam; SGD has one state instead of two); ZeRO-2 moves the
+        # fp32 grad (4 bytes) into the sharded part: fp32 4 + 12/d, bf16 2 + 16/d.
         mem = got["memory"]["bytes_per_param"]
         per_state = 4 if kwargs.get("optimizer") == "sgd" else 8
-        base = {True: 2 + 4, False: 4 + 4}[bf16]
-        sharded = (4 if bf16 else 0) + per_state  # fp32 main copy (bf16 only) + states
-        expected = base + sharded / (dp if kwargs.get("dist_opt") else 1)
+        base = {True: 2 + 4, False: 4 + 4}[bf16] - (4 if zero2 else 0)
+        sharded_bytes = (4 if bf16 else 0) + per_state + (4 if zero2 else 0)  # main copy (bf16) + states (+ grads)
+        expected = base + sharded_bytes / (dp if sharded else 1)
         assert mem == pytest.approx(expected, rel=0.02), (name, mem, expected)
+        if zero2:  # the accumulation rule's cost: the full grad lives until the last micro-batch, shards at rest
+            assert got["grad_bytes_at_rest"] == got["grad_numel"] // dp, name
+            assert got["peak_grad_bytes"] == got["grad_numel"] + got["grad_numel"] // dp, name
+            twin = results[ZERO2_TWIN[name]]
+            for key in twin["params"]:
+                assert torch.equal(got["params"][key], twin["params"][key]), f"{name} {key}: not bitwise ZeRO-1's"
+            assert got["norms"] == twin["norms"], name
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,21 @@ def test_defaults_and_derived_fields():
     assert c.parallel.virtual_pipeline_model_parallel_size == 2
 
 
+def test_sharding_strategy_and_its_alias():
+    assert cfg().parallel.data_parallel_sharding_strategy == "no_shard"
+    c = cfg("--use-distributed-optimizer")
+    assert c.parallel.data_parallel_sharding_strategy == "optim" and c.parallel.sharding_strategy == "optim"
+    for strategy in ("optim", "optim_grads"):
+        c = cfg("--data-parallel-sharding-strategy", strategy)
+        assert c.parallel.use_distributed_optimizer and c.parallel.sharding_strategy == strategy
+        assert c.parallel.shards_grads == (strategy == "optim_grads")
+    c = cfg("--data-parallel-sharding-strategy", "optim_grads", "--use-distributed-optimizer", "--overlap-param-gather")
+    assert c.parallel.overlap_param_gather and c.parallel.shards_grads
+    assert any("--use-distributed-optimizer turned on" in n for n in cfg("--data-parallel-sharding-strategy", "optim_grads").notes)
+    with pytest.raises(SystemExit):  # argparse refuses an unknown strategy, listing the choices
+        cfg("--data-parallel-sharding-strategy", "zero2")
+
+
 @pytest.mark.parametrize("flags,world,needle", [
     (["--tensor-model-parallel-size", "3"], 8, "--tensor-model-parallel-size/--pipeline-model-parallel-size"),
     (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "8"], 8, "not divisible by TP x PP x CP"),
@@ -59,6 +74,9 @@ def test_defaults_and_derived_fields():
     (["--expert-model-parallel-size", "2"], 8, "mixture-of-experts layers are not implemented"),
     (["--decoder-first-pipeline-num-layers", "1"], 8, "needs --pipeline-model-parallel-size > 1"),
     (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "5"], 8, "do not add up"),
+    (["--use-distributed-optimizer", "--data-parallel-sharding-strategy", "no_shard"], 8,
+     "--data-parallel-sharding-strategy: no_shard contradicts --use-distributed-optimizer"),
+    (["--data-parallel-sharding-strategy", "optim_grads_params"], 8, "--data-parallel-sharding-strategy: optim_grads_params"),
 ])
 def test_invalid_configurations_fail_with_named_flag(flags, world, needle):
     with pytest.raises(ConfigError) as info:
