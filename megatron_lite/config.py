@@ -264,8 +264,12 @@ class OptimizerConfig:
     loss_scale_window: int = arg(1000, "Iterations without overflow before the scale grows.")
     hysteresis: int = arg(2, "Overflows tolerated before the scale is lowered.")
     use_fused_adam: bool = arg(True, "Disable fused/foreach Adam kernels.", flag="--no-fused-adam", action="store_false")
+    # Optimizer offload (optimizer/offload.py).
+    optimizer_cpu_offload: bool = arg(False, "Keep the fp32 main params and Adam moments of --optimizer-offload-fraction of this rank's shard in host memory (pinned on CUDA) and step them there with torch's CPU Adam.", action="store_true")
+    optimizer_offload_fraction: float = arg(1.0, "With --optimizer-cpu-offload: the fraction (0..1) of each rank's optimizer shard kept and stepped on the host.")
 
     def validate(self, cfg: "Config") -> None:
+        self._validate_offload()
         if self.fp16 and self.bf16:
             _fail("--fp16/--bf16", "both given", "Choose one: --bf16 (recommended on Ampere and newer) or --fp16.")
         if self.loss_scale is not None and not self.fp16:
@@ -276,6 +280,14 @@ class OptimizerConfig:
             if self.lr_warmup_fraction is None and self.lr_warmup_iters >= decay_iters:
                 _fail("--lr-warmup-iters", f"{self.lr_warmup_iters} warm-up iterations do not fit in {decay_iters} decay "
                       "iterations (--lr-decay-iters, default --train-iters)", f"Use fewer than {decay_iters} warm-up iterations.")
+
+    def _validate_offload(self) -> None:
+        if not 0.0 <= self.optimizer_offload_fraction <= 1.0:
+            _fail("--optimizer-offload-fraction", f"{self.optimizer_offload_fraction} is outside [0, 1]",
+                  "Use a fraction between 0 (nothing offloaded) and 1 (the whole shard on the host).")
+        if self.optimizer_cpu_offload and self.optimizer != "adam":
+            _fail("--optimizer-cpu-offload", f"steps Adam on the host, not --optimizer {self.optimizer}",
+                  "Use --optimizer adam or drop --optimizer-cpu-offload.")
 
 
 @dataclass

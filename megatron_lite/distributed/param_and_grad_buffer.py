@@ -13,7 +13,7 @@ gradient tensor only while gradients accumulate into it. It is allocated when th
 of a step arrives, reduce-scattered into the bucket's persistent `grad_shard` (1/DP of it) once the last
 micro-batch's gradients are in, and freed when that reduce-scatter completes; `param.main_grad` then goes
 away and `param.main_grad_shard` (this rank's flat piece of the parameter's reduced gradient, possibly
-empty) takes its place. Accumulation rule (Megatron-FSDP's, not DeepSpeed's): a bucket keeps its full
+empty, starting at flat element `param.main_grad_shard_start`) takes its place. Accumulation rule (Megatron-FSDP's, not DeepSpeed's): a bucket keeps its full
 gradient until the last micro-batch, so a step communicates exactly what ZeRO-1 does (one reduce-scatter
 per bucket, whatever the number of micro-batches) and the transient peak is the full gradient buffer; at
 rest (optimizer step, between steps) only the shards remain. DeepSpeed's rule (reduce-scatter every
@@ -151,6 +151,7 @@ class ParamAndGradBuffer:
             lo, hi = (lo, hi) if lo < hi else (shard_start, shard_start)
             param.main_grad = None
             param.main_grad_shard = bucket.grad_shard[lo - shard_start:hi - shard_start]
+            param.main_grad_shard_start = lo - start  # where the piece starts in the flat parameter
 
     def shard_grad(self, bucket: Bucket) -> torch.Tensor:
         """This rank's reduced shard of the bucket's gradient (a view into the full bucket under ZeRO-1)."""

@@ -44,8 +44,10 @@ class ToyModel(nn.Module):
 
 
 def make_config(world: int, precision: str = "fp32", dist_opt: bool = False, overlap: bool = False,
-                optimizer: str = "adam", clip: float = 0.05, strategy: str | None = None, **opt_overrides) -> Config:
-    """`strategy` sets --data-parallel-sharding-strategy (sharded strategies imply the distributed optimizer)."""
+                optimizer: str = "adam", clip: float = 0.05, strategy: str | None = None, offload: float | None = None,
+                **opt_overrides) -> Config:
+    """`strategy` sets --data-parallel-sharding-strategy (sharded strategies imply the distributed optimizer);
+    `offload` turns on --optimizer-cpu-offload with that --optimizer-offload-fraction."""
     cfg = Config(world_size=world)
     cfg.training.micro_batch_size, cfg.training.global_batch_size = MICRO_BATCH, GLOBAL_BATCH
     dist_opt = dist_opt or strategy not in (None, "no_shard")
@@ -57,6 +59,7 @@ def make_config(world: int, precision: str = "fp32", dist_opt: bool = False, ove
     o = cfg.optimizer
     o.optimizer, o.lr, o.weight_decay, o.clip_grad = optimizer, 1e-2, 0.1, clip
     o.bf16, o.fp16 = precision == "bf16", precision == "fp16"
+    o.optimizer_cpu_offload, o.optimizer_offload_fraction = offload is not None, 1.0 if offload is None else offload
     for key, value in opt_overrides.items():
         setattr(o, key, value)
     return cfg
@@ -121,7 +124,13 @@ CONFIGS = [  # (name, kwargs)
     ("bf16", {"precision": "bf16"}), ("bf16_distopt_overlap", {"precision": "bf16", "dist_opt": True, "overlap": True}),
     ("fp32_zero2", {"strategy": "optim_grads"}), ("fp32_zero2_overlap", {"strategy": "optim_grads", "overlap": True}),
     ("bf16_zero2_overlap", {"precision": "bf16", "strategy": "optim_grads", "overlap": True}),
+    ("fp32_offload", {"offload": 1.0}), ("fp32_zero2_offload_half", {"strategy": "optim_grads", "offload": 0.5}),
+    ("bf16_distopt_overlap_offload_half", {"precision": "bf16", "dist_opt": True, "overlap": True, "offload": 0.5}),
 ]
+# CPU offload steps the same Adam arithmetic (on CPU, the same fused kernel) on a host copy: the results must
+# be bitwise those of the same run without offload.
+OFFLOAD_TWIN = {"fp32_offload": "fp32", "fp32_zero2_offload_half": "fp32_zero2",
+                "bf16_distopt_overlap_offload_half": "bf16_distopt_overlap"}
 # ZeRO-2 does ZeRO-1's arithmetic on the same buckets (one reduce-scatter of the same sums), so its results
 # must be bitwise those of the ZeRO-1 run with the same precision and overlap.
 ZERO2_TWIN = {"fp32_zero2": "fp32_distopt", "fp32_zero2_overlap": "fp32_distopt_overlap",
@@ -163,15 +172,34 @@ def _check_against_reference(results: dict, reference: dict, dp: int) -> None:
             assert b["all_reduce"] == STEPS * got["grad_numel"] and b["reduce_scatter"] == b["all_gather"] == 0, (name, b)
         # Memory: Megatron's bytes/param table (Adam; SGD has one state instead of two); ZeRO-2 moves the
         # fp32 grad (4 bytes) into the sharded part: fp32 4 + 12/d, bf16 2 + 16/d.
-        mem = got["memory"]["bytes_per_param"]
+        mem = got["memory"]
         per_state = 4 if kwargs.get("optimizer") == "sgd" else 8
         base = {True: 2 + 4, False: 4 + 4}[bf16] - (4 if zero2 else 0)
         sharded_bytes = (4 if bf16 else 0) + per_state + (4 if zero2 else 0)  # main copy (bf16) + states (+ grads)
         expected = base + sharded_bytes / (dp if sharded else 1)
-        assert mem == pytest.approx(expected, rel=0.02), (name, mem, expected)
+        # CPU offload: fraction F of the shard's main params + moments (12 bytes) on the host; an fp32 model
+        # param then needs a host main copy (4 bytes) it did not need on the device.
+        fraction = kwargs.get("offload") or 0.0
+        host = 12 * fraction / (dp if sharded else 1)
+        expected += (0 if bf16 else 4) * fraction / (dp if sharded else 1)
+        assert mem["bytes_per_param"] == pytest.approx(expected, rel=0.02), (name, mem, expected)
+        assert mem["host"] / mem["num_params"] == pytest.approx(host, rel=0.02, abs=1e-9), (name, mem, host)
+        assert mem["device_bytes_per_param"] == pytest.approx(expected - host, rel=0.02), (name, mem)
+        if name in OFFLOAD_TWIN:
+            twin = results[OFFLOAD_TWIN[name]]
+            for key in twin["params"]:
+                diff = (got["params"][key] - twin["params"][key]).abs().max().item()
+                if kwargs["offload"] == 1.0:  # whole tensors: the same kernel over the same elements, bitwise
+                    assert diff == 0.0, f"{name} {key}: not the no-offload result ({diff:.2e})"
+                else:  # a tensor split at the host/device boundary is vectorised differently: last-bit FMA
+                    torch.testing.assert_close(got["params"][key], twin["params"][key], rtol=1e-6, atol=1e-7,
+                                               msg=lambda m: f"{name} {key}: {m}")
+            # Same gradients; a split tensor only regroups the norm's sum of squares.
+            assert got["norms"] == pytest.approx(twin["norms"], rel=0 if kwargs["offload"] == 1.0 else 1e-6), name
         if zero2:  # the accumulation rule's cost: the full grad lives until the last micro-batch, shards at rest
             assert got["grad_bytes_at_rest"] == got["grad_numel"] // dp, name
             assert got["peak_grad_bytes"] == got["grad_numel"] + got["grad_numel"] // dp, name
+        if name in ZERO2_TWIN:
             twin = results[ZERO2_TWIN[name]]
             for key in twin["params"]:
                 assert torch.equal(got["params"][key], twin["params"][key]), f"{name} {key}: not bitwise ZeRO-1's"

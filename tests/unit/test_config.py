@@ -77,6 +77,9 @@ def test_sharding_strategy_and_its_alias():
     (["--use-distributed-optimizer", "--data-parallel-sharding-strategy", "no_shard"], 8,
      "--data-parallel-sharding-strategy: no_shard contradicts --use-distributed-optimizer"),
     (["--data-parallel-sharding-strategy", "optim_grads_params"], 8, "--data-parallel-sharding-strategy: optim_grads_params"),
+    (["--optimizer-cpu-offload", "--optimizer-offload-fraction", "1.5"], 8, "--optimizer-offload-fraction: 1.5 is outside [0, 1]"),
+    (["--optimizer-cpu-offload", "--optimizer-offload-fraction", "-0.1"], 8, "--optimizer-offload-fraction: -0.1"),
+    (["--optimizer-cpu-offload", "--optimizer", "sgd"], 8, "--optimizer-cpu-offload: steps Adam on the host"),
 ])
 def test_invalid_configurations_fail_with_named_flag(flags, world, needle):
     with pytest.raises(ConfigError) as info:
