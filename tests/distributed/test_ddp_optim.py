@@ -254,3 +254,32 @@ def test_fp16_overflow_skips_on_all_ranks_and_rescales():
             before, skipped = r["params_per_step"][0], r["params_per_step"][1]
             for key in before:
                 assert torch.equal(before[key], skipped[key]), f"skipped step changed {key}"
+
+
+# The ZeRO paper's Adam table (K = 12, 16-bit gradients: fp16 without --accumulate-allreduce-grads-in-fp32)
+# next to Megatron's fp32 gradient buffer (bf16) and fp32 training; optimizer/memory.py states all three.
+PAPER_TABLE = {  # (precision, strategy) -> bytes/param as a function of d
+    ("fp16", "no_shard"): lambda d: 16, ("fp16", "optim"): lambda d: 4 + 12 / d, ("fp16", "optim_grads"): lambda d: 2 + 14 / d,
+    ("bf16", "no_shard"): lambda d: 18, ("bf16", "optim"): lambda d: 6 + 12 / d, ("bf16", "optim_grads"): lambda d: 2 + 16 / d,
+    ("fp32", "no_shard"): lambda d: 16, ("fp32", "optim"): lambda d: 8 + 8 / d, ("fp32", "optim_grads"): lambda d: 4 + 12 / d,
+}
+
+
+def _memory_table(world: int) -> dict:
+    parallel_state.initialize_model_parallel()
+    out = {}
+    for precision, strategy in PAPER_TABLE:
+        cfg = make_config(world, precision=precision, strategy=strategy)
+        torch.manual_seed(0)
+        ddp = DistributedDataParallel(cfg, ToyModel().to(cfg.params_dtype), groups=parallel_state.get_process_groups())
+        out[(precision, strategy)] = memory_report([ddp], get_megatron_optimizer(cfg, [ddp], parallel_state.get_process_groups()))
+    return out
+
+
+def test_memory_table_matches_zero_paper():
+    """Bytes/param per rank at start-up, d = 4, within 2% of the tables (bucket padding is the slack)."""
+    for rank_result in run_distributed(_memory_table, 4, world=4):
+        for key, formula in PAPER_TABLE.items():
+            report = rank_result[key]
+            assert report["bytes_per_param"] == pytest.approx(formula(4), rel=0.02), (key, report)
+            assert report["host"] == report["disk"] == 0 and report["total"] == report["device_total"]
