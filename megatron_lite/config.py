@@ -12,6 +12,7 @@ rule in pipeline/schedules.py, the parallel sizes here (check_parallel_sizes, al
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -266,7 +267,9 @@ class OptimizerConfig:
     use_fused_adam: bool = arg(True, "Disable fused/foreach Adam kernels.", flag="--no-fused-adam", action="store_false")
     # Optimizer offload (optimizer/offload.py).
     optimizer_cpu_offload: bool = arg(False, "Keep the fp32 main params and Adam moments of --optimizer-offload-fraction of this rank's shard in host memory (pinned on CUDA) and step them there with torch's CPU Adam.", action="store_true")
-    optimizer_offload_fraction: float = arg(1.0, "With --optimizer-cpu-offload: the fraction (0..1) of each rank's optimizer shard kept and stepped on the host.")
+    optimizer_offload_fraction: float = arg(1.0, "With --optimizer-cpu-offload or --optimizer-nvme-offload-dir: the fraction (0..1) of each rank's optimizer shard kept and stepped on the host (or on disk).")
+    optimizer_nvme_offload_dir: Optional[str] = arg(None, "Keep the offloaded fraction's fp32 main params and Adam moments in memory-mapped per-rank files under DIR (removed on a clean exit), stepped in chunks.")
+    optimizer_offload_chunk_mb: float = arg(64.0, "With --optimizer-nvme-offload-dir: MiB of parameters stepped at a time.")
 
     def validate(self, cfg: "Config") -> None:
         self._validate_offload()
@@ -288,6 +291,19 @@ class OptimizerConfig:
         if self.optimizer_cpu_offload and self.optimizer != "adam":
             _fail("--optimizer-cpu-offload", f"steps Adam on the host, not --optimizer {self.optimizer}",
                   "Use --optimizer adam or drop --optimizer-cpu-offload.")
+        if self.optimizer_nvme_offload_dir is None:
+            return
+        flag = "--optimizer-nvme-offload-dir"
+        if self.optimizer != "adam":
+            _fail(flag, f"steps Adam from disk, not --optimizer {self.optimizer}", f"Use --optimizer adam or drop {flag}.")
+        if self.optimizer_offload_chunk_mb <= 0:
+            _fail("--optimizer-offload-chunk-mb", f"must be > 0, got {self.optimizer_offload_chunk_mb}", "Use e.g. 64.")
+        existing = self.optimizer_nvme_offload_dir
+        while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)  # the directory will be created under its nearest existing parent
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            _fail(flag, f"{self.optimizer_nvme_offload_dir!r} is not writable ({existing!r} is not a writable directory)",
+                  "Give a writable directory on a local disk.")
 
 
 @dataclass

@@ -278,6 +278,7 @@ def pretrain(config: Config, model_provider: Callable, forward_step_func: Callab
         run.train_and_evaluate()
     finally:
         logger.close()
+        optimizer.close()  # NVMe offload files (optimizer/nvme.py)
     shutdown()
     run.summary["iteration"] = state.iteration
     return run.summary

@@ -24,9 +24,9 @@ def host_copy(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def split_for_offload(main_params: list, fraction: float, make_main_param) -> list:
-    """Move the first round(fraction x elements) of `main_params` to the host, splitting one MainParam at the
-    boundary. `make_main_param(m, start, end, location)` builds a MainParam for a flat sub-slice of `m`'s
+def split_for_offload(main_params: list, fraction: float, location: str, make_main_param) -> list:
+    """Move the first round(fraction x elements) of `main_params` to `location` ("host", or "disk" for
+    optimizer/nvme.py), splitting one MainParam at the boundary. `make_main_param(m, start, end, location)` builds a MainParam for a flat sub-slice of `m`'s
     parameter. Returns the new list (same order, same elements)."""
     total = sum(m.end - m.start for m in main_params)
     remaining = round(fraction * total)
@@ -38,7 +38,7 @@ def split_for_offload(main_params: list, fraction: float, make_main_param) -> li
         if take == 0:
             result.append(m)
             continue
-        result.append(make_main_param(m, m.start, m.start + take, "host"))
+        result.append(make_main_param(m, m.start, m.start + take, location))
         if take < numel:
             result.append(make_main_param(m, m.start + take, m.end, "device"))
     return result

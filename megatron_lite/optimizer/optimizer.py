@@ -24,6 +24,7 @@ from megatron_lite.optimizer.distrib_optimizer import gather_parameter_state, sh
 from megatron_lite.optimizer.clip_grads import (any_nonfinite, clip_grad_by_total_norm_fp32, count_zeros_fp32,
                                                 counts_toward_norm, get_grad_norm_fp32)
 from megatron_lite.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from megatron_lite.optimizer.nvme import NvmeStore
 from megatron_lite.optimizer.offload import build_host_adam, host_copy, split_for_offload
 from megatron_lite.process_groups import ProcessGroups
 
@@ -55,6 +56,8 @@ def _main_param(name: str, param: nn.Parameter, start: int, end: int, location: 
     flat = param.detach().view(-1)[start:end]
     if location == "host":
         return MainParam(name, param, host_copy(flat), start, end, False, location)
+    if location == "disk":  # NvmeStore maps its main (and fills it from the model) once every slice is known
+        return MainParam(name, param, None, start, end, False, location)
     aliases = param.dtype == torch.float32
     return MainParam(name, param, flat if aliases else flat.float(), start, end, aliases, location)
 
@@ -79,18 +82,26 @@ class MegatronOptimizer:
                       [(p, 0, p.numel()) for p in chunk.parameters() if p.requires_grad])
             for param, start, end in slices:
                 self.main_params.append(_main_param(names[id(param)], param, start, end, "device"))
-        self.offload = opt.optimizer_cpu_offload
-        if self.offload:  # optimizer/offload.py: the first fraction of the shard lives and steps on the host
-            self.main_params = split_for_offload(self.main_params, opt.optimizer_offload_fraction,
+        # optimizer/offload.py: the first fraction of the shard lives and steps on the host (or on disk, nvme.py).
+        self.offload = "disk" if opt.optimizer_nvme_offload_dir else "host" if opt.optimizer_cpu_offload else None
+        if self.offload:
+            self.main_params = split_for_offload(self.main_params, opt.optimizer_offload_fraction, self.offload,
                                                  lambda m, start, end, where: _main_param(m.name, m.model_param,
                                                                                           start, end, where))
         self.optimizer = self._build_inner([m for m in self.main_params if m.location == "device"])
         self.host_optimizer = (self._build_inner([m for m in self.main_params if m.location == "host"], host=True)
-                               if self.offload else None)
+                               if self.offload == "host" else None)
+        self.nvme = None
+        if self.offload == "disk":
+            self.nvme = NvmeStore([m for m in self.main_params if m.location == "disk"], opt.optimizer_nvme_offload_dir,
+                                  self.groups.world.rank, opt.optimizer_offload_chunk_mb,
+                                  dict(lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps,
+                                       weight_decay=opt.weight_decay))
         self.state_keys = ("exp_avg", "exp_avg_sq") if opt.optimizer == "adam" else ("momentum_buffer",)
         self.num_steps = 0
         for m in self.main_params:  # allocate states now: memory is visible up front, and set_parameter_state works
-            self._init_state(m)
+            if m.location != "disk":  # (the disk store made its own)
+                self._init_state(m)
 
         self.grad_scaler = None
         if opt.fp16:
@@ -133,7 +144,11 @@ class MegatronOptimizer:
     def param_groups(self) -> list[dict]:
         """Every param group (device, then host with --optimizer-cpu-offload): the LR scheduler sets them all."""
         groups = list(self.optimizer.param_groups)
-        return groups + list(self.host_optimizer.param_groups) if self.host_optimizer is not None else groups
+        if self.host_optimizer is not None:
+            groups += self.host_optimizer.param_groups
+        if self.nvme is not None:
+            groups += self.nvme.param_groups
+        return groups
 
     def get_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -189,10 +204,13 @@ class MegatronOptimizer:
 
         for m in self.main_params:  # host slices: the clipped gradient is copied to the host (offload.py)
             grad = device_grads.get(id(m))
-            m.main.grad = None if grad is None else (grad if m.location == "device" else host_copy(grad))
+            if m.location != "disk":  # (disk slices take their gradient chunk by chunk in nvme.step)
+                m.main.grad = None if grad is None else (grad if m.location == "device" else host_copy(grad))
         self.optimizer.step()
         if self.host_optimizer is not None:
             self.host_optimizer.step()
+        if self.nvme is not None:
+            self.nvme.step(device_grads, self.num_steps)
         self.num_steps += 1
         self._drop_main_grads()
         for m in self.main_params:
@@ -202,6 +220,11 @@ class MegatronOptimizer:
             for chunk in self.model_chunks:
                 chunk.start_param_sync()  # async with --overlap-param-gather: waited for in forward
         return True, grad_norm, num_zeros
+
+    def close(self) -> None:
+        """Release what outlives the process otherwise: the NVMe offload files (a clean exit does it too)."""
+        if self.nvme is not None:
+            self.nvme.close()
 
     def _drop_main_grads(self) -> None:
         # For fp32 params main is the parameter itself: a leftover .grad would be accumulated into by the
@@ -223,7 +246,7 @@ class MegatronOptimizer:
         for index, group in enumerate(self.param_groups):  # host groups mirror the device decay/no-decay pair
             group.update(state["param_groups"][index % len(state["param_groups"])])
         for m in self.main_params:
-            if "step" in self._inner(m).state[m.main]:
+            if m.location != "disk" and "step" in self._inner(m).state[m.main]:
                 self._inner(m).state[m.main]["step"].fill_(float(self.num_steps))
 
     def get_parameter_state(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -259,6 +282,8 @@ class MegatronOptimizer:
 
     def state_tensor(self, m: MainParam, key: str) -> torch.Tensor:
         """The tensor behind state `key` ("param" = the fp32 main param, or an optimizer state) of `m`."""
+        if m.location == "disk":
+            return self.nvme.state(m, key)
         return m.main if key == "param" else self._inner(m).state[m.main][key]
 
     def _init_state(self, m: MainParam) -> None:

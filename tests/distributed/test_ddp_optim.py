@@ -9,6 +9,8 @@ Memory within 2% of Megatron's bytes/param table; dp-group communication bytes e
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from contextlib import nullcontext
 
 import pytest
@@ -45,9 +47,10 @@ class ToyModel(nn.Module):
 
 def make_config(world: int, precision: str = "fp32", dist_opt: bool = False, overlap: bool = False,
                 optimizer: str = "adam", clip: float = 0.05, strategy: str | None = None, offload: float | None = None,
-                **opt_overrides) -> Config:
+                nvme: float | None = None, **opt_overrides) -> Config:
     """`strategy` sets --data-parallel-sharding-strategy (sharded strategies imply the distributed optimizer);
-    `offload` turns on --optimizer-cpu-offload with that --optimizer-offload-fraction."""
+    `offload` turns on --optimizer-cpu-offload with that --optimizer-offload-fraction; `nvme` the same fraction
+    to --optimizer-nvme-offload-dir (a temporary directory), stepped in chunks of 1000 elements."""
     cfg = Config(world_size=world)
     cfg.training.micro_batch_size, cfg.training.global_batch_size = MICRO_BATCH, GLOBAL_BATCH
     dist_opt = dist_opt or strategy not in (None, "no_shard")
@@ -60,6 +63,9 @@ def make_config(world: int, precision: str = "fp32", dist_opt: bool = False, ove
     o.optimizer, o.lr, o.weight_decay, o.clip_grad = optimizer, 1e-2, 0.1, clip
     o.bf16, o.fp16 = precision == "bf16", precision == "fp16"
     o.optimizer_cpu_offload, o.optimizer_offload_fraction = offload is not None, 1.0 if offload is None else offload
+    if nvme is not None:
+        o.optimizer_nvme_offload_dir = os.path.join(tempfile.gettempdir(), f"megatron_lite_test_nvme_{os.getppid()}")
+        o.optimizer_offload_fraction, o.optimizer_offload_chunk_mb = nvme, 4000 / 2**20
     for key, value in opt_overrides.items():
         setattr(o, key, value)
     return cfg
@@ -115,6 +121,15 @@ def train(cfg: Config, steps: int = STEPS, inject_inf_at: int | None = None) -> 
     out["memory"] = memory_report([ddp], opt)
     out["params"] = out["params_per_step"][-1]
     out["param_state"] = opt.get_parameter_state()
+    if opt.nvme is not None:  # the per-rank files exist while training and are gone after close()
+        path = opt.nvme.path
+        out["nvme_files"] = sorted(os.listdir(path))
+        opt.close()
+        out["nvme_removed"] = not os.path.exists(path)
+        try:
+            os.rmdir(os.path.dirname(path))  # the shared test directory, once the last rank is done
+        except OSError:
+            pass
     return out
 
 
@@ -126,11 +141,13 @@ CONFIGS = [  # (name, kwargs)
     ("bf16_zero2_overlap", {"precision": "bf16", "strategy": "optim_grads", "overlap": True}),
     ("fp32_offload", {"offload": 1.0}), ("fp32_zero2_offload_half", {"strategy": "optim_grads", "offload": 0.5}),
     ("bf16_distopt_overlap_offload_half", {"precision": "bf16", "dist_opt": True, "overlap": True, "offload": 0.5}),
+    ("fp32_nvme", {"nvme": 1.0}), ("fp32_zero2_nvme_half", {"strategy": "optim_grads", "nvme": 0.5}),
 ]
 # CPU offload steps the same Adam arithmetic (on CPU, the same fused kernel) on a host copy: the results must
 # be bitwise those of the same run without offload.
 OFFLOAD_TWIN = {"fp32_offload": "fp32", "fp32_zero2_offload_half": "fp32_zero2",
-                "bf16_distopt_overlap_offload_half": "bf16_distopt_overlap"}
+                "bf16_distopt_overlap_offload_half": "bf16_distopt_overlap",
+                "fp32_nvme": "fp32", "fp32_zero2_nvme_half": "fp32_zero2"}
 # ZeRO-2 does ZeRO-1's arithmetic on the same buckets (one reduce-scatter of the same sums), so its results
 # must be bitwise those of the ZeRO-1 run with the same precision and overlap.
 ZERO2_TWIN = {"fp32_zero2": "fp32_distopt", "fp32_zero2_overlap": "fp32_distopt_overlap",
@@ -179,23 +196,26 @@ def _check_against_reference(results: dict, reference: dict, dp: int) -> None:
         expected = base + sharded_bytes / (dp if sharded else 1)
         # CPU offload: fraction F of the shard's main params + moments (12 bytes) on the host; an fp32 model
         # param then needs a host main copy (4 bytes) it did not need on the device.
-        fraction = kwargs.get("offload") or 0.0
-        host = 12 * fraction / (dp if sharded else 1)
+        fraction = kwargs.get("offload") or kwargs.get("nvme") or 0.0
+        offloaded = 12 * fraction / (dp if sharded else 1)
         expected += (0 if bf16 else 4) * fraction / (dp if sharded else 1)
+        where, elsewhere = ("disk", "host") if "nvme" in kwargs else ("host", "disk")
         assert mem["bytes_per_param"] == pytest.approx(expected, rel=0.02), (name, mem, expected)
-        assert mem["host"] / mem["num_params"] == pytest.approx(host, rel=0.02, abs=1e-9), (name, mem, host)
-        assert mem["device_bytes_per_param"] == pytest.approx(expected - host, rel=0.02), (name, mem)
+        assert mem[where] / mem["num_params"] == pytest.approx(offloaded, rel=0.02, abs=1e-9), (name, mem, offloaded)
+        assert mem[elsewhere] == 0 and mem["device_bytes_per_param"] == pytest.approx(expected - offloaded, rel=0.02)
+        if "nvme" in kwargs:
+            assert got["nvme_files"] == ["exp_avg.f32", "exp_avg_sq.f32", "param.f32"] and got["nvme_removed"], name
         if name in OFFLOAD_TWIN:
             twin = results[OFFLOAD_TWIN[name]]
             for key in twin["params"]:
                 diff = (got["params"][key] - twin["params"][key]).abs().max().item()
-                if kwargs["offload"] == 1.0:  # whole tensors: the same kernel over the same elements, bitwise
+                if kwargs.get("offload") == 1.0:  # whole tensors: the same kernel over the same elements, bitwise
                     assert diff == 0.0, f"{name} {key}: not the no-offload result ({diff:.2e})"
                 else:  # a tensor split at the host/device boundary is vectorised differently: last-bit FMA
                     torch.testing.assert_close(got["params"][key], twin["params"][key], rtol=1e-6, atol=1e-7,
                                                msg=lambda m: f"{name} {key}: {m}")
             # Same gradients; a split tensor only regroups the norm's sum of squares.
-            assert got["norms"] == pytest.approx(twin["norms"], rel=0 if kwargs["offload"] == 1.0 else 1e-6), name
+            assert got["norms"] == pytest.approx(twin["norms"], rel=0 if kwargs.get("offload") == 1.0 else 1e-6), name
         if zero2:  # the accumulation rule's cost: the full grad lives until the last micro-batch, shards at rest
             assert got["grad_bytes_at_rest"] == got["grad_numel"] // dp, name
             assert got["peak_grad_bytes"] == got["grad_numel"] + got["grad_numel"] // dp, name
