@@ -130,3 +130,23 @@ def test_config_round_trips_through_dict():
     c = cfg("--tensor-model-parallel-size", "2", "--bf16")
     again = Config.from_dict(c.to_dict())
     assert again == c
+
+
+def test_inference_and_conversion_drop_training_only_sharding_and_offload(tmp_path, monkeypatch):
+    """A ZeRO-2 + NVMe-offload training config, read back from a checkpoint, neither re-enables the
+    distributed optimizer for inference nor checks a scratch directory of the training machine."""
+    import types
+    from megatron_lite import inference
+    from tools.checkpoint.convert import target_config
+    trained = cfg("--data-parallel-sharding-strategy", "optim_grads", "--optimizer-cpu-offload",
+                  "--optimizer-nvme-offload-dir", str(tmp_path / "nvme"), "--vocab-size", "128", world=2)
+    values = trained.to_dict()
+    (tmp_path / "a_file").write_text("")  # another machine's scratch path, unusable here (under a file)
+    values["optimizer"]["optimizer_nvme_offload_dir"] = str(tmp_path / "a_file" / "x")
+    monkeypatch.setattr(inference, "CheckpointReader", lambda load_dir: types.SimpleNamespace(config=values))
+    infer = inference.inference_config(str(tmp_path))
+    assert infer.parallel.sharding_strategy == "no_shard" and not infer.parallel.use_distributed_optimizer
+    assert not infer.optimizer.optimizer_cpu_offload and infer.optimizer.optimizer_nvme_offload_dir is None
+    converted = target_config(values, 1, 1, None)
+    assert converted["optimizer"]["optimizer_nvme_offload_dir"] is None
+    assert converted["parallel"]["data_parallel_sharding_strategy"] == "optim_grads"
