@@ -46,6 +46,18 @@ def test_3d_layouts_match_single_process(reference, tmp_path, name, nproc, flags
     assert_same_losses(train_losses(records), reference["llama" if "llama" in name else "gpt2"])
 
 
+def test_zero2_with_nvme_offload_matches_single_process_and_cleans_up(reference, tmp_path):
+    nvme = tmp_path / "nvme"
+    records, output = run(2, [*TINY, *ITERS, "--data-parallel-sharding-strategy", "optim_grads", "--overlap-grad-reduce",
+                              "--optimizer-nvme-offload-dir", str(nvme), "--optimizer-offload-fraction", "0.5"],
+                          tmp_path, "zero2_nvme")
+    assert_same_losses(train_losses(records), reference["gpt2"])
+    (memory,) = [r for r in records if r.get("record") == "memory"]
+    assert memory["strategy"] == "optim_grads" and memory["disk"] > 0 and memory["host"] == 0
+    assert "memory (this rank) | strategy: optim_grads" in output
+    assert nvme.is_dir() and not list(nvme.iterdir()), "NVMe offload files left after a clean exit"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,nproc,flags", [
     ("tp4_sp", 4, ["--tensor-model-parallel-size", "4", "--sequence-parallel"]),
