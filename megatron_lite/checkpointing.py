@@ -55,6 +55,7 @@ def _layout(config: Any, groups: ProcessGroups) -> dict:
         # DP and CP ranks hold identical model/optimizer copies (after the optimizer's gather): rank 0 writes.
         "dp_rank": groups.dp_cp.rank, "world_size": groups.world.size, "rank": groups.world.rank,
         "distributed_optimizer": bool(config.parallel.use_distributed_optimizer),
+        "sharding_strategy": config.parallel.sharding_strategy,  # informational: every strategy saves one format
     }
 
 
@@ -147,7 +148,8 @@ def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_schedu
         if opt_param_scheduler is not None:
             common["opt_param_scheduler"] = opt_param_scheduler.state_dict()
         atomic_torch_save(common, os.path.join(tmp, COMMON_FILE))
-        saved_layout = {k: layout[k] for k in ("tp", "pp", "vp", "dp", "world_size", "distributed_optimizer")}
+        saved_layout = {k: layout[k] for k in ("tp", "pp", "vp", "dp", "world_size", "distributed_optimizer",
+                                                   "sharding_strategy")}
         metadata = build_metadata(iteration, consumed_samples, config.to_dict(), saved_layout,
                                   _merge_reports(reports), save_optim)
         atomic_write_text(os.path.join(tmp, METADATA_FILE), json.dumps(metadata, indent=1))

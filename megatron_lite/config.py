@@ -12,6 +12,7 @@ rule in pipeline/schedules.py, the parallel sizes here (check_parallel_sizes, al
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -145,6 +146,9 @@ class ModelConfig:
                   "Add --recompute-granularity full or drop it.")
 
 
+SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
+
+
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = arg(1, "Tensor model parallel size (TP).")
@@ -160,16 +164,45 @@ class ParallelConfig:
     distributed_backend: Optional[str] = arg(None, "torch.distributed backend (default nccl with CUDA, gloo otherwise).", choices=["nccl", "gloo"])
     distributed_timeout_minutes: float = arg(10.0, "Timeout of every collective, in minutes.")
     # Data-parallel gradient reduction (megatron_lite/distributed/ddp.py).
-    use_distributed_optimizer: bool = arg(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).", action="store_true")
+    use_distributed_optimizer: bool = arg(False, "Shard optimizer state over data-parallel ranks (ZeRO-1); the alias of --data-parallel-sharding-strategy optim.", action="store_true")
+    data_parallel_sharding_strategy: Optional[str] = arg(None, "What is sharded over data-parallel ranks: no_shard, optim (ZeRO-1, = --use-distributed-optimizer), optim_grads (ZeRO-2: also gradients), optim_grads_params (ZeRO-3: also parameters). Default: optim with --use-distributed-optimizer, else no_shard.", choices=list(SHARDING_STRATEGIES))
     overlap_grad_reduce: bool = arg(False, "Overlap gradient reduction with the last micro-batch's backward.", action="store_true")
     overlap_param_gather: bool = arg(False, "Overlap the distributed optimizer's parameter all-gather with the next forward.", action="store_true")
     ddp_bucket_size: Optional[int] = arg(None, "Elements per gradient bucket (default max(40M, 1M*DP)).")
     accumulate_allreduce_grads_in_fp32: bool = arg(False, "Accumulate and reduce gradients in fp32 (always on with --bf16).", action="store_true")
 
+    @property
+    def sharding_strategy(self) -> str:
+        """The effective --data-parallel-sharding-strategy (also before derive_defaults has run)."""
+        if self.data_parallel_sharding_strategy is not None:
+            return self.data_parallel_sharding_strategy
+        return "optim" if self.use_distributed_optimizer else "no_shard"
+
+    @property
+    def shards_grads(self) -> bool:
+        """ZeRO-2 and ZeRO-3: each DP rank keeps only its shard of the reduced gradients."""
+        return self.sharding_strategy in ("optim_grads", "optim_grads_params")
+
     def derive_defaults(self) -> list[str]:
+        notes = self._derive_sharding_strategy()
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             self.sequence_parallel = False  # Megatron turns it off too, silently; we say so
-            return ["--sequence-parallel turned off: with --tensor-model-parallel-size 1 there is nothing to split"]
+            notes.append("--sequence-parallel turned off: with --tensor-model-parallel-size 1 there is nothing to split")
+        return notes
+
+    def _derive_sharding_strategy(self) -> list[str]:
+        """--use-distributed-optimizer is the alias of strategy optim; every sharded strategy implies it."""
+        strategy = self.data_parallel_sharding_strategy
+        if strategy is None:
+            self.data_parallel_sharding_strategy = self.sharding_strategy
+            return []
+        if strategy == "no_shard" and self.use_distributed_optimizer:
+            _fail("--data-parallel-sharding-strategy", "no_shard contradicts --use-distributed-optimizer (= optim)",
+                  "Drop one of them, or use --data-parallel-sharding-strategy optim.")
+        if strategy != "no_shard" and not self.use_distributed_optimizer:
+            self.use_distributed_optimizer = True  # the optimizer states are sharded in every sharded strategy
+            return [f"--use-distributed-optimizer turned on: --data-parallel-sharding-strategy {strategy} shards "
+                    "the optimizer states"]
         return []
 
     def validate(self, cfg: "Config") -> None:
@@ -185,6 +218,9 @@ class ParallelConfig:
                   f"Use a sequence length that is a multiple of {2 * cp}.")
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             _fail("--overlap-param-gather", "needs --use-distributed-optimizer", "Add --use-distributed-optimizer or drop it.")
+        if self.sharding_strategy not in SHARDING_STRATEGIES:
+            _fail("--data-parallel-sharding-strategy", f"unknown {self.sharding_strategy!r}",
+                  f"Use one of {', '.join(SHARDING_STRATEGIES)}.")
 
     def validate_implemented(self, cfg: "Config") -> None:
         # The groups exist (parallel_state builds them, the self-check prints them), but no model code splits
@@ -193,6 +229,9 @@ class ParallelConfig:
             _fail("--context-parallel-size", f"{self.context_parallel_size}: context parallelism is not implemented "
                   "in the model yet", "Use --context-parallel-size 1 (sequence parallelism with TP also splits "
                   "activations along the sequence).")
+        if self.sharding_strategy == "optim_grads_params":
+            _fail("--data-parallel-sharding-strategy", "optim_grads_params (ZeRO-3, parameters sharded at rest) is "
+                  "not implemented yet", "Use optim_grads (ZeRO-2) or optim (ZeRO-1).")
         if self.expert_model_parallel_size > 1:
             _fail("--expert-model-parallel-size", f"{self.expert_model_parallel_size}: mixture-of-experts layers are "
                   "not implemented yet", "Use --expert-model-parallel-size 1.")
@@ -226,8 +265,14 @@ class OptimizerConfig:
     loss_scale_window: int = arg(1000, "Iterations without overflow before the scale grows.")
     hysteresis: int = arg(2, "Overflows tolerated before the scale is lowered.")
     use_fused_adam: bool = arg(True, "Disable fused/foreach Adam kernels.", flag="--no-fused-adam", action="store_false")
+    # Optimizer offload (optimizer/offload.py).
+    optimizer_cpu_offload: bool = arg(False, "Keep the fp32 main params and Adam moments of --optimizer-offload-fraction of this rank's shard in host memory (pinned on CUDA) and step them there with torch's CPU Adam.", action="store_true")
+    optimizer_offload_fraction: float = arg(1.0, "With --optimizer-cpu-offload or --optimizer-nvme-offload-dir: the fraction (0..1) of each rank's optimizer shard kept and stepped on the host (or on disk).")
+    optimizer_nvme_offload_dir: Optional[str] = arg(None, "Keep the offloaded fraction's fp32 main params and Adam moments in memory-mapped per-rank files under DIR (removed on a clean exit), stepped in chunks.")
+    optimizer_offload_chunk_mb: float = arg(64.0, "With --optimizer-nvme-offload-dir: MiB of parameters stepped at a time.")
 
     def validate(self, cfg: "Config") -> None:
+        self._validate_offload()
         if self.fp16 and self.bf16:
             _fail("--fp16/--bf16", "both given", "Choose one: --bf16 (recommended on Ampere and newer) or --fp16.")
         if self.loss_scale is not None and not self.fp16:
@@ -238,6 +283,27 @@ class OptimizerConfig:
             if self.lr_warmup_fraction is None and self.lr_warmup_iters >= decay_iters:
                 _fail("--lr-warmup-iters", f"{self.lr_warmup_iters} warm-up iterations do not fit in {decay_iters} decay "
                       "iterations (--lr-decay-iters, default --train-iters)", f"Use fewer than {decay_iters} warm-up iterations.")
+
+    def _validate_offload(self) -> None:
+        if not 0.0 <= self.optimizer_offload_fraction <= 1.0:
+            _fail("--optimizer-offload-fraction", f"{self.optimizer_offload_fraction} is outside [0, 1]",
+                  "Use a fraction between 0 (nothing offloaded) and 1 (the whole shard on the host).")
+        if self.optimizer_cpu_offload and self.optimizer != "adam":
+            _fail("--optimizer-cpu-offload", f"steps Adam on the host, not --optimizer {self.optimizer}",
+                  "Use --optimizer adam or drop --optimizer-cpu-offload.")
+        if self.optimizer_nvme_offload_dir is None:
+            return
+        flag = "--optimizer-nvme-offload-dir"
+        if self.optimizer != "adam":
+            _fail(flag, f"steps Adam from disk, not --optimizer {self.optimizer}", f"Use --optimizer adam or drop {flag}.")
+        if self.optimizer_offload_chunk_mb <= 0:
+            _fail("--optimizer-offload-chunk-mb", f"must be > 0, got {self.optimizer_offload_chunk_mb}", "Use e.g. 64.")
+        existing = self.optimizer_nvme_offload_dir
+        while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)  # the directory will be created under its nearest existing parent
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            _fail(flag, f"{self.optimizer_nvme_offload_dir!r} is not writable ({existing!r} is not a writable directory)",
+                  "Give a writable directory on a local disk.")
 
 
 @dataclass

@@ -41,6 +41,8 @@ def inference_config(load_dir: str, tp: int = 1, pp: int = 1, bf16: bool = False
     p.virtual_pipeline_model_parallel_size = p.num_layers_per_virtual_pipeline_stage = None
     p.decoder_first_pipeline_num_layers = p.decoder_last_pipeline_num_layers = None
     p.pipeline_schedule, p.use_distributed_optimizer, p.overlap_param_gather = "auto", False, False
+    p.data_parallel_sharding_strategy = None  # (a ZeRO-2 training run's strategy would turn the line above back on)
+    cfg.optimizer.optimizer_cpu_offload, cfg.optimizer.optimizer_nvme_offload_dir = False, None
     cfg.optimizer.bf16, cfg.optimizer.fp16, cfg.optimizer.loss_scale = bf16, fp16, None
     cfg.training.micro_batch_size, cfg.training.global_batch_size, cfg.training.rampup_batch_size = 1, pp, None
     cfg.checkpoint.load, cfg.checkpoint.no_load_optim, cfg.checkpoint.no_load_rng = load_dir, True, True

@@ -9,6 +9,9 @@ JSONL records (one object per logged iteration, one per evaluation), snake_case 
             elapsed_time_per_iteration_ms, tokens_per_sec, tokens_per_sec_per_device,
             tflops_per_device, mfu, mem_allocated_gb, mem_max_allocated_gb, timestamp
   evaluation: split ("valid" or "test"), iteration, consumed_samples, lm_loss, ppl, timestamp
+  memory (once, at start-up; the logging rank's own bytes): record = "memory", strategy, params, grads,
+            main_params, optimizer_states, host, disk, grads_peak, device_total, total, num_params,
+            bytes_per_param, device_bytes_per_param (optimizer/memory.py)
 """
 from __future__ import annotations
 
@@ -153,6 +156,20 @@ class MetricsLogger:
             parts += [f"number of skipped iterations: {skipped:3d}", f"number of nan iterations: {nan_iterations:3d}"]
             print(" | ".join(parts) + " |", flush=True)
             self._write(record, iteration, "train")
+        return record
+
+    def log_memory(self, report: dict, strategy: str) -> dict:
+        """The start-up memory report (optimizer/memory.py's memory_report): one console line, one JSONL record."""
+        record = {"record": "memory", "strategy": strategy, **report, "timestamp": time.time()}
+        if self.enabled:
+            parts = [f"strategy: {strategy}"]
+            parts += [f"{key}: {report[key] / 2**20:.2f} MiB" for key in
+                      ("params", "grads", "grads_peak", "main_params", "optimizer_states", "host", "disk", "total")]
+            parts += [f"bytes/param: {report['bytes_per_param']:.2f}",
+                      f"device bytes/param: {report['device_bytes_per_param']:.2f}"]
+            print("memory (this rank) | " + " | ".join(parts) + " |", flush=True)
+            if self.jsonl is not None:
+                self.jsonl.write(json.dumps(record) + "\n")
         return record
 
     def log_evaluation(self, split: str, iteration: int, consumed_samples: int, lm_loss: float) -> dict:

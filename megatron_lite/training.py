@@ -21,7 +21,7 @@ from megatron_lite.distributed.ddp import DistributedDataParallel
 from megatron_lite.distributed.finalize_model_grads import finalize_model_grads
 from megatron_lite.kernels.registry import select_kernels
 from megatron_lite.logging import MetricsLogger, print_rank_0
-from megatron_lite.optimizer import get_megatron_optimizer
+from megatron_lite.optimizer import get_megatron_optimizer, memory_report
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
 from megatron_lite.pipeline.runner import get_forward_backward_func
 from megatron_lite.pipeline.stages import build_model_chunks
@@ -272,6 +272,7 @@ def pretrain(config: Config, model_provider: Callable, forward_step_func: Callab
     if config.checkpoint.load:
         state.iteration, state.consumed_train_samples = load_checkpoint(model, optimizer, scheduler, config, groups=groups)
     _print_summary(config, model, groups)
+    logger.log_memory(memory_report(model, optimizer), config.parallel.sharding_strategy)
     run = _Run(config, groups, model, optimizer, scheduler, forward_step_func, logger, state, start_time, signals)
     run.data = build_data_iterators(config, datasets_provider, state.consumed_train_samples, len(model),
                                     run.eval_consumed(), groups)
@@ -279,6 +280,7 @@ def pretrain(config: Config, model_provider: Callable, forward_step_func: Callab
         run.train_and_evaluate()
     finally:
         logger.close()
+        optimizer.close()  # NVMe offload files (optimizer/nvme.py)
     shutdown()
     run.summary["iteration"] = state.iteration
     return run.summary

@@ -22,7 +22,7 @@ OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc-per-node 8 --master-port "${MASTER_
 $PY - <<'PY'
 import json
 records = [json.loads(line) for line in open("runs/quickstart/metrics.jsonl")]
-train = [r for r in records if "split" not in r]
+train = [r for r in records if "split" not in r and "record" not in r]
 print(f"quickstart done: lm loss {train[0]['lm_loss']:.3f} at iteration {train[0]['iteration']} -> "
       f"{train[-1]['lm_loss']:.3f} at iteration {train[-1]['iteration']}; checkpoint in checkpoints/quickstart")
 PY

@@ -9,6 +9,9 @@ Life of a gradient (Megatron-core's DistributedDataParallel):
    all-reduce (or reduce-scatter, with the distributed optimizer) starts asynchronously as soon as all
    its parameters are ready, while backward continues on earlier layers;
 4. `finish_grad_sync()` (from finalize_model_grads) starts whatever has not started and waits for all.
+Under ZeRO-2 (--data-parallel-sharding-strategy optim_grads) each bucket's full gradient exists only from
+its first gradient of a step to its reduce-scatter; afterwards each rank holds its shard (see
+param_and_grad_buffer.py for the accumulation rule and its cost).
 Gradients are pre-multiplied by 1/(DP x CP) so the summing collective yields the mean.
 """
 from __future__ import annotations
@@ -40,7 +43,8 @@ class DistributedDataParallel(ModelChunk):
         self.config = config
         parallel = config.parallel
         self.overlap_grad_reduce = parallel.overlap_grad_reduce
-        self.use_distributed_optimizer = parallel.use_distributed_optimizer
+        self.use_distributed_optimizer = parallel.sharding_strategy != "no_shard"
+        self.shard_grads = parallel.shards_grads  # ZeRO-2 (param_and_grad_buffer.py)
         self.overlap_param_gather = parallel.overlap_param_gather and self.use_distributed_optimizer
 
         # CP ranks see different tokens of the same samples, so their grads are averaged like DP's.
@@ -63,7 +67,7 @@ class DistributedDataParallel(ModelChunk):
             by_dtype.setdefault((param.dtype, grad_dtype), []).append(param)
         self._buffers: list[ParamAndGradBuffer] = [
             ParamAndGradBuffer(params, param_dtype, grad_dtype, bucket_size, self.dp_group, self.dp_size,
-                               self.dp_rank, self.use_distributed_optimizer, 1.0 / self.dp_size)
+                               self.dp_rank, self.use_distributed_optimizer, 1.0 / self.dp_size, self.shard_grads)
             for (param_dtype, grad_dtype), params in by_dtype.items()]
         self.buffer_of: dict[int, ParamAndGradBuffer] = {
             id(p): buffer for buffer in self._buffers for p in buffer.params}
@@ -87,7 +91,7 @@ class DistributedDataParallel(ModelChunk):
                 raise RuntimeError("a gradient arrived after its bucket's data-parallel reduction started: run every "
                                    "micro-batch but the last under ddp.no_sync(), and zero_grad_buffer() between steps")
             if param.grad is not None:
-                param.main_grad.add_(param.grad)
+                buffer.main_grad(param).add_(param.grad)
                 param.grad = None  # the buffer is the only copy: halves gradient memory
             if self.is_last_microbatch:
                 buffer.register_grad_ready(param, self.overlap_grad_reduce)

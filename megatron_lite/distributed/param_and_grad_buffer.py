@@ -7,6 +7,18 @@ bucket to fill is the first one reduced (this is what makes --overlap-grad-reduc
 
 Each bucket is padded to a multiple of the data-parallel size so reduce-scatter / all-gather split it
 into equal shards; the padding is zero and belongs to no parameter.
+
+ZeRO-2 (`shard_grads`, --data-parallel-sharding-strategy optim_grads): each bucket owns its full-size
+gradient tensor only while gradients accumulate into it. It is allocated when the bucket's first gradient
+of a step arrives, reduce-scattered into the bucket's persistent `grad_shard` (1/DP of it) once the last
+micro-batch's gradients are in, and freed when that reduce-scatter completes; `param.main_grad` then goes
+away and `param.main_grad_shard` (this rank's flat piece of the parameter's reduced gradient, possibly
+empty, starting at flat element `param.main_grad_shard_start`) takes its place. Accumulation rule (Megatron-FSDP's, not DeepSpeed's): a bucket keeps its full
+gradient until the last micro-batch, so a step communicates exactly what ZeRO-1 does (one reduce-scatter
+per bucket, whatever the number of micro-batches) and the transient peak is the full gradient buffer; at
+rest (optimizer step, between steps) only the shards remain. DeepSpeed's rule (reduce-scatter every
+micro-batch into the shard) would bound the transient to the buckets in flight but multiply the
+reduce-scatter volume by the number of micro-batches.
 """
 from __future__ import annotations
 
@@ -26,6 +38,7 @@ class Bucket:
     numel: int  # padded to a multiple of the DP size
     grad_data: torch.Tensor
     param_data: Optional[torch.Tensor]  # only with the distributed optimizer
+    grad_shard: Optional[torch.Tensor] = None  # ZeRO-2: this rank's reduced shard (persistent)
     params_with_grad: set = field(default_factory=set)  # ids of params whose last-microbatch grad is in
     grad_handle: Optional[object] = None
     param_handle: Optional[object] = None
@@ -45,7 +58,12 @@ class ParamAndGradBuffer:
 
     def __init__(self, params: list[torch.nn.Parameter], param_dtype: torch.dtype, grad_dtype: torch.dtype,
                  bucket_size: Optional[int], dp_group, dp_size: int, dp_rank: int,
-                 use_distributed_optimizer: bool, gradient_scaling_factor: float):
+                 use_distributed_optimizer: bool, gradient_scaling_factor: float, shard_grads: bool = False):
+        if shard_grads and not use_distributed_optimizer:
+            raise ValueError("ParamAndGradBuffer: shard_grads (ZeRO-2) needs use_distributed_optimizer")
+        self.shard_grads = shard_grads
+        self.device = _device(params)
+        self.peak_grad_bytes = 0  # the most gradient storage this buffer has held at once
         self.param_dtype, self.grad_dtype = param_dtype, grad_dtype
         self.dp_group, self.dp_size, self.dp_rank = dp_group, dp_size, dp_rank
         self.use_distributed_optimizer = use_distributed_optimizer
@@ -80,7 +98,8 @@ class ParamAndGradBuffer:
             close_bucket()
         self.numel = offset
 
-        self.grad_data = torch.zeros(self.numel, dtype=grad_dtype, device=_device(params))
+        # ZeRO-2 has no buffer-wide gradient: each bucket allocates its own while it accumulates.
+        self.grad_data = None if shard_grads else torch.zeros(self.numel, dtype=grad_dtype, device=self.device)
         self.param_data = None
         if use_distributed_optimizer:
             self.param_data = torch.zeros(self.numel, dtype=param_dtype, device=_device(params))
@@ -89,25 +108,86 @@ class ParamAndGradBuffer:
             if self.param_data is not None:
                 self.param_data[start:end].view(param.shape).copy_(param.data)
                 param.data = self.param_data[start:end].view(param.shape)
-            param.main_grad = self.grad_data[start:end].view(param.shape)
+            if self.grad_data is not None:
+                param.main_grad = self.grad_data[start:end].view(param.shape)
 
         self.buckets: list[Bucket] = []
         self.bucket_of: dict[int, Bucket] = {}
         for bucket_params, start, numel in bucket_plan:
-            bucket = Bucket(bucket_params, start, numel, self.grad_data[start:start + numel],
+            bucket = Bucket(bucket_params, start, numel,
+                            None if self.grad_data is None else self.grad_data[start:start + numel],
                             None if self.param_data is None else self.param_data[start:start + numel])
+            if shard_grads:
+                bucket.grad_shard = torch.zeros(numel // dp_size, dtype=grad_dtype, device=self.device)
             self.buckets.append(bucket)
             for param in bucket_params:
                 self.bucket_of[id(param)] = bucket
+        self._note_grad_bytes()
+
+    # ---- gradient storage ------------------------------------------------------------------------
+    def main_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The full-size gradient accumulator of `param` (ZeRO-2: allocates its bucket's on first use)."""
+        bucket = self.bucket_of[id(param)]
+        if bucket.grad_data is None:
+            self._materialize(bucket)
+        return param.main_grad
+
+    def _materialize(self, bucket: Bucket) -> None:
+        bucket.grad_data = torch.zeros(bucket.numel, dtype=self.grad_dtype, device=self.device)
+        for param in bucket.params:
+            start, end = self.param_index[id(param)]
+            param.main_grad = bucket.grad_data[start - bucket.offset:end - bucket.offset].view(param.shape)
+            param.main_grad_shard = None
+        self._note_grad_bytes()
+
+    def _release(self, bucket: Bucket) -> None:
+        """ZeRO-2, after the bucket's reduce-scatter: free the full gradient, point params at their shard piece."""
+        shard_start, shard_end = bucket.shard_range(self.dp_rank, self.dp_size)
+        shard_start, shard_end = shard_start + bucket.offset, shard_end + bucket.offset
+        bucket.grad_data = None
+        for param in bucket.params:
+            start, end = self.param_index[id(param)]
+            lo, hi = max(start, shard_start), min(end, shard_end)
+            lo, hi = (lo, hi) if lo < hi else (shard_start, shard_start)
+            param.main_grad = None
+            param.main_grad_shard = bucket.grad_shard[lo - shard_start:hi - shard_start]
+            param.main_grad_shard_start = lo - start  # where the piece starts in the flat parameter
+
+    def shard_grad(self, bucket: Bucket) -> torch.Tensor:
+        """This rank's reduced shard of the bucket's gradient (a view into the full bucket under ZeRO-1)."""
+        if self.shard_grads:
+            return bucket.grad_shard
+        start, end = bucket.shard_range(self.dp_rank, self.dp_size)
+        return bucket.grad_data[start:end]
+
+    def grad_bytes(self) -> int:
+        """Gradient storage held now: the whole buffer, or (ZeRO-2) the live bucket buffers plus the shards."""
+        if not self.shard_grads:
+            return self.grad_data.numel() * self.grad_data.element_size()
+        tensors = [b.grad_shard for b in self.buckets] + [b.grad_data for b in self.buckets if b.grad_data is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def full_grad_bytes(self) -> int:
+        """Bytes of the full (padded) gradient of this buffer: what one reduction of it moves."""
+        return self.numel * torch.empty((), dtype=self.grad_dtype).element_size()
+
+    def _note_grad_bytes(self) -> None:
+        self.peak_grad_bytes = max(self.peak_grad_bytes, self.grad_bytes())
 
     # ---- gradient reduction ----------------------------------------------------------------------
     def start_bucket_grad_sync(self, bucket: Bucket, async_op: bool) -> None:
         """Average the bucket's gradients over DP: all-reduce, or reduce-scatter into this rank's shard."""
         if bucket.grad_handle is not None:
             return
+        if bucket.grad_data is None:  # ZeRO-2: no gradient reached this bucket on this rank; it still takes part
+            self._materialize(bucket)
         if self.gradient_scaling_factor != 1.0:
             bucket.grad_data.mul_(self.gradient_scaling_factor)  # pre-divide: the sum is then the mean
-        if self.use_distributed_optimizer:
+        if self.shard_grads:  # the shard is separate storage: reduce straight into it, free the bucket after
+            work = collectives.reduce_scatter_tensor(bucket.grad_shard, bucket.grad_data, group=self.dp_group,
+                                                     async_op=True)
+            bucket.grad_handle = _CopyOnWait(work, None, None, on_done=lambda: self._release(bucket))
+        elif self.use_distributed_optimizer:
             start, end = bucket.shard_range(self.dp_rank, self.dp_size)
             # The shard is a view of the input; reduce into a scratch tensor and copy on completion so
             # no backend has to handle aliased input/output.
@@ -133,8 +213,14 @@ class ParamAndGradBuffer:
             self.start_bucket_grad_sync(bucket, async_op=True)
 
     def reset(self) -> None:
-        self.grad_data.zero_()
+        if self.grad_data is not None:
+            self.grad_data.zero_()
         for bucket in self.buckets:
+            if self.shard_grads:
+                bucket.grad_data = None
+                bucket.grad_shard.zero_()
+                for param in bucket.params:
+                    param.main_grad = param.main_grad_shard = None
             bucket.params_with_grad.clear()
             bucket.grad_handle = None
 
@@ -156,15 +242,19 @@ class ParamAndGradBuffer:
 
 
 class _CopyOnWait:
-    """An async handle that copies a scratch result into its destination once the collective is done."""
+    """An async handle that, once the collective is done, copies a scratch result into its destination
+    (when given) and runs `on_done` (when given)."""
 
-    def __init__(self, work, destination: torch.Tensor, scratch: torch.Tensor):
-        self.work, self.destination, self.scratch = work, destination, scratch
+    def __init__(self, work, destination: Optional[torch.Tensor], scratch: Optional[torch.Tensor], on_done=None):
+        self.work, self.destination, self.scratch, self.on_done = work, destination, scratch, on_done
 
     def wait(self) -> None:
         if self.work is not None:
             self.work.wait()
-            self.destination.copy_(self.scratch)
+            if self.destination is not None:
+                self.destination.copy_(self.scratch)
+            if self.on_done is not None:
+                self.on_done()
             self.work = None
 
 

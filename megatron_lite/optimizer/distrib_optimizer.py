@@ -49,7 +49,7 @@ def gather_parameter_state(model_chunks: list[ModelChunk], owned: list[OwnedSlic
     for chunk in model_chunks:
         names = {id(p): n for n, p in chunk.sharded_state().items()}
         for buffer in chunk.param_and_grad_buffers:
-            device = buffer.grad_data.device  # where the DP group communicates
+            device = buffer.device  # where the DP group communicates
             flats = {key: torch.zeros(buffer.numel, dtype=torch.float32, device=device) for key in keys}
             for param in buffer.params:
                 param_start, _ = buffer.param_index[id(param)]

@@ -24,6 +24,8 @@ from megatron_lite.optimizer.distrib_optimizer import gather_parameter_state, sh
 from megatron_lite.optimizer.clip_grads import (any_nonfinite, clip_grad_by_total_norm_fp32, count_zeros_fp32,
                                                 counts_toward_norm, get_grad_norm_fp32)
 from megatron_lite.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from megatron_lite.optimizer.nvme import NvmeStore
+from megatron_lite.optimizer.offload import build_host_adam, host_copy, split_for_offload
 from megatron_lite.process_groups import ProcessGroups
 
 
@@ -35,12 +37,29 @@ class MainParam:
     start: int  # flat slice [start, end) of the model parameter this main param covers
     end: int
     aliases_model: bool  # main is a view of the model parameter (fp32 params): no copy back needed
+    location: str = "device"  # where main and its optimizer states live: "device", "host" (CPU offload)
 
     def model_grad(self) -> Optional[torch.Tensor]:
+        shard = getattr(self.model_param, "main_grad_shard", None)
+        if shard is not None:  # ZeRO-2: the reduced piece of this rank's shard (which holds [start, end))
+            offset = self.model_param.main_grad_shard_start
+            return shard[self.start - offset:self.end - offset]
         grad = getattr(self.model_param, "main_grad", None)
         if grad is None:
             grad = self.model_param.grad
         return None if grad is None else grad.view(-1)[self.start:self.end]
+
+
+def _main_param(name: str, param: nn.Parameter, start: int, end: int, location: str) -> MainParam:
+    """The fp32 main copy of param's flat [start, end): a view for fp32 params on the device, a host copy
+    when offloaded (optimizer/offload.py), else an fp32 copy."""
+    flat = param.detach().view(-1)[start:end]
+    if location == "host":
+        return MainParam(name, param, host_copy(flat), start, end, False, location)
+    if location == "disk":  # NvmeStore maps its main (and fills it from the model) once every slice is known
+        return MainParam(name, param, None, start, end, False, location)
+    aliases = param.dtype == torch.float32
+    return MainParam(name, param, flat if aliases else flat.float(), start, end, aliases, location)
 
 
 class MegatronOptimizer:
@@ -51,7 +70,7 @@ class MegatronOptimizer:
         self.model_chunks: list[ModelChunk] = as_model_chunks(model_chunks)
         self.groups = groups or ProcessGroups.single()
         opt = config.optimizer
-        self.distributed = config.parallel.use_distributed_optimizer
+        self.distributed = config.parallel.sharding_strategy != "no_shard"
         if self.distributed and not all(c.shards_optimizer_state for c in self.model_chunks):
             raise ValueError("--use-distributed-optimizer: wrap every model chunk in DistributedDataParallel "
                              "built with the same config first")
@@ -62,34 +81,27 @@ class MegatronOptimizer:
             slices = (shard_slices(chunk) if self.distributed else
                       [(p, 0, p.numel()) for p in chunk.parameters() if p.requires_grad])
             for param, start, end in slices:
-                flat = param.detach().view(-1)[start:end]
-                aliases = param.dtype == torch.float32
-                main = flat if aliases else flat.float()  # .float() copies bf16/fp16
-                self.main_params.append(MainParam(names[id(param)], param, main, start, end, aliases))
-
-        # Weight decay only on matrices (2+ dims), never on biases or norm weights (Megatron, nanoGPT).
-        # wd_mult / lr_mult are what the LR scheduler multiplies in.
-        decay = [m.main for m in self.main_params if m.model_param.dim() >= 2]
-        no_decay = [m.main for m in self.main_params if m.model_param.dim() < 2]
-        groups = [{"params": decay, "wd_mult": 1.0, "lr_mult": 1.0, "weight_decay": opt.weight_decay},
-                  {"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0, "weight_decay": 0.0}]
-        foreach = bool(opt.use_fused_adam)
-        if opt.optimizer == "adam":
-            # TE/Apex FusedAdam, torch's fused or foreach AdamW (--no-fused-adam: the per-tensor loop);
-            # same update and state keys in all (kernels/adam.py).
-            device = self.main_params[0].main.device.type if self.main_params else None
-            self.adam_impl = select_adam_impl(opt.use_fused_adam, device, config.model.transformer_impl)
-            self.optimizer = build_adam(groups, self.adam_impl, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2),
-                                        eps=opt.adam_eps, weight_decay=opt.weight_decay)
-        elif opt.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.sgd_momentum,
-                                             weight_decay=opt.weight_decay, foreach=foreach)
-        else:
-            raise ValueError(f"--optimizer: unknown {opt.optimizer!r}. Use adam or sgd.")
-        self._state_keys = ("exp_avg", "exp_avg_sq") if opt.optimizer == "adam" else ("momentum_buffer",)
+                self.main_params.append(_main_param(names[id(param)], param, start, end, "device"))
+        # optimizer/offload.py: the first fraction of the shard lives and steps on the host (or on disk, nvme.py).
+        self.offload = "disk" if opt.optimizer_nvme_offload_dir else "host" if opt.optimizer_cpu_offload else None
+        if self.offload:
+            self.main_params = split_for_offload(self.main_params, opt.optimizer_offload_fraction, self.offload,
+                                                 lambda m, start, end, where: _main_param(m.name, m.model_param,
+                                                                                          start, end, where))
+        self.optimizer = self._build_inner([m for m in self.main_params if m.location == "device"])
+        self.host_optimizer = (self._build_inner([m for m in self.main_params if m.location == "host"], host=True)
+                               if self.offload == "host" else None)
+        self.nvme = None
+        if self.offload == "disk":
+            self.nvme = NvmeStore([m for m in self.main_params if m.location == "disk"], opt.optimizer_nvme_offload_dir,
+                                  self.groups.world.rank, opt.optimizer_offload_chunk_mb,
+                                  dict(lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps,
+                                       weight_decay=opt.weight_decay))
+        self.state_keys = ("exp_avg", "exp_avg_sq") if opt.optimizer == "adam" else ("momentum_buffer",)
         self.num_steps = 0
         for m in self.main_params:  # allocate states now: memory is visible up front, and set_parameter_state works
-            self._init_state(m.main)
+            if m.location != "disk":  # (the disk store made its own)
+                self._init_state(m)
 
         self.grad_scaler = None
         if opt.fp16:
@@ -101,16 +113,48 @@ class MegatronOptimizer:
         self._stat_groups = [self.groups.world] if self.distributed else [self.groups.mp]
         self._inf_groups = [self.groups.world]  # every TP / PP / DP rank skips an overflowing step together
 
+    def _build_inner(self, main_params: list[MainParam], host: bool = False) -> torch.optim.Optimizer:
+        """The torch optimizer over `main_params`: decay and no-decay groups (possibly empty)."""
+        opt = self.config.optimizer
+        # Weight decay only on matrices (2+ dims), never on biases or norm weights (Megatron, nanoGPT).
+        # wd_mult / lr_mult are what the LR scheduler multiplies in.
+        decay = [m.main for m in main_params if m.model_param.dim() >= 2]
+        no_decay = [m.main for m in main_params if m.model_param.dim() < 2]
+        groups = [{"params": decay, "wd_mult": 1.0, "lr_mult": 1.0, "weight_decay": opt.weight_decay},
+                  {"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0, "weight_decay": 0.0}]
+        hyper = dict(lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps, weight_decay=opt.weight_decay)
+        if host:
+            return build_host_adam(groups, **hyper)
+        if opt.optimizer == "adam":
+            # TE/Apex FusedAdam, torch's fused or foreach AdamW (--no-fused-adam: the per-tensor loop);
+            # same update and state keys in all (kernels/adam.py).
+            device = main_params[0].main.device.type if main_params else None
+            self.adam_impl = select_adam_impl(opt.use_fused_adam, device, self.config.model.transformer_impl)
+            return build_adam(groups, self.adam_impl, **hyper)
+        if opt.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.sgd_momentum, weight_decay=opt.weight_decay,
+                                   foreach=bool(opt.use_fused_adam))
+        raise ValueError(f"--optimizer: unknown {opt.optimizer!r}. Use adam or sgd.")
+
+    def _inner(self, m: MainParam) -> torch.optim.Optimizer:
+        return self.host_optimizer if m.location == "host" else self.optimizer
+
     # ---- the training-loop interface -------------------------------------------------------------
     @property
     def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
+        """Every param group (device, then host with --optimizer-cpu-offload): the LR scheduler sets them all."""
+        groups = list(self.optimizer.param_groups)
+        if self.host_optimizer is not None:
+            groups += self.host_optimizer.param_groups
+        if self.nvme is not None:
+            groups += self.nvme.param_groups
+        return groups
 
     def get_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
+        for group in self.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
 
     def get_loss_scale(self) -> torch.Tensor:
@@ -132,10 +176,13 @@ class MegatronOptimizer:
         Returns (update_successful, grad_norm, num_zeros_in_grad); the last two are None for a skipped step,
         and num_zeros_in_grad is None unless --log-num-zeros-in-grad.
         """
+        # fp32 gradient of each main param, on the device (offloaded slices go to the host only to step).
+        device_grads = {}
         for m in self.main_params:
             grad = m.model_grad()
-            m.main.grad = None if grad is None else (grad if grad.dtype == torch.float32 else grad.float())
-        grads = [m.main.grad for m in self.main_params if m.main.grad is not None]
+            if grad is not None:
+                device_grads[id(m)] = grad if grad.dtype == torch.float32 else grad.float()
+        grads = list(device_grads.values())
 
         if self.grad_scaler is not None:
             inv_scale = float(self.grad_scaler.inv_scale.item())
@@ -147,15 +194,23 @@ class MegatronOptimizer:
                 self._drop_main_grads()
                 return False, None, None
 
-        counted = [m.main.grad for m in self.main_params
-                   if m.main.grad is not None and counts_toward_norm(m.model_param, self.groups)]
+        counted = [device_grads[id(m)] for m in self.main_params
+                   if id(m) in device_grads and counts_toward_norm(m.model_param, self.groups)]
         grad_norm = get_grad_norm_fp32(counted, self._stat_groups)
         if self.config.optimizer.clip_grad > 0.0:
             clip_grad_by_total_norm_fp32(grads, self.config.optimizer.clip_grad, grad_norm)
         # Megatron counts zeros only on request: it is a full extra pass over every gradient.
         num_zeros = count_zeros_fp32(counted, self._stat_groups) if self.config.logging.log_num_zeros_in_grad else None
 
+        for m in self.main_params:  # host slices: the clipped gradient is copied to the host (offload.py)
+            grad = device_grads.get(id(m))
+            if m.location != "disk":  # (disk slices take their gradient chunk by chunk in nvme.step)
+                m.main.grad = None if grad is None else (grad if m.location == "device" else host_copy(grad))
         self.optimizer.step()
+        if self.host_optimizer is not None:
+            self.host_optimizer.step()
+        if self.nvme is not None:
+            self.nvme.step(device_grads, self.num_steps)
         self.num_steps += 1
         self._drop_main_grads()
         for m in self.main_params:
@@ -165,6 +220,11 @@ class MegatronOptimizer:
             for chunk in self.model_chunks:
                 chunk.start_param_sync()  # async with --overlap-param-gather: waited for in forward
         return True, grad_norm, num_zeros
+
+    def close(self) -> None:
+        """Release what outlives the process otherwise: the NVMe offload files (a clean exit does it too)."""
+        if self.nvme is not None:
+            self.nvme.close()
 
     def _drop_main_grads(self) -> None:
         # For fp32 params main is the parameter itself: a leftover .grad would be accumulated into by the
@@ -177,22 +237,23 @@ class MegatronOptimizer:
         return {"num_steps": self.num_steps,
                 "grad_scaler": None if self.grad_scaler is None else self.grad_scaler.state_dict(),
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]}
+        # (host groups, with offload, carry the same hyper-parameters as the device groups they mirror)
 
     def load_state_dict(self, state: dict) -> None:
         self.num_steps = state["num_steps"]
         if self.grad_scaler is not None and state.get("grad_scaler") is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
-        for group, saved in zip(self.optimizer.param_groups, state["param_groups"]):
-            group.update(saved)
+        for index, group in enumerate(self.param_groups):  # host groups mirror the device decay/no-decay pair
+            group.update(state["param_groups"][index % len(state["param_groups"])])
         for m in self.main_params:
-            if "step" in self.optimizer.state[m.main]:
-                self.optimizer.state[m.main]["step"].fill_(float(self.num_steps))
+            if m.location != "disk" and "step" in self._inner(m).state[m.main]:
+                self._inner(m).state[m.main]["step"].fill_(float(self.num_steps))
 
     def get_parameter_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """{global name: {"param": fp32 main param, "exp_avg", "exp_avg_sq" | "momentum_buffer"}}, each in the
         TP-local shape of the parameter. With the distributed optimizer the shards are all-gathered over DP
         (a collective: call on every DP rank) and EVERY DP rank returns the full dict."""
-        keys = ("param",) + self._state_keys
+        keys = ("param",) + self.state_keys
         if self.distributed:
             owned = [(m.model_param, m.start, m.end, lambda key, m=m: self.state_tensor(m, key)) for m in self.main_params]
             return gather_parameter_state(self.model_chunks, owned, keys)
@@ -204,7 +265,7 @@ class MegatronOptimizer:
         parameters get the (rounded) main values too, so model and main weights agree."""
         for m in self.main_params:
             for key, value in states.get(m.name, {}).items():
-                if key == "param" or key in self._state_keys:
+                if key == "param" or key in self.state_keys:
                     self.state_tensor(m, key).copy_(value.reshape(-1)[m.start:m.end].to(m.main.device))
             if not m.aliases_model:
                 m.model_param.detach().view(-1)[m.start:m.end].copy_(m.main)
@@ -221,13 +282,17 @@ class MegatronOptimizer:
 
     def state_tensor(self, m: MainParam, key: str) -> torch.Tensor:
         """The tensor behind state `key` ("param" = the fp32 main param, or an optimizer state) of `m`."""
-        return m.main if key == "param" else self.optimizer.state[m.main][key]
+        if m.location == "disk":
+            return self.nvme.state(m, key)
+        return m.main if key == "param" else self._inner(m).state[m.main][key]
 
-    def _init_state(self, main: torch.Tensor) -> None:
-        state = self.optimizer.state[main]
+    def _init_state(self, m: MainParam) -> None:
+        main = m.main
+        state = self._inner(m).state[main]
         if self.config.optimizer.optimizer == "adam":
             # torch's fused kernel wants the step on the parameter's device (others accept either).
-            step_device = main.device if getattr(self, "adam_impl", None) == "torch_fused" else None
+            fused = m.location == "host" or getattr(self, "adam_impl", None) == "torch_fused"
+            step_device = main.device if fused else None
             state["step"] = torch.tensor(float(self.num_steps), device=step_device)
             state["exp_avg"] = torch.zeros_like(main, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(main, memory_format=torch.preserve_format)

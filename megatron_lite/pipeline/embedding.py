@@ -15,6 +15,7 @@ from torch import nn
 
 from megatron_lite import collectives
 from megatron_lite.process_groups import ProcessGroups
+from megatron_lite.tensor_parallel.shard_spec import reduced_grad
 
 
 def shared_embedding_params(model_chunks: Iterable[nn.Module]) -> list[nn.Parameter]:
@@ -34,7 +35,7 @@ def allreduce_embedding_grads(model_chunks: Iterable[nn.Module], groups: Process
     if not params:  # untied embeddings: nothing is shared (both ends of the group agree)
         return
     param = params[0]
-    grad = getattr(param, "main_grad", None)
+    grad = reduced_grad(param)  # DDP's main_grad, its ZeRO-2 shard piece, or .grad
     if grad is None:
         if param.grad is None:  # e.g. no backward reached it; the peer still expects our contribution
             param.grad = torch.zeros_like(param)

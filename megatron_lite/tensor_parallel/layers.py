@@ -18,7 +18,7 @@ from megatron_lite.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region)
-from megatron_lite.tensor_parallel.shard_spec import ShardSpec, set_shard_spec
+from megatron_lite.tensor_parallel.shard_spec import ShardSpec, reduced_grad, set_shard_spec
 from megatron_lite.tensor_parallel.utils import pad_vocab_size, set_init
 
 _ONE_RANK = Group.single("tp")
@@ -177,16 +177,15 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_start: int, vocab_size: int) -
 
 def allreduce_sequence_parallel_grads(model_chunks: Iterable[nn.Module], tp_group: Group) -> None:
     """All-reduce over TP the grads of parameters replicated over TP but fed only part of the sequence
-    (norm weights, row-parallel biases, under sequence parallelism). Uses .main_grad when DDP keeps
-    grads there. One coalesced all-reduce."""
+    (norm weights, row-parallel biases, under sequence parallelism). Uses shard_spec.reduced_grad
+    (DDP's main_grad, or its ZeRO-2 shard piece). One coalesced all-reduce."""
     if tp_group.size == 1:
         return
     grads = []
     for chunk in model_chunks:
         for param in chunk.parameters():
             if getattr(param, "sequence_parallel", False) and param.requires_grad:
-                grad = getattr(param, "main_grad", None)
-                grad = param.grad if grad is None else grad
+                grad = reduced_grad(param)
                 if grad is not None:
                     grads.append(grad)
     if not grads:

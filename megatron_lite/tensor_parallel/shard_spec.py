@@ -112,3 +112,15 @@ def shard_spec_of(param: torch.Tensor) -> ShardSpec:
 
 def set_shard_spec(param: torch.Tensor, spec: ShardSpec) -> None:
     param.shard_spec = spec
+
+
+def reduced_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """The gradient of `param` that this rank holds and later reductions (sequence-parallel, tied embedding)
+    act on: under ZeRO-2 the flat piece of it in this rank's DP shard (`main_grad_shard`, set once DDP's
+    reduce-scatter is done; equal pieces on every rank of a TP or embedding group, whose buffers share one
+    layout), else DDP's `main_grad`, else autograd's `.grad`."""
+    for attribute in ("main_grad_shard", "main_grad", "grad"):
+        grad = getattr(param, attribute, None)
+        if grad is not None:
+            return grad
+    return None

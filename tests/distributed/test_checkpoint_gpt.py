@@ -2,6 +2,8 @@
 
 1. TP2 x DP2 with the distributed optimizer -> TP1 x DP4 (plain optimizer) and TP4 x DP1 (distributed):
    every parameter and optimizer state equals, exactly, the saved one rebuilt in the test process;
+   across sharding strategies: ZeRO-2 DP4 with half the optimizer offloaded to the host -> ZeRO-1 TP2 x DP2
+   and ZeRO-2 TP2 x DP2 fully offloaded -> no sharding on one process, optimizer state included;
 2. one process, fp32 with dropout: save, continue, reload, continue -> bitwise identical (RNG included);
    and the TP2 x DP2 distributed-optimizer checkpoint loads into TP1 x DP1 with the plain optimizer;
 3. bf16 with --no-load-optim: the fp32 main weights follow the loaded bf16 weights.
@@ -24,7 +26,8 @@ from megatron_lite.training import build_lr_scheduler
 SEQ, VOCAB, GLOBAL_BATCH = 8, 50, 4
 
 
-def _config(world: int, tp: int, dist_opt: bool, dropout: float = 0.0, bf16: bool = False, **checkpoint) -> Config:
+def _config(world: int, tp: int, dist_opt: bool, dropout: float = 0.0, bf16: bool = False, strategy: str | None = None,
+            offload: float | None = None, **checkpoint) -> Config:
     cfg = Config(world_size=world)
     m = cfg.model
     m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 16, 4, SEQ
@@ -35,6 +38,9 @@ def _config(world: int, tp: int, dist_opt: bool, dropout: float = 0.0, bf16: boo
     cfg.training.micro_batch_size = GLOBAL_BATCH // (world // tp)
     cfg.training.global_batch_size, cfg.training.train_iters = GLOBAL_BATCH, 10
     cfg.optimizer.lr, cfg.optimizer.lr_warmup_iters, cfg.optimizer.bf16 = 1e-2, 2, bf16
+    cfg.parallel.data_parallel_sharding_strategy = strategy
+    if offload is not None:
+        cfg.optimizer.optimizer_cpu_offload, cfg.optimizer.optimizer_offload_fraction = True, offload
     for key, value in checkpoint.items():
         setattr(cfg.checkpoint, key, value)
     return cfg.validate()
@@ -164,3 +170,44 @@ def test_gpt_distributed_optimizer_reshard_and_fp32_resume(tmp_path):
     assert one["resume_result"] == (2, 8)
     toys.assert_same_states(one["reference"], one["resumed"])
     assert one["bf16_result"] == (2, 8) and one["bf16_main_follows"] and one["bf16_steps"] == 0
+
+
+def _strategies_four_ranks(directory: str) -> dict:
+    cfg = _config(4, 1, True, strategy="optim_grads", offload=0.5, save=directory)
+    ddp, optimizer, scheduler = _setup(cfg)
+    for step in range(2):
+        _train_step(ddp, optimizer, scheduler, step)
+    save_checkpoint(2, [ddp], optimizer, scheduler, 2 * GLOBAL_BATCH, cfg)
+    out = {"saved": _state(ddp, optimizer, scheduler)}
+    ps.destroy_model_parallel()
+    for key, kwargs in {"zero1_tp2_dp2": {"strategy": "optim"},
+                        "zero2_offload_tp2_dp2": {"strategy": "optim_grads", "offload": 1.0}}.items():
+        cfg = _config(4, 2, True, load=directory, **kwargs)
+        ddp, optimizer, scheduler = _setup(cfg)
+        out[key + "_result"] = load_checkpoint([ddp], optimizer, scheduler, cfg)
+        out[key] = _state(ddp, optimizer, scheduler)
+        _train_step(ddp, optimizer, scheduler, 2)  # and it trains on from there
+        ps.destroy_model_parallel()
+    return out
+
+
+def _strategies_one_rank(directory: str) -> dict:
+    cfg = _config(1, 1, False, load=directory, strategy="no_shard")
+    ddp, optimizer, scheduler = _setup(cfg)
+    return {"result": load_checkpoint([ddp], optimizer, scheduler, cfg), "state": _state(ddp, optimizer, scheduler)}
+
+
+def test_checkpoint_reshards_across_sharding_strategies_and_offload(tmp_path):
+    directory = str(tmp_path / "zero2_dp4")
+    results = run_distributed(_strategies_four_ranks, 4, directory=directory)
+    saved = results[0]["saved"]  # TP1: each DP rank's gathered state is the full state
+    meta = saved["meta"]
+    full, full_optim = saved["model"], saved["optim"]
+    for out in results:
+        assert torch.equal(out["saved"]["model"]["embedding.word_embeddings.weight"], full["embedding.word_embeddings.weight"])
+        for layout in ("zero1_tp2_dp2", "zero2_offload_tp2_dp2"):
+            assert out[layout + "_result"] == (2, 2 * GLOBAL_BATCH)
+            _check_against_full(out[layout], full, full_optim, saved)
+    (one,) = run_distributed(_strategies_one_rank, 1, directory=directory)
+    assert one["result"] == (2, 2 * GLOBAL_BATCH) and set(one["state"]["meta"]) == set(meta)
+    _check_against_full(one["state"], full, full_optim, saved)

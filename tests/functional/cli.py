@@ -58,7 +58,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def train_losses(records: list[dict]) -> dict[int, float]:
-    return {r["iteration"]: r["lm_loss"] for r in records if "split" not in r}
+    return {r["iteration"]: r["lm_loss"] for r in records if "split" not in r and "record" not in r}
 
 
 def start(nproc: int, args: list[str], tmp: Path, name: str) -> tuple[subprocess.Popen, Path]:

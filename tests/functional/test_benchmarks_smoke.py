@@ -24,3 +24,8 @@ def test_bench_vs_reference_runs() -> None:
     out = _run("bench_vs_reference.py", "--layers", "1", "--hidden", "32", "--heads", "2", "--seq", "16", "--batch", "2",
                "--vocab", "128", "--warmup", "1", "--steps", "1", "--dtype", "fp32")
     assert "| fp32 |" in out and "cross_entropy=fused_linear" in out
+
+
+def test_bench_zero_runs() -> None:
+    out = _run("bench_zero.py", "--world", "2", "--layers", "1", "--hidden", "64", "--steps", "1")
+    assert "| ZeRO-2 (optim_grads) |" in out and "| ZeRO-2 + NVMe offload 1.0 |" in out and "Largest model" in out

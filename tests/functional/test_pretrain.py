@@ -46,6 +46,18 @@ def test_3d_layouts_match_single_process(reference, tmp_path, name, nproc, flags
     assert_same_losses(train_losses(records), reference["llama" if "llama" in name else "gpt2"])
 
 
+def test_zero2_with_nvme_offload_matches_single_process_and_cleans_up(reference, tmp_path):
+    nvme = tmp_path / "nvme"
+    records, output = run(2, [*TINY, *ITERS, "--data-parallel-sharding-strategy", "optim_grads", "--overlap-grad-reduce",
+                              "--optimizer-nvme-offload-dir", str(nvme), "--optimizer-offload-fraction", "0.5"],
+                          tmp_path, "zero2_nvme")
+    assert_same_losses(train_losses(records), reference["gpt2"])
+    (memory,) = [r for r in records if r.get("record") == "memory"]
+    assert memory["strategy"] == "optim_grads" and memory["disk"] > 0 and memory["host"] == 0
+    assert "memory (this rank) | strategy: optim_grads" in output
+    assert nvme.is_dir() and not list(nvme.iterdir()), "NVMe offload files left after a clean exit"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,nproc,flags", [
     ("tp4_sp", 4, ["--tensor-model-parallel-size", "4", "--sequence-parallel"]),
@@ -108,7 +120,7 @@ def test_sigterm_saves_and_exits_zero_and_eval_only(tmp_path):
     assert "exiting at iteration" in output and "SIGTERM" in output
     saved = int((save / "latest_checkpointed_iteration.txt").read_text())
     records = read_jsonl(metrics)
-    logged = [r["iteration"] for r in records if "split" not in r]
+    logged = [r["iteration"] for r in records if "split" not in r and "record" not in r]
     assert logged == list(range(1, len(logged) + 1)) and saved == logged[-1]
 
     evals, output = run(1, [*TINY, "--train-iters", "100000", "--load", str(save), "--skip-train", "--eval-iters", "2"],
@@ -171,7 +183,12 @@ def test_tensorboard_and_offline_wandb(tmp_path):
                               "--wandb-save-dir", str(tmp_path / "wb")], tmp_path, "sinks")
     keys = {"iteration", "consumed_samples", "lm_loss", "learning_rate", "grad_norm", "loss_scale",
             "elapsed_time_per_iteration_ms", "tokens_per_sec", "tflops_per_device", "mfu"}
-    train = [r for r in records if "split" not in r]
+    train = [r for r in records if "split" not in r and "record" not in r]
     assert [r["iteration"] for r in train] == [1, 2, 3] and all(keys <= r.keys() for r in train)
+    memory = [r for r in records if r.get("record") == "memory"]  # once, before the first step
+    assert len(memory) == 1 and records.index(memory[0]) == 0, records[:2]
+    parts = ("params", "grads", "main_params", "optimizer_states", "host", "disk")
+    assert memory[0]["strategy"] == "no_shard" and memory[0]["total"] == sum(memory[0][k] for k in parts) > 0
+    assert "memory (this rank) | strategy: no_shard" in output
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))

@@ -252,11 +252,14 @@ def _optimizer_and_ddp_sites(groups: ProcessGroups) -> None:
     get_grad_norm_fp32([], [groups.mp])  # a rank without gradients
     count_zeros_fp32(grads, [groups.mp])
     any_nonfinite(grads, [groups.world])
-    for distributed in (False, True):
-        cfg = _config(use_distributed_optimizer=distributed, ddp_bucket_size=10)
+    for strategy in ("no_shard", "optim", "optim_grads"):
+        distributed = strategy != "no_shard"
+        cfg = _config(use_distributed_optimizer=distributed, data_parallel_sharding_strategy=strategy, ddp_bucket_size=10)
         cfg.world_size = 4 * 2  # DP x CP = 2 with TP = PP = 2
         ddp = DistributedDataParallel(cfg, torch.nn.Linear(4, 4, device=DEVICE), groups=groups)
-        ddp.finish_grad_sync()  # all-reduce, or reduce-scatter
+        ddp.finish_grad_sync()  # all-reduce, or reduce-scatter (ZeRO-2: into the separate shard, bucket freed)
+        if strategy == "optim_grads":
+            assert all(b.grad_data is None for buffer in ddp.param_and_grad_buffers for b in buffer.buckets)
         if distributed:
             ddp.start_param_sync()
             owned = [(param, start, end, lambda key, n=end - start: _meta(n)) for param, start, end in shard_slices(ddp)]

@@ -25,6 +25,21 @@ def test_defaults_and_derived_fields():
     assert c.parallel.virtual_pipeline_model_parallel_size == 2
 
 
+def test_sharding_strategy_and_its_alias():
+    assert cfg().parallel.data_parallel_sharding_strategy == "no_shard"
+    c = cfg("--use-distributed-optimizer")
+    assert c.parallel.data_parallel_sharding_strategy == "optim" and c.parallel.sharding_strategy == "optim"
+    for strategy in ("optim", "optim_grads"):
+        c = cfg("--data-parallel-sharding-strategy", strategy)
+        assert c.parallel.use_distributed_optimizer and c.parallel.sharding_strategy == strategy
+        assert c.parallel.shards_grads == (strategy == "optim_grads")
+    c = cfg("--data-parallel-sharding-strategy", "optim_grads", "--use-distributed-optimizer", "--overlap-param-gather")
+    assert c.parallel.overlap_param_gather and c.parallel.shards_grads
+    assert any("--use-distributed-optimizer turned on" in n for n in cfg("--data-parallel-sharding-strategy", "optim_grads").notes)
+    with pytest.raises(SystemExit):  # argparse refuses an unknown strategy, listing the choices
+        cfg("--data-parallel-sharding-strategy", "zero2")
+
+
 @pytest.mark.parametrize("flags,world,needle", [
     (["--tensor-model-parallel-size", "3"], 8, "--tensor-model-parallel-size/--pipeline-model-parallel-size"),
     (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "8"], 8, "not divisible by TP x PP x CP"),
@@ -59,6 +74,12 @@ def test_defaults_and_derived_fields():
     (["--expert-model-parallel-size", "2"], 8, "mixture-of-experts layers are not implemented"),
     (["--decoder-first-pipeline-num-layers", "1"], 8, "needs --pipeline-model-parallel-size > 1"),
     (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "5"], 8, "do not add up"),
+    (["--use-distributed-optimizer", "--data-parallel-sharding-strategy", "no_shard"], 8,
+     "--data-parallel-sharding-strategy: no_shard contradicts --use-distributed-optimizer"),
+    (["--data-parallel-sharding-strategy", "optim_grads_params"], 8, "--data-parallel-sharding-strategy: optim_grads_params"),
+    (["--optimizer-cpu-offload", "--optimizer-offload-fraction", "1.5"], 8, "--optimizer-offload-fraction: 1.5 is outside [0, 1]"),
+    (["--optimizer-cpu-offload", "--optimizer-offload-fraction", "-0.1"], 8, "--optimizer-offload-fraction: -0.1"),
+    (["--optimizer-cpu-offload", "--optimizer", "sgd"], 8, "--optimizer-cpu-offload: steps Adam on the host"),
 ])
 def test_invalid_configurations_fail_with_named_flag(flags, world, needle):
     with pytest.raises(ConfigError) as info:
@@ -134,3 +155,23 @@ def test_sections_validate_themselves_and_derive_defaults_is_separate():
     c.parallel.tensor_model_parallel_size = 16
     with pytest.raises(ConfigError, match="--num-attention-heads: 8 heads are not divisible"):
         c.model.validate(c)
+
+
+def test_inference_and_conversion_drop_training_only_sharding_and_offload(tmp_path, monkeypatch):
+    """A ZeRO-2 + NVMe-offload training config, read back from a checkpoint, neither re-enables the
+    distributed optimizer for inference nor checks a scratch directory of the training machine."""
+    import types
+    from megatron_lite import inference
+    from tools.checkpoint.convert import target_config
+    trained = cfg("--data-parallel-sharding-strategy", "optim_grads", "--optimizer-cpu-offload",
+                  "--optimizer-nvme-offload-dir", str(tmp_path / "nvme"), "--vocab-size", "128", world=2)
+    values = trained.to_dict()
+    (tmp_path / "a_file").write_text("")  # another machine's scratch path, unusable here (under a file)
+    values["optimizer"]["optimizer_nvme_offload_dir"] = str(tmp_path / "a_file" / "x")
+    monkeypatch.setattr(inference, "CheckpointReader", lambda load_dir: types.SimpleNamespace(config=values))
+    infer = inference.inference_config(str(tmp_path))
+    assert infer.parallel.sharding_strategy == "no_shard" and not infer.parallel.use_distributed_optimizer
+    assert not infer.optimizer.optimizer_cpu_offload and infer.optimizer.optimizer_nvme_offload_dir is None
+    converted = target_config(values, 1, 1, None)
+    assert converted["optimizer"]["optimizer_nvme_offload_dir"] is None
+    assert converted["parallel"]["data_parallel_sharding_strategy"] == "optim_grads"

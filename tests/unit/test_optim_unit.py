@@ -100,3 +100,45 @@ def test_lr_get_set_and_loss_scale_identity():
     assert opt.get_lr() == 0.5 and all(g["lr"] == 0.5 for g in opt.param_groups)
     loss = torch.tensor(2.0)
     assert opt.scale_loss(loss) is loss and opt.get_loss_scale().item() == 1.0
+
+
+def test_nvme_offload_refuses_a_full_or_unwritable_dir_before_any_step(tmp_path, monkeypatch):
+    import shutil
+    from megatron_lite.config import ConfigError
+    model, cfg = model_and_config()
+    cfg.optimizer.optimizer_nvme_offload_dir = str(tmp_path / "nvme")
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1000))
+    with pytest.raises(ConfigError, match="--optimizer-nvme-offload-dir: .* MiB free, this rank needs"):
+        get_megatron_optimizer(cfg, [model])
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+    (tmp_path / "a_file").write_text("x")
+    cfg.optimizer.optimizer_nvme_offload_dir = str(tmp_path / "a_file" / "nvme")  # under a file: not creatable
+    with pytest.raises(ConfigError, match="--optimizer-nvme-offload-dir: .* is not writable"):
+        cfg.validate()
+    cfg.optimizer.optimizer_offload_chunk_mb = 0
+    cfg.optimizer.optimizer_nvme_offload_dir = str(tmp_path / "nvme")
+    with pytest.raises(ConfigError, match="--optimizer-offload-chunk-mb: must be > 0"):
+        cfg.validate()
+
+
+def test_nvme_offload_steps_like_the_device_and_removes_its_files_on_a_clean_exit(tmp_path):
+    import subprocess
+    import sys
+    model, cfg = model_and_config(clip=0.5)
+    reference = copy.deepcopy(model)
+    run_steps(reference, get_megatron_optimizer(cfg, [reference]))
+    cfg.optimizer.optimizer_nvme_offload_dir = str(tmp_path / "nvme")
+    cfg.optimizer.optimizer_offload_chunk_mb = 40 / 2**20  # 10-element chunks: every tensor is stepped in pieces
+    opt = get_megatron_optimizer(cfg, [model])
+    run_steps(model, opt)
+    for (name, got), want in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert memory_report([model], opt)["disk"] == 12 * sum(p.numel() for p in model.parameters())
+    # A clean interpreter exit without close() removes the files too (weakref.finalize at exit).
+    script = ("import torch; from torch import nn; from megatron_lite.config import Config; "
+              "from megatron_lite.optimizer import get_megatron_optimizer; cfg = Config(); "
+              f"cfg.optimizer.optimizer_nvme_offload_dir = {str(tmp_path / 'exit')!r}; "
+              "opt = get_megatron_optimizer(cfg, [nn.Linear(4, 4)]); print(opt.nvme.path)")
+    path = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+    assert path.startswith(str(tmp_path / "exit")) and not __import__("os").path.exists(path)

@@ -134,6 +134,8 @@ def target_config(config: dict, tp: int, pp: int, vp: Optional[int]) -> dict:
     values["world_size"] = tp * pp
     values.setdefault("training", {})["global_batch_size"] = None  # the old one may not fit DP = 1 x PP
     values["training"]["rampup_batch_size"] = None
+    # A machine-local scratch path, not part of the checkpoint (and validate() checks it is writable here).
+    values.setdefault("optimizer", {})["optimizer_nvme_offload_dir"] = None
     try:
         cfg = Config.from_dict(values)
         cfg.training.global_batch_size = cfg.training.micro_batch_size * pp
