@@ -207,6 +207,20 @@ def prepare_tmp_dir(save_dir: str, iteration: int) -> str:
     return tmp
 
 
+def remove_stale_tmp_dirs(save_dir: str) -> list[str]:
+    """Remove every `iter_N.tmp` under `save_dir`: what a save killed midway left behind (never loaded:
+    only a published `iter_N` counts). Call only while no save of this job is in flight."""
+    removed = []
+    if not os.path.isdir(save_dir):
+        return removed
+    for entry in sorted(os.listdir(save_dir)):
+        path = os.path.join(save_dir, entry)
+        if entry.startswith("iter_") and entry.endswith(".tmp") and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def publish(save_dir: str, iteration: int) -> str:
     """Rename the finished `iter_N.tmp` to `iter_N`, then point the tracker at it.
 

@@ -30,7 +30,7 @@ from megatron_lite import collectives, parallel_state
 from megatron_lite.checkpoint_io import (COMMON_FILE, EMBEDDING_NAME, METADATA_FILE, CheckpointError,
                                          CheckpointReader, ParamMeta, atomic_torch_save, atomic_write_text,
                                          build_metadata, is_tied_copy, iteration_dir_name, model_file, optim_file, optim_name,
-                                         param_meta_of, prepare_tmp_dir, publish, read_tracker, rng_file,
+                                         param_meta_of, prepare_tmp_dir, publish, read_tracker, remove_stale_tmp_dirs, rng_file,
                                          strip_wrapper_prefix)
 from megatron_lite.distributed.model_chunk import as_model_chunks
 from megatron_lite.process_groups import ProcessGroups
@@ -117,6 +117,7 @@ def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_schedu
     tmp = os.path.join(save_dir, f"iter_{iteration:07d}.tmp")
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
+        _remove_stale_tmp_dirs(save_dir)
         tmp = prepare_tmp_dir(save_dir, iteration)
     collectives.barrier(groups.world)
 
@@ -159,6 +160,11 @@ def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_schedu
     return final
 
 
+def _remove_stale_tmp_dirs(save_dir: str) -> None:
+    for path in remove_stale_tmp_dirs(save_dir):
+        print(f"removed {path}: an unfinished save (the job died while writing it)", flush=True)
+
+
 def _merge_reports(reports: list[dict]) -> dict[str, ParamMeta]:
     """Combine every rank's parameters into one entry per global name, with its files in TP order."""
     merged: dict[str, ParamMeta] = {}
@@ -193,6 +199,8 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
             raise CheckpointError(f"--ckpt-step {ckpt.ckpt_step}: {load_dir} holds no checkpoint. "
                                   "Pick an iteration that exists under --load.")
     groups = _groups(groups)
+    if groups.world.rank == 0 and ckpt.save and os.path.abspath(ckpt.save) == os.path.abspath(load_dir):
+        _remove_stale_tmp_dirs(load_dir)  # before any rank of this job saves
     if read_tracker(load_dir) is None and not os.path.isfile(os.path.join(load_dir, METADATA_FILE)):
         if groups.world.rank == 0:
             warnings.warn(f"no checkpoint in {load_dir} (no latest_checkpointed_iteration.txt): starting from scratch.")

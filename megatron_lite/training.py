@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from megatron_lite import collectives, parallel_state as ps
+from megatron_lite import collectives, fault_injection, parallel_state as ps
 from megatron_lite.checkpointing import load_checkpoint, save_checkpoint
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.distributed.ddp import DistributedDataParallel
@@ -328,6 +328,7 @@ class _Run:
         window_start, window_iters = time.time(), 0
         while state.iteration < total_iters:
             self.batches.update(state.consumed_train_samples)
+            fault_injection.maybe_kill(state.iteration + 1, self.groups.world.rank)
             loss, ok, grad_norm, num_zeros = train_step(
                 config, self.forward_step_func, train_data, self.model, self.optimizer, self.scheduler,
                 self.batches.num_microbatches, self.batches.global_batch_size, self.groups)
