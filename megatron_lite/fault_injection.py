@@ -3,9 +3,9 @@
 MEGATRON_LITE_TEST_KILL="RANK:ITERATION"  global rank RANK SIGKILLs itself when it is about to run
                                           ITERATION, on torchrun's first attempt only (so a restarted
                                           attempt runs through): a node lost mid-run.
-MEGATRON_LITE_TEST_NAN="ITERATION[:RANK]" at ITERATION (every attempt) rank RANK (default 0) turns its
-                                          loss into NaN before backward, so both the loss and the grads
-                                          of that step are non-finite: a numerical blow-up on one rank.
+MEGATRON_LITE_TEST_NAN="ITERATION[:RANK]" at ITERATION (every attempt) rank RANK (default 0, a last
+                                          pipeline stage) turns its loss into NaN before backward, so both
+                                          the loss and the grads of that step are non-finite.
 Each reads its variable once per call and costs nothing when it is unset.
 """
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import signal
 from typing import Optional
-
-import torch
 
 KILL_ENV = "MEGATRON_LITE_TEST_KILL"
 NAN_ENV = "MEGATRON_LITE_TEST_NAN"
@@ -40,12 +38,18 @@ def maybe_kill(iteration: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def maybe_poison_loss(loss: torch.Tensor, iteration: int, rank: int) -> torch.Tensor:
-    """loss * NaN if MEGATRON_LITE_TEST_NAN names this iteration (and rank, default 0)."""
+def poison_forward_step(forward_step_func, iteration: int, rank: int):
+    """forward_step_func, or (at MEGATRON_LITE_TEST_NAN's iteration and rank) a wrapper whose loss function
+    returns its loss (and the reported 'lm loss') times NaN, before backward."""
     target = _parse(NAN_ENV)
-    if target is None:
-        return loss
-    nan_iteration, nan_rank = (target + (0,))[:2]
-    if (iteration, rank) != (nan_iteration, nan_rank):
-        return loss
-    return loss * float("nan")
+    if target is None or (iteration, rank) != (target + (0,))[:2]:
+        return forward_step_func
+
+    def poisoned(*args, **kwargs):
+        output, loss_func = forward_step_func(*args, **kwargs)
+
+        def poisoned_loss(*loss_args, **loss_kwargs):
+            loss, reported = loss_func(*loss_args, **loss_kwargs)
+            return loss * float("nan"), {key: value * float("nan") for key, value in reported.items()}
+        return output, poisoned_loss
+    return poisoned

@@ -109,3 +109,12 @@ def test_config_round_trips_through_dict():
     c = cfg("--tensor-model-parallel-size", "2", "--bf16")
     again = Config.from_dict(c.to_dict())
     assert again == c
+
+
+def test_nan_check_flags_megatron_spelling_both_forms():
+    assert parse([]).training.check_for_nan_in_loss_and_grad is True  # on by default, as in Megatron
+    assert parse(["--no-check-for-nan-in-loss-and-grad"]).training.check_for_nan_in_loss_and_grad is False
+    assert parse(["--check-for-nan-in-loss-and-grad"]).training.check_for_nan_in_loss_and_grad is True
+    assert parse([]).training.on_nan == "exit" and parse(["--on-nan", "skip"]).training.on_nan == "skip"
+    with pytest.raises(SystemExit):
+        parse(["--on-nan", "ignore"])
