@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ import torch
 from megatron_lite import collectives, parallel_state
 from megatron_lite.checkpoint_io import (COMMON_FILE, EMBEDDING_NAME, METADATA_FILE, CheckpointError,
                                          CheckpointReader, ParamMeta, atomic_torch_save, atomic_write_text,
-                                         build_metadata, is_tied_copy, iteration_dir_name, model_file, optim_file, optim_name,
+                                         build_metadata, file_records, is_tied_copy, iteration_dir_name, model_file, optim_file, optim_name,
                                          param_meta_of, prepare_tmp_dir, publish, read_tracker, remove_stale_tmp_dirs, rng_file,
                                          strip_wrapper_prefix)
 from megatron_lite.distributed.model_chunk import as_model_chunks
@@ -125,39 +125,51 @@ def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_schedu
     metas = {name: param_meta_of(name, p, layout["tp"], layout["pp_rank"]) for name, p in params.items()}
     mine = {name for name, meta in metas.items() if _writes(meta, layout)}
     here = model_file(layout["tp_rank"], layout["pp_rank"])
+    written = [rng_file(rank)]  # this rank's files, recorded (size, CRC-32) in the manifest
     if mine:
         # copy=True: a parameter may be a view of a contiguous grad/param buffer; saving the view would
         # write the whole buffer.
         atomic_torch_save({name: params[name].detach().to("cpu", copy=True) for name in sorted(mine)},
                           os.path.join(tmp, here))
+        written.append(here)
     if save_optim:
         # Collective over DP for the distributed optimizer, so every rank calls it.
         states = optimizer.get_parameter_state()
         if mine:
+            written.append(optim_file(layout["tp_rank"], layout["pp_rank"]))
             atomic_torch_save({name: {k: v.detach().to("cpu", copy=True) for k, v in states[name].items()}
-                               for name in sorted(mine)},
-                              os.path.join(tmp, optim_file(layout["tp_rank"], layout["pp_rank"])))
+                               for name in sorted(mine)}, os.path.join(tmp, written[-1]))
     atomic_torch_save(get_rng_state(), os.path.join(tmp, rng_file(rank)))
 
     report = {name: (metas[name].to_json(), layout["tp_rank"], here if name in mine else None) for name in metas}
-    reports = collectives.all_gather_object(report, groups.world)
+    reports = collectives.all_gather_object((report, file_records(tmp, written)), groups.world)
     if rank == 0:
-        common = {}
-        if save_optim:
-            common["optimizer"] = optimizer.state_dict()
-        if opt_param_scheduler is not None:
-            common["opt_param_scheduler"] = opt_param_scheduler.state_dict()
-        atomic_torch_save(common, os.path.join(tmp, COMMON_FILE))
-        saved_layout = {k: layout[k] for k in ("tp", "pp", "vp", "dp", "world_size", "distributed_optimizer")}
-        metadata = build_metadata(iteration, consumed_samples, config.to_dict(), saved_layout,
-                                  _merge_reports(reports), save_optim)
-        atomic_write_text(os.path.join(tmp, METADATA_FILE), json.dumps(metadata, indent=1))
+        _write_common_and_metadata(tmp, iteration, consumed_samples, config, layout, reports,
+                                   optimizer if save_optim else None, opt_param_scheduler)
     collectives.barrier(groups.world)  # every rank's files are durable before the directory becomes visible
     final = os.path.join(save_dir, f"iter_{iteration:07d}")
     if rank == 0:
         publish(save_dir, iteration)
     collectives.barrier(groups.world)
     return final
+
+
+def _write_common_and_metadata(tmp: str, iteration: int, consumed_samples: int, config: Any, layout: dict,
+                               reports: list, optimizer: Any, opt_param_scheduler: Any) -> None:
+    """Rank 0: common.pt, then the manifest (written last) with every rank's files' sizes and CRC-32s."""
+    common = {}
+    if optimizer is not None:
+        common["optimizer"] = optimizer.state_dict()
+    if opt_param_scheduler is not None:
+        common["opt_param_scheduler"] = opt_param_scheduler.state_dict()
+    atomic_torch_save(common, os.path.join(tmp, COMMON_FILE))
+    files = file_records(tmp, [COMMON_FILE])
+    for _, records in reports:
+        files.update(records)
+    saved_layout = {k: layout[k] for k in ("tp", "pp", "vp", "dp", "world_size", "distributed_optimizer")}
+    metadata = build_metadata(iteration, consumed_samples, config.to_dict(), saved_layout,
+                              _merge_reports([report for report, _ in reports]), optimizer is not None, files=files)
+    atomic_write_text(os.path.join(tmp, METADATA_FILE), json.dumps(metadata, indent=1))
 
 
 def _remove_stale_tmp_dirs(save_dir: str) -> None:
@@ -214,7 +226,7 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
     load_optim = optimizer is not None and not ckpt.finetune and not ckpt.no_load_optim
     try:
         reader = CheckpointReader(load_dir)
-        problems = _local_problems(reader, params, layout, load_optim)
+        problems = _local_problems(reader, params, layout, load_optim, _other_files_read(reader, ckpt, layout, load_optim))
     except Exception as error:  # noqa: BLE001 - reported by every rank together below, never a lone raise
         problems = [f"{type(error).__name__}: {error}"]
     results = collectives.all_gather_object((problems, sorted(params)), groups.world)
@@ -225,6 +237,9 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
         all_problems = [f"{n}: in the checkpoint but not in the model" for n in unexpected]
     if all_problems:
         raise CheckpointError(_mismatch_message(load_dir, reader, config, all_problems))
+    if groups.world.rank == 0 and not reader.has_checksums:
+        warnings.warn(f"{reader.path} was written before checkpoints recorded file checksums: its files are "
+                      "loaded without verification (re-save it to add them).")
 
     _load_model(reader, params, layout)
     finetune = ckpt.finetune
@@ -255,7 +270,7 @@ def _source_name(name: str, param: torch.Tensor) -> str:
 
 
 def _local_problems(reader: CheckpointReader, params: dict[str, torch.nn.Parameter], layout: dict,
-                    load_optim: bool) -> list[str]:
+                    load_optim: bool, also: Iterable[str] = ()) -> list[str]:
     """Everything that would make this rank fail mid-load, found before any data is read."""
     if load_optim and not reader.has_optimizer():
         return [f"{reader.path} has no optimizer state (saved with --no-save-optim). "
@@ -272,9 +287,23 @@ def _local_problems(reader: CheckpointReader, params: dict[str, torch.nn.Paramet
                 needed_files.add(filename)
                 if load_optim:
                     needed_files.add(optim_name(filename))
-    problems += [f"{os.path.join(reader.path, f)} is missing: the checkpoint is incomplete" for f in sorted(needed_files)
-                 if not os.path.isfile(os.path.join(reader.path, f))]
-    return problems
+    # Every file this rank will read must match the manifest's size and CRC-32 (missing files too).
+    return problems + reader.verify(needed_files | set(also))
+
+
+def _other_files_read(reader: CheckpointReader, ckpt: Any, layout: dict, load_optim: bool) -> list[str]:
+    """common.pt (optimizer and scheduler) and this rank's RNG file, when the load will read them."""
+    files = [COMMON_FILE] if load_optim else []
+    if not ckpt.finetune and not ckpt.no_load_rng and _same_layout(reader, layout):
+        name = rng_file(layout["rank"])
+        if name in reader.metadata.get("files", {}) or os.path.isfile(os.path.join(reader.path, name)):
+            files.append(name)  # listed in the manifest: missing is an error, not 'RNG not restored'
+
+    return files
+
+
+def _same_layout(reader: CheckpointReader, layout: dict) -> bool:
+    return all(reader.layout.get(k) == layout[k] for k in ("world_size", "tp", "pp"))
 
 
 def _mismatch_message(load_dir: str, reader: Optional[CheckpointReader], config: Any, problems: list[str]) -> str:
@@ -324,8 +353,7 @@ def _refresh_main_params(optimizer: Any, params: dict[str, torch.nn.Parameter]) 
 
 def _load_rng(reader: CheckpointReader, layout: dict) -> None:
     saved = reader.layout
-    same = all(saved.get(k) == layout[k] for k in ("world_size", "tp", "pp"))
-    if not same:
+    if not _same_layout(reader, layout):
         if layout["rank"] == 0:
             warnings.warn(f"checkpoint layout (world {saved.get('world_size')}, TP {saved.get('tp')}, PP {saved.get('pp')}) "
                           f"differs from this run's (world {layout['world_size']}, TP {layout['tp']}, PP {layout['pp']}): "
@@ -335,4 +363,4 @@ def _load_rng(reader: CheckpointReader, layout: dict) -> None:
     if not os.path.isfile(path):
         warnings.warn(f"{path} is missing: RNG states are not restored.")
         return
-    set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
+    set_rng_state(reader.load_file(rng_file(layout["rank"])))

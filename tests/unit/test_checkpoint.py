@@ -193,6 +193,7 @@ def test_offline_writer_reader_reshard_exact(tmp_path):
                                        optimizer_states=optim.__getitem__, common={"optimizer": {"steps": 7}})
     reader = CheckpointReader(str(src))
     assert reader.iteration == 7 and reader.layout["tp"] == 2 and reader.has_optimizer()
+    assert reader.has_checksums and reader.verify() == []  # the offline writer records every file too
     # Streamed: one part file per layer (and one for the embedding / final norm) per (tp, pp).
     fc1_files = reader.params["decoder.layers.1.mlp.linear_fc1.weight"].files
     assert [re.sub(r"_part\d+", "", f) for f in fc1_files] == ["model_tp0_pp1.pt", "model_tp1_pp1.pt"]
