@@ -121,12 +121,17 @@ def main(argv=None) -> dict:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    from megatron_lite.checkpoint_io import CheckpointError
+    from megatron_lite.data.indexed_dataset import IndexedDatasetError
     from megatron_lite.training import NonFiniteTrainingError, pretrain
     try:
         return pretrain(config, partial(model_provider, config), partial(forward_step, config), datasets_provider)
-    except NonFiniteTrainingError as error:  # every rank stopped together; one message is enough
+    except (NonFiniteTrainingError, CheckpointError, IndexedDatasetError) as error:
+        # Raised on every rank together (each checks, all agree): one message, no tracebacks.
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr, flush=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         raise SystemExit(1) from None
 
 

@@ -105,8 +105,9 @@ def _to_tuple(value: Any) -> Any:
 # ---- save ----------------------------------------------------------------------------------------
 def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_scheduler: Any,
                     consumed_samples: int, config: Any, save_dir: Optional[str] = None,
-                    groups: Optional[ProcessGroups] = None) -> str:
-    """Save on every rank (collective); returns the published `<save>/iter_NNNNNNN` directory."""
+                    groups: Optional[ProcessGroups] = None, data_fingerprint: Optional[dict] = None) -> str:
+    """Save on every rank (collective); returns the published `<save>/iter_NNNNNNN` directory.
+    `data_fingerprint` (data.builder.data_fingerprint) goes into metadata.json for load to compare."""
     save_dir = save_dir or config.checkpoint.save
     if not save_dir:
         raise CheckpointError("save_checkpoint: no directory. Pass --save DIR.")
@@ -145,7 +146,8 @@ def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_schedu
     reports = collectives.all_gather_object((report, file_records(tmp, written)), groups.world)
     if rank == 0:
         _write_common_and_metadata(tmp, iteration, consumed_samples, config, layout, reports,
-                                   optimizer if save_optim else None, opt_param_scheduler)
+                                   optimizer if save_optim else None, opt_param_scheduler,
+                                   {} if data_fingerprint is None else {"data_fingerprint": data_fingerprint})
     collectives.barrier(groups.world)  # every rank's files are durable before the directory becomes visible
     final = os.path.join(save_dir, f"iter_{iteration:07d}")
     if rank == 0:
@@ -155,7 +157,7 @@ def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_schedu
 
 
 def _write_common_and_metadata(tmp: str, iteration: int, consumed_samples: int, config: Any, layout: dict,
-                               reports: list, optimizer: Any, opt_param_scheduler: Any) -> None:
+                               reports: list, optimizer: Any, opt_param_scheduler: Any, extra: dict) -> None:
     """Rank 0: common.pt, then the manifest (written last) with every rank's files' sizes and CRC-32s."""
     common = {}
     if optimizer is not None:
@@ -168,7 +170,8 @@ def _write_common_and_metadata(tmp: str, iteration: int, consumed_samples: int, 
         files.update(records)
     saved_layout = {k: layout[k] for k in ("tp", "pp", "vp", "dp", "world_size", "distributed_optimizer")}
     metadata = build_metadata(iteration, consumed_samples, config.to_dict(), saved_layout,
-                              _merge_reports([report for report, _ in reports]), optimizer is not None, files=files)
+                              _merge_reports([report for report, _ in reports]), optimizer is not None, files=files,
+                              extra=extra)
     atomic_write_text(os.path.join(tmp, METADATA_FILE), json.dumps(metadata, indent=1))
 
 
@@ -198,9 +201,11 @@ def _merge_reports(reports: list[dict]) -> dict[str, ParamMeta]:
 
 # ---- load ----------------------------------------------------------------------------------------
 def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config: Any,
-                    load_dir: Optional[str] = None, groups: Optional[ProcessGroups] = None) -> tuple[int, int]:
+                    load_dir: Optional[str] = None, groups: Optional[ProcessGroups] = None,
+                    data_fingerprint: Optional[dict] = None) -> tuple[int, int]:
     """Load on every rank (collective); returns (iteration, consumed_samples), (0, 0) when `load_dir`
-    holds no checkpoint yet (a fresh run, as in Megatron) or with --finetune."""
+    holds no checkpoint yet (a fresh run, as in Megatron) or with --finetune. A `data_fingerprint` that
+    differs from the saved one is an error (unless --finetune or --allow-data-change)."""
     ckpt = config.checkpoint
     load_dir = load_dir or ckpt.load
     if not load_dir:
@@ -227,6 +232,7 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
     try:
         reader = CheckpointReader(load_dir)
         problems = _local_problems(reader, params, layout, load_optim, _other_files_read(reader, ckpt, layout, load_optim))
+        problems += _data_problems(reader, ckpt, data_fingerprint)
     except Exception as error:  # noqa: BLE001 - reported by every rank together below, never a lone raise
         problems = [f"{type(error).__name__}: {error}"]
     results = collectives.all_gather_object((problems, sorted(params)), groups.world)
@@ -289,6 +295,17 @@ def _local_problems(reader: CheckpointReader, params: dict[str, torch.nn.Paramet
                     needed_files.add(optim_name(filename))
     # Every file this rank will read must match the manifest's size and CRC-32 (missing files too).
     return problems + reader.verify(needed_files | set(also))
+
+
+def _data_problems(reader: CheckpointReader, ckpt: Any, current: Optional[dict]) -> list[str]:
+    saved = reader.metadata.get("data_fingerprint")
+    if current is None or saved is None or ckpt.finetune or ckpt.allow_data_change:
+        return []
+    from megatron_lite.data.builder import fingerprint_differences
+    return [f"training data differs from the data of iteration {reader.iteration}: {line}. Fix: resume with the "
+            "checkpoint's --data-path/--split (see metadata.json 'data_fingerprint'), or pass --allow-data-change "
+            "to continue on the new data (the sample order then differs from an uninterrupted run)."
+            for line in fingerprint_differences(saved, current)]
 
 
 def _other_files_read(reader: CheckpointReader, ckpt: Any, layout: dict, load_optim: bool) -> list[str]:

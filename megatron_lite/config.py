@@ -335,6 +335,8 @@ class CheckpointConfig:
     no_save_optim: bool = arg(False, "Do not save optimizer state.", action="store_true")
     no_load_optim: bool = arg(False, "Do not load optimizer state.", action="store_true")
     no_load_rng: bool = arg(False, "Do not load RNG states.", action="store_true")
+    allow_data_change: bool = arg(False, "Resume with --load even if the training data (dataset sizes, blend weights, "
+                                  "split) differs from the data the checkpoint was trained on.", action="store_true")
     finetune: bool = arg(False, "Load weights only and start at iteration 0.", action="store_true")
     ckpt_step: Optional[int] = arg(None, "Load this iteration from --load instead of the latest one.")
 

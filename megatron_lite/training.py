@@ -18,6 +18,7 @@ import torch
 from megatron_lite import collectives, fault_injection, parallel_state as ps
 from megatron_lite.checkpointing import load_checkpoint, read_tracker, save_checkpoint
 from megatron_lite.config import Config, ConfigError
+from megatron_lite.data.builder import data_fingerprint
 from megatron_lite.distributed.ddp import DistributedDataParallel
 from megatron_lite.distributed.finalize_model_grads import finalize_model_grads
 from megatron_lite.kernels.registry import select_kernels
@@ -280,10 +281,15 @@ def pretrain(config: Config, model_provider: Callable, forward_step_func: Callab
     logger = MetricsLogger(config, groups.world.size, groups)
     model, optimizer, scheduler = setup_model_and_optimizer(config, model_provider, groups)
     state = TrainState()
+    d = config.data
+    # Opening the datasets here checks every .bin/.idx pair before any checkpoint is read or step is run.
+    fingerprint = data_fingerprint(d.data_path, d.split, d.mock_data)
     if config.checkpoint.load:
-        state.iteration, state.consumed_train_samples = load_checkpoint(model, optimizer, scheduler, config, groups=groups)
+        state.iteration, state.consumed_train_samples = load_checkpoint(model, optimizer, scheduler, config,
+                                                                        groups=groups, data_fingerprint=fingerprint)
     _print_summary(config, model, groups)
     run = _Run(config, groups, model, optimizer, scheduler, forward_step_func, logger, state, start_time)
+    run.data_fingerprint = fingerprint
     run.data = build_data_iterators(config, datasets_provider, state.consumed_train_samples, len(model),
                                     run.eval_consumed(), groups)
     try:
@@ -307,6 +313,7 @@ class _Run:
         self.signals = _SignalFlag(config.training.exit_signal_handler)
         self.summary: dict = {"iteration": state.iteration, "train_losses": [], "valid_loss": None}
         self.saved_at: Optional[int] = None
+        self.data_fingerprint: Optional[dict] = None  # recorded in every checkpoint (data.builder)
         self.data = ([], [], [])
 
     def eval_consumed(self) -> int:
@@ -317,7 +324,7 @@ class _Run:
         config, state = self.config, self.state
         if config.checkpoint.save and self.saved_at != state.iteration:
             save_checkpoint(state.iteration, self.model, self.optimizer, self.scheduler, state.consumed_train_samples,
-                            config, groups=self.groups)
+                            config, groups=self.groups, data_fingerprint=self.data_fingerprint)
             self.saved_at = state.iteration
             print_rank_0(f"saved checkpoint at iteration {state.iteration} to {config.checkpoint.save} ({reason})")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 import torch
 
 from cli import TINY, command, env, read_jsonl, REPO
@@ -23,6 +24,7 @@ def _run(nproc: int, args: list[str], tmp, name: str, extra_env: dict, timeout: 
     return proc.returncode, proc.stdout + proc.stderr, read_jsonl(metrics)
 
 
+@pytest.mark.slow  # a 2-rank torchrun job (~40 s on 2 busy cores)
 def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(tmp_path):
     """Injects: NaN loss on rank 1 (of 2, DP=2) at iteration 3; checkpoints every 2 iterations; --on-nan exit
     (the default). Asserts: exit code 1, one message naming iteration 3 and rank 1, no iteration 3 logged
