@@ -165,10 +165,21 @@ def _describe(op: str, group) -> str:
             "they are just slow.")
 
 
+def _backend_phrase(error: BaseException) -> str:
+    """The backend's own words for the lost connection, e.g. 'Connection reset by peer'."""
+    text = str(error)
+    lower = text.lower()
+    for phrase in _PEER_LOST_TEXT:
+        start = lower.find(phrase)
+        if start != -1:
+            end = text.find(".", start)
+            return text[start:end if end != -1 else start + 80].strip()
+    return type(error).__name__
+
+
 def _describe_lost(op: str, group, error: BaseException) -> str:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (f"{op} on group '{group_name(group)}' (ranks {_group_ranks(group)}) failed on rank {dist.get_rank()} "
-            f"while waiting for a peer: its connection closed ({first_line[-160:]}). Another rank of this group "
+            f"while waiting for a peer: '{_backend_phrase(error)}'. Another rank of this group "
             "died (killed, out of memory, or an error): its log says why. With torchrun --max-restarts N and "
             "--save D --load D the job restarts from the latest checkpoint.")
 
