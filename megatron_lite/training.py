@@ -360,7 +360,7 @@ class _Run:
             state.iteration += 1
             state.consumed_train_samples += self.batches.global_batch_size
             state.skipped_iterations += 0 if ok else 1
-            if grad_norm is not None and not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(loss)):
+            if (grad_norm is not None and not math.isfinite(grad_norm)) or (loss is not None and not math.isfinite(loss)):
                 state.nan_iterations += 1
             window_iters += 1
             if loss is not None:
