@@ -5,6 +5,7 @@ megatron_lite.training.pretrain(). Run with --help for every flag.
 """
 from __future__ import annotations
 
+import os
 import sys
 from functools import partial
 
@@ -65,8 +66,6 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     losses = output_tensor.float()
     loss_mask = loss_mask.float()
     loss = torch.sum(losses.view(-1) * loss_mask.view(-1)) / loss_mask.sum().clamp(min=1.0)
-    if not torch.isfinite(loss.detach()).all():
-        print(f"rank {torch.distributed.get_rank()}: non-finite loss in forward", flush=True)
     return loss, {"lm loss": loss.detach()}
 
 
@@ -110,7 +109,6 @@ def prepare_tokenizer(config: Config):
 def save_tokenizer(config: Config, tokenizer) -> None:
     """Copy the tokenizer files next to the checkpoints (<save>/tokenizer/), so a checkpoint is
     self-contained for tools/generate.py and the Hugging Face exporter."""
-    import os
     if config.checkpoint.save and int(os.environ.get("RANK", "0")) == 0:
         tokenizer.save(os.path.join(config.checkpoint.save, "tokenizer"))
 
@@ -123,8 +121,18 @@ def main(argv=None) -> dict:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    from megatron_lite.training import pretrain
-    return pretrain(config, partial(model_provider, config), partial(forward_step, config), datasets_provider)
+    from megatron_lite.checkpoint_io import CheckpointError
+    from megatron_lite.data.indexed_dataset import IndexedDatasetError
+    from megatron_lite.training import NonFiniteTrainingError, pretrain
+    try:
+        return pretrain(config, partial(model_provider, config), partial(forward_step, config), datasets_provider)
+    except (NonFiniteTrainingError, CheckpointError, IndexedDatasetError) as error:
+        # Raised on every rank together (each checks, all agree): one message, no tracebacks.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

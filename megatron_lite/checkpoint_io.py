@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -169,6 +170,23 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
+def file_record(path: str) -> dict:
+    """{"size": bytes, "crc32": hex}: what the manifest (metadata.json "files") records per file. CRC-32 over
+    the whole file in 8 MiB blocks (zlib: ~1 GB/s), so a truncated or bit-flipped file is caught on load."""
+    crc, size = 0, 0
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(8 << 20)
+            if not block:
+                break
+            crc, size = zlib.crc32(block, crc), size + len(block)
+    return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def file_records(directory: str, filenames: Iterable[str]) -> dict[str, dict]:
+    return {name: file_record(os.path.join(directory, name)) for name in sorted(set(filenames))}
+
+
 def atomic_write_text(path: str, text: str) -> None:
     tmp = path + ".partial"
     with open(tmp, "w") as handle:
@@ -205,6 +223,20 @@ def prepare_tmp_dir(save_dir: str, iteration: int) -> str:
     os.makedirs(tmp)
     fsync_dir(save_dir)
     return tmp
+
+
+def remove_stale_tmp_dirs(save_dir: str) -> list[str]:
+    """Remove every `iter_N.tmp` under `save_dir`: what a save killed midway left behind (never loaded:
+    only a published `iter_N` counts). Call only while no save of this job is in flight."""
+    removed = []
+    if not os.path.isdir(save_dir):
+        return removed
+    for entry in sorted(os.listdir(save_dir)):
+        path = os.path.join(save_dir, entry)
+        if entry.startswith("iter_") and entry.endswith(".tmp") and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def publish(save_dir: str, iteration: int) -> str:
@@ -263,6 +295,44 @@ class CheckpointReader:
         self.params: dict[str, ParamMeta] = {name: ParamMeta.from_json(values)
                                               for name, values in self.metadata["params"].items()}
         self._files: dict[str, dict] = {}
+        self._verified: set[str] = set()
+
+    @property
+    def has_checksums(self) -> bool:
+        """False for checkpoints written before the manifest recorded file sizes and CRC-32s."""
+        return "files" in self.metadata
+
+    def file_problem(self, filename: str) -> Optional[str]:
+        """Why `filename` does not match the manifest (missing, size, CRC-32), or None if it does or the
+        manifest predates checksums. The size is checked first, so truncation is found without reading."""
+        path = os.path.join(self.path, filename)
+        where = f"{path} (iteration {self.iteration})"
+        if not os.path.isfile(path):
+            return (f"{path} is missing (iteration {self.iteration}): the checkpoint is incomplete. "
+                    "Load an earlier iteration (--ckpt-step N).")
+        expected = self.metadata.get("files", {}).get(filename)
+        if expected is None or filename in self._verified:
+            return None
+        fix = "Restore the file, or load an earlier iteration (--ckpt-step N)."
+        size = os.path.getsize(path)
+        if size != expected["size"]:
+            return f"{where} is {size} bytes, the manifest says {expected['size']}: truncated or damaged. {fix}"
+        actual = file_record(path)["crc32"]
+        if actual != expected["crc32"]:
+            return f"{where}: CRC-32 {actual}, the manifest says {expected['crc32']}: the file is damaged. {fix}"
+        self._verified.add(filename)
+        return None
+
+    def verify(self, filenames: Optional[Iterable[str]] = None) -> list[str]:
+        """Problems of the given files (default: every file the manifest lists), one line each."""
+        names = self.metadata.get("files", {}) if filenames is None else filenames
+        return [problem for problem in map(self.file_problem, sorted(set(names))) if problem]
+
+    def _checked_path(self, filename: str) -> str:
+        problem = self.file_problem(filename)
+        if problem:
+            raise CheckpointError(problem)
+        return os.path.join(self.path, filename)
 
     @property
     def iteration(self) -> int:
@@ -291,9 +361,7 @@ class CheckpointReader:
 
     def _open(self, filename: str) -> dict:
         if filename not in self._files:
-            path = os.path.join(self.path, filename)
-            if not os.path.isfile(path):
-                raise CheckpointError(f"{path} is missing: the checkpoint is incomplete. Load an earlier iteration.")
+            path = self._checked_path(filename)
             self._files[filename] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         return self._files[filename]
 
@@ -319,8 +387,13 @@ class CheckpointReader:
 
     def common(self) -> dict:
         """{"optimizer": ..., "opt_param_scheduler": ...} state dicts (absent keys were not saved)."""
-        path = os.path.join(self.path, COMMON_FILE)
-        return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else {}
+        if not os.path.isfile(os.path.join(self.path, COMMON_FILE)):
+            return {}
+        return torch.load(self._checked_path(COMMON_FILE), map_location="cpu", weights_only=True)
+
+    def load_file(self, filename: str) -> Any:
+        """torch.load of one (verified) file of the checkpoint, e.g. a rank's RNG states."""
+        return torch.load(self._checked_path(filename), map_location="cpu", weights_only=True)
 
     def _meta(self, name: str) -> ParamMeta:
         if name not in self.params:
@@ -349,10 +422,17 @@ def shard_name_layout(filename: str) -> tuple[int, int]:
 
 
 def build_metadata(iteration: int, consumed_samples: int, config_dict: dict, layout: dict,
-                   params: dict[str, ParamMeta], has_optimizer: bool) -> dict:
-    return {"format_version": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
-            "layout": layout, "has_optimizer": has_optimizer, "config": config_dict,
-            "params": {name: meta.to_json() for name, meta in sorted(params.items())}}
+                   params: dict[str, ParamMeta], has_optimizer: bool, files: Optional[dict] = None,
+                   extra: Optional[dict] = None) -> dict:
+    """The manifest. `files`: {filename: file_record} of every other file of the checkpoint (checked on load;
+    checkpoints written before it existed have none and load unverified). `extra`: more top-level keys."""
+    metadata = {"format_version": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
+                "layout": layout, "has_optimizer": has_optimizer, "config": config_dict,
+                "params": {name: meta.to_json() for name, meta in sorted(params.items())}}
+    if files is not None:
+        metadata["files"] = dict(sorted(files.items()))
+    metadata.update(extra or {})
+    return metadata
 
 
 # ---- offline writing -----------------------------------------------------------------------------
@@ -417,7 +497,9 @@ def write_checkpoint_from_full_tensors(save_dir: str, iteration: int, config: An
     if common:
         atomic_torch_save(common, os.path.join(tmp, COMMON_FILE))
     layout = {"tp": tp, "pp": pp, "vp": vp, "dp": None, "world_size": None, "distributed_optimizer": False}
-    metadata = build_metadata(iteration, consumed_samples, config_dict, layout, metas, optimizer_states is not None)
+    files = file_records(tmp, [f for f in os.listdir(tmp) if not f.endswith(".partial")])
+    metadata = build_metadata(iteration, consumed_samples, config_dict, layout, metas, optimizer_states is not None,
+                              files=files)
     atomic_write_text(os.path.join(tmp, METADATA_FILE), json.dumps(metadata, indent=1))
     return publish(save_dir, iteration)
 

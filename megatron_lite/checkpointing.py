@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -29,8 +29,8 @@ import torch
 from megatron_lite import collectives, parallel_state
 from megatron_lite.checkpoint_io import (COMMON_FILE, EMBEDDING_NAME, METADATA_FILE, CheckpointError,
                                          CheckpointReader, ParamMeta, atomic_torch_save, atomic_write_text,
-                                         build_metadata, is_tied_copy, iteration_dir_name, model_file, optim_file, optim_name,
-                                         param_meta_of, prepare_tmp_dir, publish, read_tracker, rng_file,
+                                         build_metadata, file_records, is_tied_copy, iteration_dir_name, model_file, optim_file, optim_name,
+                                         param_meta_of, prepare_tmp_dir, publish, read_tracker, remove_stale_tmp_dirs, rng_file,
                                          strip_wrapper_prefix)
 from megatron_lite.distributed.model_chunk import as_model_chunks
 from megatron_lite.process_groups import ProcessGroups
@@ -106,8 +106,9 @@ def _to_tuple(value: Any) -> Any:
 # ---- save ----------------------------------------------------------------------------------------
 def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_scheduler: Any,
                     consumed_samples: int, config: Any, save_dir: Optional[str] = None,
-                    groups: Optional[ProcessGroups] = None) -> str:
-    """Save on every rank (collective); returns the published `<save>/iter_NNNNNNN` directory."""
+                    groups: Optional[ProcessGroups] = None, data_fingerprint: Optional[dict] = None) -> str:
+    """Save on every rank (collective); returns the published `<save>/iter_NNNNNNN` directory.
+    `data_fingerprint` (data.builder.data_fingerprint) goes into metadata.json for load to compare."""
     save_dir = save_dir or config.checkpoint.save
     if not save_dir:
         raise CheckpointError("save_checkpoint: no directory. Pass --save DIR.")
@@ -118,6 +119,7 @@ def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_schedu
     tmp = os.path.join(save_dir, f"iter_{iteration:07d}.tmp")
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
+        _remove_stale_tmp_dirs(save_dir)
         tmp = prepare_tmp_dir(save_dir, iteration)
     collectives.barrier(groups.world)
 
@@ -125,40 +127,59 @@ def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_schedu
     metas = {name: param_meta_of(name, p, layout["tp"], layout["pp_rank"]) for name, p in params.items()}
     mine = {name for name, meta in metas.items() if _writes(meta, layout)}
     here = model_file(layout["tp_rank"], layout["pp_rank"])
+    written = [rng_file(rank)]  # this rank's files, recorded (size, CRC-32) in the manifest
     if mine:
         # copy=True: a parameter may be a view of a contiguous grad/param buffer; saving the view would
         # write the whole buffer.
         atomic_torch_save({name: params[name].detach().to("cpu", copy=True) for name in sorted(mine)},
                           os.path.join(tmp, here))
+        written.append(here)
     if save_optim:
         # Collective over DP for the distributed optimizer, so every rank calls it.
         states = optimizer.get_parameter_state()
         if mine:
+            written.append(optim_file(layout["tp_rank"], layout["pp_rank"]))
             atomic_torch_save({name: {k: v.detach().to("cpu", copy=True) for k, v in states[name].items()}
-                               for name in sorted(mine)},
-                              os.path.join(tmp, optim_file(layout["tp_rank"], layout["pp_rank"])))
+                               for name in sorted(mine)}, os.path.join(tmp, written[-1]))
     atomic_torch_save(get_rng_state(), os.path.join(tmp, rng_file(rank)))
 
     report = {name: (metas[name].to_json(), layout["tp_rank"], here if name in mine else None) for name in metas}
-    reports = collectives.all_gather_object(report, groups.world)
+    reports = collectives.all_gather_object((report, file_records(tmp, written)), groups.world)
     if rank == 0:
-        common = {}
-        if save_optim:
-            common["optimizer"] = optimizer.state_dict()
-        if opt_param_scheduler is not None:
-            common["opt_param_scheduler"] = opt_param_scheduler.state_dict()
-        atomic_torch_save(common, os.path.join(tmp, COMMON_FILE))
-        saved_layout = {k: layout[k] for k in ("tp", "pp", "vp", "dp", "world_size", "distributed_optimizer",
-                                                   "sharding_strategy")}
-        metadata = build_metadata(iteration, consumed_samples, config.to_dict(), saved_layout,
-                                  _merge_reports(reports), save_optim)
-        atomic_write_text(os.path.join(tmp, METADATA_FILE), json.dumps(metadata, indent=1))
+        _write_common_and_metadata(tmp, iteration, consumed_samples, config, layout, reports,
+                                   optimizer if save_optim else None, opt_param_scheduler,
+                                   {} if data_fingerprint is None else {"data_fingerprint": data_fingerprint})
     collectives.barrier(groups.world)  # every rank's files are durable before the directory becomes visible
     final = os.path.join(save_dir, f"iter_{iteration:07d}")
     if rank == 0:
         publish(save_dir, iteration)
     collectives.barrier(groups.world)
     return final
+
+
+def _write_common_and_metadata(tmp: str, iteration: int, consumed_samples: int, config: Any, layout: dict,
+                               reports: list, optimizer: Any, opt_param_scheduler: Any, extra: dict) -> None:
+    """Rank 0: common.pt, then the manifest (written last) with every rank's files' sizes and CRC-32s."""
+    common = {}
+    if optimizer is not None:
+        common["optimizer"] = optimizer.state_dict()
+    if opt_param_scheduler is not None:
+        common["opt_param_scheduler"] = opt_param_scheduler.state_dict()
+    atomic_torch_save(common, os.path.join(tmp, COMMON_FILE))
+    files = file_records(tmp, [COMMON_FILE])
+    for _, records in reports:
+        files.update(records)
+    saved_layout = {k: layout[k] for k in ("tp", "pp", "vp", "dp", "world_size", "distributed_optimizer",
+                                           "sharding_strategy")}
+    metadata = build_metadata(iteration, consumed_samples, config.to_dict(), saved_layout,
+                              _merge_reports([report for report, _ in reports]), optimizer is not None, files=files,
+                              extra=extra)
+    atomic_write_text(os.path.join(tmp, METADATA_FILE), json.dumps(metadata, indent=1))
+
+
+def _remove_stale_tmp_dirs(save_dir: str) -> None:
+    for path in remove_stale_tmp_dirs(save_dir):
+        print(f"removed {path}: an unfinished save (the job died while writing it)", flush=True)
 
 
 def _merge_reports(reports: list[dict]) -> dict[str, ParamMeta]:
@@ -182,9 +203,11 @@ def _merge_reports(reports: list[dict]) -> dict[str, ParamMeta]:
 
 # ---- load ----------------------------------------------------------------------------------------
 def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config: Any,
-                    load_dir: Optional[str] = None, groups: Optional[ProcessGroups] = None) -> tuple[int, int]:
+                    load_dir: Optional[str] = None, groups: Optional[ProcessGroups] = None,
+                    data_fingerprint: Optional[dict] = None) -> tuple[int, int]:
     """Load on every rank (collective); returns (iteration, consumed_samples), (0, 0) when `load_dir`
-    holds no checkpoint yet (a fresh run, as in Megatron) or with --finetune."""
+    holds no checkpoint yet (a fresh run, as in Megatron) or with --finetune. A `data_fingerprint` that
+    differs from the saved one is an error (unless --finetune or --allow-data-change)."""
     ckpt = config.checkpoint
     load_dir = load_dir or ckpt.load
     if not load_dir:
@@ -195,6 +218,8 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
             raise CheckpointError(f"--ckpt-step {ckpt.ckpt_step}: {load_dir} holds no checkpoint. "
                                   "Pick an iteration that exists under --load.")
     groups = _groups(groups)
+    if groups.world.rank == 0 and ckpt.save and os.path.abspath(ckpt.save) == os.path.abspath(load_dir):
+        _remove_stale_tmp_dirs(load_dir)  # before any rank of this job saves
     if read_tracker(load_dir) is None and not os.path.isfile(os.path.join(load_dir, METADATA_FILE)):
         if groups.world.rank == 0:
             warnings.warn(f"no checkpoint in {load_dir} (no latest_checkpointed_iteration.txt): starting from scratch.")
@@ -208,7 +233,8 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
     load_optim = optimizer is not None and not ckpt.finetune and not ckpt.no_load_optim
     try:
         reader = CheckpointReader(load_dir)
-        problems = _local_problems(reader, params, layout, load_optim)
+        problems = _local_problems(reader, params, layout, load_optim, _other_files_read(reader, ckpt, layout, load_optim))
+        problems += _data_problems(reader, ckpt, data_fingerprint)
     except Exception as error:  # noqa: BLE001 - reported by every rank together below, never a lone raise
         problems = [f"{type(error).__name__}: {error}"]
     results = collectives.all_gather_object((problems, sorted(params)), groups.world)
@@ -219,6 +245,9 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
         all_problems = [f"{n}: in the checkpoint but not in the model" for n in unexpected]
     if all_problems:
         raise CheckpointError(_mismatch_message(load_dir, reader, config, all_problems))
+    if groups.world.rank == 0 and not reader.has_checksums:
+        warnings.warn(f"{reader.path} was written before checkpoints recorded file checksums: its files are "
+                      "loaded without verification (re-save it to add them).")
 
     _load_model(reader, params, layout)
     finetune = ckpt.finetune
@@ -252,7 +281,7 @@ def _source_name(name: str, param: torch.Tensor) -> str:
 
 
 def _local_problems(reader: CheckpointReader, params: dict[str, torch.nn.Parameter], layout: dict,
-                    load_optim: bool) -> list[str]:
+                    load_optim: bool, also: Iterable[str] = ()) -> list[str]:
     """Everything that would make this rank fail mid-load, found before any data is read."""
     if load_optim and not reader.has_optimizer():
         return [f"{reader.path} has no optimizer state (saved with --no-save-optim). "
@@ -269,9 +298,34 @@ def _local_problems(reader: CheckpointReader, params: dict[str, torch.nn.Paramet
                 needed_files.add(filename)
                 if load_optim:
                     needed_files.add(optim_name(filename))
-    problems += [f"{os.path.join(reader.path, f)} is missing: the checkpoint is incomplete" for f in sorted(needed_files)
-                 if not os.path.isfile(os.path.join(reader.path, f))]
-    return problems
+    # Every file this rank will read must match the manifest's size and CRC-32 (missing files too).
+    return problems + reader.verify(needed_files | set(also))
+
+
+def _data_problems(reader: CheckpointReader, ckpt: Any, current: Optional[dict]) -> list[str]:
+    saved = reader.metadata.get("data_fingerprint")
+    if current is None or saved is None or ckpt.finetune or ckpt.allow_data_change:
+        return []
+    from megatron_lite.data.builder import fingerprint_differences
+    return [f"training data differs from the data of iteration {reader.iteration}: {line}. Fix: resume with the "
+            "checkpoint's --data-path/--split (see metadata.json 'data_fingerprint'), or pass --allow-data-change "
+            "to continue on the new data (the sample order then differs from an uninterrupted run)."
+            for line in fingerprint_differences(saved, current)]
+
+
+def _other_files_read(reader: CheckpointReader, ckpt: Any, layout: dict, load_optim: bool) -> list[str]:
+    """common.pt (optimizer and scheduler) and this rank's RNG file, when the load will read them."""
+    files = [COMMON_FILE] if load_optim else []
+    if not ckpt.finetune and not ckpt.no_load_rng and _same_layout(reader, layout):
+        name = rng_file(layout["rank"])
+        if name in reader.metadata.get("files", {}) or os.path.isfile(os.path.join(reader.path, name)):
+            files.append(name)  # listed in the manifest: missing is an error, not 'RNG not restored'
+
+    return files
+
+
+def _same_layout(reader: CheckpointReader, layout: dict) -> bool:
+    return all(reader.layout.get(k) == layout[k] for k in ("world_size", "tp", "pp"))
 
 
 def _mismatch_message(load_dir: str, reader: Optional[CheckpointReader], config: Any, problems: list[str]) -> str:
@@ -321,8 +375,7 @@ def _refresh_main_params(optimizer: Any, params: dict[str, torch.nn.Parameter]) 
 
 def _load_rng(reader: CheckpointReader, layout: dict) -> None:
     saved = reader.layout
-    same = all(saved.get(k) == layout[k] for k in ("world_size", "tp", "pp"))
-    if not same:
+    if not _same_layout(reader, layout):
         if layout["rank"] == 0:
             warnings.warn(f"checkpoint layout (world {saved.get('world_size')}, TP {saved.get('tp')}, PP {saved.get('pp')}) "
                           f"differs from this run's (world {layout['world_size']}, TP {layout['tp']}, PP {layout['pp']}): "
@@ -332,4 +385,4 @@ def _load_rng(reader: CheckpointReader, layout: dict) -> None:
     if not os.path.isfile(path):
         warnings.warn(f"{path} is missing: RNG states are not restored.")
         return
-    set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
+    set_rng_state(reader.load_file(rng_file(layout["rank"])))

@@ -4,7 +4,8 @@ Why one place:
 - every call is counted per (group, op) in calls and bytes, so tests and benchmarks can assert the
   communication volume a feature promises (`comm_stats()`, `reset_comm_stats()`);
 - a timed-out call raises `CollectiveTimeoutError` naming the op, the group and the rank, instead of an
-  anonymous backend error or a silent hang;
+  anonymous backend error or a silent hang; a call whose peer died raises `CollectivePeerLostError`,
+  naming the same;
 - backend gaps (gloo lacks some ops on some torch versions) are bridged here, with the same result.
 
 Bytes counted per call are the size of the logical buffer the op works on: the tensor for all_reduce,
@@ -53,6 +54,10 @@ _IN_FLIGHT: Optional[tuple[str, Any, float]] = None  # (op, group, start) of the
 
 class CollectiveTimeoutError(RuntimeError):
     """A collective or p2p op did not complete within --distributed-timeout-minutes."""
+
+
+class CollectivePeerLostError(RuntimeError):
+    """A collective or p2p op failed because a peer's connection closed (the peer process died)."""
 
 
 class CollectiveDeviceError(RuntimeError):
@@ -148,23 +153,54 @@ def _group_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _describe(op: str, group) -> str:
-    name = group_name(group)
+def _group_ranks(group):
     try:
         if isinstance(group, Group):
-            ranks = list(group.ranks)
-        else:
-            ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+            return list(group.ranks)
+        return dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
     except Exception:  # noqa: BLE001 - only for the message
-        ranks = "?"
-    return (f"{op} on group '{name}' (ranks {ranks}) timed out after {_TIMEOUT_MINUTES:g} min on rank "
-            f"{dist.get_rank()}: a peer never joined (crashed, or took a different code path). "
-            "Check the other ranks' logs; raise --distributed-timeout-minutes only if they are just slow.")
+        return "?"
+
+
+def _describe(op: str, group) -> str:
+    return (f"{op} on group '{group_name(group)}' (ranks {_group_ranks(group)}) timed out after "
+            f"{_TIMEOUT_MINUTES:g} min on rank {dist.get_rank()}: a peer never joined (crashed, or took a "
+            "different code path). Check the other ranks' logs; raise --distributed-timeout-minutes only if "
+            "they are just slow.")
+
+
+def _backend_phrase(error: BaseException) -> str:
+    """The backend's own words for the lost connection, e.g. 'Connection reset by peer'."""
+    text = str(error)
+    lower = text.lower()
+    for phrase in _PEER_LOST_TEXT:
+        start = lower.find(phrase)
+        if start != -1:
+            end = text.find(".", start)
+            return text[start:end if end != -1 else start + 80].strip()
+    return type(error).__name__
+
+
+def _describe_lost(op: str, group, error: BaseException) -> str:
+    return (f"{op} on group '{group_name(group)}' (ranks {_group_ranks(group)}) failed on rank {dist.get_rank()} "
+            f"while waiting for a peer: '{_backend_phrase(error)}'. Another rank of this group "
+            "died (killed, out of memory, or an error): its log says why. With torchrun --max-restarts N and "
+            "--save D --load D the job restarts from the latest checkpoint.")
+
+
+_TIMEOUT_TEXT = ("timed out", "timeout")
+_PEER_LOST_TEXT = ("connection reset", "connection closed", "broken pipe", "connection refused",
+                   "socket closed", "remote process exited", "communicator was aborted")
 
 
 def _is_timeout(error: BaseException) -> bool:
     text = str(error).lower()
-    return "timed out" in text or "timeout" in text
+    return any(word in text for word in _TIMEOUT_TEXT)
+
+
+def _is_peer_lost(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(word in text for word in _PEER_LOST_TEXT)
 
 
 class _Work:
@@ -193,7 +229,8 @@ def in_flight() -> Optional[str]:
 
 
 def _call(op: str, group, fn):
-    """Run fn() and turn a backend timeout into a CollectiveTimeoutError that names op, group and rank."""
+    """Run fn() and turn a backend timeout (CollectiveTimeoutError) or a dead peer (CollectivePeerLostError)
+    into an error that names op, group and rank."""
     global _IN_FLIGHT
     _IN_FLIGHT = (op, group, time.monotonic())
     try:
@@ -201,6 +238,8 @@ def _call(op: str, group, fn):
     except RuntimeError as error:
         if _is_timeout(error):
             raise CollectiveTimeoutError(_describe(op, group)) from error
+        if _is_peer_lost(error):
+            raise CollectivePeerLostError(_describe_lost(op, group, error)) from error
         raise
     finally:
         _IN_FLIGHT = None

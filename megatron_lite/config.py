@@ -11,6 +11,7 @@ rule in pipeline/schedules.py, the parallel sizes here (check_parallel_sizes, al
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -355,6 +356,12 @@ class TrainingConfig:
     exit_duration_in_mins: Optional[float] = arg(None, "Exit (after a checkpoint) after this many minutes.")
     exit_signal_handler: bool = arg(True, "Do not save and exit on SIGTERM.", flag="--no-exit-signal-handler", action="store_false")
     seed: int = arg(1234, "Random seed: weights, dropout and data order.")
+    check_for_nan_in_loss_and_grad: bool = arg(
+        True, "Stop a step whose loss or grad norm is NaN/Inf on any rank before its update is applied (all ranks "
+        "agree); --on-nan says what happens next. On by default, as in Megatron.", action=argparse.BooleanOptionalAction)
+    on_nan: str = arg("exit", "With --check-for-nan-in-loss-and-grad: 'exit' stops the job (no save: the last good "
+                      "checkpoint stays the latest) with an error naming the iteration and rank; 'skip' drops the "
+                      "step's update and continues (fp16 overflow semantics).", choices=["exit", "skip"])
 
     def derive_defaults(self, cfg: "Config") -> list[str]:
         if self.global_batch_size is None:
@@ -394,6 +401,8 @@ class CheckpointConfig:
     no_save_optim: bool = arg(False, "Do not save optimizer state.", action="store_true")
     no_load_optim: bool = arg(False, "Do not load optimizer state.", action="store_true")
     no_load_rng: bool = arg(False, "Do not load RNG states.", action="store_true")
+    allow_data_change: bool = arg(False, "Resume with --load even if the training data (dataset sizes, blend weights, "
+                                  "split) differs from the data the checkpoint was trained on.", action="store_true")
     finetune: bool = arg(False, "Load weights only and start at iteration 0.", action="store_true")
     ckpt_step: Optional[int] = arg(None, "Load this iteration from --load instead of the latest one.")
 

@@ -75,8 +75,22 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        store, rank, world = attempt_store(attempt, timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank, world_size=world)
     collectives.set_timeout(timeout_minutes)
+
+
+def attempt_store(attempt: str, timeout: timedelta):
+    """The launcher's key-value store (env:// rendezvous: MASTER_ADDR/MASTER_PORT), namespaced by torchrun's
+    attempt number. torchrun --max-restarts hands every attempt the same agent store; without a prefix the
+    restarted ranks read the dead attempt's gloo/NCCL addresses and fail in connectFullMesh or hang."""
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"megatron_lite/attempt_{attempt}/", store), rank, world
 
 
 def _free_port() -> int:

@@ -7,6 +7,7 @@ optimizer (unscale, clip, step, param gather) -> LR schedule -> logging -> eval 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -14,14 +15,16 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from megatron_lite import collectives, parallel_state as ps
-from megatron_lite.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lite import collectives, fault_injection, parallel_state as ps
+from megatron_lite.checkpointing import load_checkpoint, read_tracker, save_checkpoint
 from megatron_lite.config import Config, ConfigError
+from megatron_lite.data.builder import data_fingerprint
 from megatron_lite.distributed.ddp import DistributedDataParallel
 from megatron_lite.distributed.finalize_model_grads import finalize_model_grads
 from megatron_lite.kernels.registry import select_kernels
 from megatron_lite.logging import MetricsLogger, print_rank_0
 from megatron_lite.optimizer import get_megatron_optimizer, memory_report
+from megatron_lite.optimizer.clip_grads import NonFiniteStepError
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
 from megatron_lite.pipeline.runner import get_forward_backward_func
 from megatron_lite.pipeline.stages import build_model_chunks
@@ -74,6 +77,10 @@ class _SignalFlag:
 
     def any_rank(self, groups: ProcessGroups) -> bool:
         return collectives.any_rank(self.received, groups.world)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The job stopped on a non-finite loss or grad norm (--check-for-nan-in-loss-and-grad, --on-nan exit)."""
 
 
 # ---- set-up -------------------------------------------------------------------------------------
@@ -197,6 +204,8 @@ def _has_data(iterators) -> bool:
 # ---- the step -----------------------------------------------------------------------------------
 def train_step(config: Config, forward_step_func, data_iterators, model, optimizer, scheduler,
                num_microbatches: int, global_batch_size: int, groups: Optional[ProcessGroups] = None):
+    """One optimizer step. Raises NonFiniteStepError on every rank (nothing updated) when the NaN/Inf check
+    (--check-for-nan-in-loss-and-grad) finds a non-finite loss or grad norm on any rank."""
     groups = groups or ProcessGroups.single()
     forward_backward = get_forward_backward_func(config, groups)
     for chunk in model:
@@ -209,7 +218,12 @@ def train_step(config: Config, forward_step_func, data_iterators, model, optimiz
         micro_batch_size=config.training.micro_batch_size, config=config, forward_only=False,
         no_sync_func=_no_sync_func(model), finalize_model_grads_func=finalize_model_grads,
         grad_scale_func=optimizer.scale_loss)
-    update_successful, grad_norm, num_zeros = optimizer.step()
+    nonfinite_loss = any(not math.isfinite(float(d["lm loss"])) for d in losses)
+    try:
+        update_successful, grad_norm, num_zeros = optimizer.step(nonfinite_loss=nonfinite_loss)
+    except NonFiniteStepError as error:
+        error.loss = _average_losses(losses, groups)
+        raise
     if update_successful:
         scheduler.step(increment=global_batch_size)
     return _average_losses(losses, groups), update_successful, grad_norm, num_zeros
@@ -269,11 +283,16 @@ def pretrain(config: Config, model_provider: Callable, forward_step_func: Callab
     logger = MetricsLogger(config, groups.world.size, groups)
     model, optimizer, scheduler = setup_model_and_optimizer(config, model_provider, groups)
     state = TrainState()
+    d = config.data
+    # Opening the datasets here checks every .bin/.idx pair before any checkpoint is read or step is run.
+    fingerprint = data_fingerprint(d.data_path, d.split, d.mock_data)
     if config.checkpoint.load:
-        state.iteration, state.consumed_train_samples = load_checkpoint(model, optimizer, scheduler, config, groups=groups)
+        state.iteration, state.consumed_train_samples = load_checkpoint(model, optimizer, scheduler, config,
+                                                                        groups=groups, data_fingerprint=fingerprint)
     _print_summary(config, model, groups)
     logger.log_memory(memory_report(model, optimizer), config.parallel.sharding_strategy)
     run = _Run(config, groups, model, optimizer, scheduler, forward_step_func, logger, state, start_time, signals)
+    run.data_fingerprint = fingerprint
     run.data = build_data_iterators(config, datasets_provider, state.consumed_train_samples, len(model),
                                     run.eval_consumed(), groups)
     try:
@@ -298,6 +317,7 @@ class _Run:
         self.signals = signals
         self.summary: dict = {"iteration": state.iteration, "train_losses": [], "valid_loss": None}
         self.saved_at: Optional[int] = None
+        self.data_fingerprint: Optional[dict] = None  # recorded in every checkpoint (data.builder)
         self.data = ([], [], [])
 
     def eval_consumed(self) -> int:
@@ -308,7 +328,7 @@ class _Run:
         config, state = self.config, self.state
         if config.checkpoint.save and self.saved_at != state.iteration:
             save_checkpoint(state.iteration, self.model, self.optimizer, self.scheduler, state.consumed_train_samples,
-                            config, groups=self.groups)
+                            config, groups=self.groups, data_fingerprint=self.data_fingerprint)
             self.saved_at = state.iteration
             print_rank_0(f"saved checkpoint at iteration {state.iteration} to {config.checkpoint.save} ({reason})")
 
@@ -332,13 +352,19 @@ class _Run:
         window_start, window_iters = time.time(), 0
         while state.iteration < total_iters:
             self.batches.update(state.consumed_train_samples)
-            loss, ok, grad_norm, num_zeros = train_step(
-                config, self.forward_step_func, train_data, self.model, self.optimizer, self.scheduler,
-                self.batches.num_microbatches, self.batches.global_batch_size, self.groups)
+            fault_injection.maybe_kill(state.iteration + 1, self.groups.world.rank)
+            forward_step_func = fault_injection.poison_forward_step(self.forward_step_func, state.iteration + 1,
+                                                                    self.groups.world.rank)
+            try:
+                loss, ok, grad_norm, num_zeros = train_step(
+                    config, forward_step_func, train_data, self.model, self.optimizer, self.scheduler,
+                    self.batches.num_microbatches, self.batches.global_batch_size, self.groups)
+            except NonFiniteStepError as error:
+                loss, ok, grad_norm, num_zeros = self.on_nonfinite(error)
             state.iteration += 1
             state.consumed_train_samples += self.batches.global_batch_size
             state.skipped_iterations += 0 if ok else 1
-            if grad_norm is not None and not math.isfinite(grad_norm):
+            if (grad_norm is not None and not math.isfinite(grad_norm)) or (loss is not None and not math.isfinite(loss)):
                 state.nan_iterations += 1
             window_iters += 1
             if loss is not None:
@@ -353,6 +379,25 @@ class _Run:
             if self.should_exit():
                 return True
         return False
+
+    def on_nonfinite(self, error: NonFiniteStepError):
+        """--on-nan skip: the step counts as skipped (no update, no LR step); returns train_step's tuple.
+        --on-nan exit: every rank leaves together, without saving, so the latest checkpoint stays the last
+        good one; raises NonFiniteTrainingError."""
+        iteration, t = self.state.iteration + 1, self.config.training
+        what = (f"iteration {iteration}: {error.describe()} (lm loss {error.loss}, grad norm {error.grad_norm}); "
+                "the step's update was not applied on any rank")
+        if t.on_nan == "skip":
+            print_rank_0(f"{what}: skipping it (--on-nan skip).")
+            return error.loss, False, error.grad_norm, None
+        save = self.config.checkpoint.save
+        latest = read_tracker(save) if save and os.path.isdir(save) else None
+        kept = (f"the latest checkpoint ({save}, iteration {latest}) is the last good one and was not overwritten"
+                if latest is not None else "no checkpoint was saved")
+        shutdown()
+        raise NonFiniteTrainingError(
+            f"{what}: stopping (--on-nan exit); {kept}. Fix: lower --lr or --init-method-std, check the data "
+            "around these samples, or pass --on-nan skip to drop such steps and continue.")
 
     def log(self, loss, grad_norm, num_zeros, elapsed: float) -> None:
         state = self.state

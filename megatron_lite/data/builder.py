@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -38,6 +39,37 @@ def parse_data_path(data_path: Sequence[str]) -> tuple[list[str], list[float] | 
             "e.g. --data-path 0.3 data/a_text_document 0.7 data/b_text_document"
         )
     return items[1::2], [float(w) for w in items[0::2]]
+
+
+def data_fingerprint(data_path: list[str] | None, split: str, mock: bool) -> dict:
+    """What a checkpoint records about its training data, so that resuming on other data (a dataset
+    grown, shrunk or regenerated, another blend or split) is an error before training. Opening each
+    dataset also checks its .bin/.idx pair (truncation, mismatch), naming the file. Directories are not
+    recorded: moving the data elsewhere is not a change."""
+    fingerprint: dict = {"split": split, "mock_data": bool(mock)}
+    if mock or not data_path:
+        return fingerprint
+    prefixes, weights = parse_data_path(data_path)
+    fingerprint["blend weights"] = weights
+    for i, prefix in enumerate(prefixes):
+        dataset = IndexedDataset(prefix)
+        fingerprint[f"dataset {i} ({prefix})"] = {
+            "name": os.path.basename(prefix), "sequences": len(dataset),
+            "documents": len(dataset.document_indices) - 1, "tokens": int(dataset.num_tokens)}
+    return fingerprint
+
+
+def fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    """One line per entry that differs; datasets are matched by position in --data-path, not by directory."""
+    def strip(key: str) -> str:
+        return key.split(" (")[0]
+    saved_by, current_by = {strip(k): (k, v) for k, v in saved.items()}, {strip(k): (k, v) for k, v in current.items()}
+    lines = []
+    for key in sorted(set(saved_by) | set(current_by)):
+        (_, old), (name, new) = saved_by.get(key, (key, None)), current_by.get(key, (key, None))
+        if old != new:
+            lines.append(f"{name}: {old} (checkpoint) vs {new} (now)")
+    return lines
 
 
 def build_gpt_datasets(

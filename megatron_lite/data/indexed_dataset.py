@@ -148,6 +148,19 @@ class _Index:
         if self.sequence_count and np.any(self.sequence_lengths < 0):
             raise IndexedDatasetError(f"{self.path}: corrupt index: negative sequence length")
 
+    def check_layout(self, bin_path: str) -> None:
+        """The pointers must tile the .bin back to back (Megatron's writer, and every tool here, write them
+        so): a same-size .bin/.idx pair from different runs is caught here, in one vectorised pass."""
+        if self.sequence_count == 0:
+            return
+        lengths, pointers = self.sequence_lengths, self.sequence_pointers
+        bad = pointers[0] != 0 or np.any(pointers[1:] != pointers[:-1] + lengths[:-1].astype(np.int64) * self.dtype.itemsize)
+        if bad:
+            raise IndexedDatasetError(
+                f"{self.path}: does not match {bin_path}: its sequence pointers do not follow its sequence "
+                "lengths (a corrupt or foreign .idx); regenerate both with tools/preprocess_data.py"
+            )
+
     @property
     def data_bytes(self) -> int:
         """Bytes of .bin that the index refers to."""
@@ -174,6 +187,13 @@ class IndexedDataset:
                 f"{bin_path}: data file truncated: the index refers to {need} bytes but the file "
                 f"has {bin_size}; regenerate it with tools/preprocess_data.py"
             )
+        if bin_size > need:
+            raise IndexedDatasetError(
+                f"{bin_path}: does not match its index {self.index.path}: the index covers {need} bytes "
+                f"but the data file has {bin_size} (an .idx from another .bin, or an interrupted rewrite); "
+                "regenerate both with tools/preprocess_data.py"
+            )
+        self.index.check_layout(bin_path)
         # np.memmap refuses empty files; an empty dataset simply has no buffer.
         self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
         self.dtype = self.index.dtype

@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 import torch
 
 from megatron_lite import collectives
-from megatron_lite.process_groups import ProcessGroups
+from megatron_lite.process_groups import Group, ProcessGroups
 from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
 
 
@@ -73,3 +73,32 @@ def any_nonfinite(grads: Iterable[Optional[torch.Tensor]], groups: list) -> bool
     if present:
         local = torch.stack([(~torch.isfinite(grad)).any() for grad in present]).any().double().reshape(1)
     return _reduced(local, groups, op="max") > 0.0
+
+
+class NonFiniteStepError(RuntimeError):
+    """Raised on every rank together when a step's loss or grad norm is NaN/Inf on any rank: the update was
+    not applied. `loss_rank` / `grad_rank`: the lowest global rank that saw a non-finite loss / grad norm."""
+
+    def __init__(self, grad_norm: float, loss_rank: Optional[int], grad_rank: Optional[int]):
+        self.grad_norm, self.loss_rank, self.grad_rank = grad_norm, loss_rank, grad_rank
+        self.loss: Optional[float] = None  # the reported lm loss, filled in by the training step
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        seen = []
+        if self.loss_rank is not None:
+            seen.append(f"non-finite loss on rank {self.loss_rank}")
+        if self.grad_rank is not None:
+            seen.append(f"non-finite grad norm ({self.grad_norm}) on rank {self.grad_rank}")
+        return " and ".join(seen)
+
+
+def check_finite_step(nonfinite_loss: bool, grad_norm: float, world: Group) -> None:
+    """Every rank learns, in one all-reduce over `world`, the lowest rank with a non-finite loss and the lowest
+    with a non-finite grad norm; all raise NonFiniteStepError together if there is either."""
+    rank, nobody = world.rank, float("inf")
+    local = [rank if nonfinite_loss else nobody, rank if not math.isfinite(grad_norm) else nobody]
+    loss_rank, grad_rank = collectives.all_reduce_scalars(local, world, op="min")
+    if math.isfinite(loss_rank) or math.isfinite(grad_rank):
+        raise NonFiniteStepError(grad_norm, int(loss_rank) if math.isfinite(loss_rank) else None,
+                                 int(grad_rank) if math.isfinite(grad_rank) else None)

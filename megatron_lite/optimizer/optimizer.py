@@ -21,8 +21,9 @@ from megatron_lite.config import Config
 from megatron_lite.distributed.model_chunk import ModelChunk, as_model_chunks
 from megatron_lite.kernels.adam import build_adam, select_adam_impl
 from megatron_lite.optimizer.distrib_optimizer import gather_parameter_state, shard_slices
-from megatron_lite.optimizer.clip_grads import (any_nonfinite, clip_grad_by_total_norm_fp32, count_zeros_fp32,
-                                                counts_toward_norm, get_grad_norm_fp32)
+from megatron_lite.optimizer.clip_grads import (NonFiniteStepError, any_nonfinite, check_finite_step,
+                                                clip_grad_by_total_norm_fp32, count_zeros_fp32, counts_toward_norm,
+                                                get_grad_norm_fp32)
 from megatron_lite.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron_lite.optimizer.nvme import NvmeStore
 from megatron_lite.optimizer.offload import build_host_adam, host_copy, split_for_offload
@@ -170,11 +171,13 @@ class MegatronOptimizer:
             m.main.grad = None
 
     @torch.no_grad()
-    def step(self) -> tuple[bool, Optional[float], Optional[int]]:
+    def step(self, nonfinite_loss: bool = False) -> tuple[bool, Optional[float], Optional[int]]:
         """Unscale, skip on inf/nan (all ranks together), clip, step, write back, all-gather (distributed).
 
         Returns (update_successful, grad_norm, num_zeros_in_grad); the last two are None for a skipped step,
-        and num_zeros_in_grad is None unless --log-num-zeros-in-grad.
+        and num_zeros_in_grad is None unless --log-num-zeros-in-grad. With --check-for-nan-in-loss-and-grad
+        a non-finite grad norm, or `nonfinite_loss` on any rank, raises NonFiniteStepError on every rank
+        before anything is updated (fp16: the loss scaler's overflow skip comes first).
         """
         # fp32 gradient of each main param, on the device (offloaded slices go to the host only to step).
         device_grads = {}
@@ -197,6 +200,12 @@ class MegatronOptimizer:
         counted = [device_grads[id(m)] for m in self.main_params
                    if id(m) in device_grads and counts_toward_norm(m.model_param, self.groups)]
         grad_norm = get_grad_norm_fp32(counted, self._stat_groups)
+        if self.config.training.check_for_nan_in_loss_and_grad:
+            try:
+                check_finite_step(nonfinite_loss, grad_norm, self.groups.world)
+            except NonFiniteStepError:
+                self._drop_main_grads()
+                raise
         if self.config.optimizer.clip_grad > 0.0:
             clip_grad_by_total_norm_fp32(grads, self.config.optimizer.clip_grad, grad_norm)
         # Megatron counts zeros only on request: it is a full extra pass over every gradient.

@@ -172,6 +172,10 @@ def test_killed_process_mid_save_leaves_last_complete_checkpoint(tmp_path):
     chunks, opt, sched = make_state()
     assert load_checkpoint(chunks, opt, sched, make_config(load=str(tmp_path))) == (1, 8)
     assert sched.num_steps == 1 and opt.steps == 1
+    assert os.path.isdir(tmp_path / "iter_0000002.tmp")  # --load of another job's directory leaves it alone
+    # Resuming into the same directory (--save D --load D, as an automatic restart does) removes it.
+    assert load_checkpoint(chunks, opt, sched, make_config(load=str(tmp_path), save=str(tmp_path))) == (1, 8)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
 
 
 def test_offline_writer_reader_reshard_exact(tmp_path):
@@ -189,6 +193,7 @@ def test_offline_writer_reader_reshard_exact(tmp_path):
                                        optimizer_states=optim.__getitem__, common={"optimizer": {"steps": 7}})
     reader = CheckpointReader(str(src))
     assert reader.iteration == 7 and reader.layout["tp"] == 2 and reader.has_optimizer()
+    assert reader.has_checksums and reader.verify() == []  # the offline writer records every file too
     # Streamed: one part file per layer (and one for the embedding / final norm) per (tp, pp).
     fc1_files = reader.params["decoder.layers.1.mlp.linear_fc1.weight"].files
     assert [re.sub(r"_part\d+", "", f) for f in fc1_files] == ["model_tp0_pp1.pt", "model_tp1_pp1.pt"]

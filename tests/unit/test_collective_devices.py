@@ -245,13 +245,16 @@ def _gradient_sites(groups: ProcessGroups) -> None:
 
 def _optimizer_and_ddp_sites(groups: ProcessGroups) -> None:
     from megatron_lite.distributed.ddp import DistributedDataParallel
-    from megatron_lite.optimizer.clip_grads import any_nonfinite, count_zeros_fp32, get_grad_norm_fp32
+    from megatron_lite.optimizer.clip_grads import (NonFiniteStepError, any_nonfinite, check_finite_step,
+                                                    count_zeros_fp32, get_grad_norm_fp32)
     from megatron_lite.optimizer.distrib_optimizer import gather_parameter_state, shard_slices
     grads = [_meta(3, 2), _meta(5)]
     get_grad_norm_fp32(grads, [groups.mp, groups.world])
     get_grad_norm_fp32([], [groups.mp])  # a rank without gradients
     count_zeros_fp32(grads, [groups.mp])
     any_nonfinite(grads, [groups.world])
+    with pytest.raises(NonFiniteStepError):  # meta tensors read back as zeros, i.e. "rank 0 saw a NaN"
+        check_finite_step(False, 1.0, groups.world)  # the NaN/Inf check's agreement
     for strategy in ("no_shard", "optim", "optim_grads"):
         distributed = strategy != "no_shard"
         cfg = _config(use_distributed_optimizer=distributed, data_parallel_sharding_strategy=strategy, ddp_bucket_size=10)

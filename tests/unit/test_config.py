@@ -175,3 +175,12 @@ def test_inference_and_conversion_drop_training_only_sharding_and_offload(tmp_pa
     converted = target_config(values, 1, 1, None)
     assert converted["optimizer"]["optimizer_nvme_offload_dir"] is None
     assert converted["parallel"]["data_parallel_sharding_strategy"] == "optim_grads"
+
+
+def test_nan_check_flags_megatron_spelling_both_forms():
+    assert parse([]).training.check_for_nan_in_loss_and_grad is True  # on by default, as in Megatron
+    assert parse(["--no-check-for-nan-in-loss-and-grad"]).training.check_for_nan_in_loss_and_grad is False
+    assert parse(["--check-for-nan-in-loss-and-grad"]).training.check_for_nan_in_loss_and_grad is True
+    assert parse([]).training.on_nan == "exit" and parse(["--on-nan", "skip"]).training.on_nan == "skip"
+    with pytest.raises(SystemExit):
+        parse(["--on-nan", "ignore"])

@@ -3,6 +3,7 @@ name, full shape, dtype, sharding and L2 norm, and whether optimizer state is pr
 
     python tools/checkpoint/inspect.py ./ckpt                       # the latest iteration
     python tools/checkpoint/inspect.py --load-dir ./ckpt/iter_0000100 --no-norms --json
+    python tools/checkpoint/inspect.py ./ckpt --verify               # sizes and CRC-32s against the manifest
 
 Reads one full tensor at a time (CheckpointReader), so it works offline on any checkpoint size.
 """
@@ -74,17 +75,38 @@ def print_summary(info: dict) -> None:
         print(f"{p['name']:<{width}}  {str(p['shape']):<14} {p['dtype']:<9} {p['sharding']:<18} {p['pp_rank']:>2}  {norm}")
 
 
+def verify(path: str) -> int:
+    """Check every file the manifest lists (size, then CRC-32); 0 if all match, 1 otherwise."""
+    with CheckpointReader(path) as reader:
+        if not reader.has_checksums:
+            print(f"{reader.path} (iteration {reader.iteration}) was written before checkpoints recorded checksums: "
+                  "nothing to verify (re-save it to add them).")
+            return 0
+        names = set(reader.metadata["files"]) | {f for meta in reader.param_meta().values() for f in meta.files}
+        problems = reader.verify(names)
+        for problem in problems:
+            print(f"DAMAGED: {problem}")
+        if problems:
+            return 1
+        print(f"{reader.path} (iteration {reader.iteration}): all {len(names)} files match the manifest.")
+        return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("path", nargs="?", help="A --save directory or one of its iter_NNNNNNN directories.")
     parser.add_argument("--load-dir", help="Same as the positional path (Megatron's spelling).")
     parser.add_argument("--no-norms", action="store_true", help="Skip reading tensors (names and shapes only).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
+    parser.add_argument("--verify", action="store_true",
+                        help="Check every file's size and CRC-32 against metadata.json; exit 1 if any differs.")
     args = parser.parse_args(argv)
     path = args.load_dir or args.path
     if path is None:
         parser.error("give the checkpoint directory (positional or --load-dir)")
     try:
+        if args.verify:
+            return verify(path)
         info = summarize(path, norms=not args.no_norms)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
