@@ -131,7 +131,7 @@ def test_sbatch_completes_then_sigterm_saves_requeues_and_resumes_to_the_same_lo
         assert f"loaded checkpoint from {save} at iteration {saved}" in text
         assert "attempt 2: training finished" in text
         assert "forcefully exiting" not in text and "SignalException" not in text  # torchrun left SIGTERM alone
-        records = [r["iteration"] for r in read_jsonl(metrics) if "split" not in r]
+        records = [r["iteration"] for r in read_jsonl(metrics) if "split" not in r and "record" not in r]
         assert records == list(range(1, ITERS + 1)), records  # each iteration once across both attempts
         assert train_losses(read_jsonl(metrics)) == expected  # bitwise: same layout, data order, RNG
 
