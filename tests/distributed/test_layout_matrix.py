@@ -142,9 +142,9 @@ class _GradsBeforeStep:
     def __getattr__(self, name):
         return getattr(self._optimizer, name)
 
-    def step(self):
+    def step(self, **kwargs):
         self.grads = _full_grads(self._model, self._optimizer, self._groups)
-        return self._optimizer.step()
+        return self._optimizer.step(**kwargs)
 
 
 def _train_case(case: dict) -> dict:
