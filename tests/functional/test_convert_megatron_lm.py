@@ -31,12 +31,16 @@ LOGIT_TOL = dict(rtol=0, atol=1e-4)
 STYLES = ("gpt2", "llama")
 
 
-def convert_without_megatron_core(*argv: str) -> subprocess.CompletedProcess:
-    """Run convert.py in a fresh interpreter where `import megatron` fails."""
-    code = ("import sys, runpy; sys.modules['megatron'] = None; "
-            f"sys.argv = ['convert.py'] + {list(argv)!r}; "
-            "runpy.run_path('tools/checkpoint/convert.py', run_name='__main__')")
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def convert_without_megatron_core(*runs: list[str]) -> subprocess.CompletedProcess:
+    """Run convert.py once per argument list in one fresh interpreter where `import megatron` fails."""
+    code = ("import sys, runpy; sys.modules['megatron'] = None\n"
+            f"for argv in {[list(r) for r in runs]!r}:\n"
+            "    sys.argv = ['convert.py'] + argv\n"
+            "    try:\n"
+            "        runpy.run_path('tools/checkpoint/convert.py', run_name='__main__')\n"
+            "    except SystemExit as exit:\n"
+            "        if exit.code: raise\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def _megatron_lite_outputs(directories: dict) -> dict:
@@ -55,14 +59,15 @@ def _megatron_lite_outputs(directories: dict) -> dict:
     return out
 
 
-def _reference(style: str, torch_dir: str, dist_dir: str) -> list:
+def _reference(directories: dict) -> dict:
     import megatron_core_toys as toys
-    return toys.save_reference(style, 2, 2, torch_dir, dist_dir)
+    return {style: toys.save_reference(style, 2, 2, torch_dir, dist_dir)
+            for style, (torch_dir, dist_dir) in directories.items()}
 
 
-def _load_ours(style: str, directory: str) -> dict:
+def _load_ours(directories: dict) -> dict:
     import megatron_core_toys as toys
-    return toys.load_ours(style, 2, 2, directory)
+    return {style: toys.load_ours(style, 2, 2, directory) for style, directory in directories.items()}
 
 
 @pytest.fixture(scope="module")
@@ -70,29 +75,32 @@ def megatron_checkpoints(tmp_path_factory):
     pytest.importorskip("megatron.core", reason="megatron-core not installed (pip install --no-deps megatron-core)")
     pytest.importorskip("psutil", reason="megatron-core's dist_checkpointing needs psutil")
     base = tmp_path_factory.mktemp("megatron_lm")
+    directories = {style: (str(base / f"{style}_torch"), str(base / f"{style}_dist")) for style in STYLES}
+    ranks = run_distributed(_reference, 4, timeout=600, directories=directories)
     out = {}
-    for style in STYLES:
-        torch_dir, dist_dir = str(base / f"{style}_torch"), str(base / f"{style}_dist")
-        ranks = run_distributed(_reference, 4, timeout=300, style=style, torch_dir=torch_dir, dist_dir=dist_dir)
-        reference = ranks[0]
-        assert all(r["greedy"] == reference["greedy"] for r in ranks)
+    for style, (torch_dir, dist_dir) in directories.items():
+        reference = ranks[0][style]
+        assert all(r[style]["greedy"] == reference["greedy"] for r in ranks)
         assert len(set(reference["greedy"])) > 2  # varied continuation: a meaningful comparison
         out[style] = {"torch": torch_dir, "dist": dist_dir, "reference": reference,
-                      "states": {i: r["state"] for i, r in enumerate(ranks)}}
+                      "states": {i: r[style]["state"] for i, r in enumerate(ranks)}}
     return base, out
 
 
 def test_megatron_lm_to_megatron_lite_and_back(megatron_checkpoints):
     base, checkpoints = megatron_checkpoints
-    converted = {}
+    converted = {(style, fmt): str(base / f"{style}_{fmt}_ml") for style in STYLES for fmt in ("torch", "dist")}
+    back = {style: str(base / f"{style}_back") for style in STYLES}
+    runs = [["--loader", "megatron" if fmt == "torch" else "mcore", "--saver", "megatron_lite", "--load-dir",
+             checkpoints[style][fmt], "--save-dir", target, "--target-tensor-parallel-size", "2"]
+            for (style, fmt), target in converted.items()]
+    # The reverse: megatron_lite -> Megatron-LM torch format at TP 2 x PP 2.
+    runs += [["--loader", "megatron_lite", "--saver", "megatron", "--load-dir", converted[(style, "torch")],
+              "--save-dir", target, "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"]
+             for style, target in back.items()]
+    result = convert_without_megatron_core(*runs)
+    assert result.returncode == 0, result.stderr
     for style, info in checkpoints.items():
-        for fmt in ("torch", "dist"):
-            target = str(base / f"{style}_{fmt}_ml")
-            result = convert_without_megatron_core("--loader", "megatron" if fmt == "torch" else "mcore",
-                                                   "--saver", "megatron_lite", "--load-dir", info[fmt],
-                                                   "--save-dir", target, "--target-tensor-parallel-size", "2")
-            assert result.returncode == 0, result.stderr
-            converted[(style, fmt)] = target
         # Both Megatron-LM formats hold the same model: identical canonical tensors.
         torch_reader, dist_reader = CheckpointReader(converted[(style, "torch")]), CheckpointReader(converted[(style, "dist")])
         assert torch_reader.param_names() == dist_reader.param_names()
@@ -102,7 +110,7 @@ def test_megatron_lm_to_megatron_lite_and_back(megatron_checkpoints):
         assert torch_reader.iteration == 7
         assert torch_reader.config["model"]["group_query_attention"] == (style == "llama")
 
-    outputs = run_distributed(_megatron_lite_outputs, 4, timeout=300,
+    outputs = run_distributed(_megatron_lite_outputs, 4, timeout=600,
                               directories={f"{s}_{f}": d for (s, f), d in converted.items()})
     for rank_outputs in outputs:
         for (style, fmt) in converted:
@@ -111,15 +119,12 @@ def test_megatron_lm_to_megatron_lite_and_back(megatron_checkpoints):
             torch.testing.assert_close(ours["logits"], reference["logits"], **LOGIT_TOL)
             assert ours["greedy"] == reference["greedy"], (style, fmt)
 
-    # The reverse: megatron_lite -> Megatron-LM torch format at TP 2 x PP 2, loaded by megatron-core.
+    # megatron-core loads what --saver megatron wrote.
+    ranks = run_distributed(_load_ours, 4, timeout=600, directories=back)
     for style, info in checkpoints.items():
-        target = str(base / f"{style}_back")
-        result = convert_without_megatron_core("--loader", "megatron_lite", "--saver", "megatron", "--load-dir",
-                                               converted[(style, "torch")], "--save-dir", target,
-                                               "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
-        assert result.returncode == 0, result.stderr
-        ranks = run_distributed(_load_ours, 4, timeout=300, style=style, directory=target)
-        for rank, loaded in enumerate(ranks):
+        target = back[style]
+        for rank_loaded in ranks:
+            loaded = rank_loaded[style]
             assert loaded["missing"] == [] and loaded["unexpected"] == []
             assert loaded["args_tp"] == 2 and loaded["padded"] == 64
             torch.testing.assert_close(loaded["logits"], info["reference"]["logits"], **LOGIT_TOL)
