@@ -44,6 +44,12 @@ class ModelConfig:
     position_embedding_type: str = arg("learned_absolute", "Position embedding.", choices=["learned_absolute", "rope"])
     rotary_base: float = arg(10000.0, "RoPE base (theta).")
     rotary_percent: float = arg(1.0, "Fraction of each head's channels that RoPE rotates.")
+    # Llama 3.x RoPE scaling (HF rope_type "llama3"); Megatron fixes the last three at 1, 4 and 8192.
+    use_rope_scaling: bool = arg(False, "Llama 3.x RoPE frequency scaling.", action="store_true")
+    rope_scaling_factor: float = arg(8.0, "With --use-rope-scaling: the scaling factor.")
+    rope_scaling_low_freq_factor: float = arg(1.0, "With --use-rope-scaling: Llama 3's low_freq_factor.")
+    rope_scaling_high_freq_factor: float = arg(4.0, "With --use-rope-scaling: Llama 3's high_freq_factor.")
+    rope_scaling_original_max_position_embeddings: int = arg(8192, "With --use-rope-scaling: the pre-scaling context length.")
     normalization: str = arg("LayerNorm", "Normalisation layer.", choices=["LayerNorm", "RMSNorm"])
     norm_epsilon: float = arg(1e-5, "Epsilon of LayerNorm/RMSNorm.")
     swiglu: bool = arg(False, "SwiGLU MLP instead of GeLU.", action="store_true")
@@ -309,6 +315,12 @@ def validate(cfg: Config) -> None:
               f"Set --max-position-embeddings >= {m.seq_length}.")
     if m.position_embedding_type == "rope" and m.head_dim % 2 != 0:
         _fail("--position-embedding-type rope", f"needs an even head dimension, got {m.head_dim}", "Change --hidden-size or --num-attention-heads.")
+    # --- RoPE scaling (Llama 3.x) ---
+    if m.use_rope_scaling and m.position_embedding_type != "rope":
+        _fail("--use-rope-scaling", "needs --position-embedding-type rope", "Add --position-embedding-type rope or drop it.")
+    if m.use_rope_scaling and not (m.rope_scaling_factor >= 1 and m.rope_scaling_high_freq_factor > m.rope_scaling_low_freq_factor > 0):
+        _fail("--rope-scaling-factor", f"factor {m.rope_scaling_factor}, low/high frequency factors {m.rope_scaling_low_freq_factor}/"
+              f"{m.rope_scaling_high_freq_factor}", "Use factor >= 1 and 0 < low < high (Llama 3.1: 8, 1, 4).")
     for flag, value in [("--hidden-dropout", m.hidden_dropout), ("--attention-dropout", m.attention_dropout)]:
         if not 0.0 <= value < 1.0:
             _fail(flag, f"must be in [0, 1), got {value}", "Use e.g. 0.1, or 0 to disable dropout.")

@@ -28,14 +28,38 @@ _SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 # ---- config ---------------------------------------------------------------------------------------
-def _rope_theta(hf: dict) -> float:
-    """RoPE base: `rope_theta` (transformers < 5) or `rope_parameters.rope_theta` (>= 5)."""
+def _rope_parameters(hf: dict, m) -> None:
+    """RoPE base and scaling onto ModelConfig `m`: `rope_theta` + `rope_scaling` (transformers < 5) or
+    `rope_parameters` (>= 5). Plain RoPE and Llama 3.x scaling (rope_type "llama3") are supported."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ConfigError(f"HF config: rope type {rope_type!r} (RoPE scaling) is not supported; only plain RoPE is.")
-    return float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    m.rotary_base = float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    if rope_type == "llama3":
+        values = {**scaling, **params}
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                   if k not in values]
+        if missing:
+            raise ConfigError(f"HF config: rope type 'llama3' without {missing}.")
+        m.use_rope_scaling = True
+        m.rope_scaling_factor = float(values["factor"])
+        m.rope_scaling_low_freq_factor = float(values["low_freq_factor"])
+        m.rope_scaling_high_freq_factor = float(values["high_freq_factor"])
+        m.rope_scaling_original_max_position_embeddings = int(values["original_max_position_embeddings"])
+    elif rope_type != "default":
+        raise ConfigError(f"HF config: rope type {rope_type!r} is not supported; plain RoPE ('default') and Llama 3.x "
+                          "scaling ('llama3') are.")
+
+
+def _hf_rope_parameters(m: dict) -> dict:
+    """config.json's rope fields for a megatron_lite model dict (both transformers spellings)."""
+    theta = float(m["rotary_base"])
+    if not m.get("use_rope_scaling"):
+        return {"rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_scaling": None}
+    scaling = {"rope_type": "llama3", "factor": m["rope_scaling_factor"], "low_freq_factor": m["rope_scaling_low_freq_factor"],
+               "high_freq_factor": m["rope_scaling_high_freq_factor"],
+               "original_max_position_embeddings": m["rope_scaling_original_max_position_embeddings"]}
+    return {"rope_theta": theta, "rope_parameters": {**scaling, "rope_theta": theta}, "rope_scaling": scaling}
 
 
 def config_from_hf(hf: dict) -> Config:
@@ -68,7 +92,8 @@ def config_from_hf(hf: dict) -> Config:
             m.kv_channels = hf["head_dim"]
         m.group_query_attention, m.num_query_groups = groups != heads, (groups if groups != heads else None)
         m.max_position_embeddings = m.seq_length = hf["max_position_embeddings"]
-        m.position_embedding_type, m.rotary_base = "rope", _rope_theta(hf)
+        m.position_embedding_type = "rope"
+        _rope_parameters(hf, m)
         m.normalization, m.norm_epsilon, m.swiglu = "RMSNorm", hf.get("rms_norm_eps", 1e-6), True
         m.hidden_dropout, m.attention_dropout = 0.0, hf.get("attention_dropout", 0.0)
         m.untie_embeddings_and_output_weights = not hf.get("tie_word_embeddings", False)
@@ -121,14 +146,12 @@ def hf_config_from_config(config: dict, dtype: str = "float32") -> dict:
     else:
         # Keep Mistral's name on the way back; Qwen2 is the only family with QKV-only biases.
         model_type = "qwen2" if family == "qwen2" else ("mistral" if saved.get("model_type") == "mistral" else "llama")
-        theta = float(m["rotary_base"])
         hf = {"architectures": [LLAMA_LIKE[model_type]], "model_type": model_type, "hidden_act": "silu",
               "num_hidden_layers": m["num_layers"], "hidden_size": m["hidden_size"], "intermediate_size": m["ffn_hidden_size"],
               "num_attention_heads": heads, "num_key_value_heads": m["num_query_groups"] or heads, "head_dim": head_dim,
               "max_position_embeddings": m["max_position_embeddings"], "rms_norm_eps": m["norm_epsilon"],
-              # Both spellings: transformers < 5 reads rope_theta, >= 5 rope_parameters.
-              "rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_scaling": None,
-              "attention_dropout": m["attention_dropout"]}
+              # Both spellings: transformers < 5 reads rope_theta (+ rope_scaling), >= 5 rope_parameters.
+              **_hf_rope_parameters(m), "attention_dropout": m["attention_dropout"]}
         if family == "llama":
             hf.update(attention_bias=m["add_bias_linear"], mlp_bias=m["add_bias_linear"])
         if model_type in ("mistral", "qwen2"):

@@ -117,7 +117,7 @@ def config_from_args(args: Any, vocab_size: Optional[int] = None) -> Config:
     unsupported = {"num_experts": "mixture-of-experts layers", "multi_latent_attention": "multi-latent attention",
                    "hybrid_override_pattern": "hybrid (Mamba) models", "qk_layernorm": "q/k layer norm",
                    "rotary_interleaved": "interleaved RoPE", "apply_layernorm_1p": "LayerNorm 1p",
-                   "squared_relu": "squared ReLU", "use_rope_scaling": "RoPE scaling",
+                   "squared_relu": "squared ReLU",
                    "rotary_seq_len_interpolation_factor": "RoPE interpolation", "moe_layer_freq": None,
                    "mtp_num_layers": "multi-token prediction", "window_size": "sliding-window attention"}
     for name, what in unsupported.items():
@@ -141,6 +141,8 @@ def config_from_args(args: Any, vocab_size: Optional[int] = None) -> Config:
     m.position_embedding_type = position
     m.rotary_base = float(get("rotary_base", 10000) or 10000)
     m.rotary_percent = float(get("rotary_percent", 1.0) or 1.0)
+    if get("use_rope_scaling"):  # Llama 3.x; Megatron fixes low/high frequency factors 1 and 4, context 8192
+        m.use_rope_scaling, m.rope_scaling_factor = True, float(get("rope_scaling_factor", 8.0) or 8.0)
     m.normalization = get("normalization") or "LayerNorm"
     if m.normalization not in ("LayerNorm", "RMSNorm"):
         raise ConfigError(f"Megatron-LM args: normalization={m.normalization!r} is not supported (LayerNorm, RMSNorm).")
@@ -182,6 +184,10 @@ def args_from_config(config: dict, tp: int, pp: int, vp: Optional[int], iteratio
     """The Megatron-LM args Namespace of a megatron_lite config dict at a TP x PP(xVP) layout: what
     Megatron-LM's --use-checkpoint-args and its own convert.py loader read."""
     m, d = config["model"], config.get("data", {})
+    if m.get("use_rope_scaling") and (m["rope_scaling_low_freq_factor"], m["rope_scaling_high_freq_factor"],
+                                      m["rope_scaling_original_max_position_embeddings"]) != (1.0, 4.0, 8192):
+        raise ConfigError("Llama 3 RoPE scaling with low/high frequency factors or original context other than "
+                          "Megatron's fixed 1, 4 and 8192 cannot be expressed in Megatron-LM args.")
     heads = m["num_attention_heads"]
     groups = m.get("num_query_groups") or heads
     gqa = groups != heads
@@ -193,7 +199,8 @@ def args_from_config(config: dict, tp: int, pp: int, vp: Optional[int], iteratio
         num_query_groups=groups if gqa else 1, seq_length=m["seq_length"],
         max_position_embeddings=m["max_position_embeddings"], position_embedding_type=m["position_embedding_type"],
         use_rotary_position_embeddings=m["position_embedding_type"] == "rope", rotary_base=int(m["rotary_base"]),
-        rotary_percent=m["rotary_percent"], rotary_interleaved=False, normalization=m["normalization"],
+        rotary_percent=m["rotary_percent"], rotary_interleaved=False, use_rope_scaling=bool(m.get("use_rope_scaling")),
+        rope_scaling_factor=m.get("rope_scaling_factor", 8.0), normalization=m["normalization"],
         norm_epsilon=m["norm_epsilon"], swiglu=m["swiglu"], add_bias_linear=m["add_bias_linear"],
         add_qkv_bias=m["add_qkv_bias"], bias_gelu_fusion=True, openai_gelu=False, squared_relu=False,
         apply_query_key_layer_scaling=False, qk_layernorm=False, num_experts=None,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from megatron_lite import parallel_state
 from megatron_lite.config import Config
 from megatron_lite.kernels.registry import select_kernels
-from megatron_lite.kernels.rope import rope_cos_sin
+from megatron_lite.kernels.rope import rope_cos_sin, rope_scaling_of
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
 from megatron_lite.tensor_parallel.utils import set_init
@@ -107,6 +107,7 @@ class SelfAttention(nn.Module):
         self.attention_dropout = m.attention_dropout
         self.rotary_dim = int(self.head_dim * m.rotary_percent) if m.position_embedding_type == "rope" else 0
         self.rotary_base = m.rotary_base
+        self.rope_scaling = rope_scaling_of(m)
         self.recompute_core = m.recompute_granularity == "selective"
         self.kernels = select_kernels(config)
         qkv_size = m.num_query_groups * (self.heads_per_group + 2) * self.head_dim
@@ -137,7 +138,7 @@ class SelfAttention(nn.Module):
             if position_ids is None:
                 start = inference_context.offset if inference_context is not None else 0
                 position_ids = torch.arange(start, start + s, device=x.device).expand(b, s)
-            cos, sin = rope_cos_sin(position_ids, self.rotary_dim, self.rotary_base, dtype=q.dtype)
+            cos, sin = rope_cos_sin(position_ids, self.rotary_dim, self.rotary_base, dtype=q.dtype, scaling=self.rope_scaling)
             q, k = self.kernels.apply_rotary(q, cos, sin), self.kernels.apply_rotary(k, cos, sin)
         if inference_context is not None:
             k, v = inference_context.append(self.layer_number, k, v)
