@@ -55,6 +55,7 @@ class ModelConfig:
     swiglu: bool = arg(False, "SwiGLU MLP instead of GeLU.", action="store_true")
     add_bias_linear: bool = arg(True, "Disable biases of linear layers.", flag="--disable-bias-linear", action="store_false")
     add_qkv_bias: bool = arg(False, "Bias on the QKV projection even with --disable-bias-linear (Qwen2 style).", action="store_true")
+    qk_layernorm: bool = arg(False, "Normalise each head's queries and keys (before RoPE) with --normalization (Qwen3 style).", action="store_true")
     untie_embeddings_and_output_weights: bool = arg(False, "Separate input embedding and output layer weights.", action="store_true")
     hidden_dropout: float = arg(0.1, "Dropout on hidden states (after attention and MLP, and on embeddings).")
     attention_dropout: float = arg(0.1, "Dropout on attention probabilities.")

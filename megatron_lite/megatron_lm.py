@@ -115,7 +115,7 @@ def config_from_args(args: Any, vocab_size: Optional[int] = None) -> Config:
     if missing:
         raise ConfigError(f"Megatron-LM args lack {missing}: not a GPT checkpoint's args.")
     unsupported = {"num_experts": "mixture-of-experts layers", "multi_latent_attention": "multi-latent attention",
-                   "hybrid_override_pattern": "hybrid (Mamba) models", "qk_layernorm": "q/k layer norm",
+                   "hybrid_override_pattern": "hybrid (Mamba) models",
                    "rotary_interleaved": "interleaved RoPE", "apply_layernorm_1p": "LayerNorm 1p",
                    "squared_relu": "squared ReLU",
                    "rotary_seq_len_interpolation_factor": "RoPE interpolation", "moe_layer_freq": None,
@@ -150,6 +150,7 @@ def config_from_args(args: Any, vocab_size: Optional[int] = None) -> Config:
     m.swiglu = bool(get("swiglu"))
     m.add_bias_linear = bool(get("add_bias_linear", True))
     m.add_qkv_bias = bool(get("add_qkv_bias", False))
+    m.qk_layernorm = bool(get("qk_layernorm", False))
     if not m.swiglu and not (get("openai_gelu") or (get("bias_gelu_fusion", True) and m.add_bias_linear)):
         # Megatron's MLP uses the exact (erf) GeLU unless the bias-GeLU fusion (tanh) or --openai-gelu is on.
         raise ConfigError("Megatron-LM args: the exact (erf) GeLU (--no-bias-gelu-fusion or --disable-bias-linear "
@@ -203,7 +204,7 @@ def args_from_config(config: dict, tp: int, pp: int, vp: Optional[int], iteratio
         rope_scaling_factor=m.get("rope_scaling_factor", 8.0), normalization=m["normalization"],
         norm_epsilon=m["norm_epsilon"], swiglu=m["swiglu"], add_bias_linear=m["add_bias_linear"],
         add_qkv_bias=m["add_qkv_bias"], bias_gelu_fusion=True, openai_gelu=False, squared_relu=False,
-        apply_query_key_layer_scaling=False, qk_layernorm=False, num_experts=None,
+        apply_query_key_layer_scaling=False, qk_layernorm=bool(m.get("qk_layernorm")), num_experts=None,
         untie_embeddings_and_output_weights=m["untie_embeddings_and_output_weights"],
         init_method_std=m["init_method_std"], hidden_dropout=m["hidden_dropout"], attention_dropout=m["attention_dropout"],
         make_vocab_size_divisible_by=m["make_vocab_size_divisible_by"], padded_vocab_size=padded,

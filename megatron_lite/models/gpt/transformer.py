@@ -116,6 +116,11 @@ class SelfAttention(nn.Module):
                                                init_std=m.init_method_std, **common)
         self.linear_proj = RowParallelLinear(m.num_attention_heads * self.head_dim, m.hidden_size, bias=m.add_bias_linear,
                                              init_std=output_init_std(config), **common)
+        self.q_layernorm = self.k_layernorm = None
+        if m.qk_layernorm:  # per-head norms (--qk-layernorm); each TP rank's grads cover its heads only
+            self.q_layernorm, self.k_layernorm = Norm(config, self.head_dim, device), Norm(config, self.head_dim, device)
+            for param in (*self.q_layernorm.parameters(), *self.k_layernorm.parameters()):
+                param.sequence_parallel = True  # i.e. all-reduce the grad over TP (finalize_model_grads)
 
     def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -134,6 +139,8 @@ class SelfAttention(nn.Module):
         q, k, v = torch.split(qkv, [self.heads_per_group, 1, 1], dim=3)
         q = q.reshape(s, b, self.heads_local, self.head_dim)
         k, v = k.squeeze(3), v.squeeze(3)
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         if self.rotary_dim:
             if position_ids is None:
                 start = inference_context.offset if inference_context is not None else 0
