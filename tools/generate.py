@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 from megatron_lite import collectives, hf_conversion, parallel_state as ps  # noqa: E402
 from megatron_lite.checkpoint_io import CheckpointReader, read_tracker  # noqa: E402
 from megatron_lite.data.tokenizers import MegatronTokenizer, NullTokenizer, build_tokenizer  # noqa: E402
-from megatron_lite.inference import SamplingParams, generate, inference_config, load_model  # noqa: E402
+from megatron_lite.inference import SamplingParams, generate_batch, inference_config, load_model  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts-file", default=None,
                         help="More prompts: a text file with one prompt per line, or JSONL with a 'prompt' or 'text' key.")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="Prompts of equal token length generated together in one batch (per data-parallel replica).")
     parser.add_argument("--greedy", action="store_true", help="Argmax decoding (otherwise sampling).")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="Sample from the k most likely tokens (0: all).")
@@ -160,6 +162,14 @@ def prompts_of(args: argparse.Namespace, tokenizer: MegatronTokenizer) -> list[t
     return prompts
 
 
+def batches_of(indices: list[int], prompts: list, batch_size: int) -> list[list[int]]:
+    """`indices` grouped into batches of at most `batch_size` prompts of equal token length (first-seen order)."""
+    by_length: dict[int, list[int]] = {}
+    for index in indices:
+        by_length.setdefault(len(prompts[index][1]), []).append(index)
+    return [group[i:i + batch_size] for group in by_length.values() for i in range(0, len(group), batch_size)]
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     """Run generation; returns each prompt's result (on every rank). Tears down the groups it created."""
     args = build_parser().parse_args(argv)
@@ -186,11 +196,13 @@ def run(args: argparse.Namespace, tp: int, pp: int, device: Optional[torch.devic
     # Data-parallel replicas: replica r generates prompts r, r + DP, ...; every rank gets all results.
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = []
-    for index in range(dp_rank, len(prompts), dp):
-        text, prompt_ids = prompts[index]
-        ids = generate(model, prompt_ids, args.max_new_tokens, params, stop_ids, use_kv_cache=not args.no_kv_cache)
-        mine.append((index, {"prompt": text, "prompt_ids": prompt_ids, "generated_ids": ids,
-                             "generated_text": tokenizer.detokenize(ids)}))
+    for batch in batches_of(list(range(dp_rank, len(prompts), dp)), prompts, max(1, args.batch_size)):
+        outputs = generate_batch(model, [prompts[i][1] for i in batch], args.max_new_tokens, params, stop_ids,
+                                 use_kv_cache=not args.no_kv_cache)
+        for index, ids in zip(batch, outputs):
+            text, prompt_ids = prompts[index]
+            mine.append((index, {"prompt": text, "prompt_ids": prompt_ids, "generated_ids": ids,
+                                 "generated_text": tokenizer.detokenize(ids)}))
     if dp > 1:
         mine = [item for part in collectives.all_gather_object(mine, ps.get_data_parallel_group()) for item in part]
     results = [result for _, result in sorted(mine, key=lambda item: item[0])]

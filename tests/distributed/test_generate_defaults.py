@@ -1,6 +1,7 @@
 """tools/generate.py's layout defaults: with no layout flags, 4 processes on a TP2 x PP2 checkpoint use
 TP2 x PP2 and give the single-process ids; processes beyond TP x PP generate prompts data-parallel and
 return every prompt's result, in order, on every rank; the default TP never splits what the model cannot.
+Prompts of equal length are generated as one batch and give what each gives alone (greedy and sampled).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from megatron_lite.config import Config
 from megatron_lite.testing import run_distributed
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-PROMPTS = ["5,9,2,33,17", "1,2,3", "40,41", "7,7,7,7"]
+PROMPTS = ["5,9,2,33,17", "1,2,3", "40,41", "7,7,7,7", "8,1,30", "22,23", "3,3,9"]
 
 
 def load_generate():
@@ -71,9 +72,19 @@ def test_defaults_with_four_processes(tmp_path):
     directory = str(tmp_path / "tp2pp2")
     make_checkpoint(directory, 2, 2)
     argv = ["--load", directory, "--greedy", "--max-new-tokens", "8"] + [x for p in PROMPTS for x in ("--prompt-ids", p)]
-    reference = _run_tool(argv)  # one process
+    reference = _run_tool(argv + ["--batch-size", "1"])  # one process, one prompt at a time
     assert len(reference) == len(PROMPTS) and all(len(ids) == 8 for ids in reference)
     assert len({tuple(ids) for ids in reference}) > 1
+    from megatron_lite.inference import SamplingParams, generate, inference_config, load_model
+    model = load_model(inference_config(directory))
+    prompt_ids = [[int(x) for x in p.split(",")] for p in PROMPTS]
+    assert reference == [generate(model, ids, 8) for ids in prompt_ids]
+    # Batches of equal-length prompts (3 x len 3, 2 x len 2) give each prompt's own result, sampled too.
+    assert _run_tool(argv) == reference
+    sampling = ["--temperature", "1.0", "--top-k", "20", "--seed", "11"]
+    sampled = [generate(model, ids, 8, SamplingParams(greedy=False, top_k=20, seed=11)) for ids in prompt_ids]
+    unflagged = [a for a in argv if a != "--greedy"]
+    assert _run_tool(unflagged + sampling) == sampled and sampled != reference
     # 4 processes, no layout flags: TP2 x PP2 from the checkpoint.
     for rank_result in run_distributed(_run_tool, 4, argv=argv):
         assert rank_result == reference
