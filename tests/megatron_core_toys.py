@@ -43,10 +43,10 @@ def style_kwargs(style: str) -> dict:
                     model=dict(share_embeddings_and_output_weights=True, position_embedding_type="learned_absolute"))
     return dict(config=dict(num_attention_heads=8, num_query_groups=2, ffn_hidden_size=48, normalization="RMSNorm",
                             gated_linear_unit=True, add_bias_linear=False, activation_func=torch.nn.functional.silu,
-                            bias_activation_fusion=False),
+                            bias_activation_fusion=False, qk_layernorm=True),
                 args=dict(num_attention_heads=8, ffn_hidden_size=48, kv_channels=4, group_query_attention=True,
                           num_query_groups=2, position_embedding_type="rope", rotary_base=10000, rotary_percent=1.0,
-                          normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+                          normalization="RMSNorm", swiglu=True, add_bias_linear=False, qk_layernorm=True,
                           untie_embeddings_and_output_weights=True),
                 model=dict(share_embeddings_and_output_weights=False, position_embedding_type="rope", rotary_base=10000))
 
@@ -84,7 +84,9 @@ def build(style: str, tp: int, pp: int, seed: int = 0):
                                attention_dropout=0.0, init_method_std=0.3, tensor_model_parallel_size=tp,
                                pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32, **kwargs["config"])
     padded = megatron_args(style, tp, pp).padded_vocab_size
-    model = GPTModel(config, get_gpt_layer_local_spec(normalization=kwargs["config"].get("normalization", "LayerNorm")),
+    spec = get_gpt_layer_local_spec(normalization=kwargs["config"].get("normalization", "LayerNorm"),
+                                    qk_layernorm=kwargs["config"].get("qk_layernorm", False))
+    model = GPTModel(config, spec,
                      vocab_size=padded, max_sequence_length=SEQ, pre_process=mps.is_pipeline_first_stage(),
                      post_process=mps.is_pipeline_last_stage(), **kwargs["model"])
     return model.eval()

@@ -2,7 +2,7 @@
 megatron-core itself (skipped when it is not installed: `pip install --no-deps megatron-core psutil`).
 
 - megatron-core GPTModels (GPT-2 style: tied, learned positions, LayerNorm, biases; Llama style: RoPE,
-  RMSNorm, SwiGLU, GQA, untied) at TP 2 x PP 2 on gloo, saved as Megatron-LM saves them in both formats
+  RMSNorm, SwiGLU, GQA, q/k layer norm, untied) at TP 2 x PP 2 on gloo, saved as Megatron-LM saves them in both formats
   (torch: per-rank model_optim_rng.pt with an args Namespace; torch_dist: megatron.core.dist_checkpointing),
 - converted to megatron_lite by convert.py in a process where megatron-core cannot be imported,
 - give in megatron_lite at TP 2 x PP 2 the same logits (fp32, atol 1e-4) and the same greedy tokens;
