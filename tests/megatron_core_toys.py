@@ -5,7 +5,8 @@ megatron-core is CUDA-first; on a CPU machine with gloo its GPTModel (local laye
 use_cpu_initialization, dropout 0) runs once these CUDA-only pieces are replaced in the rank process:
 torch.cuda.current_device (the global memory buffer, RoPE's inv_freq move), Tensor.cuda (the tied
 embedding's first/last-stage sync), torch.cuda.synchronize (dist_checkpointing's preload) and the CUDA
-RNG tracker's fork. dist_checkpointing also starts writer processes, which a daemonic rank may not.
+RNG tracker's fork. dist_checkpointing also starts writer processes, which a daemonic rank may not,
+and a Manager process for its results queue, which is replaced by an in-process queue.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import argparse
 import contextlib
 import multiprocessing
 import os
+import queue
 
 import torch
 import torch.distributed as dist
@@ -150,6 +152,10 @@ def save_reference(style: str, tp: int, pp: int, torch_dir: str, dist_dir: str) 
             handle.write(str(iteration))
     # torch_dist: the sharded state dict plus the common (non-sharded) entries, under iter_N.
     multiprocessing.current_process()._config["daemon"] = False  # its writer processes
+    # Its results queue defaults to a multiprocessing Manager (a server process that would outlive this
+    # rank); a synchronous save fills it in this process, so a plain queue does.
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    filesystem_async._results_queue = queue.Queue()
     dist_args = argparse.Namespace(**{**vars(args), "ckpt_format": "torch_dist"})
     state = {"model": model.sharded_state_dict(), "args": dist_args, "checkpoint_version": 3.0, "iteration": iteration}
     dist_path = os.path.join(dist_dir, f"iter_{iteration:07d}")
