@@ -154,6 +154,8 @@ class ParallelConfig:
     decoder_first_pipeline_num_layers: Optional[int] = arg(None, "Layers on the first pipeline stage (the rest split evenly).")
     decoder_last_pipeline_num_layers: Optional[int] = arg(None, "Layers on the last pipeline stage (the rest split evenly).")
     pipeline_schedule: str = arg("auto", "Pipeline schedule: auto picks 1F1B, or interleaved 1F1B with virtual stages.", choices=["auto", "gpipe", "1f1b", "interleaved"])
+    microbatch_group_size_per_vp_stage: Optional[int] = arg(None, "Interleaved 1F1B: consecutive micro-batches per virtual stage (default PP); m need not be a multiple of PP.", flag="--microbatch-group-size-per-virtual-pipeline-stage")
+    overlap_p2p_comm: bool = arg(False, "Post pipeline sends/receives asynchronously and wait only when their data is needed.", action="store_true")
     context_parallel_size: int = arg(1, "Context parallel size (CP).")
     expert_model_parallel_size: int = arg(1, "Expert model parallel size (EP).")
     sequence_parallel: bool = arg(False, "Split norm/dropout regions along the sequence over the TP group.", action="store_true")

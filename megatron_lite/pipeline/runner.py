@@ -196,7 +196,8 @@ def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterato
         raise ConfigError(f"--pipeline-model-parallel-size: the config says {config.parallel.pipeline_model_parallel_size} "
                           f"but the process groups have PP = {groups.pp.size}. Pass groups=parallel_state.get_process_groups().")
     # Every check happens here, identically on every rank, before the first send.
-    actions = build_schedule(schedule, groups.pp.size, groups.pp.rank, num_chunks, num_microbatches, forward_only)
+    actions = build_schedule(schedule, groups.pp.size, groups.pp.rank, num_chunks, num_microbatches, forward_only,
+                             getattr(config.parallel, "microbatch_group_size_per_vp_stage", None))
     if isinstance(data_iterator, (list, tuple)):
         if len(data_iterator) != num_chunks:
             raise ValueError(f"data_iterator: {len(data_iterator)} iterators for {num_chunks} model chunks")

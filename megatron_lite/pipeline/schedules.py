@@ -11,7 +11,8 @@ Schedules (Megatron-LM's names and warm-up counts):
 - GPipe: every forward, then every backward;
 - 1F1B (PipeDream-flush): warm-up forwards, steady one-forward-one-backward, cool-down backwards;
 - interleaved 1F1B: the same over virtual stages (chunk v on rank r is virtual stage v x PP + r), in
-  groups of PP micro-batches per chunk.
+  groups of G >= PP micro-batches per chunk (--microbatch-group-size-per-virtual-pipeline-stage, default
+  PP); any m >= G works.
 
 Communication actions name the tensor they carry by (direction, chunk, micro-batch) of the *local* rank:
 `send_forward(c, m)` sends the output of chunk c's forward of m to the next virtual stage;
@@ -185,16 +186,17 @@ def one_f_one_b_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microb
 
 
 def interleaved_1f1b_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
-                              forward_only: bool = False) -> list[Action]:
+                              forward_only: bool = False, group_size: Optional[int] = None) -> list[Action]:
     """Interleaved 1F1B, as in Megatron's forward_backward_pipelining_with_interleaving (no p2p overlap).
 
-    The k-th forward of this rank runs chunk (k mod (PP x VP)) // PP on micro-batch
-    (k // (PP x VP)) x PP + k mod PP: micro-batches go through each chunk in groups of PP. Backwards run
-    the chunks in reverse order. Warm-up is 2 (PP - r - 1) + (VP - 1) PP forwards (all of them when
-    there are only PP micro-batches). Every step exchanges with both neighbours in one batch.
+    Micro-batches go through each chunk in groups of G = --microbatch-group-size-per-virtual-pipeline-stage
+    (default PP): the k-th forward is entry k of schedule_table (group by group, chunk by chunk; the last
+    group takes the remaining micro-batches, so m need not be a multiple of PP). Backwards run the chunks
+    in reverse order. Warm-up is 2 (PP - r - 1) + (VP - 1) G forwards (all of them when there are only PP
+    micro-batches). Every step exchanges with both neighbours in one batch.
     """
-    check_interleaving(pp_size, num_chunks, num_microbatches)
-    plan = _Interleaved(pp_size, pp_rank, num_chunks, num_microbatches, forward_only)
+    group_size = check_interleaving(pp_size, num_chunks, num_microbatches, group_size)
+    plan = _Interleaved(pp_size, pp_rank, num_chunks, num_microbatches, forward_only, group_size)
     plan.warmup()
     plan.steady()
     if not forward_only:
@@ -205,16 +207,21 @@ def interleaved_1f1b_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_m
 class _Interleaved:
     """The three phases of interleaved 1F1B for one rank, sharing the order of forwards and backwards."""
 
-    def __init__(self, pp: int, pp_rank: int, v: int, m: int, forward_only: bool):
+    def __init__(self, pp: int, pp_rank: int, v: int, m: int, forward_only: bool, group_size: int):
         self.pp, self.v, self.forward_only = pp, v, forward_only
         self.b = _Builder(pp, pp_rank, v)
         self.total = m * v
+        self.table = schedule_table(m, v, group_size)
         if forward_only:
             self.num_warmup, self.all_warmup = self.total, False
         elif m == pp:
             self.num_warmup, self.all_warmup = self.total, True
         else:
-            self.num_warmup, self.all_warmup = min(2 * (pp - pp_rank - 1) + (v - 1) * pp, self.total), False
+            # Megatron's 2 (PP - r - 1) + (VP - 1) G, with G the largest group (the last one takes the
+            # remainder), so each backward finds its forward done.
+            largest_group = max(group_size, m - (m // group_size - 1) * group_size)
+            self.num_warmup = min(2 * (pp - pp_rank - 1) + (v - 1) * largest_group, self.total)
+            self.all_warmup = False
         self.num_steady = self.total - self.num_warmup
         self.first_rank, self.last_rank = pp_rank == 0, pp_rank == pp - 1
         # Each chunk consumes its inputs and output grads in micro-batch order, so the micro-batch a receive
@@ -222,11 +229,11 @@ class _Interleaved:
         self.received_inputs, self.received_grads = [0] * v, [0] * v
 
     def chunk_of(self, k: int, forward: bool) -> int:
-        chunk = (k % (self.pp * self.v)) // self.pp
+        chunk = self.table[k][1]
         return chunk if forward else self.v - chunk - 1
 
     def microbatch_of(self, k: int) -> int:
-        return (k // (self.pp * self.v)) * self.pp + k % self.pp
+        return self.table[k][0]
 
     def recv_forward(self, chunk: int) -> Optional[P2POp]:
         op = _op(RECV_FORWARD, chunk, self.received_inputs[chunk])
@@ -254,13 +261,10 @@ class _Interleaved:
         b.exchange(self.recv_forward(0))
         for k in range(self.num_warmup):
             b.forward(self.chunk_of(k, True), self.microbatch_of(k))
-            recv_next_input = None
-            if k < self.total - 1 and not (self.first_rank and self.chunk_of(k + 1, True) == 0):
-                recv_next_input = self.recv_forward(self.chunk_of(k + 1, True))
             recv_first_grad = None
             if k == self.num_warmup - 1 and not self.forward_only and not self.all_warmup:
                 recv_first_grad = self.recv_backward(self.v - 1)  # the steady state starts with the last chunk's backward
-            b.exchange(self.send_forward(k), recv_next_input, recv_first_grad)
+            b.exchange(self.send_forward(k), self.next_input(k), recv_first_grad)
 
     def steady(self) -> None:
         """One forward and one backward, then one exchange with both neighbours."""
@@ -268,36 +272,37 @@ class _Interleaved:
             forward_k, backward_k = k + self.num_warmup, k
             self.b.forward(self.chunk_of(forward_k, True), self.microbatch_of(forward_k))
             self.b.backward(self.chunk_of(backward_k, False), self.microbatch_of(backward_k))
-            recv_input = self._steady_recv_input(k, forward_k)
-            recv_grad = self._steady_recv_grad(backward_k)
-            self.b.exchange(self.send_forward(forward_k), recv_input, self.send_backward(backward_k), recv_grad)
+            self.b.exchange(self.send_forward(forward_k), self.next_input(forward_k),
+                            self.send_backward(backward_k), self.next_grad(backward_k))
 
-    def _steady_recv_input(self, k: int, forward_k: int) -> Optional[P2POp]:
-        if k >= self.num_steady - 1:
+    def next_input(self, k: int) -> Optional[P2POp]:
+        """The receive in the exchange after forward k. Every rank but the first receives the input of
+        its forward k + 1 (sent by the previous rank after its forward k + 1). The first rank is PP - 1
+        forwards ahead of the last rank: it receives what the last rank sends after forward k - (PP - 1)."""
+        if not self.first_rank:
+            return self.recv_forward(self.chunk_of(k + 1, True)) if k + 1 < self.total else None
+        if k < self.pp - 1:
             return None
-        if self.first_rank:
-            # The first rank is PP - 1 forwards ahead of the last rank, whose output it receives.
-            sender_chunk = self.chunk_of(forward_k - (self.pp - 1), True)
-            return self.recv_forward(sender_chunk + 1) if sender_chunk != self.v - 1 else None
-        return self.recv_forward(self.chunk_of(forward_k + 1, True))
+        sender_chunk = self.chunk_of(k - (self.pp - 1), True)
+        return self.recv_forward(sender_chunk + 1) if sender_chunk != self.v - 1 else None
 
-    def _steady_recv_grad(self, backward_k: int) -> Optional[P2POp]:
-        if self.last_rank:
-            # The last rank is PP - 1 backwards ahead of the first rank, whose input grad it receives.
-            sender_chunk = self.chunk_of(backward_k - (self.pp - 1), False)
-            return self.recv_backward(sender_chunk - 1) if sender_chunk != 0 else None
-        return self.recv_backward(self.chunk_of(backward_k + 1, False))
+    def next_grad(self, k: int) -> Optional[P2POp]:
+        """The receive in the exchange after backward k: the same rule mirrored (the last rank is PP - 1
+        backwards ahead of the first)."""
+        if not self.last_rank:
+            return self.recv_backward(self.chunk_of(k + 1, False)) if k + 1 < self.total else None
+        if k < self.pp - 1:
+            return None
+        sender_chunk = self.chunk_of(k - (self.pp - 1), False)
+        return self.recv_backward(sender_chunk - 1) if sender_chunk != 0 else None
 
     def cooldown(self) -> None:
         """The remaining backwards."""
         if self.all_warmup:
             self.b.exchange(self.recv_backward(self.v - 1))
         for k in range(self.num_steady, self.total):
-            recv_grad = None
-            if k < self.total - 1 and not (self.last_rank and self.chunk_of(k + 1, False) == self.v - 1):
-                recv_grad = self.recv_backward(self.chunk_of(k + 1, False))
             self.b.backward(self.chunk_of(k, False), self.microbatch_of(k))
-            self.b.exchange(self.send_backward(k), recv_grad)
+            self.b.exchange(self.send_backward(k), self.next_grad(k))
 
 
 SCHEDULES: dict[str, Callable[..., list[Action]]] = {
@@ -308,16 +313,37 @@ SCHEDULES: dict[str, Callable[..., list[Action]]] = {
 }
 
 
-def check_interleaving(pp_size: int, num_chunks: int, num_microbatches: int) -> None:
-    """Megatron's conditions for interleaving (raised before any communication)."""
+def schedule_table(num_microbatches: int, num_chunks: int, group_size: int) -> list[tuple[int, int]]:
+    """(micro-batch, chunk) of each forward in order (Megatron's get_schedule_table): groups of
+    `group_size` micro-batches go through chunk 0, then chunk 1, ...; the remainder of m / group_size joins
+    the last group, so every group has at least group_size >= PP micro-batches (a smaller group would
+    need a micro-batch's next chunk before the last rank has sent the previous chunk's output)."""
+    table = []
+    for first in range(0, num_microbatches, group_size):
+        if first + group_size > num_microbatches:
+            break  # the remainder went into the previous group
+        last = num_microbatches if first + 2 * group_size > num_microbatches else first + group_size
+        table.extend((mb, chunk) for chunk in range(num_chunks) for mb in range(first, last))
+    return table
+
+
+def check_interleaving(pp_size: int, num_chunks: int, num_microbatches: int, group_size: Optional[int] = None) -> int:
+    """Megatron's conditions for interleaving (raised before any communication); returns the group size
+    (--microbatch-group-size-per-virtual-pipeline-stage, default PP)."""
     if pp_size < 2:
         raise ConfigError("--num-layers-per-virtual-pipeline-stage: interleaving needs --pipeline-model-parallel-size > 1. "
                           "Drop it, or use PP >= 2.")
-    if num_microbatches % pp_size != 0:
-        raise ConfigError(f"--global-batch-size: interleaved 1F1B needs the number of micro-batches ({num_microbatches}) "
-                          f"to be a multiple of --pipeline-model-parallel-size {pp_size}. "
-                          f"Use {pp_size * max(1, -(-num_microbatches // pp_size))} micro-batches (global batch / "
-                          "(micro-batch x DP) must be a multiple of PP).")
+    group_size = pp_size if group_size is None else group_size
+    if group_size < pp_size:
+        raise ConfigError(f"--microbatch-group-size-per-virtual-pipeline-stage: {group_size} is smaller than "
+                          f"--pipeline-model-parallel-size {pp_size}; a micro-batch would reach its next chunk before "
+                          f"the previous chunk's output. Use a group size >= {pp_size}.")
+    if num_microbatches < group_size:
+        raise ConfigError(f"--global-batch-size: interleaved 1F1B needs at least "
+                          f"--microbatch-group-size-per-virtual-pipeline-stage {group_size} micro-batches (default: "
+                          f"--pipeline-model-parallel-size), got {num_microbatches}. Use {group_size} or more "
+                          "micro-batches (global batch / (micro-batch x DP)), or a smaller group size.")
+    return group_size
 
 
 def schedule_name(pp_size: int, num_chunks: int, requested: str = "auto") -> str:
@@ -338,13 +364,17 @@ def schedule_name(pp_size: int, num_chunks: int, requested: str = "auto") -> str
 
 
 def build_schedule(name: str, pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
-                   forward_only: bool = False) -> list[Action]:
+                   forward_only: bool = False, group_size: Optional[int] = None) -> list[Action]:
+    """Rank pp_rank's action list; group_size is interleaving's micro-batch group (default PP)."""
     if num_microbatches < 1:
         raise ConfigError(f"--global-batch-size: need at least one micro-batch, got {num_microbatches}.")
+    if name == "interleaved":
+        return interleaved_1f1b_schedule(pp_size, pp_rank, num_chunks, num_microbatches, forward_only, group_size)
     return SCHEDULES[name](pp_size, pp_rank, num_chunks, num_microbatches, forward_only)
 
 
 def all_rank_schedules(name: str, pp_size: int, num_chunks: int, num_microbatches: int,
-                       forward_only: bool = False) -> list[list[Action]]:
+                       forward_only: bool = False, group_size: Optional[int] = None) -> list[list[Action]]:
     """Every pipeline rank's action list (for the simulator and single-process tests)."""
-    return [build_schedule(name, pp_size, rank, num_chunks, num_microbatches, forward_only) for rank in range(pp_size)]
+    return [build_schedule(name, pp_size, rank, num_chunks, num_microbatches, forward_only, group_size)
+            for rank in range(pp_size)]

@@ -158,7 +158,7 @@ def test_gpt_pp4_untied_llama():
 
 
 def test_gpt_tp2_pp2_dp2_sequence_parallel_with_ddp():
-    cases = [{"m": 3, "sp": True}, {"m": 4, "vp": 2, "sp": True}]
+    cases = [{"m": 3, "sp": True}, {"m": 4, "vp": 2, "sp": True}, {"m": 3, "vp": 2, "sp": True}]
     _check(run_distributed(_run, 8, tp=2, pp=2, cases=cases, num_layers=4, ddp=True), 2)
 
 

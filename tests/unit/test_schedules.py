@@ -9,7 +9,7 @@ import pytest
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.pipeline.runner import get_forward_backward_func
 from megatron_lite.pipeline.schedules import (Backward, Exchange, FinalizeGrads, Forward, all_rank_schedules,
-                                              build_schedule, schedule_name)
+                                              build_schedule, schedule_name, schedule_table)
 from megatron_lite.pipeline.simulator import ScheduleError, check_schedules, max_in_flight, simulate, simulate_timeline
 from megatron_lite.pipeline.stages import layers_for_stage, stage_layer_counts
 
@@ -20,7 +20,7 @@ def layouts():
             yield "gpipe", pp, 1, m
             yield "1f1b", pp, 1, m
             for v in (2, 3):
-                if m % pp == 0:
+                if m >= pp:  # any m >= the micro-batch group size (default PP)
                     yield "interleaved", pp, v, m
 
 
@@ -42,8 +42,9 @@ def test_in_flight_bounds():
                 assert peak == min(pp - rank, m), (pp, rank, m)
             elif name == "gpipe":
                 assert peak == m
-            else:  # Megatron's warm-up count plus the one in the steady state
-                warmup = v * m if m == pp else min(2 * (pp - rank - 1) + (v - 1) * pp, v * m)
+            else:  # Megatron's warm-up count (G = the largest micro-batch group) plus the one in the steady state
+                largest_group = pp + m % pp
+                warmup = v * m if m == pp else min(2 * (pp - rank - 1) + (v - 1) * largest_group, v * m)
                 assert peak == min(warmup + 1, v * m), (pp, v, rank, m)
 
 
@@ -102,6 +103,30 @@ def test_simulated_bubble_equals_theory(pp):
             assert idle == pytest.approx([(pp - 1) / (v * m + pp - 1)] * pp), (v, m)
 
 
+def test_interleaving_with_any_microbatch_count_and_group_size():
+    # Megatron's --microbatch-group-size-per-virtual-pipeline-stage: groups of G micro-batches per chunk; the
+    # remainder of m / G joins the last group (every group keeps >= PP micro-batches)
+    assert schedule_table(5, 2, 2) == [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (3, 0), (4, 0), (2, 1), (3, 1), (4, 1)]
+    assert schedule_table(4, 2, 4) == [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1), (2, 1), (3, 1)]
+    count = 0
+    for pp in (2, 3, 4):
+        for v in (2, 3):
+            for group in range(pp, 2 * pp + 2):
+                for m in range(group, 3 * pp + 3):
+                    for forward_only in (False, True):
+                        schedules = all_rank_schedules("interleaved", pp, v, m, forward_only, group)
+                        check_schedules(schedules, v, m, forward_only)
+                        count += 1
+    assert count > 300
+    # a larger group keeps the bubble but holds more micro-batches in flight (a longer warm-up)
+    big, default = all_rank_schedules("interleaved", 4, 2, 8, group_size=8), all_rank_schedules("interleaved", 4, 2, 8)
+    assert simulate(big) == pytest.approx(simulate(default))
+    assert max_in_flight(big[0]) == 2 * 3 + 8 + 1 > max_in_flight(default[0]) == 2 * 3 + 4 + 1
+    # m not a multiple of PP: the bubble sits between those of the neighbouring multiples
+    idle = {m: max(simulate(all_rank_schedules("interleaved", 4, 2, m), 0.5, 0.5)) for m in (8, 10, 12)}
+    assert idle[8] > idle[10] > idle[12]
+
+
 def test_simulator_catches_broken_schedules():
     schedules = all_rank_schedules("1f1b", 2, 1, 4)
     # rank 1 receives micro-batches out of order -> mismatch
@@ -152,8 +177,10 @@ def _config(**parallel) -> Config:
 @pytest.mark.parametrize("kwargs,message", [
     (dict(pipeline_model_parallel_size=3, world_size=3), "not divisible by --pipeline-model-parallel-size 3"),
     (dict(pipeline_model_parallel_size=1, num_layers_per_virtual_pipeline_stage=2), "needs --pipeline-model-parallel-size > 1"),
-    (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, world_size=2, global_batch_size=3),
-     "multiple of PP"),
+    (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, world_size=2, global_batch_size=1),
+     "at least --microbatch-group-size-per-virtual-pipeline-stage 2"),
+    (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, world_size=2, global_batch_size=4,
+          microbatch_group_size_per_vp_stage=1), "--microbatch-group-size-per-virtual-pipeline-stage: 1 is smaller"),
     (dict(pipeline_model_parallel_size=2, world_size=2, num_layers_per_virtual_pipeline_stage=3), "not divisible by 3"),
     (dict(pipeline_model_parallel_size=4, num_layers=9, decoder_first_pipeline_num_layers=3, decoder_last_pipeline_num_layers=3), "do not divide"),
 ])
@@ -163,8 +190,8 @@ def test_invalid_layouts_refused_by_config(kwargs, message):
 
 
 def test_invalid_layouts_refused_by_the_pipeline_itself():
-    with pytest.raises(ConfigError, match="multiple of --pipeline-model-parallel-size 2"):
-        build_schedule("interleaved", 2, 0, 2, 3)
+    with pytest.raises(ConfigError, match="at least --microbatch-group-size-per-virtual-pipeline-stage 4"):
+        build_schedule("interleaved", 2, 0, 2, 3, group_size=4)
     with pytest.raises(ConfigError, match="PP > 1|> 1"):
         layers_for_stage(8, 1, 0, vp_size=2)
     with pytest.raises(ConfigError, match="not divisible"):
