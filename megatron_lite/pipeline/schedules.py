@@ -17,7 +17,9 @@ Schedules (Megatron-LM's names and warm-up counts):
 Communication actions name the tensor they carry by (direction, chunk, micro-batch) of the *local* rank:
 `send_forward(c, m)` sends the output of chunk c's forward of m to the next virtual stage;
 `recv_forward(c, m)` receives chunk c's input for m; `send_backward`/`recv_backward` carry the
-gradients the other way. Ops of one `Exchange` are started together (batched) and waited on together.
+gradients the other way. Ops of one `Exchange` are started together (batched) and waited on together;
+with --overlap-p2p-comm (`overlap_p2p`) they are split into `Post` and `Wait` actions instead, so a
+transfer runs while the rank computes.
 """
 from __future__ import annotations
 
@@ -57,11 +59,24 @@ class Exchange:
 
 
 @dataclass(frozen=True)
+class Post:
+    """Start these ops asynchronously (--overlap-p2p-comm); each is completed by a later Wait."""
+    ops: tuple[P2POp, ...]
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Wait for posted ops: a receive just before the compute that needs it, a send before its buffer is
+    reused (the next send in the same direction) or at the end."""
+    ops: tuple[P2POp, ...]
+
+
+@dataclass(frozen=True)
 class FinalizeGrads:
     """All backward passes are done: finish gradient reduction (DP, sequence-parallel, tied embeddings)."""
 
 
-Action = Union[Forward, Backward, Exchange, FinalizeGrads]
+Action = Union[Forward, Backward, Exchange, Post, Wait, FinalizeGrads]
 
 
 @dataclass
@@ -363,18 +378,67 @@ def schedule_name(pp_size: int, num_chunks: int, requested: str = "auto") -> str
     return "1f1b" if requested == "auto" else requested
 
 
+def overlap_p2p(actions: list[Action]) -> list[Action]:
+    """--overlap-p2p-comm: the same schedule with every Exchange split into posts and waits.
+
+    Sends are posted where the exchange was and waited for just before the next send in the same
+    direction is posted (or at the end); receives are posted at the exchange before the preceding
+    compute (so the transfer runs during that compute) and waited for just before the compute that
+    consumes them. Every op is posted no later and waited for no earlier than in the blocking list, so
+    (rendezvous semantics) a schedule that is deadlock-free blocking stays so; the simulator checks it.
+    """
+    early_recvs: dict[int, list[tuple[P2POp, ...]]] = {}  # action index (-1: the start) -> receives posted there
+    consumer = {}  # compute key -> the receive it waits for
+    last_exchange, exchange_before_compute = -1, -1
+    for index, action in enumerate(actions):
+        if isinstance(action, (Forward, Backward)):
+            exchange_before_compute = last_exchange
+        elif isinstance(action, Exchange):
+            recvs = tuple(op for op in action.ops if op.kind in (RECV_FORWARD, RECV_BACKWARD))
+            if recvs:
+                early_recvs.setdefault(exchange_before_compute, []).append(recvs)
+            for op in recvs:
+                consumer[("F" if op.kind == RECV_FORWARD else "B", op.chunk, op.microbatch)] = op
+            last_exchange = index
+    out: list[Action] = [Post(recvs) for recvs in early_recvs.get(-1, [])]
+    unwaited_sends: dict[str, P2POp] = {}
+    for index, action in enumerate(actions):
+        if isinstance(action, Exchange):
+            sends = tuple(op for op in action.ops if op.kind in (SEND_FORWARD, SEND_BACKWARD))
+            previous = tuple(unwaited_sends.pop(op.kind) for op in sends if op.kind in unwaited_sends)
+            if previous:
+                out.append(Wait(previous))
+            unwaited_sends.update((op.kind, op) for op in sends)
+            out.extend(Post(ops) for ops in [sends] + early_recvs.get(index, []) if ops)
+            continue
+        if isinstance(action, (Forward, Backward)):
+            recv = consumer.get(("F" if isinstance(action, Forward) else "B", action.chunk, action.microbatch))
+            if recv is not None:
+                out.append(Wait((recv,)))
+        if isinstance(action, FinalizeGrads) and unwaited_sends:
+            out.append(Wait(tuple(unwaited_sends.values())))
+            unwaited_sends.clear()
+        out.append(action)
+    if unwaited_sends:
+        out.append(Wait(tuple(unwaited_sends.values())))
+    return out
+
+
 def build_schedule(name: str, pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
-                   forward_only: bool = False, group_size: Optional[int] = None) -> list[Action]:
-    """Rank pp_rank's action list; group_size is interleaving's micro-batch group (default PP)."""
+                   forward_only: bool = False, group_size: Optional[int] = None, overlap: bool = False) -> list[Action]:
+    """Rank pp_rank's action list; group_size is interleaving's micro-batch group (default PP); overlap
+    (--overlap-p2p-comm) posts sends and receives asynchronously (overlap_p2p)."""
     if num_microbatches < 1:
         raise ConfigError(f"--global-batch-size: need at least one micro-batch, got {num_microbatches}.")
     if name == "interleaved":
-        return interleaved_1f1b_schedule(pp_size, pp_rank, num_chunks, num_microbatches, forward_only, group_size)
-    return SCHEDULES[name](pp_size, pp_rank, num_chunks, num_microbatches, forward_only)
+        actions = interleaved_1f1b_schedule(pp_size, pp_rank, num_chunks, num_microbatches, forward_only, group_size)
+    else:
+        actions = SCHEDULES[name](pp_size, pp_rank, num_chunks, num_microbatches, forward_only)
+    return overlap_p2p(actions) if overlap else actions
 
 
-def all_rank_schedules(name: str, pp_size: int, num_chunks: int, num_microbatches: int,
-                       forward_only: bool = False, group_size: Optional[int] = None) -> list[list[Action]]:
+def all_rank_schedules(name: str, pp_size: int, num_chunks: int, num_microbatches: int, forward_only: bool = False,
+                       group_size: Optional[int] = None, overlap: bool = False) -> list[list[Action]]:
     """Every pipeline rank's action list (for the simulator and single-process tests)."""
-    return [build_schedule(name, pp_size, rank, num_chunks, num_microbatches, forward_only, group_size)
+    return [build_schedule(name, pp_size, rank, num_chunks, num_microbatches, forward_only, group_size, overlap)
             for rank in range(pp_size)]

@@ -8,8 +8,8 @@ import pytest
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.pipeline.runner import get_forward_backward_func
-from megatron_lite.pipeline.schedules import (Backward, Exchange, FinalizeGrads, Forward, all_rank_schedules,
-                                              build_schedule, schedule_name, schedule_table)
+from megatron_lite.pipeline.schedules import (Backward, Exchange, FinalizeGrads, Forward, P2POp, Post, Wait,
+                                              all_rank_schedules, build_schedule, schedule_name, schedule_table)
 from megatron_lite.pipeline.simulator import ScheduleError, check_schedules, max_in_flight, simulate, simulate_timeline
 from megatron_lite.pipeline.stages import layers_for_stage, stage_layer_counts
 
@@ -125,6 +125,56 @@ def test_interleaving_with_any_microbatch_count_and_group_size():
     # m not a multiple of PP: the bubble sits between those of the neighbouring multiples
     idle = {m: max(simulate(all_rank_schedules("interleaved", 4, 2, m), 0.5, 0.5)) for m in (8, 10, 12)}
     assert idle[8] > idle[10] > idle[12]
+
+
+@pytest.mark.parametrize("forward_only", [False, True])
+def test_overlapped_p2p_is_sound_deadlock_free_and_never_slower(forward_only):
+    count = 0
+    for name, pp, v, m in layouts():
+        blocking = all_rank_schedules(name, pp, v, m, forward_only)
+        overlapped = all_rank_schedules(name, pp, v, m, forward_only, overlap=True)
+        assert not any(isinstance(a, Exchange) for actions in overlapped for a in actions)
+        # same compute order, only the communication changes
+        compute = [[a for a in actions if isinstance(a, (Forward, Backward, FinalizeGrads))] for actions in blocking]
+        assert compute == [[a for a in actions if isinstance(a, (Forward, Backward, FinalizeGrads))] for actions in overlapped]
+        for p2p_time in (0.0, 0.25):
+            slow = check_schedules(blocking, v, m, forward_only) if p2p_time == 0 else simulate_timeline(blocking, p2p_time=p2p_time)
+            fast = simulate_timeline(overlapped, p2p_time=p2p_time)
+            assert fast.step_time <= slow.step_time + 1e-9, (name, pp, v, m, p2p_time)
+        check_schedules(overlapped, v, m, forward_only)
+        count += 1
+    assert count > 100
+
+
+def test_overlap_hides_transfer_time():
+    # with a transfer cost, posting early hides it behind compute: 1F1B PP 4 m 8, transfer = 1/4 forward
+    for name, v in (("1f1b", 1), ("interleaved", 2)):
+        blocking = simulate_timeline(all_rank_schedules(name, 4, v, 8), p2p_time=0.25).step_time
+        overlapped = simulate_timeline(all_rank_schedules(name, 4, v, 8, overlap=True), p2p_time=0.25).step_time
+        ideal = simulate_timeline(all_rank_schedules(name, 4, v, 8)).step_time
+        assert ideal < overlapped < blocking, name
+    # 1F1B rank 1: the receive of the next input is posted before the current forward runs
+    actions = build_schedule("1f1b", 4, 1, 1, 6, overlap=True)
+    first_forward = actions.index(Forward(0, 1))
+    post = next(i for i, a in enumerate(actions) if isinstance(a, Post) and P2POp("recv_forward", 0, 2) in a.ops)
+    wait = actions.index(Wait((P2POp("recv_forward", 0, 2),)))
+    assert post < first_forward < wait < actions.index(Forward(0, 2))
+
+
+def test_simulator_catches_bad_posts_and_waits():
+    actions = build_schedule("1f1b", 2, 0, 1, 2, overlap=True)
+    waits = [i for i, a in enumerate(actions) if isinstance(a, Wait)]
+    with pytest.raises(ScheduleError, match="never waited"):  # a posted op left in flight
+        check_schedules([actions[:waits[-1]] + actions[waits[-1] + 1:], build_schedule("1f1b", 2, 1, 1, 2, overlap=True)], 1, 2)
+    early = [Wait(actions[waits[0]].ops)] + actions
+    with pytest.raises(ScheduleError, match="not posted"):
+        check_schedules([early, build_schedule("1f1b", 2, 1, 1, 2, overlap=True)], 1, 2)
+    # a receive waited for after the forward that needs it
+    rank1 = build_schedule("1f1b", 2, 1, 1, 2, overlap=True)
+    index = rank1.index(Forward(0, 0))
+    moved = rank1[:index - 1] + [rank1[index], rank1[index - 1]] + rank1[index + 1:]
+    with pytest.raises(ScheduleError, match="before its recv_forward"):
+        check_schedules([actions, moved], 1, 2)
 
 
 def test_simulator_catches_broken_schedules():
