@@ -24,8 +24,8 @@ from megatron_lite.errors import ConfigError
 from megatron_lite.distributed.model_chunk import ModelChunk, as_model_chunks
 from megatron_lite.pipeline import p2p
 from megatron_lite.pipeline.schedules import (RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, Backward,
-                                              Exchange, FinalizeGrads, Forward, P2POp, Post, Wait, build_schedule,
-                                              schedule_name)
+                                              Exchange, FinalizeGrads, Forward, P2POp, Post, Wait, WeightGrad,
+                                              build_schedule, schedule_name)
 from megatron_lite.process_groups import ProcessGroups
 
 Key = tuple[int, int]  # (chunk, micro-batch)
@@ -77,6 +77,8 @@ class _PipelineRun:
         self.output_grads: dict[Key, torch.Tensor] = {}        # received gradients of the outputs
         self.input_grads: dict[Key, Optional[torch.Tensor]] = {}  # gradients to send upstream
         self.posted: dict[tuple[str, int, int], tuple] = {}   # op -> (p2p.Posted, the tensor it sends)
+        self.wgrad_queues: list[list] = [[] for _ in model]     # filled by the linear layers during a split B
+        self.weight_grads: dict[Key, list] = {}                # (chunk, mb) -> its queued weight gradients
         self.losses: list[dict] = []
         self.stats = {"max_in_flight": 0, "deallocated": 0, "sent": 0, "peak_stored_bytes": 0}
         self.in_flight = 0
@@ -116,18 +118,45 @@ class _PipelineRun:
         if self.forward_only and self.is_last(chunk):
             self._release(key)
 
-    def backward(self, chunk: int, microbatch: int, sync_grads: bool) -> None:
+    def backward(self, chunk: int, microbatch: int, sync_grads: bool, defer_wgrad: bool = False) -> None:
         key = (chunk, microbatch)
         input_tensor, output = self.inputs.pop(key, None), self.outputs.pop(key)
         output_grad = self.output_grads.pop(key, None)
         if self.is_last(chunk) and self.grad_scale_func is not None:
             output = self.grad_scale_func(output)
-        no_sync = self.no_sync_funcs[chunk]
-        with contextlib.nullcontext() if sync_grads or no_sync is None else no_sync():
+        with self._grad_sync(chunk, sync_grads):
             custom_backward(output, output_grad)
+        if defer_wgrad:  # what the linear layers queued is this micro-batch's W
+            self.weight_grads[key] = list(self.wgrad_queues[chunk])
+            self.wgrad_queues[chunk].clear()
         if not self.is_first(chunk):
             self.input_grads[key] = input_tensor.grad
-        self.in_flight -= 1
+        if not defer_wgrad:
+            self.in_flight -= 1
+
+    def weight_grad(self, chunk: int, microbatch: int, sync_grads: bool) -> None:
+        """W: the weight gradients Backward(defer_wgrad=True) queued for this (chunk, micro-batch)."""
+        with self._grad_sync(chunk, sync_grads):
+            for compute in self.weight_grads.pop((chunk, microbatch)):
+                compute()
+        self.in_flight -= 1  # W was the last use of this micro-batch's saved activations
+
+    def _grad_sync(self, chunk: int, sync_grads: bool):
+        no_sync = self.no_sync_funcs[chunk]
+        return contextlib.nullcontext() if sync_grads or no_sync is None else no_sync()
+
+    def enable_split_backward(self) -> None:
+        """Give every linear layer of each chunk that chunk's weight-gradient queue (see layers.py)."""
+        for chunk, module in enumerate(self.model):
+            for sub in module.modules():
+                if hasattr(type(sub), "wgrad_queue"):
+                    sub.wgrad_queue = self.wgrad_queues[chunk]
+
+    def disable_split_backward(self) -> None:
+        for module in self.model:
+            for sub in module.modules():
+                if hasattr(type(sub), "wgrad_queue"):
+                    sub.wgrad_queue = None
 
     def exchange(self, action: Exchange) -> None:
         self.post(action.ops)
@@ -172,11 +201,27 @@ class _PipelineRun:
         self.in_flight -= 1
 
     def run(self, actions: Sequence) -> list[dict]:
+        split = any(isinstance(action, WeightGrad) for action in actions)
+        if split:
+            self.enable_split_backward()
+        try:
+            self._run(actions)
+        finally:
+            if split:
+                self.disable_split_backward()
+        if self.outputs or self.inputs or self.output_grads or self.input_grads or self.posted or self.weight_grads:
+            raise RuntimeError(f"pipeline rank {self.pp_rank}: tensors left over after the schedule "
+                               f"({len(self.outputs)} outputs, {len(self.inputs)} inputs): schedule bug")
+        return self.losses if self.is_last(self.num_chunks - 1) else []
+
+    def _run(self, actions: Sequence) -> None:
         for action in actions:
             if isinstance(action, Forward):
                 self.forward(action.chunk, action.microbatch)
             elif isinstance(action, Backward):
-                self.backward(action.chunk, action.microbatch, action.sync_grads)
+                self.backward(action.chunk, action.microbatch, action.sync_grads, action.defer_wgrad)
+            elif isinstance(action, WeightGrad):
+                self.weight_grad(action.chunk, action.microbatch, action.sync_grads)
             elif isinstance(action, Exchange):
                 self.exchange(action)
             elif isinstance(action, Post):
@@ -188,10 +233,6 @@ class _PipelineRun:
                     self.finalize_model_grads_func(self.chunks, self.groups)
             else:
                 raise TypeError(f"unknown pipeline action {action!r}")
-        if self.outputs or self.inputs or self.output_grads or self.input_grads or self.posted:
-            raise RuntimeError(f"pipeline rank {self.pp_rank}: tensors left over after the schedule "
-                               f"({len(self.outputs)} outputs, {len(self.inputs)} inputs): schedule bug")
-        return self.losses if self.is_last(self.num_chunks - 1) else []
 
 
 def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterator: Union[Iterator, list, None],

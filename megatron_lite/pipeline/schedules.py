@@ -10,6 +10,8 @@ Schedules (Megatron-LM's names and warm-up counts):
 - no pipelining: forward, backward per micro-batch (gradient accumulation), PP = 1;
 - GPipe: every forward, then every backward;
 - 1F1B (PipeDream-flush): warm-up forwards, steady one-forward-one-backward, cool-down backwards;
+- ZB-H1 (zero bubble, Qi et al. 2024): 1F1B with each backward split into B (input grad) and a
+  deferred W (weight grads), W's placed where 1F1B idles;
 - interleaved 1F1B: the same over virtual stages (chunk v on rank r is virtual stage v x PP + r), in
   groups of G >= PP micro-batches per chunk (--microbatch-group-size-per-virtual-pipeline-stage, default
   PP); any m >= G works.
@@ -23,6 +25,7 @@ transfer runs while the rank computes.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -43,6 +46,18 @@ class Backward:
     microbatch: int
     # The last backward of a chunk on this rank runs with data-parallel grad sync enabled (outside
     # no_sync), so DDP can overlap its reduction with the remaining backward work; all others accumulate.
+    sync_grads: bool = False
+    # Split backward (B): the linear layers' weight gradients are queued for this (chunk, micro-batch)'s
+    # WeightGrad action (W) instead of computed here (--delay-wgrad-compute semantics).
+    defer_wgrad: bool = False
+
+
+@dataclass(frozen=True)
+class WeightGrad:
+    """W: run the weight-gradient computations that Backward(chunk, microbatch, defer_wgrad=True) queued;
+    off the critical path, so a schedule can place it in a bubble. The chunk's last W syncs grads."""
+    chunk: int
+    microbatch: int
     sync_grads: bool = False
 
 
@@ -76,7 +91,7 @@ class FinalizeGrads:
     """All backward passes are done: finish gradient reduction (DP, sequence-parallel, tied embeddings)."""
 
 
-Action = Union[Forward, Backward, Exchange, Post, Wait, FinalizeGrads]
+Action = Union[Forward, Backward, WeightGrad, Exchange, Post, Wait, FinalizeGrads]
 
 
 @dataclass
@@ -111,14 +126,21 @@ class _Builder:
     def finish(self, forward_only: bool) -> list[Action]:
         if forward_only:
             return self.actions
-        # Mark the last backward of each chunk as the one that syncs grads, then finalize once.
-        seen: set[int] = set()
-        for index in range(len(self.actions) - 1, -1, -1):
-            action = self.actions[index]
-            if isinstance(action, Backward) and action.chunk not in seen:
-                seen.add(action.chunk)
-                self.actions[index] = Backward(action.chunk, action.microbatch, sync_grads=True)
-        return self.actions + [FinalizeGrads()]
+        return mark_sync_grads(self.actions) + [FinalizeGrads()]
+
+
+def mark_sync_grads(actions: list[Action]) -> list[Action]:
+    """Mark the last Backward (and the last WeightGrad) of each chunk as the one that syncs grads."""
+    actions = list(actions)
+    seen: set[tuple[type, int]] = set()
+    for index in range(len(actions) - 1, -1, -1):
+        action = actions[index]
+        if isinstance(action, (Backward, WeightGrad)) and (type(action), action.chunk) not in seen:
+            seen.add((type(action), action.chunk))
+            actions[index] = dataclasses.replace(action, sync_grads=True)
+        elif isinstance(action, (Backward, WeightGrad)) and action.sync_grads:
+            actions[index] = dataclasses.replace(action, sync_grads=False)
+    return actions
 
 
 def _op(kind: str, chunk: int, microbatch: int) -> P2POp:
@@ -197,6 +219,55 @@ def one_f_one_b_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microb
             b.exchange(_op(RECV_BACKWARD, 0, mb))
             b.backward(0, mb)
             b.exchange(_op(SEND_BACKWARD, 0, mb))
+    return b.finish(forward_only)
+
+
+def zb_h1_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
+                   forward_only: bool = False) -> list[Action]:
+    """ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024, section 3.1): 1F1B's order and
+    warm-up, with each backward split into B (input gradient, on the critical path: its result is sent
+    upstream at once) and W (weight gradients). Rank r runs each W r steps after its B and the last r W's
+    after its last B, where it would wait for the upstream ranks anyway; at most PP micro-batches are in
+    flight (forward run, W not yet) on any rank, 1F1B's peak. Bubble per rank: (PP - 1)(F + B - W),
+    against 1F1B's (PP - 1)(F + B + W) (the paper's formulas; a third when F = B = W). The simulator
+    reproduces it exactly with --overlap-p2p-comm; blocking exchanges couple neighbours and add up to
+    (PP - 1) W more.
+    """
+    if num_chunks != 1:
+        raise ConfigError("--pipeline-schedule zb-h1: does not support virtual stages (one chunk per rank). "
+                          "Drop --num-layers-per-virtual-pipeline-stage, or use zbv (two chunks per rank) or interleaved.")
+    if forward_only:
+        return one_f_one_b_schedule(pp_size, pp_rank, num_chunks, num_microbatches, forward_only)
+    b = _Builder(pp_size, pp_rank, 1)
+    m = num_microbatches
+    num_warmup = min(pp_size - pp_rank - 1, m)
+    num_steady = m - num_warmup
+    delay = pp_rank  # W's held back: the in-flight count stays <= PP (1F1B's peak, rank 0's)
+    pending_w: list[int] = []
+
+    def backward_then_w(mb: int, recv_next: Optional[P2POp], keep: int) -> None:
+        b.actions.append(Backward(0, mb, defer_wgrad=True))
+        b.exchange(_op(SEND_BACKWARD, 0, mb), recv_next)
+        pending_w.append(mb)
+        while len(pending_w) > keep:
+            b.actions.append(WeightGrad(0, pending_w.pop(0)))
+
+    for mb in range(num_warmup):
+        b.exchange(_op(RECV_FORWARD, 0, mb))
+        b.forward(0, mb)
+        b.exchange(_op(SEND_FORWARD, 0, mb))
+    if num_steady > 0:
+        b.exchange(_op(RECV_FORWARD, 0, num_warmup))
+    for i in range(num_steady):
+        forward_mb, last = num_warmup + i, i == num_steady - 1
+        b.forward(0, forward_mb)
+        b.exchange(_op(SEND_FORWARD, 0, forward_mb), _op(RECV_BACKWARD, 0, i))
+        backward_then_w(i, None if last else _op(RECV_FORWARD, 0, forward_mb + 1), delay)
+    for mb in range(num_steady, m):
+        b.exchange(_op(RECV_BACKWARD, 0, mb))
+        backward_then_w(mb, None, delay)
+    while pending_w:
+        b.actions.append(WeightGrad(0, pending_w.pop(0)))
     return b.finish(forward_only)
 
 
@@ -325,6 +396,7 @@ SCHEDULES: dict[str, Callable[..., list[Action]]] = {
     "gpipe": gpipe_schedule,
     "1f1b": one_f_one_b_schedule,
     "interleaved": interleaved_1f1b_schedule,
+    "zb-h1": zb_h1_schedule,
 }
 
 
@@ -363,17 +435,20 @@ def check_interleaving(pp_size: int, num_chunks: int, num_microbatches: int, gro
 
 def schedule_name(pp_size: int, num_chunks: int, requested: str = "auto") -> str:
     """The schedule a configuration runs: 'auto' is no pipelining at PP = 1, interleaved with virtual
-    stages, 1F1B otherwise; 'gpipe', '1f1b' and 'interleaved' ask for one explicitly."""
+    stages, 1F1B otherwise; 'gpipe', '1f1b', 'interleaved' and 'zb-h1' ask for one explicitly."""
     if requested not in ("auto", *SCHEDULES):
-        raise ConfigError(f"--pipeline-schedule: unknown schedule {requested!r}. Use one of auto, gpipe, 1f1b, interleaved.")
+        raise ConfigError(f"--pipeline-schedule: unknown schedule {requested!r}. Use one of auto, gpipe, 1f1b, "
+                          "interleaved, zb-h1.")
     if num_chunks > 1:
-        if requested in ("gpipe", "1f1b", "no_pipelining"):
+        if requested in ("gpipe", "1f1b", "no_pipelining", "zb-h1"):
             raise ConfigError(f"--pipeline-schedule {requested}: does not support virtual stages. "
                               "Use interleaved (or auto), or drop --num-layers-per-virtual-pipeline-stage.")
         return "interleaved"
     if requested == "interleaved":
         raise ConfigError("--pipeline-schedule interleaved: needs virtual stages. Add --num-layers-per-virtual-pipeline-stage.")
     if pp_size == 1:
+        if requested == "zb-h1":
+            raise ConfigError("--pipeline-schedule zb-h1: needs --pipeline-model-parallel-size > 1. Use auto.")
         return "no_pipelining"
     return "1f1b" if requested == "auto" else requested
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_lite.pipeline.schedules import (RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, Action,
-                                              Backward, Exchange, FinalizeGrads, Forward, P2POp, Post, Wait)
+                                              Backward, Exchange, FinalizeGrads, Forward, P2POp, Post, Wait,
+                                              WeightGrad)
 
 
 class ScheduleError(AssertionError):
@@ -61,7 +63,9 @@ def check_local_order(actions: list[Action], pp_rank: int, pp_size: int, num_chu
     posted: set[tuple[str, int, int]] = set()
     last_stage = pp_size * num_chunks - 1
     for index, action in enumerate(actions):
-        if isinstance(action, (Forward, Backward)):
+        if isinstance(action, WeightGrad):
+            _check_weight_grad(action, pp_rank, index, done, actions)
+        elif isinstance(action, (Forward, Backward)):
             kind = "F" if isinstance(action, Forward) else "B"
             key = (kind, action.chunk, action.microbatch)
             if key in done:
@@ -81,9 +85,23 @@ def check_local_order(actions: list[Action], pp_rank: int, pp_size: int, num_chu
     expected = {("F", c, m) for c in range(num_chunks) for m in range(num_microbatches)}
     if not forward_only:
         expected |= {("B", c, m) for c in range(num_chunks) for m in range(num_microbatches)}
+    deferred = {("W", a.chunk, a.microbatch) for a in actions if isinstance(a, Backward) and a.defer_wgrad}
+    if deferred != {key for key in done if key[0] == "W"}:
+        raise ScheduleError(f"rank {pp_rank}: deferred weight gradients without a W: {sorted(deferred - set(done))[:4]}")
     computed = {key for key in done if key[0] in ("F", "B")}
     if computed != expected:
         raise ScheduleError(f"rank {pp_rank}: missing {sorted(expected - computed)[:4]}, extra {sorted(computed - expected)[:4]}")
+
+
+def _check_weight_grad(action: WeightGrad, pp_rank: int, index: int, done: dict, actions: list) -> None:
+    """A W runs once, after its B, and only for a B that deferred its weight gradients."""
+    key = ("W", action.chunk, action.microbatch)
+    b_index = done.get(("B", action.chunk, action.microbatch))
+    if b_index is None or not actions[b_index].defer_wgrad:
+        raise ScheduleError(f"rank {pp_rank}: {action} without a preceding Backward(defer_wgrad=True)")
+    if key in done:
+        raise ScheduleError(f"rank {pp_rank}: {action} runs twice")
+    done[key] = index
 
 
 def _check_p2p(action, pp_rank: int, index: int, done: dict, posted: set) -> None:
@@ -115,11 +133,14 @@ def expand_exchanges(actions: list[Action]) -> list[Action]:
 
 
 def simulate_timeline(schedules: list[list[Action]], forward_time: float = 1.0, backward_time: float = 2.0,
-                      finalize_time: float = 0.0, p2p_time: float = 0.0) -> Timeline:
+                      finalize_time: float = 0.0, p2p_time: float = 0.0,
+                      weight_time: Optional[float] = None) -> Timeline:
     """Run all ranks' lists with compute costs and rendezvous communication (an op completes p2p_time after
-    both ends have posted it); raises ScheduleError on a mismatched message or a deadlock."""
+    both ends have posted it); raises ScheduleError on a mismatched message or a deadlock. A split
+    backward costs backward_time - weight_time (B) plus weight_time (W; default half the backward)."""
     sim = _Simulation([expand_exchanges(actions) for actions in schedules], p2p_time)
-    costs = {Forward: forward_time, Backward: backward_time, FinalizeGrads: finalize_time}
+    weight_time = backward_time / 2 if weight_time is None else weight_time
+    costs = {Forward: forward_time, Backward: backward_time, FinalizeGrads: finalize_time, WeightGrad: weight_time}
     progress = True
     while progress:
         progress = False
@@ -137,6 +158,8 @@ def simulate_timeline(schedules: list[list[Action]], forward_time: float = 1.0, 
                         del sim.matched[rank][sim.key(op)]
                 else:
                     cost = costs.get(type(action), 0.0)
+                    if isinstance(action, Backward) and action.defer_wgrad:
+                        cost -= weight_time
                     sim.clock[rank] += cost
                     sim.busy[rank] += cost
                 sim.position[rank] += 1
@@ -190,19 +213,21 @@ class _Simulation:
 
 
 def simulate(schedules: list[list[Action]], forward_time: float = 1.0, backward_time: float = 2.0,
-             p2p_time: float = 0.0) -> list[float]:
+             p2p_time: float = 0.0, weight_time: Optional[float] = None) -> list[float]:
     """Per-rank idle fraction (idle time / step time) of a set of action lists."""
-    return simulate_timeline(schedules, forward_time, backward_time, p2p_time=p2p_time).idle_fraction
+    return simulate_timeline(schedules, forward_time, backward_time, p2p_time=p2p_time,
+                             weight_time=weight_time).idle_fraction
 
 
 def max_in_flight(actions: list[Action]) -> int:
-    """Most (chunk, micro-batch) pairs whose forward has run and backward has not, at any point."""
+    """Most (chunk, micro-batch) pairs whose forward has run and backward has not, at any point (with a
+    split backward, until its W: W still reads the layer inputs)."""
     alive = peak = 0
     for action in actions:
         if isinstance(action, Forward):
             alive += 1
             peak = max(peak, alive)
-        elif isinstance(action, Backward):
+        elif isinstance(action, WeightGrad) or (isinstance(action, Backward) and not action.defer_wgrad):
             alive -= 1
     return peak
 

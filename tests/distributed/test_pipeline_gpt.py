@@ -150,18 +150,20 @@ def _check(outputs: list[dict], pp: int) -> None:
 
 
 def test_gpt_pp2_1f1b_gpipe_interleaved():
-    cases = [{"m": 2}, {"m": 3}, {"m": 4, "schedule": "gpipe"}, {"m": 4, "vp": 2}, {"m": 3, "first": 1, "last": 3}]
+    cases = [{"m": 2}, {"m": 3}, {"m": 4, "schedule": "gpipe"}, {"m": 4, "vp": 2}, {"m": 3, "first": 1, "last": 3},
+             {"m": 3, "schedule": "zb-h1"}, {"m": 2, "schedule": "zb-h1", "overlap": True}]
     _check(run_distributed(_run, 2, tp=1, pp=2, cases=cases, num_layers=4), 2)
 
 
 def test_gpt_pp4_untied_llama():
-    cases = [{"m": 4}, {"m": 5}, {"m": 8, "vp": 2}, {"m": 5, "overlap": True}, {"m": 6, "vp": 2, "overlap": True}]
+    cases = [{"m": 4}, {"m": 8, "vp": 2}, {"m": 5, "overlap": True}, {"m": 6, "vp": 2, "overlap": True},
+             {"m": 5, "schedule": "zb-h1"}]
     _check(run_distributed(_run, 4, tp=1, pp=4, cases=cases, num_layers=8, style="llama"), 4)
 
 
 def test_gpt_tp2_pp2_dp2_sequence_parallel_with_ddp():
     cases = [{"m": 3, "sp": True}, {"m": 4, "vp": 2, "sp": True}, {"m": 3, "vp": 2, "sp": True},
-             {"m": 3, "vp": 2, "sp": True, "overlap": True}]
+             {"m": 3, "vp": 2, "sp": True, "overlap": True}, {"m": 3, "sp": True, "schedule": "zb-h1", "overlap": True}]
     _check(run_distributed(_run, 8, tp=2, pp=2, cases=cases, num_layers=4, ddp=True), 2)
 
 

@@ -9,7 +9,8 @@ import pytest
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.pipeline.runner import get_forward_backward_func
 from megatron_lite.pipeline.schedules import (Backward, Exchange, FinalizeGrads, Forward, P2POp, Post, Wait,
-                                              all_rank_schedules, build_schedule, schedule_name, schedule_table)
+                                              WeightGrad, all_rank_schedules, build_schedule, schedule_name,
+                                              schedule_table)
 from megatron_lite.pipeline.simulator import ScheduleError, check_schedules, max_in_flight, simulate, simulate_timeline
 from megatron_lite.pipeline.stages import layers_for_stage, stage_layer_counts
 
@@ -19,6 +20,7 @@ def layouts():
         for m in range(1, 3 * pp + 2):
             yield "gpipe", pp, 1, m
             yield "1f1b", pp, 1, m
+            yield "zb-h1", pp, 1, m
             for v in (2, 3):
                 if m >= pp:  # any m >= the micro-batch group size (default PP)
                     yield "interleaved", pp, v, m
@@ -42,6 +44,8 @@ def test_in_flight_bounds():
                 assert peak == min(pp - rank, m), (pp, rank, m)
             elif name == "gpipe":
                 assert peak == m
+            elif name == "zb-h1":  # W's held back r steps on rank r: 1F1B's peak (rank 0's) on every rank
+                assert peak == min(pp, m), (pp, rank, m)
             else:  # Megatron's warm-up count (G = the largest micro-batch group) plus the one in the steady state
                 largest_group = pp + m % pp
                 warmup = v * m if m == pp else min(2 * (pp - rank - 1) + (v - 1) * largest_group, v * m)
@@ -175,6 +179,45 @@ def test_simulator_catches_bad_posts_and_waits():
     moved = rank1[:index - 1] + [rank1[index], rank1[index - 1]] + rank1[index + 1:]
     with pytest.raises(ScheduleError, match="before its recv_forward"):
         check_schedules([actions, moved], 1, 2)
+
+
+@pytest.mark.parametrize("f,b,w", [(1.0, 1.0, 1.0), (1.0, 1.5, 0.5), (2.0, 2.0, 1.0)])
+def test_zb_h1_bubble_is_the_papers(f, b, w):
+    # Qi et al. 2024, "Zero Bubble Pipeline Parallelism", section 3: 1F1B idles (p - 1)(F + B + W) per rank,
+    # ZB-H1 (p - 1)(F + B - W); with posted (overlapped) p2p the simulator gives exactly that
+    for pp in (2, 4, 8):
+        for m in (pp, 2 * pp + 1, 16):
+            zb = simulate_timeline(all_rank_schedules("zb-h1", pp, 1, m, overlap=True), f, b + w, weight_time=w)
+            assert zb.step_time == pytest.approx(m * (f + b + w) + (pp - 1) * (f + b - w)), (pp, m)
+            one_f_one_b = simulate_timeline(all_rank_schedules("1f1b", pp, 1, m, overlap=True), f, b + w)
+            assert one_f_one_b.step_time == pytest.approx(m * (f + b + w) + (pp - 1) * (f + b + w)), (pp, m)
+            # blocking exchanges couple neighbours: still below 1F1B
+            blocking = simulate_timeline(all_rank_schedules("zb-h1", pp, 1, m), f, b + w, weight_time=w)
+            assert zb.step_time <= blocking.step_time < one_f_one_b.step_time
+
+
+def test_zb_h1_splits_every_backward_and_refuses_what_it_cannot_run():
+    actions = build_schedule("zb-h1", 4, 1, 1, 6)
+    backwards = [a for a in actions if isinstance(a, Backward)]
+    weights = [a for a in actions if isinstance(a, WeightGrad)]
+    assert all(a.defer_wgrad for a in backwards) and [a.microbatch for a in weights] == list(range(6))
+    assert [a.sync_grads for a in weights] == [False] * 5 + [True] and backwards[-1].sync_grads
+    # rank 1 runs each W one step after its B; the held-back one after its last B
+    compute = [type(a).__name__[0] + str(a.microbatch) for a in actions if isinstance(a, (Forward, Backward, WeightGrad))]
+    assert compute[:8] == ["F0", "F1", "F2", "B0", "F3", "B1", "W0", "F4"] and compute[-3:] == ["B5", "W4", "W5"]
+    # forward-only is 1F1B's forward-only list
+    assert build_schedule("zb-h1", 4, 1, 1, 6, forward_only=True) == build_schedule("1f1b", 4, 1, 1, 6, forward_only=True)
+    with pytest.raises(ConfigError, match="--pipeline-schedule zb-h1: does not support virtual stages"):
+        schedule_name(2, 2, "zb-h1")
+    with pytest.raises(ConfigError, match="zb-h1: needs --pipeline-model-parallel-size > 1"):
+        schedule_name(1, 1, "zb-h1")
+    with pytest.raises(ConfigError, match="zb-h1: does not support virtual stages"):
+        build_schedule("zb-h1", 2, 0, 2, 4)
+    # a W without its deferred B is refused by the simulator
+    broken = [build_schedule("zb-h1", 2, 0, 1, 2), build_schedule("zb-h1", 2, 1, 1, 2)]
+    broken[1] = [Backward(a.chunk, a.microbatch, a.sync_grads) if isinstance(a, Backward) else a for a in broken[1]]
+    with pytest.raises(ScheduleError, match="without a preceding Backward"):
+        check_schedules(broken, 1, 2)
 
 
 def test_simulator_catches_broken_schedules():
