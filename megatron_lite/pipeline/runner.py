@@ -25,7 +25,7 @@ from megatron_lite.distributed.model_chunk import ModelChunk, as_model_chunks
 from megatron_lite.pipeline import p2p
 from megatron_lite.pipeline.schedules import (RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, Backward,
                                               Exchange, FinalizeGrads, Forward, P2POp, Post, Wait, WeightGrad,
-                                              build_schedule, schedule_name)
+                                              build_schedule)
 from megatron_lite.process_groups import ProcessGroups
 
 Key = tuple[int, int]  # (chunk, micro-batch)
@@ -280,10 +280,10 @@ def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterato
 
 
 def get_forward_backward_func(config, groups: Optional[ProcessGroups] = None) -> Callable[..., list[dict]]:
-    """The forward_backward_func for this configuration's pipeline schedule, bound to `groups`."""
-    p = config.parallel
-    num_chunks = p.virtual_pipeline_model_parallel_size or 1
-    name = schedule_name(p.pipeline_model_parallel_size, num_chunks, p.pipeline_schedule)
+    """The forward_backward_func for this configuration's pipeline schedule (auto: pipeline/auto.py), bound
+    to `groups`."""
+    from megatron_lite.pipeline.auto import resolve  # the simulator is only needed here
+    name = resolve(config).name
 
     def forward_backward_func(**kwargs) -> list[dict]:
         kwargs.setdefault("groups", groups)

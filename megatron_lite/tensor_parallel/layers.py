@@ -59,7 +59,9 @@ class _LinearDelayedWgrad(torch.autograd.Function):
 def _linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The module's GEMM; with a weight-gradient queue set (split backward) and a weight that needs a
     gradient, the weight gradient is deferred to that queue."""
-    if module.wgrad_queue is not None and weight.requires_grad and torch.is_grad_enabled():
+    # only the plain GEMM is split (a kernel that replaced linear_fn, e.g. Transformer Engine's fp8, is not)
+    if module.wgrad_queue is not None and weight.requires_grad and torch.is_grad_enabled() \
+            and module.linear_fn is F.linear:
         return _LinearDelayedWgrad.apply(x, weight, bias, module.wgrad_queue)
     return module.linear_fn(x, weight, bias)
 

@@ -129,7 +129,9 @@ def _check(outputs: list[dict], pp: int) -> None:
 
 
 def test_pp2_1f1b_gpipe_all_microbatch_counts():
-    cases = [{"m": 2}, {"m": 4, "grad_scale": 4.0}, {"m": 3}, {"m": 1}, {"m": 3, "schedule": "gpipe"},
+    # (auto without virtual stages is ZB-H1)
+    cases = [{"m": 2}, {"m": 4, "grad_scale": 4.0}, {"m": 3, "schedule": "1f1b"}, {"m": 1, "schedule": "1f1b"},
+             {"m": 3}, {"m": 3, "schedule": "gpipe"},
              {"m": 4, "first": 1, "last": 3}, {"m": 3, "overlap": True}, {"m": 4, "schedule": "gpipe", "overlap": True},
              {"m": 3, "schedule": "zb-h1"}, {"m": 4, "schedule": "zb-h1", "overlap": True}]
     _check(run_distributed(_run_cases, 2, pp=2, num_layers=4, cases=cases), 2)
@@ -143,7 +145,7 @@ def test_pp2_interleaved():
 
 
 def test_pp4_1f1b_interleaved_uneven():
-    cases = [{"m": 4}, {"m": 8}, {"m": 5}, {"m": 4, "vp": 2}, {"m": 8, "vp": 2}, {"m": 5, "first": 1, "last": 3},
+    cases = [{"m": 4}, {"m": 8, "schedule": "1f1b"}, {"m": 5}, {"m": 5, "schedule": "1f1b"}, {"m": 4, "vp": 2}, {"m": 8, "vp": 2}, {"m": 5, "first": 1, "last": 3},
              {"m": 6, "vp": 2}, {"m": 9, "vp": 2, "group": 4}, {"m": 5, "overlap": True}, {"m": 7, "vp": 2, "overlap": True},
              {"m": 5, "schedule": "zb-h1", "overlap": True}]
     _check(run_distributed(_run_cases, 4, pp=4, num_layers=8, cases=cases), 4)
@@ -151,7 +153,7 @@ def test_pp4_1f1b_interleaved_uneven():
 
 @pytest.mark.slow
 def test_pp4_sweep_slow():
-    cases = [{"m": m} for m in (1, 2, 3, 6, 7, 16)] + [{"m": m, "vp": 2} for m in (12, 16, 7, 11)] + \
+    cases = [{"m": m} for m in (1, 2, 3, 6, 7, 16)] + [{"m": m, "schedule": "1f1b"} for m in (2, 7)] + [{"m": m, "vp": 2} for m in (12, 16, 7, 11)] + \
             [{"m": 5, "schedule": "gpipe"}, {"m": 8, "vp": 4}, {"m": 5, "vp": 4}, {"m": 13, "vp": 2, "group": 5}] + \
             [{"m": m, "overlap": True} for m in (1, 4, 8)] + [{"m": m, "vp": 2, "overlap": True} for m in (4, 9)] + \
             [{"m": 6, "schedule": "gpipe", "overlap": True}, {"m": 11, "vp": 2, "group": 5, "overlap": True}]

@@ -150,7 +150,7 @@ def _check(outputs: list[dict], pp: int) -> None:
 
 
 def test_gpt_pp2_1f1b_gpipe_interleaved():
-    cases = [{"m": 2}, {"m": 3}, {"m": 4, "schedule": "gpipe"}, {"m": 4, "vp": 2}, {"m": 3, "first": 1, "last": 3},
+    cases = [{"m": 2, "schedule": "1f1b"}, {"m": 3, "schedule": "1f1b"}, {"m": 4, "schedule": "gpipe"}, {"m": 4, "vp": 2}, {"m": 3, "first": 1, "last": 3},
              {"m": 3, "schedule": "zb-h1"}, {"m": 2, "schedule": "zb-h1", "overlap": True}]
     _check(run_distributed(_run, 2, tp=1, pp=2, cases=cases, num_layers=4), 2)
 
@@ -162,7 +162,7 @@ def test_gpt_pp4_untied_llama():
 
 
 def test_gpt_tp2_pp2_dp2_sequence_parallel_with_ddp():
-    cases = [{"m": 3, "sp": True}, {"m": 4, "vp": 2, "sp": True}, {"m": 3, "vp": 2, "sp": True},
+    cases = [{"m": 3, "sp": True, "schedule": "1f1b"}, {"m": 4, "vp": 2, "sp": True}, {"m": 3, "vp": 2, "sp": True},
              {"m": 3, "vp": 2, "sp": True, "overlap": True}, {"m": 3, "sp": True, "schedule": "zb-h1", "overlap": True}]
     _check(run_distributed(_run, 8, tp=2, pp=2, cases=cases, num_layers=4, ddp=True), 2)
 

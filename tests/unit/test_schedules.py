@@ -301,7 +301,28 @@ def test_invalid_layouts_refused_by_the_pipeline_itself():
 
 def test_get_forward_backward_func_picks_the_schedule():
     assert get_forward_backward_func(_config(world_size=1).validate()).schedule == "no_pipelining"
-    assert get_forward_backward_func(_config(pipeline_model_parallel_size=2).validate()).schedule == "1f1b"
+    # auto: the smallest simulated bubble within 1F1B's memory: ZB-H1 without virtual stages
+    assert get_forward_backward_func(_config(pipeline_model_parallel_size=2).validate()).schedule == "zb-h1"
+    assert get_forward_backward_func(_config(pipeline_model_parallel_size=2, pipeline_schedule="1f1b").validate()).schedule == "1f1b"
     assert get_forward_backward_func(_config(pipeline_model_parallel_size=2, pipeline_schedule="gpipe").validate()).schedule == "gpipe"
     cfg = _config(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, global_batch_size=4).validate()
     assert get_forward_backward_func(cfg).schedule == "interleaved"
+
+
+def test_auto_picks_the_smallest_bubble_within_1f1b_memory():
+    from megatron_lite.pipeline.auto import choose_schedule, describe, predict
+    for pp in (2, 4, 8):
+        for m in (1, pp, 2 * pp + 1, 16):
+            for overlap in (False, True):
+                choice = choose_schedule(pp, 1, m, overlap=overlap)
+                assert choice.name == "zb-h1" and choice.peak_in_flight <= min(pp, m), (pp, m)
+                assert all(bubble > choice.bubble for _, bubble, _ in choice.rejected)
+                gpipe = dict((name, peak) for name, _, peak in choice.rejected)["gpipe"]
+                assert gpipe == m  # GPipe holds every micro-batch: over the bound once m > PP
+    assert choose_schedule(1, 1, 4).name == "no_pipelining"
+    assert choose_schedule(4, 2, 6).name == "interleaved"  # the only one with virtual stages here
+    assert choose_schedule(4, 1, 8, "1f1b").name == "1f1b"
+    assert predict("1f1b", 4, 1, 8) == (pytest.approx(3 * 3 / (8 * 3 + 3 * 3)), 4)  # (p-1)(F+B) over the step
+    cfg = _config(pipeline_model_parallel_size=4, global_batch_size=8, world_size=4).validate()
+    line = describe(cfg)
+    assert line.startswith("zb-h1 (chosen by auto; predicted bubble 0.200") and "gpipe 0.273 (over 1F1B's memory)" in line
