@@ -35,10 +35,14 @@ class _LinearDelayedWgrad(torch.autograd.Function):
     (weight.backward), so accumulation into .grad and DDP's post-accumulate hooks behave as usual."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], queue: list) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight_data: torch.Tensor, bias: Optional[torch.Tensor], weight_holder: tuple,
+                queue: list) -> torch.Tensor:
+        # The parameter travels in a tuple, and its detached data as the tensor input, so that B's graph has no
+        # edge to the weight at all: autograd would otherwise visit its AccumulateGrad in B with no gradient and
+        # fire post-accumulate hooks (DDP would mark the weight ready before W has computed its gradient).
         ctx.save_for_backward(x)
-        ctx.weight, ctx.has_bias, ctx.queue = weight, bias is not None, queue
-        return F.linear(x, weight, bias)
+        ctx.weight, ctx.has_bias, ctx.queue = weight_holder[0], bias is not None, queue
+        return F.linear(x, weight_data, bias)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -53,7 +57,7 @@ class _LinearDelayedWgrad(torch.autograd.Function):
             weight.backward(grad_2d.t().mm(x_2d))
 
         ctx.queue.append(weight_grad)
-        return grad_input, None, grad_bias, None
+        return grad_input, None, grad_bias, None, None
 
 
 def _linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -62,7 +66,7 @@ def _linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Opti
     # only the plain GEMM is split (a kernel that replaced linear_fn, e.g. Transformer Engine's fp8, is not)
     if module.wgrad_queue is not None and weight.requires_grad and torch.is_grad_enabled() \
             and module.linear_fn is F.linear:
-        return _LinearDelayedWgrad.apply(x, weight, bias, module.wgrad_queue)
+        return _LinearDelayedWgrad.apply(x, weight.detach(), bias, (weight,), module.wgrad_queue)
     return module.linear_fn(x, weight, bias)
 
 

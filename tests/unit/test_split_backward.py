@@ -47,6 +47,9 @@ def test_linear_layers_defer_only_the_weight_gradient_bitwise():
         queue: list = []
         if split:
             column.wgrad_queue = row.wgrad_queue = queue
+        fired = []  # DDP marks a parameter ready from this hook: it must not fire for a deferred weight in B
+        for param in (column.weight, row.weight):
+            param.register_post_accumulate_grad_hook(lambda p: fired.append(p))
         input_grads = []
         for _ in range(2):
             x = torch.randn(5, 3, 8, requires_grad=True)
@@ -55,9 +58,10 @@ def test_linear_layers_defer_only_the_weight_gradient_bitwise():
         if split:
             assert column.weight.grad is None and row.weight.grad is None  # deferred...
             assert column.bias.grad is not None and row.bias.grad is not None  # ...biases are not
-            assert len(queue) == 4
+            assert len(queue) == 4 and fired == []
             for compute in queue:
                 compute()
+            assert len(fired) == 4
         return input_grads, [p.grad for p in [*column.parameters(), *row.parameters()]]
 
     plain, split = run(False), run(True)
