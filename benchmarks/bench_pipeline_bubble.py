@@ -1,4 +1,6 @@
-"""Pipeline bubble: measured idle fraction of 1F1B and interleaved 1F1B beside the simulator and theory.
+"""Pipeline bubble: measured idle fraction of every schedule, with and without --overlap-p2p-comm, beside the simulator.
+
+Schedules: GPipe, 1F1B, interleaved 1F1B (VP 2) and ZB-H1 (backward split evenly into B and W).
 
 Run by hand (not a test):  python benchmarks/bench_pipeline_bubble.py [--append]
 
@@ -7,7 +9,9 @@ stages), so the measurement isolates the schedule and the real gloo p2p/runtime 
 contention: the CI machine has 2 cores and PP = 4 runs 4 ranks. Per rank, busy = time inside forward and
 backward compute; idle fraction = 1 - busy / step time (step time = slowest rank's wall time of
 forward_backward_func). Theory: the bubble is (p - 1) / (v m) of the ideal time, i.e.
-(p - 1) / (v m + p - 1) of the step time, which is what the simulator (simulator.py) reproduces exactly.
+(p - 1) / (v m + p - 1) of the step time, which is what the simulator (simulator.py) reproduces exactly
+with free communication; the second simulator column charges every p2p op P2P_S after both ends have
+posted it (blocking exchanges pay it on the critical path, overlapped ones hide it behind compute).
 --append adds the table to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ from megatron_lite.pipeline.simulator import simulate  # noqa: E402
 from megatron_lite.testing import run_distributed  # noqa: E402
 
 FORWARD_S, BACKWARD_S = 0.02, 0.04  # per pipeline stage (all its layers)
+P2P_S = 0.001  # the simulator's per-op transfer cost in the second column (gloo p2p + Python, measured ~1 ms)
 SEQ, HIDDEN = 4, 8
 _BUSY = [0.0]  # per process: seconds spent in compute during the measured step
 
@@ -42,23 +47,33 @@ class _Sleep(torch.autograd.Function):
     """Stands for a chunk's layers: sleeps as long as their forward/backward would take."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, forward_s: float, backward_s: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, forward_s: float, backward_s: float, wgrad_queue) -> torch.Tensor:
         start = time.perf_counter()
         time.sleep(forward_s)
-        ctx.backward_s = backward_s
+        ctx.backward_s, ctx.wgrad_queue = backward_s, wgrad_queue
         out = x * 1.0
         _BUSY[0] += time.perf_counter() - start
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        start = time.perf_counter()
-        time.sleep(ctx.backward_s)
-        _BUSY[0] += time.perf_counter() - start
-        return grad, None, None
+        # split backward (ZB-H1): B sleeps half the backward, W (queued for the runner's W action) the rest
+        queue = ctx.wgrad_queue
+        _timed_sleep(ctx.backward_s / 2 if queue is not None else ctx.backward_s)
+        if queue is not None:
+            queue.append(lambda: _timed_sleep(ctx.backward_s / 2))
+        return grad, None, None, None
+
+
+def _timed_sleep(seconds: float) -> None:
+    start = time.perf_counter()
+    time.sleep(seconds)
+    _BUSY[0] += time.perf_counter() - start
 
 
 class SleepStage(nn.Module):
+    wgrad_queue = None  # set by the runner for schedules with W actions, as on the TP linear layers
+
     def __init__(self, pre_process: bool, post_process: bool, layer_numbers: list[int], num_chunks: int):
         super().__init__()
         self.pre_process, self.post_process = pre_process, post_process
@@ -71,7 +86,7 @@ class SleepStage(nn.Module):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         hidden = batch * self.scale if self.pre_process else self.input_tensor * self.scale
-        hidden = _Sleep.apply(hidden, self.forward_s, self.backward_s)
+        hidden = _Sleep.apply(hidden, self.forward_s, self.backward_s, self.wgrad_queue)
         return hidden.sum(-1).transpose(0, 1) if self.post_process else hidden
 
 
@@ -80,7 +95,7 @@ def _forward_step(data_iterator, model):
     return output, lambda out: (out.mean(), {"lm loss": out.mean().detach()})
 
 
-def _measure(pp: int, vp: int | None, counts: list[int], repeats: int) -> list[dict]:
+def _measure(pp: int, vp: int | None, schedule: str, overlap: bool, counts: list[int], repeats: int) -> list[dict]:
     torch.set_num_threads(1)
     ps.initialize_model_parallel(1, pp, vp)
     rows = []
@@ -89,6 +104,7 @@ def _measure(pp: int, vp: int | None, counts: list[int], repeats: int) -> list[d
         cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = pp * (vp or 1), HIDDEN, 2
         cfg.model.seq_length = SEQ
         cfg.parallel.pipeline_model_parallel_size, cfg.parallel.virtual_pipeline_model_parallel_size = pp, vp
+        cfg.parallel.pipeline_schedule, cfg.parallel.overlap_p2p_comm = schedule, overlap
         cfg.training.global_batch_size = m
         cfg.validate()
         groups = ps.get_process_groups()
@@ -115,24 +131,20 @@ def _measure(pp: int, vp: int | None, counts: list[int], repeats: int) -> list[d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    counts = [4, 8, 12, 16]
-    lines = ["| PP | VP | schedule | m | step (s) | measured idle (mean / max over stages) | simulator | "
-             "theory (p-1)/(vm+p-1) of step | theory (p-1)/(vm) of ideal |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    counts = [4, 6, 8, 16]
+    lines = ["| PP | VP | schedule | overlap | m | step (s) | measured idle (mean / max over stages) | simulator | "
+             f"simulator, {P2P_S * 1000:.0f} ms per p2p op | theory of step: (p-1)/(vm+p-1); ZB-H1 (p-1)(F+B-W) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for pp in (2, 4):
-        for vp in (None, 2):
-            per_rank = run_distributed(_measure, pp, timeout=600.0, pp=pp, vp=vp, counts=counts, repeats=args.repeats)
-            v = vp or 1
-            for index, m in enumerate(counts):
-                idle = [rows[index]["idle"] for rows in per_rank]
-                schedule = per_rank[0][index]["schedule"]
-                simulated = simulate(all_rank_schedules(schedule, pp, v, m), FORWARD_S / v, BACKWARD_S / v)
-                lines.append(f"| {pp} | {v} | {schedule} | {m} | {per_rank[0][index]['step_s']:.3f} | "
-                             f"{sum(idle) / pp:.3f} / {max(idle):.3f} | {sum(simulated) / pp:.3f} | "
-                             f"{(pp - 1) / (v * m + pp - 1):.3f} | {(pp - 1) / (v * m):.3f} |")
-                print(lines[-1], flush=True)
+        for schedule, vp in (("gpipe", None), ("1f1b", None), ("interleaved", 2), ("zb-h1", None)):
+            for overlap in (False, True):
+                per_rank = run_distributed(_measure, pp, timeout=600.0, pp=pp, vp=vp, schedule=schedule,
+                                           overlap=overlap, counts=counts, repeats=args.repeats)
+                for index, m in enumerate(counts):
+                    lines.append(_row(pp, vp or 1, schedule, overlap, m, per_rank, index))
+                    print(lines[-1], flush=True)
     table = "\n".join(lines)
     cpu = platform.processor() or platform.machine()
     header = (f"\n## Pipeline bubble (benchmarks/bench_pipeline_bubble.py), {datetime.date.today().isoformat()}\n\n"
@@ -143,6 +155,26 @@ def main() -> None:
     print(header + table)
     if args.append:
         append_results(header + table + "\n")
+
+
+def _row(pp: int, v: int, schedule: str, overlap: bool, m: int, per_rank: list, index: int) -> str:
+    idle = [rows[index]["idle"] for rows in per_rank]
+    schedules = all_rank_schedules(schedule, pp, v, m, overlap=overlap)
+    simulated = simulate(schedules, FORWARD_S / v, BACKWARD_S / v, weight_time=BACKWARD_S / v / 2)
+    with_p2p = simulate(schedules, FORWARD_S / v, BACKWARD_S / v, p2p_time=P2P_S, weight_time=BACKWARD_S / v / 2)
+    return (f"| {pp} | {v} | {schedule} | {'on' if overlap else 'off'} | {m} | {per_rank[0][index]['step_s']:.3f} | "
+            f"{sum(idle) / pp:.3f} / {max(idle):.3f} | {sum(simulated) / pp:.3f} | {sum(with_p2p) / pp:.3f} | "
+            f"{_theory(schedule, pp, v, m):.3f} |")
+
+
+def _theory(schedule: str, pp: int, v: int, m: int) -> float:
+    """Idle fraction of the step by the papers' formulas: (p - 1)(F + B) over m v chunk-steps for GPipe,
+    1F1B and interleaved (Narayanan et al. 2021); (p - 1)(F + B - W) for ZB-H1 (Qi et al. 2024)."""
+    if schedule == "zb-h1":
+        f, b, w = FORWARD_S, BACKWARD_S / 2, BACKWARD_S / 2
+        bubble = (pp - 1) * (f + b - w)
+        return bubble / (m * (f + b + w) + bubble)
+    return (pp - 1) / (v * m + pp - 1)
 
 
 if __name__ == "__main__":

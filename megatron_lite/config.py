@@ -49,11 +49,18 @@ class ModelConfig:
     position_embedding_type: str = arg("learned_absolute", "Position embedding.", choices=["learned_absolute", "rope"])
     rotary_base: float = arg(10000.0, "RoPE base (theta).")
     rotary_percent: float = arg(1.0, "Fraction of each head's channels that RoPE rotates.")
+    # Llama 3.x RoPE scaling (HF rope_type "llama3"); Megatron fixes the last three at 1, 4 and 8192.
+    use_rope_scaling: bool = arg(False, "Llama 3.x RoPE frequency scaling.", action="store_true")
+    rope_scaling_factor: float = arg(8.0, "With --use-rope-scaling: the scaling factor.")
+    rope_scaling_low_freq_factor: float = arg(1.0, "With --use-rope-scaling: Llama 3's low_freq_factor.")
+    rope_scaling_high_freq_factor: float = arg(4.0, "With --use-rope-scaling: Llama 3's high_freq_factor.")
+    rope_scaling_original_max_position_embeddings: int = arg(8192, "With --use-rope-scaling: the pre-scaling context length.")
     normalization: str = arg("LayerNorm", "Normalisation layer.", choices=["LayerNorm", "RMSNorm"])
     norm_epsilon: float = arg(1e-5, "Epsilon of LayerNorm/RMSNorm.")
     swiglu: bool = arg(False, "SwiGLU MLP instead of GeLU.", action="store_true")
     add_bias_linear: bool = arg(True, "Disable biases of linear layers.", flag="--disable-bias-linear", action="store_false")
     add_qkv_bias: bool = arg(False, "Bias on the QKV projection even with --disable-bias-linear (Qwen2 style).", action="store_true")
+    qk_layernorm: bool = arg(False, "Normalise each head's queries and keys (before RoPE) with --normalization (Qwen3 style).", action="store_true")
     untie_embeddings_and_output_weights: bool = arg(False, "Separate input embedding and output layer weights.", action="store_true")
     hidden_dropout: float = arg(0.1, "Dropout on hidden states (after attention and MLP, and on embeddings).")
     attention_dropout: float = arg(0.1, "Dropout on attention probabilities.")
@@ -115,6 +122,13 @@ class ModelConfig:
         if self.position_embedding_type == "rope" and self.head_dim % 2 != 0:
             _fail("--position-embedding-type rope", f"needs an even head dimension, got {self.head_dim}",
                   "Change --hidden-size or --num-attention-heads.")
+        if self.use_rope_scaling and self.position_embedding_type != "rope":
+            _fail("--use-rope-scaling", "needs --position-embedding-type rope", "Add --position-embedding-type rope or drop it.")
+        if self.use_rope_scaling and not (self.rope_scaling_factor >= 1
+                                          and self.rope_scaling_high_freq_factor > self.rope_scaling_low_freq_factor > 0):
+            _fail("--rope-scaling-factor", f"factor {self.rope_scaling_factor}, low/high frequency factors "
+                  f"{self.rope_scaling_low_freq_factor}/{self.rope_scaling_high_freq_factor}",
+                  "Use factor >= 1 and 0 < low < high (Llama 3.1: 8, 1, 4).")
         for flag, value in [("--hidden-dropout", self.hidden_dropout), ("--attention-dropout", self.attention_dropout)]:
             if not 0.0 <= value < 1.0:
                 _fail(flag, f"must be in [0, 1), got {value}", "Use e.g. 0.1, or 0 to disable dropout.")
@@ -158,7 +172,9 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = arg(None, "Virtual stages per pipeline rank (alternative to --num-layers-per-virtual-pipeline-stage).", flag="--num-virtual-stages-per-pipeline-rank")
     decoder_first_pipeline_num_layers: Optional[int] = arg(None, "Layers on the first pipeline stage (the rest split evenly).")
     decoder_last_pipeline_num_layers: Optional[int] = arg(None, "Layers on the last pipeline stage (the rest split evenly).")
-    pipeline_schedule: str = arg("auto", "Pipeline schedule: auto picks 1F1B, or interleaved 1F1B with virtual stages.", choices=["auto", "gpipe", "1f1b", "interleaved"])
+    pipeline_schedule: str = arg("auto", "Pipeline schedule: auto picks 1F1B, or interleaved 1F1B with virtual stages; zb-h1 splits backward into B and W (zero-bubble H1).", choices=["auto", "gpipe", "1f1b", "interleaved", "zb-h1"])
+    microbatch_group_size_per_vp_stage: Optional[int] = arg(None, "Interleaved 1F1B: consecutive micro-batches per virtual stage (default PP); m need not be a multiple of PP.", flag="--microbatch-group-size-per-virtual-pipeline-stage")
+    overlap_p2p_comm: bool = arg(False, "Post pipeline sends/receives asynchronously and wait only when their data is needed.", action="store_true")
     context_parallel_size: int = arg(1, "Context parallel size (CP).")
     expert_model_parallel_size: int = arg(1, "Expert model parallel size (EP).")
     sequence_parallel: bool = arg(False, "Split norm/dropout regions along the sequence over the TP group.", action="store_true")

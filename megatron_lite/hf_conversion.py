@@ -1,8 +1,9 @@
 """Hugging Face <-> megatron_lite: the config mapping, the per-tensor weight mapping, and streaming
 readers/writers of local Hugging Face model directories. No transformers import: only safetensors/torch.
 
-Families: GPT-2 (`GPT2LMHeadModel`) and Llama-style decoders (`LlamaForCausalLM`, plus Mistral and
-Qwen2 where their fields fit: no sliding window, Qwen2's QKV-only bias). Every mapping is between a
+Families: GPT-2 (`GPT2LMHeadModel`) and Llama-style decoders (`LlamaForCausalLM` with plain or Llama 3.x
+scaled RoPE, plus Mistral, Qwen2 and Qwen3 dense where their fields fit: no sliding window, Qwen2's
+QKV-only bias, Qwen3's per-head q/k RMSNorm). Every mapping is between a
 megatron_lite canonical full tensor (docs/internals.md: global names, unpadded vocabulary, Megatron's
 group-interleaved QKV, SwiGLU fc1 = [gate; up]) and the Hugging Face tensors it is made of.
 """
@@ -20,7 +21,8 @@ from megatron_lite.config import Config, ConfigError
 
 Tensor = torch.Tensor
 
-LLAMA_LIKE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+LLAMA_LIKE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+              "qwen3": "Qwen3ForCausalLM"}
 # Files that travel with the weights (tokenizer, generation defaults); copied along when present.
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
              "tokenizer.model", "added_tokens.json", "generation_config.json")
@@ -28,14 +30,38 @@ _SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 # ---- config ---------------------------------------------------------------------------------------
-def _rope_theta(hf: dict) -> float:
-    """RoPE base: `rope_theta` (transformers < 5) or `rope_parameters.rope_theta` (>= 5)."""
+def _rope_parameters(hf: dict, m) -> None:
+    """RoPE base and scaling onto ModelConfig `m`: `rope_theta` + `rope_scaling` (transformers < 5) or
+    `rope_parameters` (>= 5). Plain RoPE and Llama 3.x scaling (rope_type "llama3") are supported."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ConfigError(f"HF config: rope type {rope_type!r} (RoPE scaling) is not supported; only plain RoPE is.")
-    return float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    m.rotary_base = float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    if rope_type == "llama3":
+        values = {**scaling, **params}
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                   if k not in values]
+        if missing:
+            raise ConfigError(f"HF config: rope type 'llama3' without {missing}.")
+        m.use_rope_scaling = True
+        m.rope_scaling_factor = float(values["factor"])
+        m.rope_scaling_low_freq_factor = float(values["low_freq_factor"])
+        m.rope_scaling_high_freq_factor = float(values["high_freq_factor"])
+        m.rope_scaling_original_max_position_embeddings = int(values["original_max_position_embeddings"])
+    elif rope_type != "default":
+        raise ConfigError(f"HF config: rope type {rope_type!r} is not supported; plain RoPE ('default') and Llama 3.x "
+                          "scaling ('llama3') are.")
+
+
+def _hf_rope_parameters(m: dict) -> dict:
+    """config.json's rope fields for a megatron_lite model dict (both transformers spellings)."""
+    theta = float(m["rotary_base"])
+    if not m.get("use_rope_scaling"):
+        return {"rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_scaling": None}
+    scaling = {"rope_type": "llama3", "factor": m["rope_scaling_factor"], "low_freq_factor": m["rope_scaling_low_freq_factor"],
+               "high_freq_factor": m["rope_scaling_high_freq_factor"],
+               "original_max_position_embeddings": m["rope_scaling_original_max_position_embeddings"]}
+    return {"rope_theta": theta, "rope_parameters": {**scaling, "rope_theta": theta}, "rope_scaling": scaling}
 
 
 def config_from_hf(hf: dict) -> Config:
@@ -68,12 +94,17 @@ def config_from_hf(hf: dict) -> Config:
             m.kv_channels = hf["head_dim"]
         m.group_query_attention, m.num_query_groups = groups != heads, (groups if groups != heads else None)
         m.max_position_embeddings = m.seq_length = hf["max_position_embeddings"]
-        m.position_embedding_type, m.rotary_base = "rope", _rope_theta(hf)
+        m.position_embedding_type = "rope"
+        _rope_parameters(hf, m)
         m.normalization, m.norm_epsilon, m.swiglu = "RMSNorm", hf.get("rms_norm_eps", 1e-6), True
         m.hidden_dropout, m.attention_dropout = 0.0, hf.get("attention_dropout", 0.0)
         m.untie_embeddings_and_output_weights = not hf.get("tie_word_embeddings", False)
         if model_type == "qwen2":  # q/k/v biases only
             m.add_bias_linear, m.add_qkv_bias = False, True
+        elif model_type == "qwen3":  # per-head q/k RMSNorm, no biases
+            if hf.get("attention_bias"):
+                raise ConfigError("HF qwen3: attention_bias=True (biases on q/k/v and o_proj only) cannot be expressed.")
+            m.add_bias_linear, m.qk_layernorm = False, True
         else:
             attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
             if attention_bias != mlp_bias:
@@ -89,7 +120,7 @@ def config_from_hf(hf: dict) -> Config:
 
 
 def hf_family(model: dict) -> str:
-    """'gpt2' or 'llama' (or 'qwen2'): the Hugging Face architecture a megatron_lite model config maps to."""
+    """'gpt2' or 'llama' (or 'qwen2', 'qwen3'): the Hugging Face architecture a megatron_lite model config maps to."""
     learned = model["position_embedding_type"] == "learned_absolute"
     if learned and model["normalization"] == "LayerNorm" and not model["swiglu"]:
         if not model["add_bias_linear"] or model["num_query_groups"] not in (None, model["num_attention_heads"]) \
@@ -99,6 +130,10 @@ def hf_family(model: dict) -> str:
     if not learned and model["normalization"] == "RMSNorm" and model["swiglu"]:
         if model.get("rotary_percent", 1.0) != 1.0:
             raise ConfigError("export to Llama needs --rotary-percent 1.0.")
+        if model.get("qk_layernorm"):
+            if model["add_bias_linear"]:
+                raise ConfigError("export to Qwen3 (--qk-layernorm) needs --disable-bias-linear.")
+            return "qwen3"
         return "qwen2" if (model["add_qkv_bias"] and not model["add_bias_linear"]) else "llama"
     raise ConfigError("export to Hugging Face supports GPT-2 style (learned positions, LayerNorm, GeLU) and Llama style "
                       "(RoPE, RMSNorm, SwiGLU) models only.")
@@ -119,20 +154,22 @@ def hf_config_from_config(config: dict, dtype: str = "float32") -> dict:
               "resid_pdrop": m["hidden_dropout"], "embd_pdrop": m["hidden_dropout"], "attn_pdrop": m["attention_dropout"],
               "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
     else:
-        # Keep Mistral's name on the way back; Qwen2 is the only family with QKV-only biases.
-        model_type = "qwen2" if family == "qwen2" else ("mistral" if saved.get("model_type") == "mistral" else "llama")
-        theta = float(m["rotary_base"])
+        # Keep Mistral's name on the way back; Qwen2 is the only family with QKV-only biases, Qwen3 with q/k norms.
+        model_type = family if family in ("qwen2", "qwen3") else ("mistral" if saved.get("model_type") == "mistral" else "llama")
         hf = {"architectures": [LLAMA_LIKE[model_type]], "model_type": model_type, "hidden_act": "silu",
               "num_hidden_layers": m["num_layers"], "hidden_size": m["hidden_size"], "intermediate_size": m["ffn_hidden_size"],
               "num_attention_heads": heads, "num_key_value_heads": m["num_query_groups"] or heads, "head_dim": head_dim,
               "max_position_embeddings": m["max_position_embeddings"], "rms_norm_eps": m["norm_epsilon"],
-              # Both spellings: transformers < 5 reads rope_theta, >= 5 rope_parameters.
-              "rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_scaling": None,
-              "attention_dropout": m["attention_dropout"]}
+              # Both spellings: transformers < 5 reads rope_theta (+ rope_scaling), >= 5 rope_parameters.
+              **_hf_rope_parameters(m), "attention_dropout": m["attention_dropout"]}
         if family == "llama":
             hf.update(attention_bias=m["add_bias_linear"], mlp_bias=m["add_bias_linear"])
-        if model_type in ("mistral", "qwen2"):
+        if model_type in ("mistral", "qwen2", "qwen3"):
             hf.update(sliding_window=None, use_sliding_window=False)
+        if model_type == "qwen3":
+            if m["add_qkv_bias"]:
+                raise ConfigError("export to Qwen3 cannot carry QKV-only biases (--add-qkv-bias).")
+            hf.update(attention_bias=False)
     hf.update(vocab_size=m["vocab_size"], tie_word_embeddings=tied, initializer_range=m["init_method_std"],
               dtype=dtype, torch_dtype=dtype, use_cache=True)
     hf.update({k: saved[k] for k in _SPECIAL_IDS if k in saved})
@@ -220,6 +257,9 @@ def _rules(model: dict, family: str) -> tuple[dict[str, Rule], dict[str, Rule], 
              "self_attention.linear_qkv.bias": _qkv_rule(tuple(f"self_attn.{x}_proj.bias" for x in "qkv"), heads, groups, head_dim, False),
              "self_attention.linear_proj.weight": _same("self_attn.o_proj.weight"),
              "mlp.linear_fc1.weight": gate_up, "mlp.linear_fc2.weight": _same("mlp.down_proj.weight")}
+    if model.get("qk_layernorm"):
+        layer.update({"self_attention.q_layernorm.weight": _same("self_attn.q_norm.weight"),
+                      "self_attention.k_layernorm.weight": _same("self_attn.k_norm.weight")})
     if bias:
         layer.update({"self_attention.linear_proj.bias": _same("self_attn.o_proj.bias"), "mlp.linear_fc1.bias": gate_up_bias,
                       "mlp.linear_fc2.bias": _same("mlp.down_proj.bias")})

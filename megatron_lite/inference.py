@@ -177,3 +177,43 @@ def generate(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_tokens: 
         tokens = torch.cat([tokens, next_token.view(1, 1)], dim=1)
         step_input = next_token.view(1, 1) if context is not None else tokens
     return generated
+
+
+@torch.no_grad()
+def generate_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   params: Optional[SamplingParams] = None, stop_ids: Sequence[int] = (),
+                   use_kv_cache: bool = True) -> list[list[int]]:
+    """`generate` for several prompts of the same length in one batch: each row gets what `generate` gives
+    it alone (its own sampling generator seeded with params.seed; it stops after a stop id while the
+    others go on). Collective like `generate`."""
+    from megatron_lite.models.gpt.transformer import InferenceContext
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("generate_batch needs prompts of one length; group them by length first.")
+    params = params or SamplingParams()
+    generators = [torch.Generator().manual_seed(params.seed) for _ in prompts]
+    device = next(model.parameters()).device
+    context = InferenceContext() if use_kv_cache else None
+    tokens = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)
+    step_input, generated = tokens, [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        start = context.offset if context is not None else 0
+        positions = torch.arange(start, start + step_input.shape[1], device=device)[None].expand(len(prompts), -1)
+        logits = pipeline_forward(model, step_input, positions, context)
+        if context is not None:
+            context.advance(step_input.shape[1])
+        next_tokens = torch.zeros(len(prompts), dtype=torch.long, device=device)
+        if logits is not None:
+            for row in range(len(prompts)):
+                if not done[row]:  # a finished row draws nothing, so the others' generators stay in step
+                    next_tokens[row] = sample(logits[row, -1], params, generators[row])
+        next_tokens = broadcast_from_last_stage(next_tokens)
+        for row, token in enumerate(next_tokens.tolist()):
+            if not done[row]:
+                generated[row].append(token)
+                done[row] = token in stop_ids
+        if all(done):
+            break
+        tokens = torch.cat([tokens, next_tokens.view(-1, 1)], dim=1)
+        step_input = next_tokens.view(-1, 1) if context is not None else tokens
+    return generated

@@ -26,6 +26,7 @@ from megatron_lite.logging import MetricsLogger, print_rank_0
 from megatron_lite.optimizer import get_megatron_optimizer, memory_report
 from megatron_lite.optimizer.clip_grads import NonFiniteStepError
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
+from megatron_lite.pipeline.auto import describe as describe_schedule
 from megatron_lite.pipeline.runner import get_forward_backward_func
 from megatron_lite.pipeline.stages import build_model_chunks
 from megatron_lite.process_groups import ProcessGroups
@@ -462,6 +463,6 @@ def _print_summary(config: Config, model, groups: ProcessGroups) -> None:
         f"> micro-batches per step: {config.num_microbatches} x {t.micro_batch_size} samples x DP {config.data_parallel_size}"
         + f" = global batch {t.global_batch_size} | tokens per step: {t.global_batch_size * config.model.seq_length:,}",
         f"> precision: {str(config.params_dtype).replace('torch.', '')} | seed: {t.seed} | "
-        f"schedule: {p.pipeline_schedule}",
+        f"schedule: {describe_schedule(config)}",
     ]
     print_rank_0("\n".join(lines))

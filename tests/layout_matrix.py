@@ -36,7 +36,7 @@ DIMENSIONS: dict[str, tuple[tuple, str]] = {
     "overlap": ((False, True), "overlapped grad reduce (and param all-gather with ZeRO-1)"),
     "recompute": (("none", "selective", "full"), "activation recomputation"),
     "dtype": (("fp32", "bf16", "fp16"), "parameter/activation dtype (fp16 with dynamic loss scaling)"),
-    "schedule": (("auto", "gpipe"), "pipeline schedule (auto: 1F1B, interleaved with VP 2)"),
+    "schedule": (("auto", "gpipe", "1f1b"), "pipeline schedule (auto: the simulator's pick, ZB-H1 without VP, interleaved with VP 2)"),
     "stages": (("even", "uneven"), "uneven: first/last stage hold fewer/more layers"),
     "model": (("gpt2", "llama"), "GPT-2 (LayerNorm, GeLU, learned positions, tied) or Llama (RMSNorm, SwiGLU, RoPE, GQA, untied)"),
 }
@@ -47,7 +47,7 @@ RULES: list[tuple[str, Callable[[dict], bool]]] = [
     (f"TP x PP x DP <= {WORLD_LIMIT} ranks", lambda c: c["tp"] * c["pp"] * c["dp"] <= WORLD_LIMIT),
     ("VP 2 needs PP > 1", lambda c: c["vp"] == 1 or c["pp"] > 1),
     ("sequence parallelism needs TP > 1", lambda c: not c["sp"] or c["tp"] > 1),
-    ("GPipe needs PP > 1 and VP 1", lambda c: c["schedule"] == "auto" or (c["pp"] > 1 and c["vp"] == 1)),
+    ("GPipe and 1F1B need PP > 1 and VP 1", lambda c: c["schedule"] == "auto" or (c["pp"] > 1 and c["vp"] == 1)),
     ("uneven stages need PP > 1 and VP 1", lambda c: c["stages"] == "even" or (c["pp"] > 1 and c["vp"] == 1)),
     ("a case that changes nothing but model and dtype is the one-process reference itself",
      lambda c: any(c[n] != DIMENSIONS[n][0][0] for n in NAMES if n not in ("model", "dtype"))),

@@ -3,10 +3,14 @@
     python tools/generate.py --load ./ckpt --prompt "Once upon a time" --max-new-tokens 32 --greedy
     python tools/generate.py --load ./ckpt --prompt-ids 1,2,3 --temperature 0.8 --top-p 0.9 --seed 7 \\
         --output-jsonl out.jsonl
-    torchrun --nproc-per-node 4 tools/generate.py --load ./ckpt --tensor-model-parallel-size 2 \\
-        --pipeline-model-parallel-size 2 --prompt "Hello" --greedy
+    torchrun --nproc-per-node 4 tools/generate.py --load ./ckpt --prompt "Hello" --prompt "Goodbye" --greedy
+    torchrun --nproc-per-node 8 tools/generate.py --load ./ckpt --prompts-file prompts.txt --greedy
 
-The checkpoint is resharded on load to the TP x PP layout asked for (default: TP = world size). The
+The checkpoint is resharded on load to a TP x PP layout. Without layout flags that is the checkpoint's
+own TP x PP when it equals the number of processes, else the largest TP that divides the number of
+processes and that the model can split (heads, query groups, MLP width), with PP 1. Processes beyond
+TP x PP form data-parallel replicas, each generating its share of the prompts (results come back in
+prompt order on every rank). The
 tokenizer is, in order: the --tokenizer-* flags; `<load>/tokenizer/` (written by convert.py); the
 files the checkpoint was trained with (its config), if they still exist; else ids only (NullTokenizer:
 a --prompt is space-separated ids). Without --greedy, tokens are sampled (temperature 1 by default).
@@ -25,10 +29,10 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from megatron_lite import hf_conversion, parallel_state as ps  # noqa: E402
-from megatron_lite.checkpoint_io import read_tracker  # noqa: E402
+from megatron_lite import collectives, hf_conversion, parallel_state as ps  # noqa: E402
+from megatron_lite.checkpoint_io import CheckpointReader, read_tracker  # noqa: E402
 from megatron_lite.data.tokenizers import MegatronTokenizer, NullTokenizer, build_tokenizer  # noqa: E402
-from megatron_lite.inference import SamplingParams, generate, inference_config, load_model  # noqa: E402
+from megatron_lite.inference import SamplingParams, generate_batch, inference_config, load_model  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load", "--load-dir", dest="load", required=True, help="Checkpoint (--save dir or iter_N dir).")
     parser.add_argument("--prompt", action="append", default=[], help="Prompt text (repeatable).")
     parser.add_argument("--prompt-ids", action="append", default=[], help="Prompt as token ids, e.g. 1,2,3 (repeatable).")
+    parser.add_argument("--prompts-file", default=None,
+                        help="More prompts: a text file with one prompt per line, or JSONL with a 'prompt' or 'text' key.")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="Prompts of equal token length generated together in one batch (per data-parallel replica).")
     parser.add_argument("--greedy", action="store_true", help="Argmax decoding (otherwise sampling).")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="Sample from the k most likely tokens (0: all).")
@@ -45,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ignore-eod", action="store_true", help="Do not stop at the end-of-document token.")
     parser.add_argument("--no-kv-cache", action="store_true", help="Recompute the whole sequence each step (for checks).")
     parser.add_argument("--output-jsonl", default=None, help="Write {prompt, prompt_ids, generated_ids, generated_text} lines.")
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=None, help="Default: WORLD_SIZE / PP.")
-    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=None,
+                        help="Default: the checkpoint's when its TP x PP equals WORLD_SIZE, else the largest valid TP.")
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=None, help="Default: see above (else 1).")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--tokenizer-type", default=None, help="Override the checkpoint's tokenizer (Megatron names).")
@@ -75,14 +84,44 @@ def resolve_tokenizer(args: argparse.Namespace, config) -> MegatronTokenizer:
                            settings.get("merge_file"), vocab_size)
 
 
+def _splittable_tp(model: dict, tp: int) -> bool:
+    """Whether the model's heads, query groups and MLP width all split over `tp` ranks."""
+    heads = model["num_attention_heads"]
+    groups = model.get("num_query_groups") or heads
+    ffn = model.get("ffn_hidden_size") or 4 * model["hidden_size"]
+    return heads % tp == 0 and groups % tp == 0 and ffn % tp == 0
+
+
+def choose_layout(world: int, model: dict, saved: tuple[int, int], tp: Optional[int] = None,
+                  pp: Optional[int] = None) -> tuple[int, int, int]:
+    """(TP, PP, DP) for `world` processes: the flags if given; else the checkpoint's own `saved` TP x PP when
+    it equals `world`; else the largest TP dividing world / PP that the model can split (PP 1 by default).
+    Processes beyond TP x PP are data-parallel replicas."""
+    if tp is None and pp is None and saved[0] * saved[1] == world and _splittable_tp(model, saved[0]) \
+            and model["num_layers"] % saved[1] == 0:
+        return saved[0], saved[1], 1
+    pp = pp or 1
+    if world % pp != 0:
+        raise SystemExit(f"error: --pipeline-model-parallel-size {pp} does not divide the number of processes ({world}).")
+    if tp is None:
+        tp = max(t for t in range(1, world // pp + 1) if (world // pp) % t == 0 and _splittable_tp(model, t))
+    elif not _splittable_tp(model, tp):
+        valid = [t for t in range(1, world // pp + 1) if (world // pp) % t == 0 and _splittable_tp(model, t)]
+        raise SystemExit(f"error: --tensor-model-parallel-size {tp}: the model's heads/query groups/MLP do not split "
+                         f"over {tp} ranks; use one of {valid}.")
+    if world % (tp * pp) != 0:
+        raise SystemExit(f"error: --tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} must divide "
+                         f"the number of processes ({world}).")
+    return tp, pp, world // (tp * pp)
+
+
 def setup_parallel(args: argparse.Namespace) -> tuple[int, int, Optional[torch.device]]:
-    """torch.distributed (under torchrun) and the TP/PP groups; returns (tp, pp, device)."""
+    """torch.distributed (under torchrun) and the TP/PP(/DP) groups; returns (tp, pp, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    pp = args.pipeline_model_parallel_size
-    tp = args.tensor_model_parallel_size or max(1, world // pp)
-    if tp * pp != world:
-        raise SystemExit(f"error: --tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} must equal "
-                         f"the number of processes ({world}); data-parallel generation is not supported.")
+    reader = CheckpointReader(args.load)
+    layout = reader.layout
+    tp, pp, dp = choose_layout(world, reader.config["model"], (layout.get("tp") or 1, layout.get("pp") or 1),
+                               args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     device = None
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -94,15 +133,41 @@ def setup_parallel(args: argparse.Namespace) -> tuple[int, int, Optional[torch.d
     return tp, pp, device
 
 
+def read_prompts_file(path: str) -> list[str]:
+    """One prompt per non-empty line; JSONL lines use their 'prompt' (or 'text') value."""
+    prompts = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                record = json.loads(line)
+                line = record.get("prompt", record.get("text"))
+                if line is None:
+                    raise SystemExit(f"error: {path}: a JSON line without a 'prompt' or 'text' key.")
+            prompts.append(line)
+    return prompts
+
+
 def prompts_of(args: argparse.Namespace, tokenizer: MegatronTokenizer) -> list[tuple[Optional[str], list[int]]]:
-    prompts = [(text, tokenizer.tokenize(text)) for text in args.prompt]
+    texts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    prompts = [(text, tokenizer.tokenize(text)) for text in texts]
     prompts += [(None, [int(x) for x in ids.replace(" ", "").split(",") if x]) for ids in args.prompt_ids]
     if not prompts:
-        raise SystemExit("error: give --prompt TEXT or --prompt-ids 1,2,3.")
+        raise SystemExit("error: give --prompt TEXT, --prompt-ids 1,2,3 or --prompts-file FILE.")
     for text, ids in prompts:
         if not ids:
             raise SystemExit(f"error: prompt {text!r} tokenizes to no tokens.")
     return prompts
+
+
+def batches_of(indices: list[int], prompts: list, batch_size: int) -> list[list[int]]:
+    """`indices` grouped into batches of at most `batch_size` prompts of equal token length (first-seen order)."""
+    by_length: dict[int, list[int]] = {}
+    for index in indices:
+        by_length.setdefault(len(prompts[index][1]), []).append(index)
+    return [group[i:i + batch_size] for group in by_length.values() for i in range(0, len(group), batch_size)]
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
@@ -113,7 +178,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     try:
         return run(args, tp, pp, device)
     finally:
-        if tp * pp > 1:
+        if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
             if owns_process_group:  # an un-destroyed gloo/NCCL group aborts the interpreter at exit
                 torch.distributed.destroy_process_group()
@@ -128,12 +193,21 @@ def run(args: argparse.Namespace, tp: int, pp: int, device: Optional[torch.devic
                             seed=args.seed)
     stop_ids = () if args.ignore_eod or isinstance(tokenizer, NullTokenizer) else (tokenizer.eod,)
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    results = []
-    for text, prompt_ids in prompts:
-        ids = generate(model, prompt_ids, args.max_new_tokens, params, stop_ids, use_kv_cache=not args.no_kv_cache)
-        result = {"prompt": text, "prompt_ids": prompt_ids, "generated_ids": ids,
-                  "generated_text": tokenizer.detokenize(ids)}
-        results.append(result)
+    # Data-parallel replicas: replica r generates prompts r, r + DP, ...; every rank gets all results.
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = []
+    for batch in batches_of(list(range(dp_rank, len(prompts), dp)), prompts, max(1, args.batch_size)):
+        outputs = generate_batch(model, [prompts[i][1] for i in batch], args.max_new_tokens, params, stop_ids,
+                                 use_kv_cache=not args.no_kv_cache)
+        for index, ids in zip(batch, outputs):
+            text, prompt_ids = prompts[index]
+            mine.append((index, {"prompt": text, "prompt_ids": prompt_ids, "generated_ids": ids,
+                                 "generated_text": tokenizer.detokenize(ids)}))
+    if dp > 1:
+        mine = [item for part in collectives.all_gather_object(mine, ps.get_data_parallel_group()) for item in part]
+    results = [result for _, result in sorted(mine, key=lambda item: item[0])]
+    for result in results:
+        text, prompt_ids, ids = result["prompt"], result["prompt_ids"], result["generated_ids"]
         if rank0:
             if text is not None:  # detokenize prompt and continuation together, so joins (spaces, bytes) are right
                 print(tokenizer.detokenize(prompt_ids + ids), flush=True)

@@ -172,7 +172,11 @@ class NullTokenizer(MegatronTokenizer):
 
     Unlike Megatron (which adds an extra eod id, making the vocabulary vocab_size + 1), the
     vocabulary here is exactly `vocab_size` and eod is its last id, `vocab_size - 1`, so the
-    model's embedding size equals the --vocab-size flag.
+    model's embedding size equals the --vocab-size flag. Kept on purpose: --vocab-size is the model's
+    vocabulary everywhere in megatron_lite (mock data, HF imports, checkpoints), and the two conventions
+    agree on the one thing data depends on, the eod id being the last id: Megatron's --vocab-size V is
+    megatron_lite's --vocab-size V + 1 with the same eod id V. convert.py's Megatron-LM loader and saver
+    apply exactly that mapping (megatron_lite/megatron_lm.py).
     """
 
     def __init__(self, vocab_size: int) -> None:

@@ -7,8 +7,8 @@ inference all ask this module; nothing else re-checks these rules.
 - With virtual stages (interleaved 1F1B) each rank holds VP chunks of --num-layers-per-virtual-pipeline-stage
   layers; chunk v on rank r is virtual stage v x PP + r. --num-virtual-stages-per-pipeline-rank is the
   other way to say the same thing.
-- The schedule's own rule (interleaving needs a micro-batch count that is a multiple of PP) is owned by
-  schedules.check_interleaving, which validation calls.
+- The schedule's own rule (interleaving needs at least --microbatch-group-size-per-virtual-pipeline-stage
+  micro-batches, default PP) is owned by schedules.check_interleaving, which validation calls.
 """
 from __future__ import annotations
 
@@ -136,7 +136,8 @@ def validate_schedule(cfg, num_microbatches: int) -> None:
     from megatron_lite.pipeline.schedules import check_interleaving
     p = cfg.parallel
     if p.virtual_pipeline_model_parallel_size is not None and p.pipeline_schedule in ("auto", "interleaved"):
-        check_interleaving(p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size, num_microbatches)
+        check_interleaving(p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size, num_microbatches,
+                           p.microbatch_group_size_per_vp_stage)
 
 
 __all__ = ["ConfigError", "stage_layer_counts", "layers_for_stage", "check_virtual_stages", "derive_virtual_stages",

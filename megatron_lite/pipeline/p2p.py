@@ -40,11 +40,24 @@ def _channels(groups: ProcessGroups) -> tuple[object, object]:
     return groups.pp, groups.pp
 
 
-def communicate(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional[torch.Tensor] = None,
-                recv_prev: bool = False, recv_next: bool = False, shape: tuple[int, ...],
-                dtype: torch.dtype, device: torch.device,
-                groups: ProcessGroups) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Start every requested send/receive at once, wait for all, and return (from_prev, from_next).
+class Posted:
+    """Sends and receives started together; wait(name) waits for one of them ('send_next', 'send_prev',
+    'recv_prev', 'recv_next') and returns the received tensor (None for a send)."""
+
+    def __init__(self, handles: dict[str, list], received: dict[str, torch.Tensor]):
+        self.handles, self.received = handles, received
+
+    def wait(self, name: str) -> Optional[torch.Tensor]:
+        for handle in self.handles.pop(name):
+            handle.wait()
+        return self.received.pop(name, None)
+
+
+def post(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional[torch.Tensor] = None,
+         recv_prev: bool = False, recv_next: bool = False, shape: tuple[int, ...], dtype: torch.dtype,
+         device: torch.device, groups: ProcessGroups) -> Posted:
+    """Start every requested send/receive at once without waiting (batched per group where the backend
+    fuses a batch, NCCL; gloo starts each op on its own).
 
     send_next: an activation for the next stage; recv_prev: receive one from the previous stage.
     send_prev: a gradient for the previous stage; recv_next: receive one from the next stage.
@@ -53,32 +66,40 @@ def communicate(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional
     prev_rank = pp.global_rank((pp.rank - 1) % pp.size)
     next_rank = pp.global_rank((pp.rank + 1) % pp.size)
     act_group, grad_group = _channels(groups)
-    from_prev = torch.empty(shape, dtype=dtype, device=device) if recv_prev else None
-    from_next = torch.empty(shape, dtype=dtype, device=device) if recv_next else None
+    received = {}
+    if recv_prev:
+        received["recv_prev"] = torch.empty(shape, dtype=dtype, device=device)
+    if recv_next:
+        received["recv_next"] = torch.empty(shape, dtype=dtype, device=device)
     for name, tensor in (("send_next", send_next), ("send_prev", send_prev)):
         if tensor is not None and tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"pipeline {name}: tensor of shape {tuple(tensor.shape)}, but stages exchange {tuple(shape)} "
                              "([seq/tp if sequence parallel, micro-batch, hidden])")
     # One fixed op order on every rank (Megatron's: send_prev, recv_prev, send_next, recv_next), one batch
     # per group: backends that fuse a batch (NCCL) match ops per peer in issue order.
-    ops_by_group: dict[int, list[P2P]] = {}
-    groups: dict[int, object] = {}
+    planned = [("send_prev", P2P("send", send_prev.contiguous(), prev_rank, grad_group) if send_prev is not None else None),
+               ("recv_prev", P2P("recv", received["recv_prev"], prev_rank, act_group) if recv_prev else None),
+               ("send_next", P2P("send", send_next.contiguous(), next_rank, act_group) if send_next is not None else None),
+               ("recv_next", P2P("recv", received["recv_next"], next_rank, grad_group) if recv_next else None)]
+    by_group: dict[int, list[tuple[str, P2P]]] = {}
+    for name, op in planned:
+        if op is not None:
+            by_group.setdefault(id(op.group), []).append((name, op))
+    handles: dict[str, list] = {}
+    for named_ops in by_group.values():
+        works = collectives.batch_isend_irecv([op for _, op in named_ops])
+        for index, (name, _) in enumerate(named_ops):
+            # one handle per op (gloo, and NCCL in most versions); a fused batch's handles are shared
+            handles[name] = [works[index]] if len(works) == len(named_ops) else list(works)
+    return Posted(handles, received)
 
-    def add(op: P2P) -> None:
-        ops_by_group.setdefault(id(op.group), []).append(op)
-        groups[id(op.group)] = op.group
 
-    if send_prev is not None:
-        add(P2P("send", send_prev.contiguous(), prev_rank, grad_group))
-    if from_prev is not None:
-        add(P2P("recv", from_prev, prev_rank, act_group))
-    if send_next is not None:
-        add(P2P("send", send_next.contiguous(), next_rank, act_group))
-    if from_next is not None:
-        add(P2P("recv", from_next, next_rank, grad_group))
-    handles = []
-    for ops in ops_by_group.values():
-        handles.extend(collectives.batch_isend_irecv(ops))
-    for handle in handles:
-        handle.wait()
-    return from_prev, from_next
+def communicate(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional[torch.Tensor] = None,
+                recv_prev: bool = False, recv_next: bool = False, shape: tuple[int, ...],
+                dtype: torch.dtype, device: torch.device,
+                groups: ProcessGroups) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Start every requested send/receive at once, wait for all, and return (from_prev, from_next)."""
+    posted = post(send_next=send_next, send_prev=send_prev, recv_prev=recv_prev, recv_next=recv_next, shape=shape,
+                  dtype=dtype, device=device, groups=groups)
+    results = {name: posted.wait(name) for name in list(posted.handles)}
+    return results.get("recv_prev"), results.get("recv_next")

@@ -24,10 +24,12 @@ from megatron_lite.errors import ConfigError
 from megatron_lite.distributed.model_chunk import ModelChunk, as_model_chunks
 from megatron_lite.pipeline import p2p
 from megatron_lite.pipeline.schedules import (RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, Backward,
-                                              Exchange, FinalizeGrads, Forward, build_schedule, schedule_name)
+                                              Exchange, FinalizeGrads, Forward, P2POp, Post, Wait, WeightGrad,
+                                              build_schedule)
 from megatron_lite.process_groups import ProcessGroups
 
 Key = tuple[int, int]  # (chunk, micro-batch)
+_P2P_NAMES = {SEND_FORWARD: "send_next", SEND_BACKWARD: "send_prev", RECV_FORWARD: "recv_prev", RECV_BACKWARD: "recv_next"}
 
 
 def deallocate_output_tensor(output: Optional[torch.Tensor]) -> bool:
@@ -74,6 +76,9 @@ class _PipelineRun:
         self.outputs: dict[Key, torch.Tensor] = {}             # outputs (loss on the last stage)
         self.output_grads: dict[Key, torch.Tensor] = {}        # received gradients of the outputs
         self.input_grads: dict[Key, Optional[torch.Tensor]] = {}  # gradients to send upstream
+        self.posted: dict[tuple[str, int, int], tuple] = {}   # op -> (p2p.Posted, the tensor it sends)
+        self.wgrad_queues: list[list] = [[] for _ in model]     # filled by the linear layers during a split B
+        self.weight_grads: dict[Key, list] = {}                # (chunk, mb) -> its queued weight gradients
         self.losses: list[dict] = []
         self.stats = {"max_in_flight": 0, "deallocated": 0, "sent": 0, "peak_stored_bytes": 0}
         self.in_flight = 0
@@ -113,41 +118,81 @@ class _PipelineRun:
         if self.forward_only and self.is_last(chunk):
             self._release(key)
 
-    def backward(self, chunk: int, microbatch: int, sync_grads: bool) -> None:
+    def backward(self, chunk: int, microbatch: int, sync_grads: bool, defer_wgrad: bool = False) -> None:
         key = (chunk, microbatch)
         input_tensor, output = self.inputs.pop(key, None), self.outputs.pop(key)
         output_grad = self.output_grads.pop(key, None)
         if self.is_last(chunk) and self.grad_scale_func is not None:
             output = self.grad_scale_func(output)
-        no_sync = self.no_sync_funcs[chunk]
-        with contextlib.nullcontext() if sync_grads or no_sync is None else no_sync():
+        with self._grad_sync(chunk, sync_grads):
             custom_backward(output, output_grad)
+        if defer_wgrad:  # what the linear layers queued is this micro-batch's W
+            self.weight_grads[key] = list(self.wgrad_queues[chunk])
+            self.wgrad_queues[chunk].clear()
         if not self.is_first(chunk):
             self.input_grads[key] = input_tensor.grad
-        self.in_flight -= 1
+        if not defer_wgrad:
+            self.in_flight -= 1
+
+    def weight_grad(self, chunk: int, microbatch: int, sync_grads: bool) -> None:
+        """W: the weight gradients Backward(defer_wgrad=True) queued for this (chunk, micro-batch)."""
+        with self._grad_sync(chunk, sync_grads):
+            for compute in self.weight_grads.pop((chunk, microbatch)):
+                compute()
+        self.in_flight -= 1  # W was the last use of this micro-batch's saved activations
+
+    def _grad_sync(self, chunk: int, sync_grads: bool):
+        no_sync = self.no_sync_funcs[chunk]
+        return contextlib.nullcontext() if sync_grads or no_sync is None else no_sync()
+
+    def enable_split_backward(self) -> None:
+        """Give every linear layer of each chunk that chunk's weight-gradient queue (see layers.py)."""
+        for chunk, module in enumerate(self.model):
+            for sub in module.modules():
+                if hasattr(type(sub), "wgrad_queue"):
+                    sub.wgrad_queue = self.wgrad_queues[chunk]
+
+    def disable_split_backward(self) -> None:
+        for module in self.model:
+            for sub in module.modules():
+                if hasattr(type(sub), "wgrad_queue"):
+                    sub.wgrad_queue = None
 
     def exchange(self, action: Exchange) -> None:
+        self.post(action.ops)
+        self.wait(action.ops)
+
+    def post(self, ops: Sequence[P2POp]) -> None:
+        """Start ops (one batch) without waiting; wait() completes each."""
         by_kind = {}
-        for op in action.ops:
+        for op in ops:
             if op.kind in by_kind:
-                raise RuntimeError(f"one exchange holds two {op.kind} ops: {action}")
+                raise RuntimeError(f"one post holds two {op.kind} ops: {ops}")
             by_kind[op.kind] = (op.chunk, op.microbatch)
         send_next = self.outputs[by_kind[SEND_FORWARD]] if SEND_FORWARD in by_kind else None
         send_prev = self.input_grads.pop(by_kind[SEND_BACKWARD]) if SEND_BACKWARD in by_kind else None
-        from_prev, from_next = p2p.communicate(
-            send_next=send_next, send_prev=send_prev, recv_prev=RECV_FORWARD in by_kind,
-            recv_next=RECV_BACKWARD in by_kind, shape=self.shape, dtype=self.dtype, device=self.device,
-            groups=self.groups)
-        if SEND_FORWARD in by_kind:
-            self.stats["sent"] += 1
-            if self.forward_only:
-                self._release(by_kind[SEND_FORWARD])
-            elif deallocate_output_tensor(send_next):
-                self.stats["deallocated"] += 1
-        if from_prev is not None:
-            self.inputs[by_kind[RECV_FORWARD]] = from_prev.requires_grad_(not self.forward_only)
-        if from_next is not None:
-            self.output_grads[by_kind[RECV_BACKWARD]] = from_next
+        posted = p2p.post(send_next=send_next, send_prev=send_prev, recv_prev=RECV_FORWARD in by_kind,
+                          recv_next=RECV_BACKWARD in by_kind, shape=self.shape, dtype=self.dtype, device=self.device,
+                          groups=self.groups)
+        for op in ops:
+            self.posted[(op.kind, op.chunk, op.microbatch)] = (posted, send_next if op.kind == SEND_FORWARD else None)
+
+    def wait(self, ops: Sequence[P2POp]) -> None:
+        """Complete posted ops: store what was received; free an activation once its send is done."""
+        for op in ops:
+            key = (op.chunk, op.microbatch)
+            posted, sent = self.posted.pop((op.kind, op.chunk, op.microbatch))
+            received = posted.wait(_P2P_NAMES[op.kind])
+            if op.kind == SEND_FORWARD:
+                self.stats["sent"] += 1
+                if self.forward_only:
+                    self._release(key)
+                elif deallocate_output_tensor(sent):
+                    self.stats["deallocated"] += 1
+            elif op.kind == RECV_FORWARD:
+                self.inputs[key] = received.requires_grad_(not self.forward_only)
+            elif op.kind == RECV_BACKWARD:
+                self.output_grads[key] = received
         self._track_memory()
 
     def _release(self, key: Key) -> None:
@@ -156,22 +201,38 @@ class _PipelineRun:
         self.in_flight -= 1
 
     def run(self, actions: Sequence) -> list[dict]:
+        split = any(isinstance(action, WeightGrad) for action in actions)
+        if split:
+            self.enable_split_backward()
+        try:
+            self._run(actions)
+        finally:
+            if split:
+                self.disable_split_backward()
+        if self.outputs or self.inputs or self.output_grads or self.input_grads or self.posted or self.weight_grads:
+            raise RuntimeError(f"pipeline rank {self.pp_rank}: tensors left over after the schedule "
+                               f"({len(self.outputs)} outputs, {len(self.inputs)} inputs): schedule bug")
+        return self.losses if self.is_last(self.num_chunks - 1) else []
+
+    def _run(self, actions: Sequence) -> None:
         for action in actions:
             if isinstance(action, Forward):
                 self.forward(action.chunk, action.microbatch)
             elif isinstance(action, Backward):
-                self.backward(action.chunk, action.microbatch, action.sync_grads)
+                self.backward(action.chunk, action.microbatch, action.sync_grads, action.defer_wgrad)
+            elif isinstance(action, WeightGrad):
+                self.weight_grad(action.chunk, action.microbatch, action.sync_grads)
             elif isinstance(action, Exchange):
                 self.exchange(action)
+            elif isinstance(action, Post):
+                self.post(action.ops)
+            elif isinstance(action, Wait):
+                self.wait(action.ops)
             elif isinstance(action, FinalizeGrads):
                 if self.finalize_model_grads_func is not None:
                     self.finalize_model_grads_func(self.chunks, self.groups)
             else:
                 raise TypeError(f"unknown pipeline action {action!r}")
-        if self.outputs or self.inputs or self.output_grads or self.input_grads:
-            raise RuntimeError(f"pipeline rank {self.pp_rank}: tensors left over after the schedule "
-                               f"({len(self.outputs)} outputs, {len(self.inputs)} inputs): schedule bug")
-        return self.losses if self.is_last(self.num_chunks - 1) else []
 
 
 def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterator: Union[Iterator, list, None],
@@ -196,7 +257,8 @@ def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterato
         raise ConfigError(f"--pipeline-model-parallel-size: the config says {config.parallel.pipeline_model_parallel_size} "
                           f"but the process groups have PP = {groups.pp.size}. Pass groups=parallel_state.get_process_groups().")
     # Every check happens here, identically on every rank, before the first send.
-    actions = build_schedule(schedule, groups.pp.size, groups.pp.rank, num_chunks, num_microbatches, forward_only)
+    actions = build_schedule(schedule, groups.pp.size, groups.pp.rank, num_chunks, num_microbatches, forward_only,
+                             config.parallel.microbatch_group_size_per_vp_stage, config.parallel.overlap_p2p_comm)
     if isinstance(data_iterator, (list, tuple)):
         if len(data_iterator) != num_chunks:
             raise ValueError(f"data_iterator: {len(data_iterator)} iterators for {num_chunks} model chunks")
@@ -218,10 +280,10 @@ def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterato
 
 
 def get_forward_backward_func(config, groups: Optional[ProcessGroups] = None) -> Callable[..., list[dict]]:
-    """The forward_backward_func for this configuration's pipeline schedule, bound to `groups`."""
-    p = config.parallel
-    num_chunks = p.virtual_pipeline_model_parallel_size or 1
-    name = schedule_name(p.pipeline_model_parallel_size, num_chunks, p.pipeline_schedule)
+    """The forward_backward_func for this configuration's pipeline schedule (auto: pipeline/auto.py), bound
+    to `groups`."""
+    from megatron_lite.pipeline.auto import resolve  # the simulator is only needed here
+    name = resolve(config).name
 
     def forward_backward_func(**kwargs) -> list[dict]:
         kwargs.setdefault("groups", groups)

@@ -10,16 +10,22 @@ Schedules (Megatron-LM's names and warm-up counts):
 - no pipelining: forward, backward per micro-batch (gradient accumulation), PP = 1;
 - GPipe: every forward, then every backward;
 - 1F1B (PipeDream-flush): warm-up forwards, steady one-forward-one-backward, cool-down backwards;
+- ZB-H1 (zero bubble, Qi et al. 2024): 1F1B with each backward split into B (input grad) and a
+  deferred W (weight grads), W's placed where 1F1B idles;
 - interleaved 1F1B: the same over virtual stages (chunk v on rank r is virtual stage v x PP + r), in
-  groups of PP micro-batches per chunk.
+  groups of G >= PP micro-batches per chunk (--microbatch-group-size-per-virtual-pipeline-stage, default
+  PP); any m >= G works.
 
 Communication actions name the tensor they carry by (direction, chunk, micro-batch) of the *local* rank:
 `send_forward(c, m)` sends the output of chunk c's forward of m to the next virtual stage;
 `recv_forward(c, m)` receives chunk c's input for m; `send_backward`/`recv_backward` carry the
-gradients the other way. Ops of one `Exchange` are started together (batched) and waited on together.
+gradients the other way. Ops of one `Exchange` are started together (batched) and waited on together;
+with --overlap-p2p-comm (`overlap_p2p`) they are split into `Post` and `Wait` actions instead, so a
+transfer runs while the rank computes.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -41,6 +47,18 @@ class Backward:
     # The last backward of a chunk on this rank runs with data-parallel grad sync enabled (outside
     # no_sync), so DDP can overlap its reduction with the remaining backward work; all others accumulate.
     sync_grads: bool = False
+    # Split backward (B): the linear layers' weight gradients are queued for this (chunk, micro-batch)'s
+    # WeightGrad action (W) instead of computed here (--delay-wgrad-compute semantics).
+    defer_wgrad: bool = False
+
+
+@dataclass(frozen=True)
+class WeightGrad:
+    """W: run the weight-gradient computations that Backward(chunk, microbatch, defer_wgrad=True) queued;
+    off the critical path, so a schedule can place it in a bubble. The chunk's last W syncs grads."""
+    chunk: int
+    microbatch: int
+    sync_grads: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,11 +74,24 @@ class Exchange:
 
 
 @dataclass(frozen=True)
+class Post:
+    """Start these ops asynchronously (--overlap-p2p-comm); each is completed by a later Wait."""
+    ops: tuple[P2POp, ...]
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Wait for posted ops: a receive just before the compute that needs it, a send before its buffer is
+    reused (the next send in the same direction) or at the end."""
+    ops: tuple[P2POp, ...]
+
+
+@dataclass(frozen=True)
 class FinalizeGrads:
     """All backward passes are done: finish gradient reduction (DP, sequence-parallel, tied embeddings)."""
 
 
-Action = Union[Forward, Backward, Exchange, FinalizeGrads]
+Action = Union[Forward, Backward, WeightGrad, Exchange, Post, Wait, FinalizeGrads]
 
 
 @dataclass
@@ -95,14 +126,21 @@ class _Builder:
     def finish(self, forward_only: bool) -> list[Action]:
         if forward_only:
             return self.actions
-        # Mark the last backward of each chunk as the one that syncs grads, then finalize once.
-        seen: set[int] = set()
-        for index in range(len(self.actions) - 1, -1, -1):
-            action = self.actions[index]
-            if isinstance(action, Backward) and action.chunk not in seen:
-                seen.add(action.chunk)
-                self.actions[index] = Backward(action.chunk, action.microbatch, sync_grads=True)
-        return self.actions + [FinalizeGrads()]
+        return mark_sync_grads(self.actions) + [FinalizeGrads()]
+
+
+def mark_sync_grads(actions: list[Action]) -> list[Action]:
+    """Mark the last Backward (and the last WeightGrad) of each chunk as the one that syncs grads."""
+    actions = list(actions)
+    seen: set[tuple[type, int]] = set()
+    for index in range(len(actions) - 1, -1, -1):
+        action = actions[index]
+        if isinstance(action, (Backward, WeightGrad)) and (type(action), action.chunk) not in seen:
+            seen.add((type(action), action.chunk))
+            actions[index] = dataclasses.replace(action, sync_grads=True)
+        elif isinstance(action, (Backward, WeightGrad)) and action.sync_grads:
+            actions[index] = dataclasses.replace(action, sync_grads=False)
+    return actions
 
 
 def _op(kind: str, chunk: int, microbatch: int) -> P2POp:
@@ -184,17 +222,67 @@ def one_f_one_b_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microb
     return b.finish(forward_only)
 
 
+def zb_h1_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
+                   forward_only: bool = False) -> list[Action]:
+    """ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024, section 3.1): 1F1B's order and
+    warm-up, with each backward split into B (input gradient, on the critical path: its result is sent
+    upstream at once) and W (weight gradients). Rank r runs each W r steps after its B and the last r W's
+    after its last B, where it would wait for the upstream ranks anyway; at most PP micro-batches are in
+    flight (forward run, W not yet) on any rank, 1F1B's peak. Bubble per rank: (PP - 1)(F + B - W),
+    against 1F1B's (PP - 1)(F + B + W) (the paper's formulas; a third when F = B = W). The simulator
+    reproduces it exactly with --overlap-p2p-comm; blocking exchanges couple neighbours and add up to
+    (PP - 1) W more.
+    """
+    if num_chunks != 1:
+        raise ConfigError("--pipeline-schedule zb-h1: does not support virtual stages (one chunk per rank). "
+                          "Drop --num-layers-per-virtual-pipeline-stage, or use zbv (two chunks per rank) or interleaved.")
+    if forward_only:
+        return one_f_one_b_schedule(pp_size, pp_rank, num_chunks, num_microbatches, forward_only)
+    b = _Builder(pp_size, pp_rank, 1)
+    m = num_microbatches
+    num_warmup = min(pp_size - pp_rank - 1, m)
+    num_steady = m - num_warmup
+    delay = pp_rank  # W's held back: the in-flight count stays <= PP (1F1B's peak, rank 0's)
+    pending_w: list[int] = []
+
+    def backward_then_w(mb: int, recv_next: Optional[P2POp], keep: int) -> None:
+        b.actions.append(Backward(0, mb, defer_wgrad=True))
+        b.exchange(_op(SEND_BACKWARD, 0, mb), recv_next)
+        pending_w.append(mb)
+        while len(pending_w) > keep:
+            b.actions.append(WeightGrad(0, pending_w.pop(0)))
+
+    for mb in range(num_warmup):
+        b.exchange(_op(RECV_FORWARD, 0, mb))
+        b.forward(0, mb)
+        b.exchange(_op(SEND_FORWARD, 0, mb))
+    if num_steady > 0:
+        b.exchange(_op(RECV_FORWARD, 0, num_warmup))
+    for i in range(num_steady):
+        forward_mb, last = num_warmup + i, i == num_steady - 1
+        b.forward(0, forward_mb)
+        b.exchange(_op(SEND_FORWARD, 0, forward_mb), _op(RECV_BACKWARD, 0, i))
+        backward_then_w(i, None if last else _op(RECV_FORWARD, 0, forward_mb + 1), delay)
+    for mb in range(num_steady, m):
+        b.exchange(_op(RECV_BACKWARD, 0, mb))
+        backward_then_w(mb, None, delay)
+    while pending_w:
+        b.actions.append(WeightGrad(0, pending_w.pop(0)))
+    return b.finish(forward_only)
+
+
 def interleaved_1f1b_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
-                              forward_only: bool = False) -> list[Action]:
+                              forward_only: bool = False, group_size: Optional[int] = None) -> list[Action]:
     """Interleaved 1F1B, as in Megatron's forward_backward_pipelining_with_interleaving (no p2p overlap).
 
-    The k-th forward of this rank runs chunk (k mod (PP x VP)) // PP on micro-batch
-    (k // (PP x VP)) x PP + k mod PP: micro-batches go through each chunk in groups of PP. Backwards run
-    the chunks in reverse order. Warm-up is 2 (PP - r - 1) + (VP - 1) PP forwards (all of them when
-    there are only PP micro-batches). Every step exchanges with both neighbours in one batch.
+    Micro-batches go through each chunk in groups of G = --microbatch-group-size-per-virtual-pipeline-stage
+    (default PP): the k-th forward is entry k of schedule_table (group by group, chunk by chunk; the last
+    group takes the remaining micro-batches, so m need not be a multiple of PP). Backwards run the chunks
+    in reverse order. Warm-up is 2 (PP - r - 1) + (VP - 1) G forwards (all of them when there are only PP
+    micro-batches). Every step exchanges with both neighbours in one batch.
     """
-    check_interleaving(pp_size, num_chunks, num_microbatches)
-    plan = _Interleaved(pp_size, pp_rank, num_chunks, num_microbatches, forward_only)
+    group_size = check_interleaving(pp_size, num_chunks, num_microbatches, group_size)
+    plan = _Interleaved(pp_size, pp_rank, num_chunks, num_microbatches, forward_only, group_size)
     plan.warmup()
     plan.steady()
     if not forward_only:
@@ -205,16 +293,21 @@ def interleaved_1f1b_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_m
 class _Interleaved:
     """The three phases of interleaved 1F1B for one rank, sharing the order of forwards and backwards."""
 
-    def __init__(self, pp: int, pp_rank: int, v: int, m: int, forward_only: bool):
+    def __init__(self, pp: int, pp_rank: int, v: int, m: int, forward_only: bool, group_size: int):
         self.pp, self.v, self.forward_only = pp, v, forward_only
         self.b = _Builder(pp, pp_rank, v)
         self.total = m * v
+        self.table = schedule_table(m, v, group_size)
         if forward_only:
             self.num_warmup, self.all_warmup = self.total, False
         elif m == pp:
             self.num_warmup, self.all_warmup = self.total, True
         else:
-            self.num_warmup, self.all_warmup = min(2 * (pp - pp_rank - 1) + (v - 1) * pp, self.total), False
+            # Megatron's 2 (PP - r - 1) + (VP - 1) G, with G the largest group (the last one takes the
+            # remainder), so each backward finds its forward done.
+            largest_group = max(group_size, m - (m // group_size - 1) * group_size)
+            self.num_warmup = min(2 * (pp - pp_rank - 1) + (v - 1) * largest_group, self.total)
+            self.all_warmup = False
         self.num_steady = self.total - self.num_warmup
         self.first_rank, self.last_rank = pp_rank == 0, pp_rank == pp - 1
         # Each chunk consumes its inputs and output grads in micro-batch order, so the micro-batch a receive
@@ -222,11 +315,11 @@ class _Interleaved:
         self.received_inputs, self.received_grads = [0] * v, [0] * v
 
     def chunk_of(self, k: int, forward: bool) -> int:
-        chunk = (k % (self.pp * self.v)) // self.pp
+        chunk = self.table[k][1]
         return chunk if forward else self.v - chunk - 1
 
     def microbatch_of(self, k: int) -> int:
-        return (k // (self.pp * self.v)) * self.pp + k % self.pp
+        return self.table[k][0]
 
     def recv_forward(self, chunk: int) -> Optional[P2POp]:
         op = _op(RECV_FORWARD, chunk, self.received_inputs[chunk])
@@ -254,13 +347,10 @@ class _Interleaved:
         b.exchange(self.recv_forward(0))
         for k in range(self.num_warmup):
             b.forward(self.chunk_of(k, True), self.microbatch_of(k))
-            recv_next_input = None
-            if k < self.total - 1 and not (self.first_rank and self.chunk_of(k + 1, True) == 0):
-                recv_next_input = self.recv_forward(self.chunk_of(k + 1, True))
             recv_first_grad = None
             if k == self.num_warmup - 1 and not self.forward_only and not self.all_warmup:
                 recv_first_grad = self.recv_backward(self.v - 1)  # the steady state starts with the last chunk's backward
-            b.exchange(self.send_forward(k), recv_next_input, recv_first_grad)
+            b.exchange(self.send_forward(k), self.next_input(k), recv_first_grad)
 
     def steady(self) -> None:
         """One forward and one backward, then one exchange with both neighbours."""
@@ -268,36 +358,37 @@ class _Interleaved:
             forward_k, backward_k = k + self.num_warmup, k
             self.b.forward(self.chunk_of(forward_k, True), self.microbatch_of(forward_k))
             self.b.backward(self.chunk_of(backward_k, False), self.microbatch_of(backward_k))
-            recv_input = self._steady_recv_input(k, forward_k)
-            recv_grad = self._steady_recv_grad(backward_k)
-            self.b.exchange(self.send_forward(forward_k), recv_input, self.send_backward(backward_k), recv_grad)
+            self.b.exchange(self.send_forward(forward_k), self.next_input(forward_k),
+                            self.send_backward(backward_k), self.next_grad(backward_k))
 
-    def _steady_recv_input(self, k: int, forward_k: int) -> Optional[P2POp]:
-        if k >= self.num_steady - 1:
+    def next_input(self, k: int) -> Optional[P2POp]:
+        """The receive in the exchange after forward k. Every rank but the first receives the input of
+        its forward k + 1 (sent by the previous rank after its forward k + 1). The first rank is PP - 1
+        forwards ahead of the last rank: it receives what the last rank sends after forward k - (PP - 1)."""
+        if not self.first_rank:
+            return self.recv_forward(self.chunk_of(k + 1, True)) if k + 1 < self.total else None
+        if k < self.pp - 1:
             return None
-        if self.first_rank:
-            # The first rank is PP - 1 forwards ahead of the last rank, whose output it receives.
-            sender_chunk = self.chunk_of(forward_k - (self.pp - 1), True)
-            return self.recv_forward(sender_chunk + 1) if sender_chunk != self.v - 1 else None
-        return self.recv_forward(self.chunk_of(forward_k + 1, True))
+        sender_chunk = self.chunk_of(k - (self.pp - 1), True)
+        return self.recv_forward(sender_chunk + 1) if sender_chunk != self.v - 1 else None
 
-    def _steady_recv_grad(self, backward_k: int) -> Optional[P2POp]:
-        if self.last_rank:
-            # The last rank is PP - 1 backwards ahead of the first rank, whose input grad it receives.
-            sender_chunk = self.chunk_of(backward_k - (self.pp - 1), False)
-            return self.recv_backward(sender_chunk - 1) if sender_chunk != 0 else None
-        return self.recv_backward(self.chunk_of(backward_k + 1, False))
+    def next_grad(self, k: int) -> Optional[P2POp]:
+        """The receive in the exchange after backward k: the same rule mirrored (the last rank is PP - 1
+        backwards ahead of the first)."""
+        if not self.last_rank:
+            return self.recv_backward(self.chunk_of(k + 1, False)) if k + 1 < self.total else None
+        if k < self.pp - 1:
+            return None
+        sender_chunk = self.chunk_of(k - (self.pp - 1), False)
+        return self.recv_backward(sender_chunk - 1) if sender_chunk != 0 else None
 
     def cooldown(self) -> None:
         """The remaining backwards."""
         if self.all_warmup:
             self.b.exchange(self.recv_backward(self.v - 1))
         for k in range(self.num_steady, self.total):
-            recv_grad = None
-            if k < self.total - 1 and not (self.last_rank and self.chunk_of(k + 1, False) == self.v - 1):
-                recv_grad = self.recv_backward(self.chunk_of(k + 1, False))
             self.b.backward(self.chunk_of(k, False), self.microbatch_of(k))
-            self.b.exchange(self.send_backward(k), recv_grad)
+            self.b.exchange(self.send_backward(k), self.next_grad(k))
 
 
 SCHEDULES: dict[str, Callable[..., list[Action]]] = {
@@ -305,46 +396,124 @@ SCHEDULES: dict[str, Callable[..., list[Action]]] = {
     "gpipe": gpipe_schedule,
     "1f1b": one_f_one_b_schedule,
     "interleaved": interleaved_1f1b_schedule,
+    "zb-h1": zb_h1_schedule,
 }
 
 
-def check_interleaving(pp_size: int, num_chunks: int, num_microbatches: int) -> None:
-    """Megatron's conditions for interleaving (raised before any communication)."""
+def schedule_table(num_microbatches: int, num_chunks: int, group_size: int) -> list[tuple[int, int]]:
+    """(micro-batch, chunk) of each forward in order (Megatron's get_schedule_table): groups of
+    `group_size` micro-batches go through chunk 0, then chunk 1, ...; the remainder of m / group_size joins
+    the last group, so every group has at least group_size >= PP micro-batches (a smaller group would
+    need a micro-batch's next chunk before the last rank has sent the previous chunk's output)."""
+    table = []
+    for first in range(0, num_microbatches, group_size):
+        if first + group_size > num_microbatches:
+            break  # the remainder went into the previous group
+        last = num_microbatches if first + 2 * group_size > num_microbatches else first + group_size
+        table.extend((mb, chunk) for chunk in range(num_chunks) for mb in range(first, last))
+    return table
+
+
+def check_interleaving(pp_size: int, num_chunks: int, num_microbatches: int, group_size: Optional[int] = None) -> int:
+    """Megatron's conditions for interleaving (raised before any communication); returns the group size
+    (--microbatch-group-size-per-virtual-pipeline-stage, default PP)."""
     if pp_size < 2:
         raise ConfigError("--num-layers-per-virtual-pipeline-stage: interleaving needs --pipeline-model-parallel-size > 1. "
                           "Drop it, or use PP >= 2.")
-    if num_microbatches % pp_size != 0:
-        raise ConfigError(f"--global-batch-size: interleaved 1F1B needs the number of micro-batches ({num_microbatches}) "
-                          f"to be a multiple of --pipeline-model-parallel-size {pp_size}. "
-                          f"Use {pp_size * max(1, -(-num_microbatches // pp_size))} micro-batches (global batch / "
-                          "(micro-batch x DP) must be a multiple of PP).")
+    group_size = pp_size if group_size is None else group_size
+    if group_size < pp_size:
+        raise ConfigError(f"--microbatch-group-size-per-virtual-pipeline-stage: {group_size} is smaller than "
+                          f"--pipeline-model-parallel-size {pp_size}; a micro-batch would reach its next chunk before "
+                          f"the previous chunk's output. Use a group size >= {pp_size}.")
+    if num_microbatches < group_size:
+        raise ConfigError(f"--global-batch-size: interleaved 1F1B needs at least "
+                          f"--microbatch-group-size-per-virtual-pipeline-stage {group_size} micro-batches (default: "
+                          f"--pipeline-model-parallel-size), got {num_microbatches}. Use {group_size} or more "
+                          "micro-batches (global batch / (micro-batch x DP)), or a smaller group size.")
+    return group_size
 
 
 def schedule_name(pp_size: int, num_chunks: int, requested: str = "auto") -> str:
     """The schedule a configuration runs: 'auto' is no pipelining at PP = 1, interleaved with virtual
-    stages, 1F1B otherwise; 'gpipe', '1f1b' and 'interleaved' ask for one explicitly."""
+    stages, 1F1B otherwise; 'gpipe', '1f1b', 'interleaved' and 'zb-h1' ask for one explicitly."""
     if requested not in ("auto", *SCHEDULES):
-        raise ConfigError(f"--pipeline-schedule: unknown schedule {requested!r}. Use one of auto, gpipe, 1f1b, interleaved.")
+        raise ConfigError(f"--pipeline-schedule: unknown schedule {requested!r}. Use one of auto, gpipe, 1f1b, "
+                          "interleaved, zb-h1.")
     if num_chunks > 1:
-        if requested in ("gpipe", "1f1b", "no_pipelining"):
+        if requested in ("gpipe", "1f1b", "no_pipelining", "zb-h1"):
             raise ConfigError(f"--pipeline-schedule {requested}: does not support virtual stages. "
                               "Use interleaved (or auto), or drop --num-layers-per-virtual-pipeline-stage.")
         return "interleaved"
     if requested == "interleaved":
         raise ConfigError("--pipeline-schedule interleaved: needs virtual stages. Add --num-layers-per-virtual-pipeline-stage.")
     if pp_size == 1:
+        if requested == "zb-h1":
+            raise ConfigError("--pipeline-schedule zb-h1: needs --pipeline-model-parallel-size > 1. Use auto.")
         return "no_pipelining"
     return "1f1b" if requested == "auto" else requested
 
 
+def overlap_p2p(actions: list[Action]) -> list[Action]:
+    """--overlap-p2p-comm: the same schedule with every Exchange split into posts and waits.
+
+    Sends are posted where the exchange was and waited for just before the next send in the same
+    direction is posted (or at the end); receives are posted at the exchange before the preceding
+    compute (so the transfer runs during that compute) and waited for just before the compute that
+    consumes them. Every op is posted no later and waited for no earlier than in the blocking list, so
+    (rendezvous semantics) a schedule that is deadlock-free blocking stays so; the simulator checks it.
+    """
+    early_recvs: dict[int, list[tuple[P2POp, ...]]] = {}  # action index (-1: the start) -> receives posted there
+    consumer = {}  # compute key -> the receive it waits for
+    last_exchange, exchange_before_compute = -1, -1
+    for index, action in enumerate(actions):
+        if isinstance(action, (Forward, Backward)):
+            exchange_before_compute = last_exchange
+        elif isinstance(action, Exchange):
+            recvs = tuple(op for op in action.ops if op.kind in (RECV_FORWARD, RECV_BACKWARD))
+            if recvs:
+                early_recvs.setdefault(exchange_before_compute, []).append(recvs)
+            for op in recvs:
+                consumer[("F" if op.kind == RECV_FORWARD else "B", op.chunk, op.microbatch)] = op
+            last_exchange = index
+    out: list[Action] = [Post(recvs) for recvs in early_recvs.get(-1, [])]
+    unwaited_sends: dict[str, P2POp] = {}
+    for index, action in enumerate(actions):
+        if isinstance(action, Exchange):
+            sends = tuple(op for op in action.ops if op.kind in (SEND_FORWARD, SEND_BACKWARD))
+            previous = tuple(unwaited_sends.pop(op.kind) for op in sends if op.kind in unwaited_sends)
+            if previous:
+                out.append(Wait(previous))
+            unwaited_sends.update((op.kind, op) for op in sends)
+            out.extend(Post(ops) for ops in [sends] + early_recvs.get(index, []) if ops)
+            continue
+        if isinstance(action, (Forward, Backward)):
+            recv = consumer.get(("F" if isinstance(action, Forward) else "B", action.chunk, action.microbatch))
+            if recv is not None:
+                out.append(Wait((recv,)))
+        if isinstance(action, FinalizeGrads) and unwaited_sends:
+            out.append(Wait(tuple(unwaited_sends.values())))
+            unwaited_sends.clear()
+        out.append(action)
+    if unwaited_sends:
+        out.append(Wait(tuple(unwaited_sends.values())))
+    return out
+
+
 def build_schedule(name: str, pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
-                   forward_only: bool = False) -> list[Action]:
+                   forward_only: bool = False, group_size: Optional[int] = None, overlap: bool = False) -> list[Action]:
+    """Rank pp_rank's action list; group_size is interleaving's micro-batch group (default PP); overlap
+    (--overlap-p2p-comm) posts sends and receives asynchronously (overlap_p2p)."""
     if num_microbatches < 1:
         raise ConfigError(f"--global-batch-size: need at least one micro-batch, got {num_microbatches}.")
-    return SCHEDULES[name](pp_size, pp_rank, num_chunks, num_microbatches, forward_only)
+    if name == "interleaved":
+        actions = interleaved_1f1b_schedule(pp_size, pp_rank, num_chunks, num_microbatches, forward_only, group_size)
+    else:
+        actions = SCHEDULES[name](pp_size, pp_rank, num_chunks, num_microbatches, forward_only)
+    return overlap_p2p(actions) if overlap else actions
 
 
-def all_rank_schedules(name: str, pp_size: int, num_chunks: int, num_microbatches: int,
-                       forward_only: bool = False) -> list[list[Action]]:
+def all_rank_schedules(name: str, pp_size: int, num_chunks: int, num_microbatches: int, forward_only: bool = False,
+                       group_size: Optional[int] = None, overlap: bool = False) -> list[list[Action]]:
     """Every pipeline rank's action list (for the simulator and single-process tests)."""
-    return [build_schedule(name, pp_size, rank, num_chunks, num_microbatches, forward_only) for rank in range(pp_size)]
+    return [build_schedule(name, pp_size, rank, num_chunks, num_microbatches, forward_only, group_size, overlap)
+            for rank in range(pp_size)]

@@ -28,6 +28,48 @@ def _empty(*shape: int, dtype: torch.dtype, device: Optional[torch.device]) -> n
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device))
 
 
+class _LinearDelayedWgrad(torch.autograd.Function):
+    """F.linear whose backward computes the input gradient (and the bias's) and appends the weight
+    gradient's computation to `queue` instead of running it (--delay-wgrad-compute: the pipeline's W
+    action runs the queue later). The weight gradient reaches the parameter through autograd
+    (weight.backward), so accumulation into .grad and DDP's post-accumulate hooks behave as usual."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_data: torch.Tensor, bias: Optional[torch.Tensor], weight_holder: tuple,
+                queue: list) -> torch.Tensor:
+        # The parameter travels in a tuple, and its detached data as the tensor input, so that B's graph has no
+        # edge to the weight at all: autograd would otherwise visit its AccumulateGrad in B with no gradient and
+        # fire post-accumulate hooks (DDP would mark the weight ready before W has computed its gradient).
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.has_bias, ctx.queue = weight_holder[0], bias is not None, queue
+        return F.linear(x, weight_data, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        weight = ctx.weight
+        grad_input = grad_output.matmul(weight)
+        grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_bias = grad_2d.sum(0) if ctx.has_bias else None
+        x_2d = x.reshape(-1, x.shape[-1])
+
+        def weight_grad() -> None:
+            weight.backward(grad_2d.t().mm(x_2d))
+
+        ctx.queue.append(weight_grad)
+        return grad_input, None, grad_bias, None, None
+
+
+def _linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The module's GEMM; with a weight-gradient queue set (split backward) and a weight that needs a
+    gradient, the weight gradient is deferred to that queue."""
+    # only the plain GEMM is split (a kernel that replaced linear_fn, e.g. Transformer Engine's fp8, is not)
+    if module.wgrad_queue is not None and weight.requires_grad and torch.is_grad_enabled() \
+            and module.linear_fn is F.linear:
+        return _LinearDelayedWgrad.apply(x, weight.detach(), bias, (weight,), module.wgrad_queue)
+    return module.linear_fn(x, weight, bias)
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X A^T + b with A split along its output dimension: each TP rank computes Y's columns.
 
@@ -39,6 +81,8 @@ class ColumnParallelLinear(nn.Module):
     """
     # The GEMM: kernels/registry.py replaces it per instance with Transformer Engine's under --fp8-format.
     linear_fn = staticmethod(F.linear)
+    # Set (to a list) by the pipeline runner for schedules that split backward into B and W.
+    wgrad_queue: Optional[list] = None
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True, gather_output: bool = False,
                  init_std: float = 0.02, stride: int = 1, sequence_parallel: bool = False,
@@ -76,7 +120,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = self.weight if weight is None else weight
-        y = self.linear_fn(self.parallel_input(x), weight, self.bias)
+        y = _linear(self, self.parallel_input(x), weight, self.bias)
         return gather_from_tensor_model_parallel_region(y, self.tp_group) if self.gather_output else y
 
 
@@ -85,6 +129,7 @@ class RowParallelLinear(nn.Module):
     output of a column-parallel layer); partial products are summed over TP (all-reduce), or
     reduce-scattered along the sequence under sequence parallelism. The bias is added once, after."""
     linear_fn = staticmethod(F.linear)  # see ColumnParallelLinear
+    wgrad_queue: Optional[list] = None  # see ColumnParallelLinear
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True, init_std: float = 0.02,
                  sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
@@ -111,8 +156,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_group.size == 1 and not self.sequence_parallel:  # nothing to reduce: the bias goes into the GEMM
-            return self.linear_fn(x, self.weight, self.bias)
-        y = self.linear_fn(x, self.weight)
+            return _linear(self, x, self.weight, self.bias)
+        y = _linear(self, x, self.weight, None)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.tp_group)
         else:

@@ -64,13 +64,15 @@ class ToyStage(nn.Module):
 
 
 def toy_config(num_layers: int, pp: int, vp: Optional[int] = None, schedule: str = "auto", hidden: int = 8,
-               seq_length: int = 6, micro_batch_size: int = 2, num_microbatches: Optional[int] = None) -> Config:
+               seq_length: int = 6, micro_batch_size: int = 2, num_microbatches: Optional[int] = None,
+               group_size: Optional[int] = None, overlap_p2p_comm: bool = False) -> Config:
     cfg = Config(world_size=pp)
     cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = num_layers, hidden, 2
     cfg.model.seq_length = seq_length
     cfg.parallel.pipeline_model_parallel_size = pp
     cfg.parallel.virtual_pipeline_model_parallel_size = vp
     cfg.parallel.pipeline_schedule = schedule
+    cfg.parallel.microbatch_group_size_per_vp_stage, cfg.parallel.overlap_p2p_comm = group_size, overlap_p2p_comm
     cfg.training.micro_batch_size = micro_batch_size
     cfg.training.global_batch_size = micro_batch_size * (num_microbatches or pp)
     return cfg.validate()

@@ -50,8 +50,8 @@ def _run_cases(pp: int, num_layers: int, cases: list[dict], tied: bool = True) -
                 ps.destroy_model_parallel()
             ps.initialize_model_parallel(1, pp, vp)
             current_vp = vp
-        cfg = toy_config(num_layers, pp, vp, case.get("schedule", "auto"), HIDDEN, SEQ, MBS,
-                         num_microbatches=case["m"] if case["m"] % pp == 0 else None)
+        cfg = toy_config(num_layers, pp, vp, case.get("schedule", "auto"), HIDDEN, SEQ, MBS, num_microbatches=case["m"],
+                         group_size=case.get("group"), overlap_p2p_comm=case.get("overlap", False))
         cfg.parallel.decoder_first_pipeline_num_layers = case.get("first")
         cfg.parallel.decoder_last_pipeline_num_layers = case.get("last")
         groups = ps.get_process_groups()
@@ -83,7 +83,8 @@ def _run_cases(pp: int, num_layers: int, cases: list[dict], tied: bool = True) -
                                        num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS, config=cfg,
                                        forward_only=True)
         unchanged = all(torch.equal(p.grad / scale, grads[n]) for c in chunks for n, p in c.named_parameters())
-        schedule = build_schedule(forward_backward.schedule, pp, ps.get_pipeline_model_parallel_rank(), len(chunks), m)
+        schedule = build_schedule(forward_backward.schedule, pp, ps.get_pipeline_model_parallel_rank(), len(chunks), m,
+                                  group_size=case.get("group"))
         results.append({"case": case, "schedule": forward_backward.schedule,
                         "losses": [d["lm loss"].item() for d in losses], "eval_losses": [d["lm loss"].item() for d in eval_losses],
                         "grads": grads, "stats": stats, "no_sync_calls": no_sync_calls, "grads_unchanged": unchanged,
@@ -111,7 +112,9 @@ def _check(outputs: list[dict], pp: int) -> None:
                 torch.testing.assert_close(grad, ref["grads"][ref_name], rtol=RTOL, atol=ATOL, msg=f"{label}: {name}")
             assert result["grads_unchanged"], label
             # each chunk's backwards but its last run under no_sync
-            assert result["no_sync_calls"] == [m - 1] * len(result["no_sync_calls"]), label
+            # (ZB-H1: its B's and its W's)
+            split = 2 if result["schedule"] == "zb-h1" else 1
+            assert result["no_sync_calls"] == [split * (m - 1)] * len(result["no_sync_calls"]), label
             stats = result["stats"]
             assert stats["max_in_flight"] == result["expected_in_flight"], label
             if result["schedule"] == "1f1b":
@@ -126,25 +129,34 @@ def _check(outputs: list[dict], pp: int) -> None:
 
 
 def test_pp2_1f1b_gpipe_all_microbatch_counts():
-    cases = [{"m": 2}, {"m": 4, "grad_scale": 4.0}, {"m": 3}, {"m": 1}, {"m": 3, "schedule": "gpipe"},
-             {"m": 4, "first": 1, "last": 3}]
+    # (auto without virtual stages is ZB-H1)
+    cases = [{"m": 2}, {"m": 4, "grad_scale": 4.0}, {"m": 3, "schedule": "1f1b"}, {"m": 1, "schedule": "1f1b"},
+             {"m": 3}, {"m": 3, "schedule": "gpipe"},
+             {"m": 4, "first": 1, "last": 3}, {"m": 3, "overlap": True}, {"m": 4, "schedule": "gpipe", "overlap": True},
+             {"m": 3, "schedule": "zb-h1"}, {"m": 4, "schedule": "zb-h1", "overlap": True}]
     _check(run_distributed(_run_cases, 2, pp=2, num_layers=4, cases=cases), 2)
 
 
 def test_pp2_interleaved():
-    cases = [{"m": 2, "vp": 2}, {"m": 4, "vp": 2}, {"m": 6, "vp": 2}]
+    # m = 3, 5: not a multiple of PP (the last micro-batch group takes the remainder); group size 3
+    cases = [{"m": 2, "vp": 2}, {"m": 4, "vp": 2}, {"m": 6, "vp": 2}, {"m": 3, "vp": 2}, {"m": 5, "vp": 2},
+             {"m": 7, "vp": 2, "group": 3}, {"m": 5, "vp": 2, "overlap": True}, {"m": 2, "vp": 2, "overlap": True}]
     _check(run_distributed(_run_cases, 2, pp=2, num_layers=4, cases=cases), 2)
 
 
 def test_pp4_1f1b_interleaved_uneven():
-    cases = [{"m": 4}, {"m": 8}, {"m": 5}, {"m": 4, "vp": 2}, {"m": 8, "vp": 2}, {"m": 5, "first": 1, "last": 3}]
+    cases = [{"m": 4}, {"m": 8, "schedule": "1f1b"}, {"m": 5}, {"m": 5, "schedule": "1f1b"}, {"m": 4, "vp": 2}, {"m": 8, "vp": 2}, {"m": 5, "first": 1, "last": 3},
+             {"m": 6, "vp": 2}, {"m": 9, "vp": 2, "group": 4}, {"m": 5, "overlap": True}, {"m": 7, "vp": 2, "overlap": True},
+             {"m": 5, "schedule": "zb-h1", "overlap": True}]
     _check(run_distributed(_run_cases, 4, pp=4, num_layers=8, cases=cases), 4)
 
 
 @pytest.mark.slow
 def test_pp4_sweep_slow():
-    cases = [{"m": m} for m in (1, 2, 3, 6, 7, 16)] + [{"m": m, "vp": 2} for m in (12, 16)] + \
-            [{"m": 5, "schedule": "gpipe"}, {"m": 8, "vp": 4}]
+    cases = [{"m": m} for m in (1, 2, 3, 6, 7, 16)] + [{"m": m, "schedule": "1f1b"} for m in (2, 7)] + [{"m": m, "vp": 2} for m in (12, 16, 7, 11)] + \
+            [{"m": 5, "schedule": "gpipe"}, {"m": 8, "vp": 4}, {"m": 5, "vp": 4}, {"m": 13, "vp": 2, "group": 5}] + \
+            [{"m": m, "overlap": True} for m in (1, 4, 8)] + [{"m": m, "vp": 2, "overlap": True} for m in (4, 9)] + \
+            [{"m": 6, "schedule": "gpipe", "overlap": True}, {"m": 11, "vp": 2, "group": 5, "overlap": True}]
     _check(run_distributed(_run_cases, 4, pp=4, num_layers=16, cases=cases), 4)
 
 
@@ -160,13 +172,13 @@ def test_untied_embeddings_pp2():
 
 def _refuse_interleaving_with_too_few_microbatches() -> dict:
     ps.initialize_model_parallel(1, 2, 2)
-    cfg = toy_config(4, 2, 2, "auto", HIDDEN, SEQ, MBS)
+    cfg = toy_config(4, 2, 2, "auto", HIDDEN, SEQ, MBS, num_microbatches=3, group_size=3)
     groups = ps.get_process_groups()
     chunks = build_model_chunks(cfg, lambda pre, post, layers: ToyStage(pre, post, layers, hidden=HIDDEN), groups)
     collectives.reset_comm_stats()
     try:
         get_forward_backward_func(cfg, groups)(forward_step_func=toy_forward_step, data_iterator=[iter([])] * 2, model=chunks,
-                                       num_microbatches=3, seq_length=SEQ, micro_batch_size=MBS, config=cfg)
+                                       num_microbatches=2, seq_length=SEQ, micro_batch_size=MBS, config=cfg)
     except ConfigError as error:
         return {"error": str(error), "p2p_bytes": collectives.bytes_for("send") + collectives.bytes_for("recv")}
     return {"error": None}
@@ -174,5 +186,5 @@ def _refuse_interleaving_with_too_few_microbatches() -> dict:
 
 def test_invalid_microbatch_count_refused_before_any_send():
     for out in run_distributed(_refuse_interleaving_with_too_few_microbatches, 2):
-        assert out["error"] and "multiple of --pipeline-model-parallel-size 2" in out["error"]
+        assert out["error"] and "at least --microbatch-group-size-per-virtual-pipeline-stage 3" in out["error"]
         assert out["p2p_bytes"] == 0

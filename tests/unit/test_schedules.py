@@ -8,8 +8,9 @@ import pytest
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.pipeline.runner import get_forward_backward_func
-from megatron_lite.pipeline.schedules import (Backward, Exchange, FinalizeGrads, Forward, all_rank_schedules,
-                                              build_schedule, schedule_name)
+from megatron_lite.pipeline.schedules import (Backward, Exchange, FinalizeGrads, Forward, P2POp, Post, Wait,
+                                              WeightGrad, all_rank_schedules, build_schedule, schedule_name,
+                                              schedule_table)
 from megatron_lite.pipeline.simulator import ScheduleError, check_schedules, max_in_flight, simulate, simulate_timeline
 from megatron_lite.pipeline.stages import layers_for_stage, stage_layer_counts
 
@@ -19,8 +20,9 @@ def layouts():
         for m in range(1, 3 * pp + 2):
             yield "gpipe", pp, 1, m
             yield "1f1b", pp, 1, m
+            yield "zb-h1", pp, 1, m
             for v in (2, 3):
-                if m % pp == 0:
+                if m >= pp:  # any m >= the micro-batch group size (default PP)
                     yield "interleaved", pp, v, m
 
 
@@ -42,8 +44,11 @@ def test_in_flight_bounds():
                 assert peak == min(pp - rank, m), (pp, rank, m)
             elif name == "gpipe":
                 assert peak == m
-            else:  # Megatron's warm-up count plus the one in the steady state
-                warmup = v * m if m == pp else min(2 * (pp - rank - 1) + (v - 1) * pp, v * m)
+            elif name == "zb-h1":  # W's held back r steps on rank r: 1F1B's peak (rank 0's) on every rank
+                assert peak == min(pp, m), (pp, rank, m)
+            else:  # Megatron's warm-up count (G = the largest micro-batch group) plus the one in the steady state
+                largest_group = pp + m % pp
+                warmup = v * m if m == pp else min(2 * (pp - rank - 1) + (v - 1) * largest_group, v * m)
                 assert peak == min(warmup + 1, v * m), (pp, v, rank, m)
 
 
@@ -102,6 +107,119 @@ def test_simulated_bubble_equals_theory(pp):
             assert idle == pytest.approx([(pp - 1) / (v * m + pp - 1)] * pp), (v, m)
 
 
+def test_interleaving_with_any_microbatch_count_and_group_size():
+    # Megatron's --microbatch-group-size-per-virtual-pipeline-stage: groups of G micro-batches per chunk; the
+    # remainder of m / G joins the last group (every group keeps >= PP micro-batches)
+    assert schedule_table(5, 2, 2) == [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (3, 0), (4, 0), (2, 1), (3, 1), (4, 1)]
+    assert schedule_table(4, 2, 4) == [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1), (2, 1), (3, 1)]
+    count = 0
+    for pp in (2, 3, 4):
+        for v in (2, 3):
+            for group in range(pp, 2 * pp + 2):
+                for m in range(group, 3 * pp + 3):
+                    for forward_only in (False, True):
+                        schedules = all_rank_schedules("interleaved", pp, v, m, forward_only, group)
+                        check_schedules(schedules, v, m, forward_only)
+                        count += 1
+    assert count > 300
+    # a larger group keeps the bubble but holds more micro-batches in flight (a longer warm-up)
+    big, default = all_rank_schedules("interleaved", 4, 2, 8, group_size=8), all_rank_schedules("interleaved", 4, 2, 8)
+    assert simulate(big) == pytest.approx(simulate(default))
+    assert max_in_flight(big[0]) == 2 * 3 + 8 + 1 > max_in_flight(default[0]) == 2 * 3 + 4 + 1
+    # m not a multiple of PP: the bubble sits between those of the neighbouring multiples
+    idle = {m: max(simulate(all_rank_schedules("interleaved", 4, 2, m), 0.5, 0.5)) for m in (8, 10, 12)}
+    assert idle[8] > idle[10] > idle[12]
+
+
+@pytest.mark.parametrize("forward_only", [False, True])
+def test_overlapped_p2p_is_sound_deadlock_free_and_never_slower(forward_only):
+    count = 0
+    for name, pp, v, m in layouts():
+        blocking = all_rank_schedules(name, pp, v, m, forward_only)
+        overlapped = all_rank_schedules(name, pp, v, m, forward_only, overlap=True)
+        assert not any(isinstance(a, Exchange) for actions in overlapped for a in actions)
+        # same compute order, only the communication changes
+        compute = [[a for a in actions if isinstance(a, (Forward, Backward, FinalizeGrads))] for actions in blocking]
+        assert compute == [[a for a in actions if isinstance(a, (Forward, Backward, FinalizeGrads))] for actions in overlapped]
+        for p2p_time in (0.0, 0.25):
+            slow = check_schedules(blocking, v, m, forward_only) if p2p_time == 0 else simulate_timeline(blocking, p2p_time=p2p_time)
+            fast = simulate_timeline(overlapped, p2p_time=p2p_time)
+            assert fast.step_time <= slow.step_time + 1e-9, (name, pp, v, m, p2p_time)
+        check_schedules(overlapped, v, m, forward_only)
+        count += 1
+    assert count > 100
+
+
+def test_overlap_hides_transfer_time():
+    # with a transfer cost, posting early hides it behind compute: 1F1B PP 4 m 8, transfer = 1/4 forward
+    for name, v in (("1f1b", 1), ("interleaved", 2)):
+        blocking = simulate_timeline(all_rank_schedules(name, 4, v, 8), p2p_time=0.25).step_time
+        overlapped = simulate_timeline(all_rank_schedules(name, 4, v, 8, overlap=True), p2p_time=0.25).step_time
+        ideal = simulate_timeline(all_rank_schedules(name, 4, v, 8)).step_time
+        assert ideal < overlapped < blocking, name
+    # 1F1B rank 1: the receive of the next input is posted before the current forward runs
+    actions = build_schedule("1f1b", 4, 1, 1, 6, overlap=True)
+    first_forward = actions.index(Forward(0, 1))
+    post = next(i for i, a in enumerate(actions) if isinstance(a, Post) and P2POp("recv_forward", 0, 2) in a.ops)
+    wait = actions.index(Wait((P2POp("recv_forward", 0, 2),)))
+    assert post < first_forward < wait < actions.index(Forward(0, 2))
+
+
+def test_simulator_catches_bad_posts_and_waits():
+    actions = build_schedule("1f1b", 2, 0, 1, 2, overlap=True)
+    waits = [i for i, a in enumerate(actions) if isinstance(a, Wait)]
+    with pytest.raises(ScheduleError, match="never waited"):  # a posted op left in flight
+        check_schedules([actions[:waits[-1]] + actions[waits[-1] + 1:], build_schedule("1f1b", 2, 1, 1, 2, overlap=True)], 1, 2)
+    early = [Wait(actions[waits[0]].ops)] + actions
+    with pytest.raises(ScheduleError, match="not posted"):
+        check_schedules([early, build_schedule("1f1b", 2, 1, 1, 2, overlap=True)], 1, 2)
+    # a receive waited for after the forward that needs it
+    rank1 = build_schedule("1f1b", 2, 1, 1, 2, overlap=True)
+    index = rank1.index(Forward(0, 0))
+    moved = rank1[:index - 1] + [rank1[index], rank1[index - 1]] + rank1[index + 1:]
+    with pytest.raises(ScheduleError, match="before its recv_forward"):
+        check_schedules([actions, moved], 1, 2)
+
+
+@pytest.mark.parametrize("f,b,w", [(1.0, 1.0, 1.0), (1.0, 1.5, 0.5), (2.0, 2.0, 1.0)])
+def test_zb_h1_bubble_is_the_papers(f, b, w):
+    # Qi et al. 2024, "Zero Bubble Pipeline Parallelism", section 3: 1F1B idles (p - 1)(F + B + W) per rank,
+    # ZB-H1 (p - 1)(F + B - W); with posted (overlapped) p2p the simulator gives exactly that
+    for pp in (2, 4, 8):
+        for m in (pp, 2 * pp + 1, 16):
+            zb = simulate_timeline(all_rank_schedules("zb-h1", pp, 1, m, overlap=True), f, b + w, weight_time=w)
+            assert zb.step_time == pytest.approx(m * (f + b + w) + (pp - 1) * (f + b - w)), (pp, m)
+            one_f_one_b = simulate_timeline(all_rank_schedules("1f1b", pp, 1, m, overlap=True), f, b + w)
+            assert one_f_one_b.step_time == pytest.approx(m * (f + b + w) + (pp - 1) * (f + b + w)), (pp, m)
+            # blocking exchanges couple neighbours: still below 1F1B
+            blocking = simulate_timeline(all_rank_schedules("zb-h1", pp, 1, m), f, b + w, weight_time=w)
+            assert zb.step_time <= blocking.step_time < one_f_one_b.step_time
+
+
+def test_zb_h1_splits_every_backward_and_refuses_what_it_cannot_run():
+    actions = build_schedule("zb-h1", 4, 1, 1, 6)
+    backwards = [a for a in actions if isinstance(a, Backward)]
+    weights = [a for a in actions if isinstance(a, WeightGrad)]
+    assert all(a.defer_wgrad for a in backwards) and [a.microbatch for a in weights] == list(range(6))
+    assert [a.sync_grads for a in weights] == [False] * 5 + [True] and backwards[-1].sync_grads
+    # rank 1 runs each W one step after its B; the held-back one after its last B
+    compute = [type(a).__name__[0] + str(a.microbatch) for a in actions if isinstance(a, (Forward, Backward, WeightGrad))]
+    assert compute[:8] == ["F0", "F1", "F2", "B0", "F3", "B1", "W0", "F4"] and compute[-3:] == ["B5", "W4", "W5"]
+    # forward-only is 1F1B's forward-only list
+    assert build_schedule("zb-h1", 4, 1, 1, 6, forward_only=True) == build_schedule("1f1b", 4, 1, 1, 6, forward_only=True)
+    with pytest.raises(ConfigError, match="--pipeline-schedule zb-h1: does not support virtual stages"):
+        schedule_name(2, 2, "zb-h1")
+    with pytest.raises(ConfigError, match="zb-h1: needs --pipeline-model-parallel-size > 1"):
+        schedule_name(1, 1, "zb-h1")
+    with pytest.raises(ConfigError, match="zb-h1: does not support virtual stages"):
+        build_schedule("zb-h1", 2, 0, 2, 4)
+    # a W without its deferred B is refused by the simulator
+    broken = [build_schedule("zb-h1", 2, 0, 1, 2), build_schedule("zb-h1", 2, 1, 1, 2)]
+    broken[1] = [Backward(a.chunk, a.microbatch, a.sync_grads) if isinstance(a, Backward) else a for a in broken[1]]
+    with pytest.raises(ScheduleError, match="without a preceding Backward"):
+        check_schedules(broken, 1, 2)
+
+
 def test_simulator_catches_broken_schedules():
     schedules = all_rank_schedules("1f1b", 2, 1, 4)
     # rank 1 receives micro-batches out of order -> mismatch
@@ -152,8 +270,10 @@ def _config(**parallel) -> Config:
 @pytest.mark.parametrize("kwargs,message", [
     (dict(pipeline_model_parallel_size=3, world_size=3), "not divisible by --pipeline-model-parallel-size 3"),
     (dict(pipeline_model_parallel_size=1, num_layers_per_virtual_pipeline_stage=2), "needs --pipeline-model-parallel-size > 1"),
-    (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, world_size=2, global_batch_size=3),
-     "multiple of PP"),
+    (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, world_size=2, global_batch_size=1),
+     "at least --microbatch-group-size-per-virtual-pipeline-stage 2"),
+    (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, world_size=2, global_batch_size=4,
+          microbatch_group_size_per_vp_stage=1), "--microbatch-group-size-per-virtual-pipeline-stage: 1 is smaller"),
     (dict(pipeline_model_parallel_size=2, world_size=2, num_layers_per_virtual_pipeline_stage=3), "not divisible by 3"),
     (dict(pipeline_model_parallel_size=4, num_layers=9, decoder_first_pipeline_num_layers=3, decoder_last_pipeline_num_layers=3), "do not divide"),
 ])
@@ -163,8 +283,8 @@ def test_invalid_layouts_refused_by_config(kwargs, message):
 
 
 def test_invalid_layouts_refused_by_the_pipeline_itself():
-    with pytest.raises(ConfigError, match="multiple of --pipeline-model-parallel-size 2"):
-        build_schedule("interleaved", 2, 0, 2, 3)
+    with pytest.raises(ConfigError, match="at least --microbatch-group-size-per-virtual-pipeline-stage 4"):
+        build_schedule("interleaved", 2, 0, 2, 3, group_size=4)
     with pytest.raises(ConfigError, match="PP > 1|> 1"):
         layers_for_stage(8, 1, 0, vp_size=2)
     with pytest.raises(ConfigError, match="not divisible"):
@@ -181,7 +301,28 @@ def test_invalid_layouts_refused_by_the_pipeline_itself():
 
 def test_get_forward_backward_func_picks_the_schedule():
     assert get_forward_backward_func(_config(world_size=1).validate()).schedule == "no_pipelining"
-    assert get_forward_backward_func(_config(pipeline_model_parallel_size=2).validate()).schedule == "1f1b"
+    # auto: the smallest simulated bubble within 1F1B's memory: ZB-H1 without virtual stages
+    assert get_forward_backward_func(_config(pipeline_model_parallel_size=2).validate()).schedule == "zb-h1"
+    assert get_forward_backward_func(_config(pipeline_model_parallel_size=2, pipeline_schedule="1f1b").validate()).schedule == "1f1b"
     assert get_forward_backward_func(_config(pipeline_model_parallel_size=2, pipeline_schedule="gpipe").validate()).schedule == "gpipe"
     cfg = _config(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, global_batch_size=4).validate()
     assert get_forward_backward_func(cfg).schedule == "interleaved"
+
+
+def test_auto_picks_the_smallest_bubble_within_1f1b_memory():
+    from megatron_lite.pipeline.auto import choose_schedule, describe, predict
+    for pp in (2, 4, 8):
+        for m in (1, pp, 2 * pp + 1, 16):
+            for overlap in (False, True):
+                choice = choose_schedule(pp, 1, m, overlap=overlap)
+                assert choice.name == "zb-h1" and choice.peak_in_flight <= min(pp, m), (pp, m)
+                assert all(bubble > choice.bubble for _, bubble, _ in choice.rejected)
+                gpipe = dict((name, peak) for name, _, peak in choice.rejected)["gpipe"]
+                assert gpipe == m  # GPipe holds every micro-batch: over the bound once m > PP
+    assert choose_schedule(1, 1, 4).name == "no_pipelining"
+    assert choose_schedule(4, 2, 6).name == "interleaved"  # the only one with virtual stages here
+    assert choose_schedule(4, 1, 8, "1f1b").name == "1f1b"
+    assert predict("1f1b", 4, 1, 8) == (pytest.approx(3 * 3 / (8 * 3 + 3 * 3)), 4)  # (p-1)(F+B) over the step
+    cfg = _config(pipeline_model_parallel_size=4, global_batch_size=8, world_size=4).validate()
+    line = describe(cfg)
+    assert line.startswith("zb-h1 (chosen by auto; predicted bubble 0.200") and "gpipe 0.273 (over 1F1B's memory)" in line

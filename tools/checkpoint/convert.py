@@ -5,6 +5,13 @@
     python tools/checkpoint/convert.py --model-type GPT --loader megatron_lite --saver hf --load-dir ./ckpt --save-dir ./hf_out
     python tools/checkpoint/convert.py --model-type GPT --loader megatron_lite --saver megatron_lite \\
         --load-dir ./ckpt --save-dir ./ckpt_tp4 --target-tensor-parallel-size 4 --target-pipeline-parallel-size 1
+    python tools/checkpoint/convert.py --model-type GPT --loader megatron --saver megatron_lite \\
+        --load-dir ./megatron_lm_ckpt --save-dir ./ckpt          # Megatron-LM torch or torch_dist (auto)
+    python tools/checkpoint/convert.py --model-type GPT --loader megatron_lite --saver megatron \\
+        --load-dir ./ckpt --save-dir ./megatron_lm_ckpt --target-tensor-parallel-size 2  # Megatron-LM torch format
+
+`megatron` and `mcore` name Megatron-LM's (megatron-core GPTModel) checkpoints, as in Megatron's own
+convert.py; `megatron_lite` names this project's format (megatron_lite/megatron_lm.py has the details).
 
 Everything passes through megatron_lite's canonical full tensors (docs/internals.md): a loader answers
 "the full tensor of parameter NAME", a saver asks for one name (megatron_lite: one pipeline stage's
@@ -33,12 +40,15 @@ import torch
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from megatron_lite import hf_conversion as hfc  # noqa: E402
-from megatron_lite.checkpoint_io import (CheckpointReader, ParamMeta, param_meta_from_model,  # noqa: E402
+from megatron_lite import megatron_lm  # noqa: E402
+from megatron_lite.checkpoint_io import (CheckpointError, CheckpointReader, ParamMeta, param_meta_from_model,  # noqa: E402
                                          read_tracker, write_checkpoint_from_full_tensors)
 from megatron_lite.config import Config, ConfigError  # noqa: E402
 
 TOKENIZER_DIR = "tokenizer"  # <save>/tokenizer/: the tokenizer files of a megatron_lite checkpoint
-LOADER_NAMES = {"megatron_lite": "megatron_lite", "mcore": "megatron_lite", "hf": "hf", "llama_mistral": "hf"}
+# Megatron's tool names: `mcore` (and our `megatron`) is Megatron-LM's own format; `llama_mistral` reads HF.
+LOADER_NAMES = {"megatron_lite": "megatron_lite", "megatron": "megatron_lm", "mcore": "megatron_lm", "hf": "hf",
+                "llama_mistral": "hf"}
 
 
 # ---- sources: a model as canonical full tensors ---------------------------------------------------
@@ -93,6 +103,16 @@ def _tokenizer_dir_from_config(data: dict) -> Optional[str]:
             if hfc.tokenizer_settings(directory) is not None:
                 return directory
     return None
+
+
+def load_megatron_lm(path: str, ckpt_format: Optional[str] = None, vocab_size: Optional[int] = None) -> Source:
+    """A Megatron-LM checkpoint (torch or torch_dist format; the model weights only)."""
+    reader = megatron_lm.MegatronCheckpointReader(path, ckpt_format, vocab_size)
+    config = reader.config.to_dict()
+    metas = {name: dataclasses.replace(meta, dtype=reader.dtype) for name, meta in reader.param_meta.items()}
+    return Source(config=config, param_meta=metas, tensor=reader.full_tensor,
+                  tokenizer_dir=_tokenizer_dir_from_config(config.get("data", {})), iteration=reader.iteration,
+                  dtype=reader.dtype)
 
 
 def load_hf(path: str) -> Source:
@@ -160,6 +180,14 @@ def save_megatron(source: Source, save_dir: str, tp: int, pp: int, vp: Optional[
         consumed_samples=source.consumed_samples, optimizer_states=source.optimizer_state, common=source.common)
 
 
+def save_megatron_lm(source: Source, save_dir: str, tp: int, pp: int, vp: Optional[int] = None) -> str:
+    """Megatron-LM's torch format at TP x PP(xVP) (model weights and args; no optimizer state)."""
+    config = target_config(source.config, tp, pp, vp)
+    vp = config["parallel"]["virtual_pipeline_model_parallel_size"]
+    return megatron_lm.write_torch_checkpoint(save_dir, config, source.tensor, source.param_meta, tp, pp, vp,
+                                              source.iteration, source.dtype)
+
+
 def save_hf(source: Source, save_dir: str) -> None:
     model = source.config["model"]
     weight_map = hfc.WeightMap(model)
@@ -191,12 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
                         help="megatron_lite saver: alternative way to give VP.")
     parser.add_argument("--no-optimizer", action="store_true", help="megatron_lite -> megatron_lite: drop optimizer state.")
+    parser.add_argument("--ckpt-format", default=None, choices=list(megatron_lm.FORMATS),
+                        help="megatron loader: Megatron-LM's checkpoint format (default: detected); the saver writes torch.")
+    parser.add_argument("--true-vocab-size", type=int, default=None,
+                        help="megatron loader: the real vocabulary size (default: args.vocab_size + 1 for "
+                             "NullTokenizer, else the padded vocabulary).")
     return parser
 
 
 def convert(args: argparse.Namespace) -> None:
     loader, saver = LOADER_NAMES[args.loader], LOADER_NAMES[args.saver]
-    source = load_hf(args.load_dir) if loader == "hf" else load_megatron(args.load_dir, not args.no_optimizer)
+    if loader == "hf":
+        source = load_hf(args.load_dir)
+    elif loader == "megatron_lm":
+        source = load_megatron_lm(args.load_dir, args.ckpt_format, args.true_vocab_size)
+    else:
+        source = load_megatron(args.load_dir, not args.no_optimizer)
     tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
     vp = args.target_virtual_pipeline_parallel_size
     if args.target_num_layers_per_virtual_pipeline_stage:
@@ -204,6 +242,11 @@ def convert(args: argparse.Namespace) -> None:
     if saver == "hf":
         save_hf(source, args.save_dir)
         print(f"wrote Hugging Face {hfc.hf_family(source.config['model'])} model to {args.save_dir}")
+    elif saver == "megatron_lm":
+        if args.ckpt_format not in (None, "torch"):
+            raise ConfigError(f"--saver {args.saver}: writes --ckpt-format torch only, got {args.ckpt_format}.")
+        path = save_megatron_lm(source, args.save_dir, tp, pp, vp)
+        print(f"wrote Megatron-LM torch checkpoint (TP={tp}, PP={pp}, VP={vp}) to {path}")
     else:
         path = save_megatron(source, args.save_dir, tp, pp, vp)
         print(f"wrote megatron_lite checkpoint (TP={tp}, PP={pp}, VP={vp}) to {path}")
@@ -213,7 +256,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         convert(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from megatron_lite.config import Config
 from megatron_lite.kernels.registry import select_kernels
-from megatron_lite.kernels.rope import rope_cos_sin
+from megatron_lite.kernels.rope import rope_cos_sin, rope_scaling_of
 from megatron_lite.process_groups import Group
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
@@ -107,6 +107,7 @@ class SelfAttention(nn.Module):
         self.attention_dropout = m.attention_dropout
         self.rotary_dim = int(self.head_dim * m.rotary_percent) if m.position_embedding_type == "rope" else 0
         self.rotary_base = m.rotary_base
+        self.rope_scaling = rope_scaling_of(m)
         self.recompute_core = m.recompute_granularity == "selective"
         self.kernels = select_kernels(config)
         qkv_size = m.num_query_groups * (self.heads_per_group + 2) * self.head_dim
@@ -116,6 +117,11 @@ class SelfAttention(nn.Module):
                                                init_std=m.init_method_std, **common)
         self.linear_proj = RowParallelLinear(m.num_attention_heads * self.head_dim, m.hidden_size, bias=m.add_bias_linear,
                                              init_std=output_init_std(config), **common)
+        self.q_layernorm = self.k_layernorm = None
+        if m.qk_layernorm:  # per-head norms (--qk-layernorm); each TP rank's grads cover its heads only
+            self.q_layernorm, self.k_layernorm = Norm(config, self.head_dim, device), Norm(config, self.head_dim, device)
+            for param in (*self.q_layernorm.parameters(), *self.k_layernorm.parameters()):
+                param.sequence_parallel = True  # i.e. all-reduce the grad over TP (finalize_model_grads)
 
     def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -134,11 +140,13 @@ class SelfAttention(nn.Module):
         q, k, v = torch.split(qkv, [self.heads_per_group, 1, 1], dim=3)
         q = q.reshape(s, b, self.heads_local, self.head_dim)
         k, v = k.squeeze(3), v.squeeze(3)
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         if self.rotary_dim:
             if position_ids is None:
                 start = inference_context.offset if inference_context is not None else 0
                 position_ids = torch.arange(start, start + s, device=x.device).expand(b, s)
-            cos, sin = rope_cos_sin(position_ids, self.rotary_dim, self.rotary_base, dtype=q.dtype)
+            cos, sin = rope_cos_sin(position_ids, self.rotary_dim, self.rotary_base, dtype=q.dtype, scaling=self.rope_scaling)
             q, k = self.kernels.apply_rotary(q, cos, sin), self.kernels.apply_rotary(k, cos, sin)
         if inference_context is not None:
             k, v = inference_context.append(self.layer_number, k, v)

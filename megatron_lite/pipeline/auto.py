@@ -1,0 +1,62 @@
+"""--pipeline-schedule auto: the schedule with the smallest simulated bubble among those the layout allows
+and whose activation memory stays within 1F1B's bound (at most min(PP, m) micro-batches in flight on any
+rank). The simulator prices forward : backward = 1 : 2 (B = W = 1 for split backwards), with the
+configuration's --overlap-p2p-comm; ties go to the simpler schedule (earlier in CANDIDATES)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_lite.pipeline.schedules import all_rank_schedules, schedule_name
+from megatron_lite.pipeline.simulator import max_in_flight, simulate
+
+CANDIDATES = ("1f1b", "zb-h1", "gpipe")  # without virtual stages, simplest first
+FORWARD, BACKWARD, WEIGHT = 1.0, 2.0, 1.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    bubble: float                  # mean idle fraction of the step over ranks (simulated)
+    peak_in_flight: int
+    rejected: tuple[tuple[str, float, int], ...] = ()  # (name, bubble, peak in flight) of the others
+
+
+def predict(name: str, pp_size: int, num_chunks: int, num_microbatches: int, overlap: bool = False,
+            group_size: Optional[int] = None) -> tuple[float, int]:
+    """(mean simulated idle fraction, peak micro-batches in flight) of one schedule."""
+    schedules = all_rank_schedules(name, pp_size, num_chunks, num_microbatches, group_size=group_size, overlap=overlap)
+    idle = simulate(schedules, FORWARD / num_chunks, BACKWARD / num_chunks, weight_time=WEIGHT / num_chunks)
+    return sum(idle) / len(idle), max(max_in_flight(actions) for actions in schedules)
+
+
+def choose_schedule(pp_size: int, num_chunks: int, num_microbatches: int, requested: str = "auto",
+                    overlap: bool = False, group_size: Optional[int] = None) -> Choice:
+    """The schedule to run; an explicit request is validated and predicted, 'auto' searches."""
+    if requested != "auto" or pp_size == 1 or num_chunks > 1:
+        name = schedule_name(pp_size, num_chunks, requested)
+        return Choice(name, *predict(name, pp_size, num_chunks, num_microbatches, overlap, group_size))
+    bound = min(pp_size, num_microbatches)
+    options = [(name, *predict(name, pp_size, 1, num_microbatches, overlap)) for name in CANDIDATES]
+    allowed = [option for option in options if option[2] <= bound]
+    best = min(allowed, key=lambda option: round(option[1], 9))  # min keeps the first of equals
+    return Choice(best[0], best[1], best[2], tuple(option for option in options if option[0] != best[0]))
+
+
+def resolve(config, num_microbatches: Optional[int] = None) -> Choice:
+    """The configuration's schedule for num_microbatches (default: the configuration's first step's)."""
+    p = config.parallel
+    m = num_microbatches or getattr(config, "num_microbatches", None) or p.pipeline_model_parallel_size
+    return choose_schedule(p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size or 1, m,
+                           p.pipeline_schedule, p.overlap_p2p_comm, p.microbatch_group_size_per_vp_stage)
+
+
+def describe(config) -> str:
+    """One start-up log line: the schedule, whether auto chose it, and its predicted bubble."""
+    choice = resolve(config)
+    how = "chosen by auto" if config.parallel.pipeline_schedule == "auto" else "requested"
+    bound = min(config.parallel.pipeline_model_parallel_size, config.num_microbatches)
+    others = ", ".join(f"{name} {bubble:.3f}" + (" (over 1F1B's memory)" if peak > bound else "")
+                       for name, bubble, peak in choice.rejected)
+    return (f"{choice.name} ({how}; predicted bubble {choice.bubble:.3f} of the step at F:B:W = 1:1:1, "
+            f"peak {choice.peak_in_flight} micro-batches in flight" + (f"; others: {others}" if others else "") + ")")
