@@ -175,9 +175,10 @@ def _backend_phrase(error: BaseException) -> str:
     lower = text.lower()
     for phrase in _PEER_LOST_TEXT:
         start = lower.find(phrase)
-        if start != -1:
-            end = text.find(".", start)
-            return text[start:end if end != -1 else start + 80].strip()
+        if start != -1:  # up to the end of the sentence or an address such as "[127.0.0.1]:57512"
+            words = text[start:start + 120]
+            cut = min((i for i in (words.find(". "), words.find(" ["), words.find("\n")) if i != -1), default=len(words))
+            return words[:cut].rstrip(". ")
     return type(error).__name__
 
 
