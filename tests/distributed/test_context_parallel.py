@@ -132,12 +132,65 @@ def test_cp2_every_comm_type_equals_single_process():
     print(results[0])
 
 
-def test_cp4_and_gqa_replication_equal_single_process():
+def _attention_inputs(cp_group, b=2, heads=4, groups=2, local=8, d=8):
+    generator = torch.Generator().manual_seed(11 + cp_group.rank)
+    return [torch.randn(b, n, local, d, generator=generator, requires_grad=True) for n in (heads, groups, groups)]
+
+
+def _comm_bytes_and_work(cp: int) -> dict:
+    """Bytes counted by collectives.py for one attention forward and backward per comm type, against the
+    theory, and the (query, key) pairs the ring really computes on this rank (block_forward counted)."""
+    from megatron_lite.context_parallel import attention as cp_attention, ring
+    from megatron_lite.kernels.attention import attention
+    group = ps.get_process_groups().cp
+    q, k, v = _attention_inputs(group)
+    kv_bytes = 2 * k.numel() * 4  # one K/V block, fp32
+    theory = {"p2p": ((cp - 1) * kv_bytes, (cp - 1) * kv_bytes + cp * kv_bytes, "send"),
+              "all_gather": (cp * kv_bytes, cp * kv_bytes, None),
+              # a2a: q, k, v and the output (K/V groups replicated to heads: 2 groups do not split over CP 4)
+              "a2a": ((4 if k.shape[1] % cp else 2) * q.numel() * 4 + (0 if k.shape[1] % cp else 2 * k.numel() * 4),) * 2
+              + ("all_to_all",)}
+    measured = {}
+    for comm in ALL_COMMS:
+        collectives.reset_comm_stats()
+        out = cp_attention.context_parallel_attention(q, k, v, None, group, comm, attention)
+        op = theory[comm][2] or "all_gather"
+        forward = collectives.bytes_for(op, "cp")
+        out.sum().backward()
+        op = theory[comm][2] or "reduce_scatter"
+        backward = collectives.bytes_for(op, "cp") - (forward if theory[comm][2] else 0)
+        measured[comm] = (forward, backward)
+        assert measured[comm] == theory[comm][:2], (comm, measured[comm], theory[comm][:2])
+    pairs, original = [0], ring.block_forward
+
+    def counting(q_block, k_block, *args):
+        pairs[0] += q_block.shape[2] * k_block.shape[2]
+        return original(q_block, k_block, *args)
+    ring.block_forward = counting
+    try:
+        ring.ring_attention(q, k, v, None, group)
+    finally:
+        ring.block_forward = original
+    return {"bytes": measured, "ring_pairs": pairs[0]}
+
+
+def _cp4_checks(variants: list[tuple]) -> dict:
+    worst = _cp_equivalence(1, 4, False, variants)
+    return {"worst": worst, **_comm_bytes_and_work(4)}
+
+
+def test_cp4_gqa_replication_comm_bytes_and_load_balance():
+    from megatron_lite.context_parallel.layout import attention_pairs
     variants = _variants(ALL_COMMS, documents=(True,))
     # Llama with 2 K/V groups: a2a over CP 4 replicates each group to its query heads.
     variants += _variants(("a2a", "p2p"), ("llama",), (False,), overrides=(("num_query_groups", 2),))
-    results = run_distributed(_cp_equivalence, 4, tp=1, cp=4, sp=False, variants=variants)
+    results = run_distributed(_cp4_checks, 4, variants=variants)
     print(results[0])
+    # Load balance: the pairs the ring computed per rank (counted in block_forward) are equal (within 1%),
+    # and are what layout.attention_pairs says (sequence 32 over CP 4).
+    counted = [r["ring_pairs"] for r in results]
+    assert max(counted) <= 1.01 * min(counted), counted
+    assert counted == [attention_pairs(4, rank, 32, "p2p") for rank in range(4)]
 
 
 def test_cp2_with_tp2_sequence_parallel_equals_single_process():
