@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-jsonl", default=None, help="Write {prompt, prompt_ids, generated_ids, generated_text} lines.")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=None, help="Default: WORLD_SIZE / PP.")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parser.add_argument("--context-parallel-size", type=int, default=1,
+                        help="Only 1: context parallelism is for training (a checkpoint trained with CP loads here).")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--tokenizer-type", default=None, help="Override the checkpoint's tokenizer (Megatron names).")
@@ -78,6 +80,10 @@ def resolve_tokenizer(args: argparse.Namespace, config) -> MegatronTokenizer:
 def setup_parallel(args: argparse.Namespace) -> tuple[int, int, Optional[torch.device]]:
     """torch.distributed (under torchrun) and the TP/PP groups; returns (tp, pp, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.context_parallel_size != 1:
+        raise SystemExit(f"error: --context-parallel-size {args.context_parallel_size}: context parallelism is for "
+                         "training; generation runs with CP 1 (any checkpoint, whatever CP it was trained with, "
+                         "loads here). Drop --context-parallel-size, and use TP/PP to spread the model.")
     pp = args.pipeline_model_parallel_size
     tp = args.tensor_model_parallel_size or max(1, world // pp)
     if tp * pp != world:

@@ -97,3 +97,9 @@ def test_text_prompt_sampling_and_eod(imported, tmp_path):
                           "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", os.path.join(ml_dir, "tokenizer")])
     ids = stop[0]["generated_ids"]
     assert (eod not in greedy["generated_ids"] and ids == greedy["generated_ids"]) or ids[-1] == eod
+
+
+def test_context_parallel_is_refused_clearly(tmp_path):
+    """CP is for training: generate.py says so before touching the checkpoint or any process group."""
+    with pytest.raises(SystemExit, match="--context-parallel-size 2: context parallelism is for training"):
+        load_generate().main(["--load", str(tmp_path), "--prompt", "hi", "--context-parallel-size", "2"])
