@@ -97,7 +97,7 @@ class RingAttention(torch.autograd.Function):
     and `attention_mask` the global [b or 1, 1, s, s] bool mask (True = masked) or None (causal)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attention_mask: Optional[torch.Tensor], group: Group, scale: float):
+    def forward(ctx, q, k, v, attention_mask: Optional[torch.Tensor], group: Group, scale: float, overlap: bool = True):
         b, heads, local, d = q.shape
         seq, plan = local * group.size, ring_plan(group.size, group.rank, local, attention_mask is None)
         query_index = local_indices(seq, group.size, group.rank, q.device)
@@ -106,6 +106,8 @@ class RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v]).contiguous()
         for block in plan:
             received, works = _ring_exchange(kv, group) if block.step < group.size - 1 else (None, [])
+            if not overlap:  # benchmarks only: the exchange first, then the block (nothing hidden)
+                _wait(works)
             rows, cols = slice(block.q_start, block.q_end), slice(block.k_start, block.k_end)
             key_index = local_indices(seq, group.size, block.kv_rank, q.device)[cols]
             mask = block_mask(attention_mask, query_index[rows], key_index) if block.masked else None
@@ -113,14 +115,14 @@ class RingAttention(torch.autograd.Function):
             merge(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
             _wait(works)
             kv = received
-        ctx.group, ctx.scale, ctx.plan = group, scale, plan
+        ctx.group, ctx.scale, ctx.plan, ctx.overlap = group, scale, plan, overlap
         ctx.save_for_backward(q, k, v, out, lse, attention_mask)
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, attention_mask = ctx.saved_tensors
-        group, scale = ctx.group, ctx.scale
+        group, scale, overlap = ctx.group, ctx.scale, ctx.overlap
         seq = q.shape[2] * group.size
         query_index = local_indices(seq, group.size, group.rank, q.device)
         dout = dout.float()
@@ -131,6 +133,8 @@ class RingAttention(torch.autograd.Function):
         dkv_sending, dkv_works = None, []
         for block in ctx.plan:
             received, works = _ring_exchange(kv, group) if block.step < group.size - 1 else (None, [])
+            if not overlap:  # benchmarks only: the exchange first, then the block (nothing hidden)
+                _wait(works)
             rows, cols = slice(block.q_start, block.q_end), slice(block.k_start, block.k_end)
             key_index = local_indices(seq, group.size, block.kv_rank, q.device)[cols]
             mask = block_mask(attention_mask, query_index[rows], key_index) if block.masked else None
@@ -144,14 +148,17 @@ class RingAttention(torch.autograd.Function):
             if group.size > 1:  # the accumulator follows its block; after the last step it is home
                 dkv_sending = dkv
                 dkv, dkv_works = _ring_exchange(dkv_sending, group)
+                if not overlap:
+                    _wait(dkv_works)
             _wait(works)
             kv = received
         _wait(dkv_works)
         del dkv_sending
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                   group: Group) -> torch.Tensor:
-    """Ring attention of this rank's queries over the whole sequence (see RingAttention)."""
-    return RingAttention.apply(q, k, v, attention_mask, group, 1.0 / math.sqrt(q.shape[-1]))
+                   group: Group, overlap: bool = True) -> torch.Tensor:
+    """Ring attention of this rank's queries over the whole sequence (see RingAttention). overlap=False
+    waits for each exchange before computing (benchmarks measure how much communication the ring hides)."""
+    return RingAttention.apply(q, k, v, attention_mask, group, 1.0 / math.sqrt(q.shape[-1]), overlap)
