@@ -127,6 +127,7 @@ def _variants(comms, styles=("gpt2", "llama"), documents=(False, True), override
 ALL_COMMS = ("p2p", "all_gather", "a2a")
 
 
+@pytest.mark.slow  # a subset of the TP 2 x CP 2 test below (which runs by default), without TP
 def test_cp2_every_comm_type_equals_single_process():
     results = run_distributed(_cp_equivalence, 2, tp=1, cp=2, sp=False, variants=_variants(ALL_COMMS))
     print(results[0])
