@@ -108,6 +108,7 @@ class RingAttention(torch.autograd.Function):
             received, works = _ring_exchange(kv, group) if block.step < group.size - 1 else (None, [])
             if not overlap:  # benchmarks only: the exchange first, then the block (nothing hidden)
                 _wait(works)
+                works = []  # a gloo work is waited on once
             rows, cols = slice(block.q_start, block.q_end), slice(block.k_start, block.k_end)
             key_index = local_indices(seq, group.size, block.kv_rank, q.device)[cols]
             mask = block_mask(attention_mask, query_index[rows], key_index) if block.masked else None
@@ -135,6 +136,7 @@ class RingAttention(torch.autograd.Function):
             received, works = _ring_exchange(kv, group) if block.step < group.size - 1 else (None, [])
             if not overlap:  # benchmarks only: the exchange first, then the block (nothing hidden)
                 _wait(works)
+                works = []  # a gloo work is waited on once
             rows, cols = slice(block.q_start, block.q_end), slice(block.k_start, block.k_end)
             key_index = local_indices(seq, group.size, block.kv_rank, q.device)[cols]
             mask = block_mask(attention_mask, query_index[rows], key_index) if block.masked else None
@@ -150,6 +152,7 @@ class RingAttention(torch.autograd.Function):
                 dkv, dkv_works = _ring_exchange(dkv_sending, group)
                 if not overlap:
                     _wait(dkv_works)
+                    dkv_works = []
             _wait(works)
             kv = received
         _wait(dkv_works)
