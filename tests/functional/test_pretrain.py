@@ -59,6 +59,10 @@ def test_3d_layouts_match_single_process(reference, tmp_path, name, nproc, flags
     ("cp4_dp2_a2a", 8, ["--context-parallel-size", "4", "--cp-comm-type", "a2a"]),
     ("cp2_pp2_dp2_all_gather_distopt", 8, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                                            "--cp-comm-type", "all_gather", "--use-distributed-optimizer"]),
+    ("cp2_vp2_pp2_dp2", 8, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                            "--num-layers-per-virtual-pipeline-stage", "1"]),
+    ("cp2_pp2_gpipe_dp2_recompute", 8, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                                        "--pipeline-schedule", "gpipe", "--recompute-granularity", "selective"]),
 ])
 def test_more_layouts_match_single_process(reference, tmp_path, name, nproc, flags):
     records, _ = run(nproc, [*TINY, *ITERS, *flags], tmp_path, name)
