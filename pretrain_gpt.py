@@ -13,6 +13,7 @@ import torch
 
 from megatron_lite import arguments, collectives, parallel_state as ps
 from megatron_lite.config import Config, ConfigError
+from megatron_lite.context_parallel import cp_masked_mean, slice_batch_for_cp
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -39,7 +40,9 @@ def datasets_provider(config: Config, num_samples: tuple[int, int, int]):
 
 
 def get_batch(config: Config, data_iterator) -> dict:
-    """TP rank 0 reads the micro-batch and broadcasts it over the TP group (one read per TP group)."""
+    """TP rank 0 reads the micro-batch and broadcasts it over the TP group (one read per TP group); under
+    context parallelism each CP rank then keeps its two chunks of the sequence (tokens, labels, loss mask,
+    position ids: context_parallel.slice_batch_for_cp; the attention mask stays whole)."""
     mbs, seq = config.training.micro_batch_size, config.model.seq_length
     with_mask = config.data.reset_attention_mask
     batch = next(data_iterator) if data_iterator is not None else None
@@ -58,15 +61,21 @@ def get_batch(config: Config, data_iterator) -> dict:
             tensor = torch.empty(shapes[key], dtype=dtypes[key] if key != "attention_mask" else torch.uint8, device=device)
         collectives.broadcast(tensor, src=src, group=group)  # bool is sent as uint8 (gloo has no bool)
         out[key] = tensor.bool() if key == "attention_mask" else tensor
-    return out
+    return slice_batch_for_cp(out, _groups().cp)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Mean of the per-token losses over the unmasked tokens of the micro-batch."""
-    losses = output_tensor.float()
-    loss_mask = loss_mask.float()
-    loss = torch.sum(losses.view(-1) * loss_mask.view(-1)) / loss_mask.sum().clamp(min=1.0)
-    return loss, {"lm loss": loss.detach()}
+    """Mean of the per-token losses over the unmasked tokens of the micro-batch (under context parallelism,
+    over the tokens of all CP ranks: context_parallel.cp_masked_mean)."""
+    cp_group = _groups().cp
+    if cp_group.size > 1:
+        loss, reported = cp_masked_mean(output_tensor, loss_mask, cp_group)
+    else:
+        losses = output_tensor.float()
+        loss_mask = loss_mask.float()
+        loss = torch.sum(losses.view(-1) * loss_mask.view(-1)) / loss_mask.sum().clamp(min=1.0)
+        reported = loss.detach()
+    return loss, {"lm loss": reported}
 
 
 def forward_step(config: Config, data_iterator, model):

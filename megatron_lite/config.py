@@ -176,6 +176,7 @@ class ParallelConfig:
     microbatch_group_size_per_vp_stage: Optional[int] = arg(None, "Interleaved 1F1B: consecutive micro-batches per virtual stage (default PP); m need not be a multiple of PP.", flag="--microbatch-group-size-per-virtual-pipeline-stage")
     overlap_p2p_comm: bool = arg(False, "Post pipeline sends/receives asynchronously and wait only when their data is needed.", action="store_true")
     context_parallel_size: int = arg(1, "Context parallel size (CP).")
+    cp_comm_type: str = arg("p2p", "Context-parallel attention: p2p (ring), all_gather (K/V gathered) or a2a (Ulysses all-to-all).", choices=["p2p", "all_gather", "a2a"])
     expert_model_parallel_size: int = arg(1, "Expert model parallel size (EP).")
     sequence_parallel: bool = arg(False, "Split norm/dropout regions along the sequence over the TP group.", action="store_true")
     distributed_backend: Optional[str] = arg(None, "torch.distributed backend (default nccl with CUDA, gloo otherwise).", choices=["nccl", "gloo"])
@@ -230,22 +231,34 @@ class ParallelConfig:
         if self.sequence_parallel and seq % tp != 0:
             _fail("--sequence-parallel", f"--seq-length {seq} is not divisible by --tensor-model-parallel-size {tp}",
                   f"Use a sequence length that is a multiple of {tp}.")
-        if cp > 1 and seq % (2 * cp) != 0:
-            _fail("--context-parallel-size", f"--seq-length {seq} is not divisible by 2 x CP = {2 * cp}",
-                  f"Use a sequence length that is a multiple of {2 * cp}.")
+        if cp > 1:
+            self.validate_context_parallel(cfg)
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             _fail("--overlap-param-gather", "needs --use-distributed-optimizer", "Add --use-distributed-optimizer or drop it.")
         if self.sharding_strategy not in SHARDING_STRATEGIES:
             _fail("--data-parallel-sharding-strategy", f"unknown {self.sharding_strategy!r}",
                   f"Use one of {', '.join(SHARDING_STRATEGIES)}.")
 
+    def validate_context_parallel(self, cfg: "Config") -> None:
+        """What context parallelism needs: the sequence cut into 2 x CP chunks (each split again over TP
+        under sequence parallelism), whole heads per rank for a2a, and no attention dropout in the ring."""
+        tp, cp, seq, m = self.tensor_model_parallel_size, self.context_parallel_size, cfg.model.seq_length, cfg.model
+        unit = 2 * cp * (tp if self.sequence_parallel else 1)
+        if seq % unit != 0:
+            what = f"2 x CP x TP = 2 x {cp} x {tp}" if self.sequence_parallel else f"2 x CP = 2 x {cp}"
+            _fail("--context-parallel-size", f"--seq-length {seq} is not divisible by {what} = {unit}",
+                  f"Use a sequence length that is a multiple of {unit}.")
+        heads = m.num_attention_heads // tp if m.num_attention_heads % tp == 0 else m.num_attention_heads
+        if self.cp_comm_type == "a2a" and heads % cp != 0:
+            _fail("--cp-comm-type", f"a2a splits each TP rank's {heads} attention heads over CP = {cp}, which does "
+                  "not divide them", "Use --cp-comm-type p2p or all_gather, or a CP size that divides the heads per TP rank.")
+        if self.cp_comm_type == "p2p" and m.attention_dropout > 0:
+            _fail("--attention-dropout", f"{m.attention_dropout} with ring attention (--cp-comm-type p2p): the ring "
+                  "kernel has no dropout", "Use --attention-dropout 0, or --cp-comm-type all_gather or a2a.")
+
     def validate_implemented(self, cfg: "Config") -> None:
-        # The groups exist (parallel_state builds them, the self-check prints them), but no model code splits
-        # the sequence over CP or routes tokens to experts yet: refuse rather than train something else.
-        if self.context_parallel_size > 1:
-            _fail("--context-parallel-size", f"{self.context_parallel_size}: context parallelism is not implemented "
-                  "in the model yet", "Use --context-parallel-size 1 (sequence parallelism with TP also splits "
-                  "activations along the sequence).")
+        # Refuse what is not built yet rather than train something else: ZeRO-3, and experts (the EP groups
+        # exist, parallel_state builds them and the self-check prints them, but no layer routes tokens yet).
         if self.sharding_strategy == "optim_grads_params":
             _fail("--data-parallel-sharding-strategy", "optim_grads_params (ZeRO-3, parameters sharded at rest) is "
                   "not implemented yet", "Use optim_grads (ZeRO-2) or optim (ZeRO-1).")

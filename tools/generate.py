@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensor-model-parallel-size", type=int, default=None,
                         help="Default: the checkpoint's when its TP x PP equals WORLD_SIZE, else the largest valid TP.")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=None, help="Default: see above (else 1).")
+    parser.add_argument("--context-parallel-size", type=int, default=1,
+                        help="Only 1: context parallelism is for training (a checkpoint trained with CP loads here).")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--tokenizer-type", default=None, help="Override the checkpoint's tokenizer (Megatron names).")
@@ -118,6 +120,10 @@ def choose_layout(world: int, model: dict, saved: tuple[int, int], tp: Optional[
 def setup_parallel(args: argparse.Namespace) -> tuple[int, int, Optional[torch.device]]:
     """torch.distributed (under torchrun) and the TP/PP(/DP) groups; returns (tp, pp, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.context_parallel_size != 1:
+        raise SystemExit(f"error: --context-parallel-size {args.context_parallel_size}: context parallelism is for "
+                         "training; generation runs with CP 1 (any checkpoint, whatever CP it was trained with, "
+                         "loads here). Drop --context-parallel-size, and use TP/PP to spread the model.")
     reader = CheckpointReader(args.load)
     layout = reader.layout
     tp, pp, dp = choose_layout(world, reader.config["model"], (layout.get("tp") or 1, layout.get("pp") or 1),

@@ -23,9 +23,10 @@ from megatron_lite.process_groups import ProcessGroups
 
 
 def tensor_shape(config, seq_length: int, micro_batch_size: int) -> tuple[int, int, int]:
-    """The shape of every tensor sent between stages: [s/tp (with sequence parallelism), b, h]."""
+    """The shape of every tensor sent between stages: [s/cp (/tp with sequence parallelism), b, h]."""
     p = config.parallel
     tp = p.tensor_model_parallel_size
+    seq_length //= p.context_parallel_size  # each CP rank holds 2 of the 2 x CP chunks (context_parallel/)
     if p.sequence_parallel and tp > 1:
         if seq_length % tp != 0:
             raise ValueError(f"--sequence-parallel: seq_length {seq_length} is not divisible by TP = {tp}")

@@ -109,3 +109,9 @@ def test_text_prompt_sampling_and_eod(imported, tmp_path):
     plain = generate.main(["--load", ml_dir, "--prompt", prompt, "--max-new-tokens", "12", "--greedy"])[0]["generated_ids"]
     eod = tokenizer.eod
     assert plain == (greedy_ids[:greedy_ids.index(eod) + 1] if eod in greedy_ids else greedy_ids)
+
+
+def test_context_parallel_is_refused_clearly(tmp_path):
+    """CP is for training: generate.py says so before touching the checkpoint or any process group."""
+    with pytest.raises(SystemExit, match="--context-parallel-size 2: context parallelism is for training"):
+        load_generate().main(["--load", str(tmp_path), "--prompt", "hi", "--context-parallel-size", "2"])

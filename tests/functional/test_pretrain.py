@@ -39,6 +39,9 @@ def assert_same_losses(losses: dict, expected: dict, rtol: float = RTOL) -> None
     ("pp4_dp2_distopt", 8, ["--pipeline-model-parallel-size", "4", "--use-distributed-optimizer"]),
     ("tp2_vp2_pp2_dp2_llama", 8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                                   "--num-layers-per-virtual-pipeline-stage", "1", "--sequence-parallel", *LLAMA]),
+    # Context parallelism (ring attention, the default comm type) with TP 2 + SP and DP 2.
+    ("cp2_tp2_dp2_llama", 8, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                              *LLAMA]),
 ])
 def test_3d_layouts_match_single_process(reference, tmp_path, name, nproc, flags):
     records, output = run(nproc, [*TINY, *ITERS, *flags], tmp_path, name)
@@ -65,6 +68,13 @@ def test_zero2_with_nvme_offload_matches_single_process_and_cleans_up(reference,
                                         "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]),
     ("dp4_recompute", 4, ["--recompute-granularity", "full", "--recompute-method", "uniform"]),
     ("pp2_gpipe_dp2", 4, ["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "gpipe"]),
+    ("cp4_dp2_a2a", 8, ["--context-parallel-size", "4", "--cp-comm-type", "a2a"]),
+    ("cp2_pp2_dp2_all_gather_distopt", 8, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                                           "--cp-comm-type", "all_gather", "--use-distributed-optimizer"]),
+    ("cp2_vp2_pp2_dp2", 8, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                            "--num-layers-per-virtual-pipeline-stage", "1"]),
+    ("cp2_pp2_gpipe_dp2_recompute", 8, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                                        "--pipeline-schedule", "gpipe", "--recompute-granularity", "selective"]),
 ])
 def test_more_layouts_match_single_process(reference, tmp_path, name, nproc, flags):
     records, _ = run(nproc, [*TINY, *ITERS, *flags], tmp_path, name)

@@ -204,6 +204,7 @@ def test_every_call_site_sends_tensors_on_the_backend_device(recorder):
     _optimizer_and_ddp_sites(groups)
     _pipeline_and_inference_sites(groups)
     _training_sites(groups)
+    _context_parallel_sites(groups)
     assert recorder.calls and all(device == DEVICE.type for _, device, _ in recorder.calls)
     missing = static_call_sites() - recorder.sites
     assert not missing, f"collective call sites not exercised by this test: {sorted(missing)}"
@@ -295,6 +296,22 @@ class _StubStage:
         if tokens is not None:
             return _meta(8, 1, 16)
         return _meta(1, 8, 32)
+
+
+def _context_parallel_sites(groups: ProcessGroups) -> None:
+    """Ring (async p2p both ways), all-gather (gather + reduce-scatter), Ulysses (all-to-all both ways)
+    attention, forward and backward, and the CP loss's all-reduce."""
+    from megatron_lite.context_parallel import cp_masked_mean
+    from megatron_lite.context_parallel.attention import all_gather_attention, ulysses_attention
+    from megatron_lite.context_parallel.ring import ring_attention
+    from megatron_lite.kernels.attention import attention
+    cp = groups.cp
+    q, k, v = _meta(1, 2, 8, 4, grad=True), _meta(1, 2, 8, 4, grad=True), _meta(1, 2, 8, 4, grad=True)
+    out = ring_attention(q, k, v, None, cp) + all_gather_attention(q, k, v, None, cp, attention)
+    out = out + ulysses_attention(q, k, v, None, cp, attention)
+    out.sum().backward()
+    loss, _ = cp_masked_mean(_meta(2, 8, grad=True), _meta(2, 8), cp)
+    loss.backward()
 
 
 def _training_sites(groups: ProcessGroups) -> None:

@@ -40,6 +40,13 @@ def test_sharding_strategy_and_its_alias():
         cfg("--data-parallel-sharding-strategy", "zero2")
 
 
+def test_context_parallel_configurations_validate():
+    c = cfg("--context-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--attention-dropout", "0")
+    assert c.parallel.cp_comm_type == "p2p" and c.data_parallel_size == 2
+    c = cfg("--context-parallel-size", "4", "--cp-comm-type", "a2a", "--attention-dropout", "0.1")
+    assert c.parallel.cp_comm_type == "a2a" and c.data_parallel_size == 2
+
+
 @pytest.mark.parametrize("flags,world,needle", [
     (["--tensor-model-parallel-size", "3"], 8, "--tensor-model-parallel-size/--pipeline-model-parallel-size"),
     (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "8"], 8, "not divisible by TP x PP x CP"),
@@ -75,7 +82,11 @@ def test_sharding_strategy_and_its_alias():
     (["--position-embedding-type", "learned_absolute", "--max-position-embeddings", "16"], 8, "--max-position-embeddings"),
     (["--fp8-format", "hybrid"], 8, "--fp8-format"),
     (["--train-iters", "4", "--lr-warmup-iters", "4"], 8, "--lr-warmup-iters"),
-    (["--context-parallel-size", "2"], 8, "context parallelism is not implemented"),
+    (["--context-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "36"], 8,
+     "--context-parallel-size: --seq-length 36 is not divisible by 2 x CP x TP"),
+    (["--context-parallel-size", "4", "--cp-comm-type", "a2a", "--num-attention-heads", "6", "--hidden-size", "48"], 8,
+     "--cp-comm-type: a2a splits each TP rank's 6 attention heads"),
+    (["--context-parallel-size", "2", "--attention-dropout", "0.1"], 8, "--attention-dropout: 0.1 with ring attention"),
     (["--expert-model-parallel-size", "2"], 8, "mixture-of-experts layers are not implemented"),
     (["--decoder-first-pipeline-num-layers", "1"], 8, "needs --pipeline-model-parallel-size > 1"),
     (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "5"], 8, "do not add up"),

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_lite.config import Config, ConfigError
+from megatron_lite.context_parallel import global_positions
 from megatron_lite.kernels.registry import select_kernels
 from megatron_lite.models.gpt.transformer import InferenceContext, TransformerBlock, hidden_dropout_rng
 from megatron_lite.process_groups import Group, ProcessGroups
@@ -91,8 +92,12 @@ class GPTModel(nn.Module):
             raise ConfigError(f"--tensor-model-parallel-size: the config says {config.parallel.tensor_model_parallel_size} "
                               f"but the process groups given to GPTModel have TP = {groups.tp.size}. Pass "
                               "groups=parallel_state.get_process_groups() (the default is one process).")
+        if groups.cp.size != config.parallel.context_parallel_size:
+            raise ConfigError(f"--context-parallel-size: the config says {config.parallel.context_parallel_size} "
+                              f"but the process groups given to GPTModel have CP = {groups.cp.size}.")
         self.config = config
         self.tp_group = groups.tp
+        self.cp_group = groups.cp
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_numbers = list(range(m.num_layers)) if layer_numbers is None else list(layer_numbers)
         self.vocab_size = m.vocab_size
@@ -102,7 +107,7 @@ class GPTModel(nn.Module):
 
         if pre_process:
             self.embedding = LanguageModelEmbedding(config, self.tp_group, device)
-        self.decoder = TransformerBlock(config, self.layer_numbers, post_process, self.tp_group, device)
+        self.decoder = TransformerBlock(config, self.layer_numbers, post_process, self.tp_group, device, groups.cp)
         if post_process:
             padded = pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, self.tp_group.size)
             self.output_layer = ColumnParallelLinear(
@@ -152,6 +157,8 @@ class GPTModel(nn.Module):
         if inference_context is not None and position_ids is None and input_ids is not None:
             position_ids = inference_context.positions(input_ids.shape[1], input_ids.shape[0], input_ids.device)
         if self.pre_process:
+            if position_ids is None and self.cp_group.size > 1:  # this rank's tokens' true positions
+                position_ids = global_positions(input_ids.shape[0], input_ids.shape[1], self.cp_group, input_ids.device)
             x = self.embedding(input_ids, position_ids)
         else:
             if self.input_tensor is None:

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_lite.config import Config
+from megatron_lite.context_parallel import context_parallel_attention, global_positions
 from megatron_lite.kernels.registry import select_kernels
 from megatron_lite.kernels.rope import rope_cos_sin, rope_scaling_of
 from megatron_lite.process_groups import Group
@@ -96,10 +97,13 @@ class SelfAttention(nn.Module):
     queries, then its key, then its value (Megatron's layout), so TP splits whole groups.
     """
 
-    def __init__(self, config: Config, tp_group: Group, device: Optional[torch.device] = None) -> None:
+    def __init__(self, config: Config, tp_group: Group, device: Optional[torch.device] = None,
+                 cp_group: Optional[Group] = None) -> None:
         super().__init__()
         m = config.model
         tp_size = tp_group.size
+        self.cp_group = cp_group if cp_group is not None and cp_group.size > 1 else None  # context parallelism
+        self.cp_comm_type = config.parallel.cp_comm_type
         self.head_dim = m.head_dim
         self.heads_local = m.num_attention_heads // tp_size
         self.groups_local = m.num_query_groups // tp_size
@@ -129,6 +133,9 @@ class SelfAttention(nn.Module):
         # This rank's heads are its own: their dropout masks come from the TP-rank stream.
         rng = get_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
         with rng:
+            if self.cp_group is not None:  # the sequence is split over CP: context_parallel/ attends over all of it
+                return context_parallel_attention(q, k, v, attention_mask, self.cp_group, self.cp_comm_type,
+                                                  self.kernels.attention_fn, dropout_p)
             return self.kernels.attention_fn(q, k, v, attention_mask, dropout_p=dropout_p, causal=True)
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -143,7 +150,9 @@ class SelfAttention(nn.Module):
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if self.rotary_dim:
-            if position_ids is None:
+            if position_ids is None and self.cp_group is not None:  # this rank's tokens' true positions
+                position_ids = global_positions(b, s, self.cp_group, x.device)
+            elif position_ids is None:
                 start = inference_context.offset if inference_context is not None else 0
                 position_ids = torch.arange(start, start + s, device=x.device).expand(b, s)
             cos, sin = rope_cos_sin(position_ids, self.rotary_dim, self.rotary_base, dtype=q.dtype, scaling=self.rope_scaling)
@@ -186,13 +195,14 @@ class MLP(nn.Module):
 class TransformerLayer(nn.Module):
     """x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x)))."""
 
-    def __init__(self, config: Config, layer_number: int, tp_group: Group, device: Optional[torch.device] = None) -> None:
+    def __init__(self, config: Config, layer_number: int, tp_group: Group, device: Optional[torch.device] = None,
+                 cp_group: Optional[Group] = None) -> None:
         super().__init__()
         self.layer_number = layer_number  # global, 0-based
         self.hidden_dropout = config.model.hidden_dropout
         self.sequence_parallel = config.parallel.sequence_parallel
         self.input_layernorm = Norm(config, config.model.hidden_size, device)
-        self.self_attention = SelfAttention(config, tp_group, device)
+        self.self_attention = SelfAttention(config, tp_group, device, cp_group)
         self.self_attention.layer_number = layer_number  # its key in an InferenceContext
         self.pre_mlp_layernorm = Norm(config, config.model.hidden_size, device)
         self.mlp = MLP(config, tp_group, device)
@@ -215,10 +225,10 @@ class TransformerBlock(nn.Module):
     final norm; applies --recompute-granularity full (uniform or block) here."""
 
     def __init__(self, config: Config, layer_numbers: list[int], post_process: bool, tp_group: Group,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, cp_group: Optional[Group] = None) -> None:
         super().__init__()
         m = config.model
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, i, tp_group, device) for i in layer_numbers})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, i, tp_group, device, cp_group) for i in layer_numbers})
         for layer in self.layers.values():
             select_kernels(config).compile_layer(layer)  # --torch-compile: in place, names unchanged
         self.final_layernorm = Norm(config, m.hidden_size, device) if post_process else None
