@@ -59,9 +59,10 @@ def make_config(case: dict):
     if case["vp"] > 1:
         p.virtual_pipeline_model_parallel_size = case["vp"]
     p.sequence_parallel = case["sp"]
-    p.use_distributed_optimizer = case["zero"] == "zero1"
+    p.data_parallel_sharding_strategy = {"none": "no_shard", "zero1": "optim", "zero2": "optim_grads"}[case["zero"]]
+    p.use_distributed_optimizer = case["zero"] != "none"
     p.overlap_grad_reduce = case["overlap"]
-    p.overlap_param_gather = case["overlap"] and case["zero"] == "zero1"
+    p.overlap_param_gather = case["overlap"] and case["zero"] != "none"
     p.ddp_bucket_size = 2000  # several buckets per chunk
     if case["schedule"] != "auto":
         p.pipeline_schedule = case["schedule"]
@@ -118,9 +119,20 @@ def _full_grads(model, optimizer, groups) -> dict:
     from megatron_lite import parallel_state as ps
     scale = float(optimizer.get_loss_scale().reshape(-1)[0])
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    grads: dict[int, torch.Tensor] = {}
     for chunk in model:
         for buffer in chunk.param_and_grad_buffers:
-            if buffer.use_distributed_optimizer and dp > 1:
+            if buffer.shard_grads:
+                # ZeRO-2 keeps only this rank's reduced shard of each bucket: rebuild the bucket from every rank's.
+                for bucket in buffer.buckets:
+                    start, end = bucket.shard_range(buffer.dp_rank, buffer.dp_size)
+                    full = torch.zeros(bucket.numel, dtype=bucket.grad_shard.dtype, device=bucket.grad_shard.device)
+                    full[start:end] = bucket.grad_shard
+                    collectives.all_reduce(full, group=buffer.dp_group)
+                    for param in bucket.params:
+                        first, last = buffer.param_index[id(param)]
+                        grads[id(param)] = full[first - bucket.offset:last - bucket.offset].view(param.shape)
+            elif buffer.use_distributed_optimizer and dp > 1:
                 # ZeRO-1 left only this rank's shard reduced: rebuild each bucket from every rank's shard.
                 # The own shard's values are unchanged (others add zeros there), so the optimizer is unaffected.
                 for bucket in buffer.buckets:
@@ -129,7 +141,7 @@ def _full_grads(model, optimizer, groups) -> dict:
                     full[start:end] = bucket.grad_data[start:end]
                     collectives.all_reduce(full, group=buffer.dp_group)
                     bucket.grad_data.copy_(full)
-    return {name: gather(param, param.main_grad.view(param.shape), groups).float() / scale
+    return {name: gather(param, grads.get(id(param), param.main_grad).view(param.shape), groups).float() / scale
             for chunk in model for name, param in getattr(chunk, "module", chunk).named_parameters()}  # global names
 
 
