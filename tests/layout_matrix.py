@@ -24,6 +24,7 @@ import numpy as np
 
 WORLD_LIMIT = 8
 NUM_LAYERS = 8  # divisible by PP x VP for every PP, VP below
+SEQ_LENGTH = 8  # tokens per sample
 
 # name -> (values, what it means). The first value of each is the plain choice.
 DIMENSIONS: dict[str, tuple[tuple, str]] = {
@@ -32,6 +33,7 @@ DIMENSIONS: dict[str, tuple[tuple, str]] = {
     "vp": ((1, 2), "virtual stages per pipeline rank (2: interleaved 1F1B)"),
     "dp": ((1, 2, 4), "data-parallel size"),
     "sp": ((False, True), "sequence parallelism"),
+    "cp": ((1, 2), "context-parallel size (ring attention, --cp-comm-type p2p; load-balanced causal chunks)"),
     "zero": (("none", "zero1", "zero2"), "data-parallel sharding: none, ZeRO-1 (optimizer states) or ZeRO-2 (and gradients)"),
     "overlap": ((False, True), "overlapped grad reduce (and param all-gather with ZeRO)"),
     "recompute": (("none", "selective", "full"), "activation recomputation"),
@@ -44,9 +46,11 @@ NAMES = tuple(DIMENSIONS)
 
 # (why, predicate): a case is valid when every predicate holds.
 RULES: list[tuple[str, Callable[[dict], bool]]] = [
-    (f"TP x PP x DP <= {WORLD_LIMIT} ranks", lambda c: c["tp"] * c["pp"] * c["dp"] <= WORLD_LIMIT),
+    (f"TP x PP x DP x CP <= {WORLD_LIMIT} ranks", lambda c: world_size(c) <= WORLD_LIMIT),
     ("VP 2 needs PP > 1", lambda c: c["vp"] == 1 or c["pp"] > 1),
     ("sequence parallelism needs TP > 1", lambda c: not c["sp"] or c["tp"] > 1),
+    (f"CP splits the {SEQ_LENGTH}-token sequence into 2 x CP chunks (x TP with SP)",
+     lambda c: SEQ_LENGTH % (2 * c["cp"] * (c["tp"] if c["sp"] else 1)) == 0 or c["cp"] == 1),
     ("GPipe and 1F1B need PP > 1 and VP 1", lambda c: c["schedule"] == "auto" or (c["pp"] > 1 and c["vp"] == 1)),
     ("uneven stages need PP > 1 and VP 1", lambda c: c["stages"] == "even" or (c["pp"] > 1 and c["vp"] == 1)),
     ("a case that changes nothing but model and dtype is the one-process reference itself",
@@ -55,7 +59,7 @@ RULES: list[tuple[str, Callable[[dict], bool]]] = [
 
 
 def world_size(case: dict) -> int:
-    return case["tp"] * case["pp"] * case["dp"]
+    return case["tp"] * case["pp"] * case["dp"] * case["cp"]
 
 
 def is_valid(case: dict) -> bool:

@@ -6,7 +6,7 @@ training.train_step with pretrain_gpt.forward_step), and is compared with the on
 same model and dtype:
 - the loss of every step and the global grad norm of the first step;
 - every parameter's gradient of the first step (before any update), gathered to its canonical full
-  shape (TP shards joined, ZeRO-1 shards all-gathered, the tied output copy checked equal to the
+  shape (TP shards joined, ZeRO-1/2 shards all-gathered over DP x CP, the tied output copy checked equal to the
   embedding's), divided by the loss scale under fp16.
 
 Tolerances. fp32: layouts only reorder sums, so 1e-5 relative: losses within 1e-5 x |loss|, each
@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import layout_matrix as matrix  # noqa: E402
 from megatron_lite.testing import run_distributed  # noqa: E402
 
-SEQ, VOCAB, GLOBAL_BATCH, STEPS = 8, 60, 8, 2
+SEQ, VOCAB, GLOBAL_BATCH, STEPS = matrix.SEQ_LENGTH, 60, 8, 2
 FP32_RTOL = 1e-5
 LOW_PRECISION_FACTOR = 4.0  # measured: see the module docstring and the report printed by _compare
 
@@ -59,6 +59,7 @@ def make_config(case: dict):
     if case["vp"] > 1:
         p.virtual_pipeline_model_parallel_size = case["vp"]
     p.sequence_parallel = case["sp"]
+    p.context_parallel_size = case["cp"]
     p.data_parallel_sharding_strategy = {"none": "no_shard", "zero1": "optim", "zero2": "optim_grads"}[case["zero"]]
     p.use_distributed_optimizer = case["zero"] != "none"
     p.overlap_grad_reduce = case["overlap"]
@@ -132,11 +133,11 @@ def _full_grads(model, optimizer, groups) -> dict:
                     for param in bucket.params:
                         first, last = buffer.param_index[id(param)]
                         grads[id(param)] = full[first - bucket.offset:last - bucket.offset].view(param.shape)
-            elif buffer.use_distributed_optimizer and dp > 1:
+            elif buffer.use_distributed_optimizer and buffer.dp_size > 1:
                 # ZeRO-1 left only this rank's shard reduced: rebuild each bucket from every rank's shard.
                 # The own shard's values are unchanged (others add zeros there), so the optimizer is unaffected.
                 for bucket in buffer.buckets:
-                    start, end = bucket.shard_range(dp_rank, dp)
+                    start, end = bucket.shard_range(buffer.dp_rank, buffer.dp_size)
                     full = torch.zeros_like(bucket.grad_data)
                     full[start:end] = bucket.grad_data[start:end]
                     collectives.all_reduce(full, group=buffer.dp_group)
