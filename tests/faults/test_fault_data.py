@@ -78,7 +78,7 @@ def test_resume_on_changed_or_truncated_data_stops_before_training(tmp_path):
     base = [a for a in TINY if a != "--mock-data"] + ["--data-path", data, "--eval-iters", "0", "--lr-decay-iters", "10", "--save", str(ckpt),
                                                       "--load", str(ckpt)]
     rc, output, records = _pretrain([*base, "--train-iters", "2"], tmp_path, "first")
-    assert rc == 0 and len(records) == 2, output[-3000:]
+    assert rc == 0 and len([r for r in records if "record" not in r]) == 2, output[-3000:]
     _make(data, 45)
     rc, output, records = _pretrain([*base, "--train-iters", "4"], tmp_path, "changed")
     assert rc == 1 and [r for r in records if "record" not in r] == [], output[-3000:]
@@ -90,4 +90,4 @@ def test_resume_on_changed_or_truncated_data_stops_before_training(tmp_path):
     assert rc == 1 and [r for r in records if "record" not in r] == [] and f"{data}.bin: data file truncated" in output, output[-3000:]
     _make(data, 45)
     rc, output, records = _pretrain([*base, "--train-iters", "3", "--allow-data-change"], tmp_path, "allowed")
-    assert rc == 0 and [r["iteration"] for r in records] == [3], output[-3000:]
+    assert rc == 0 and [r["iteration"] for r in records if "record" not in r] == [3], output[-3000:]
