@@ -241,7 +241,7 @@ class ParallelConfig:
 
     def validate_context_parallel(self, cfg: "Config") -> None:
         """What context parallelism needs: the sequence cut into 2 x CP chunks (each split again over TP
-        under sequence parallelism), whole heads per rank for a2a, and no attention dropout in the ring."""
+        under sequence parallelism) and whole heads per rank for a2a."""
         tp, cp, seq, m = self.tensor_model_parallel_size, self.context_parallel_size, cfg.model.seq_length, cfg.model
         unit = 2 * cp * (tp if self.sequence_parallel else 1)
         if seq % unit != 0:
@@ -252,9 +252,6 @@ class ParallelConfig:
         if self.cp_comm_type == "a2a" and heads % cp != 0:
             _fail("--cp-comm-type", f"a2a splits each TP rank's {heads} attention heads over CP = {cp}, which does "
                   "not divide them", "Use --cp-comm-type p2p or all_gather, or a CP size that divides the heads per TP rank.")
-        if self.cp_comm_type == "p2p" and m.attention_dropout > 0:
-            _fail("--attention-dropout", f"{m.attention_dropout} with ring attention (--cp-comm-type p2p): the ring "
-                  "kernel has no dropout", "Use --attention-dropout 0, or --cp-comm-type all_gather or a2a.")
 
     def validate_implemented(self, cfg: "Config") -> None:
         # Refuse what is not built yet rather than train something else: ZeRO-3, and experts (the EP groups

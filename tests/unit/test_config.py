@@ -86,7 +86,6 @@ def test_context_parallel_configurations_validate():
      "--context-parallel-size: --seq-length 36 is not divisible by 2 x CP x TP"),
     (["--context-parallel-size", "4", "--cp-comm-type", "a2a", "--num-attention-heads", "6", "--hidden-size", "48"], 8,
      "--cp-comm-type: a2a splits each TP rank's 6 attention heads"),
-    (["--context-parallel-size", "2", "--attention-dropout", "0.1"], 8, "--attention-dropout: 0.1 with ring attention"),
     (["--expert-model-parallel-size", "2"], 8, "mixture-of-experts layers are not implemented"),
     (["--decoder-first-pipeline-num-layers", "1"], 8, "needs --pipeline-model-parallel-size > 1"),
     (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "5"], 8, "do not add up"),
