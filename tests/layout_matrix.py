@@ -134,7 +134,7 @@ def render() -> str:
               "values that can occur together:", "",
               "| " + " | ".join(NAMES) + " |", "|" + " --- |" * len(NAMES)]
     lines += ["| " + " | ".join(_cell(case[name]) for name in NAMES) + " |" for case in default]
-    lines += ["", f"**Slow suite** (`pytest -m slow`): all {len(full)} valid combinations of the options above.", "", END]
+    lines += ["", f"**Full product** (`pytest -m matrix_full`, hours on a CPU): all {len(full)} valid combinations of the options above.", "", END]
     return "\n".join(lines)
 
 

@@ -286,7 +286,7 @@ def test_layout_matrix_pairwise():
     check_cases(matrix.pairwise_cases())
 
 
-@pytest.mark.slow
+@pytest.mark.matrix_full  # its own marker (not `slow`), so `pytest -m slow` stays a run of minutes
 @pytest.mark.timeout(0)  # thousands of cases: hours on a CPU
 def test_layout_matrix_full_product():
     cases = matrix.all_cases()
