@@ -104,3 +104,36 @@ def communicate(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional
                   dtype=dtype, device=device, groups=groups)
     results = {name: posted.wait(name) for name in list(posted.handles)}
     return results.get("recv_prev"), results.get("recv_next")
+
+
+def post_ops(transfers: list[tuple[str, Optional[torch.Tensor], int, str]], *, shape: tuple[int, ...],
+             dtype: torch.dtype, device: torch.device, groups: ProcessGroups) -> Posted:
+    """Start sends and receives with arbitrary neighbours (any schedule, ZB-V's V included) without waiting.
+
+    Each transfer is (name, tensor to send or None to receive, peer pipeline rank, 'act' | 'grad'):
+    activations travel on the pipeline group, gradients on _channels' gradient group, so at PP = 2 the two
+    directions of one pair never share a channel. Messages on one channel match in posting order, which
+    the schedules keep equal on both ends (the simulator checks it). wait(name) completes one.
+    """
+    pp = groups.pp
+    act_group, grad_group = _channels(groups)
+    received, planned = {}, []
+    for name, tensor, peer, direction in transfers:
+        group = act_group if direction == "act" else grad_group
+        if tensor is None:
+            received[name] = torch.empty(shape, dtype=dtype, device=device)
+            planned.append((name, P2P("recv", received[name], pp.global_rank(peer), group)))
+        else:
+            if tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"pipeline {name}: tensor of shape {tuple(tensor.shape)}, but stages exchange "
+                                 f"{tuple(shape)} ([seq/tp if sequence parallel, micro-batch, hidden])")
+            planned.append((name, P2P("send", tensor.contiguous(), pp.global_rank(peer), group)))
+    by_group: dict[int, list[tuple[str, P2P]]] = {}
+    for name, op in planned:
+        by_group.setdefault(id(op.group), []).append((name, op))
+    handles: dict[str, list] = {}
+    for named_ops in by_group.values():
+        works = collectives.batch_isend_irecv([op for _, op in named_ops])
+        for index, (name, _) in enumerate(named_ops):
+            handles[name] = [works[index]] if len(works) == len(named_ops) else list(works)
+    return Posted(handles, received)
