@@ -47,8 +47,12 @@ def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(x.abs().clamp(min=2.0 ** -126))) - 7)
 
 
-def _assert_bf16_close(got: torch.Tensor, ref: torch.Tensor, name: str) -> None:
-    mean = (got - ref).abs().mean().item()
+def _assert_bf16_close(got: torch.Tensor, ref: torch.Tensor, name: str, near_zero: torch.Tensor) -> None:
+    """Every element within 2 x lr x steps; the mean bound over the elements whose gradient was never near
+    zero (near_zero: the one-process run's sqrt(v_hat) fell below EPS_SCALE, as in _assert_adam_close). At
+    Adam's default eps those take full-size steps decided by rounding noise (e.g. the key third of
+    linear_qkv.bias, whose exact gradient is zero: softmax ignores a per-query constant), in either layout."""
+    mean = (got - ref)[~near_zero].abs().mean().item() if (~near_zero).any() else 0.0
     worst = (got - ref).abs().max().item()
     mean_bound = 0.05 * 3e-3 * STEPS + _bf16_ulp(ref).mean().item() / 8
     assert mean <= mean_bound and worst <= 2 * 3e-3 * STEPS, \
@@ -168,8 +172,12 @@ def _assert_adam_close(got: dict, ref: dict) -> None:
 def _check(got: dict, ref: dict, dist_opt: bool, bf16: bool = False, zero2: bool = False) -> None:
     tol = BF16_TOL if bf16 else PARAM_TOL
     if bf16:
+        sensitive = total = 0
         for name, value in ref["params"].items():
-            _assert_bf16_close(got["params"][name], value, name)
+            near_zero = ref["min_adam_root"][name] < EPS_SCALE
+            sensitive, total = sensitive + int(near_zero.sum()), total + value.numel()
+            _assert_bf16_close(got["params"][name], value, name, near_zero)
+        assert sensitive < 0.05 * total, f"{sensitive} of {total} elements had a near-zero gradient: the check is vacuous"
     else:
         _assert_adam_close(got, ref)
         assert got["losses"] == pytest.approx(ref["losses"], rel=LOSS_RTOL)
