@@ -14,6 +14,7 @@ backward needs, because backward starts from that node with the received gradien
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -81,7 +82,10 @@ class _PipelineRun:
         self.wgrad_queues: list[list] = [[] for _ in model]     # filled by the linear layers during a split B
         self.weight_grads: dict[Key, list] = {}                # (chunk, mb) -> its queued weight gradients
         self.losses: list[dict] = []
-        self.stats = {"max_in_flight": 0, "deallocated": 0, "sent": 0, "peak_stored_bytes": 0}
+        # compute_s: wall seconds inside the model's forward (with the loss), backward (B) and W, per kind:
+        # the rest of a step is pipeline idle (waits) and runtime overhead (bubble benchmark)
+        self.stats = {"max_in_flight": 0, "deallocated": 0, "sent": 0, "peak_stored_bytes": 0,
+                      "compute_s": {"F": 0.0, "B": 0.0, "W": 0.0}}
         self.in_flight = 0
 
     def virtual_stage(self, chunk: int) -> int:
@@ -106,12 +110,14 @@ class _PipelineRun:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: forward of chunk {chunk}, micro-batch {microbatch} "
                                "has no input (schedule bug)")
         self.chunks[chunk].set_input_tensor(input_tensor)
+        start = time.perf_counter()
         with torch.no_grad() if self.forward_only else contextlib.nullcontext():
             output, loss_func = self.forward_step_func(self.data_iterators[chunk], self.model[chunk])
             if self.is_last(chunk):
                 loss, loss_dict = loss_func(output)
                 self.losses.append(loss_dict)
                 output = loss / self.num_microbatches
+        self.stats["compute_s"]["F"] += time.perf_counter() - start
         self.outputs[key] = output
         self.in_flight += 1
         self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.in_flight)
@@ -125,8 +131,10 @@ class _PipelineRun:
         output_grad = self.output_grads.pop(key, None)
         if self.is_last(chunk) and self.grad_scale_func is not None:
             output = self.grad_scale_func(output)
+        start = time.perf_counter()
         with self._grad_sync(chunk, sync_grads):
             custom_backward(output, output_grad)
+        self.stats["compute_s"]["B"] += time.perf_counter() - start
         if defer_wgrad:  # what the linear layers queued is this micro-batch's W
             self.weight_grads[key] = list(self.wgrad_queues[chunk])
             self.wgrad_queues[chunk].clear()
@@ -137,9 +145,11 @@ class _PipelineRun:
 
     def weight_grad(self, chunk: int, microbatch: int, sync_grads: bool) -> None:
         """W: the weight gradients Backward(defer_wgrad=True) queued for this (chunk, micro-batch)."""
+        start = time.perf_counter()
         with self._grad_sync(chunk, sync_grads):
             for compute in self.weight_grads.pop((chunk, microbatch)):
                 compute()
+        self.stats["compute_s"]["W"] += time.perf_counter() - start
         self.in_flight -= 1  # W was the last use of this micro-batch's saved activations
 
     def _grad_sync(self, chunk: int, sync_grads: bool):
@@ -163,9 +173,10 @@ class _PipelineRun:
         self.post(action.ops)
         self.wait(action.ops)
 
-    def post(self, ops: Sequence[P2POp]) -> None:
+    def post(self, ops: Sequence[P2POp], background: bool = False) -> None:
         """Start ops (one batch) without waiting; wait() completes each. A transfer between two chunks
-        of this rank (ZB-V's turn) is a copy kept in self.local until its receive is waited for."""
+        of this rank (ZB-V's turn) is a copy kept in self.local until its receive is waited for.
+        background: started by the communication thread (p2p.post_ops), for Post actions."""
         transfers, names = [], {}
         for op in ops:
             key, chunk_mb = (op.kind, op.chunk, op.microbatch), (op.chunk, op.microbatch)
@@ -182,7 +193,8 @@ class _PipelineRun:
             transfers.append((names[key], tensor, peer, "act" if op.kind in (SEND_FORWARD, RECV_FORWARD) else "grad"))
             self.posted[key] = (None, tensor if op.kind == SEND_FORWARD else None)
         if transfers:
-            posted = p2p.post_ops(transfers, shape=self.shape, dtype=self.dtype, device=self.device, groups=self.groups)
+            posted = p2p.post_ops(transfers, shape=self.shape, dtype=self.dtype, device=self.device, groups=self.groups,
+                                  background=background)
             for key, name in names.items():
                 self.posted[key] = ((posted, name), self.posted[key][1])
 
@@ -238,7 +250,7 @@ class _PipelineRun:
             elif isinstance(action, Exchange):
                 self.exchange(action)
             elif isinstance(action, Post):
-                self.post(action.ops)
+                self.post(action.ops, background=True)
             elif isinstance(action, Wait):
                 self.wait(action.ops)
             elif isinstance(action, FinalizeGrads):
@@ -261,7 +273,8 @@ def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterato
     after all backwards.
     With several model chunks (virtual stages) data_iterator is a list, one per chunk. no_sync_func (or a
     list, one per chunk) returns a context manager under which backward must not start data-parallel
-    grad reduction; it wraps every backward but each chunk's last. `stats`, if given, receives max_in_flight, deallocated, peak_stored_bytes.
+    grad reduction; it wraps every backward but each chunk's last. `stats`, if given, receives max_in_flight,
+    deallocated, sent, peak_stored_bytes and compute_s (seconds inside forward, B and W).
     """
     model = list(model) if isinstance(model, (list, tuple)) else [model]
     num_chunks = len(model)
