@@ -99,17 +99,7 @@ def post(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional[torch.
                ("recv_prev", P2P("recv", received["recv_prev"], prev_rank, act_group) if recv_prev else None),
                ("send_next", P2P("send", send_next.contiguous(), next_rank, act_group) if send_next is not None else None),
                ("recv_next", P2P("recv", received["recv_next"], next_rank, grad_group) if recv_next else None)]
-    by_group: dict[int, list[tuple[str, P2P]]] = {}
-    for name, op in planned:
-        if op is not None:
-            by_group.setdefault(id(op.group), []).append((name, op))
-    handles: dict[str, list] = {}
-    for named_ops in by_group.values():
-        works = collectives.batch_isend_irecv([op for _, op in named_ops])
-        for index, (name, _) in enumerate(named_ops):
-            # one handle per op (gloo, and NCCL in most versions); a fused batch's handles are shared
-            handles[name] = [works[index]] if len(works) == len(named_ops) else list(works)
-    return Posted(handles, received)
+    return Posted(_start([(name, op) for name, op in planned if op is not None]), received)
 
 
 def communicate(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional[torch.Tensor] = None,
@@ -161,5 +151,6 @@ def _start(planned: list[tuple[str, P2P]]) -> dict[str, list]:
     for named_ops in by_group.values():
         works = collectives.batch_isend_irecv([op for _, op in named_ops])
         for index, (name, _) in enumerate(named_ops):
+            # one handle per op (gloo, and NCCL in most versions); a fused batch's handles are shared
             handles[name] = [works[index]] if len(works) == len(named_ops) else list(works)
     return handles
