@@ -630,35 +630,48 @@ def schedule_name(pp_size: int, num_chunks: int, requested: str = "auto") -> str
 def overlap_p2p(actions: list[Action]) -> list[Action]:
     """--overlap-p2p-comm: the same schedule with every Exchange split into posts and waits.
 
-    Sends are posted where the exchange was and waited for just before the next send in the same
-    direction is posted (or at the end); receives are posted at the exchange before the preceding
-    compute (so the transfer runs during that compute) and waited for just before the compute that
-    consumes them. Every op is posted no later and waited for no earlier than in the blocking list, so
-    (rendezvous semantics) a schedule that is deadlock-free blocking stays so; the simulator checks it.
+    Sends are posted right after the compute that produces them (interleaved 1F1B's blocking exchange
+    waits for the backward that follows a forward; posted, the forward's output leaves at once) and waited
+    for just before the next send in the same direction is posted (or at the end); receives are posted at
+    the exchange before the preceding compute (so the transfer runs during that compute) and waited for
+    just before the compute that consumes them. Every op is posted no later than in the blocking list and
+    sends keep their order per channel; the simulator checks deadlock freedom and message order for every
+    schedule (tests/unit/test_schedules.py).
     """
     early_recvs: dict[int, list[tuple[P2POp, ...]]] = {}  # action index (-1: the start) -> receives posted there
     consumer = {}  # compute key -> the receive it waits for
+    producer_index = {}  # ("F"|"B", chunk, mb) -> index of that compute
+    sends_after: dict[int, list[P2POp]] = {}  # compute index -> sends posted right after it
     last_exchange, exchange_before_compute = -1, -1
     for index, action in enumerate(actions):
         if isinstance(action, (Forward, Backward)):
             exchange_before_compute = last_exchange
+            producer_index[("F" if isinstance(action, Forward) else "B", action.chunk, action.microbatch)] = index
         elif isinstance(action, Exchange):
             recvs = tuple(op for op in action.ops if op.kind in (RECV_FORWARD, RECV_BACKWARD))
             if recvs:
                 early_recvs.setdefault(exchange_before_compute, []).append(recvs)
             for op in recvs:
                 consumer[("F" if op.kind == RECV_FORWARD else "B", op.chunk, op.microbatch)] = op
+            for op in action.ops:
+                if op.kind in (SEND_FORWARD, SEND_BACKWARD):
+                    source = ("F" if op.kind == SEND_FORWARD else "B", op.chunk, op.microbatch)
+                    sends_after.setdefault(producer_index.get(source, index), []).append(op)
             last_exchange = index
     out: list[Action] = [Post(recvs) for recvs in early_recvs.get(-1, [])]
     unwaited_sends: dict[str, P2POp] = {}
+
+    def post_sends(sends: list[P2POp]) -> None:
+        for op in sends:  # one post per send, each after waiting for the previous one of its kind
+            if op.kind in unwaited_sends:
+                out.append(Wait((unwaited_sends.pop(op.kind),)))
+            unwaited_sends[op.kind] = op
+            out.append(Post((op,)))
+
     for index, action in enumerate(actions):
         if isinstance(action, Exchange):
-            sends = tuple(op for op in action.ops if op.kind in (SEND_FORWARD, SEND_BACKWARD))
-            previous = tuple(unwaited_sends.pop(op.kind) for op in sends if op.kind in unwaited_sends)
-            if previous:
-                out.append(Wait(previous))
-            unwaited_sends.update((op.kind, op) for op in sends)
-            out.extend(Post(ops) for ops in [sends] + early_recvs.get(index, []) if ops)
+            post_sends(sends_after.pop(index, []))  # a send whose producer this list does not hold
+            out.extend(Post(ops) for ops in early_recvs.get(index, []))
             continue
         if isinstance(action, (Forward, Backward)):
             recv = consumer.get(("F" if isinstance(action, Forward) else "B", action.chunk, action.microbatch))
@@ -668,6 +681,7 @@ def overlap_p2p(actions: list[Action]) -> list[Action]:
             out.append(Wait(tuple(unwaited_sends.values())))
             unwaited_sends.clear()
         out.append(action)
+        post_sends(sends_after.pop(index, []))
     if unwaited_sends:
         out.append(Wait(tuple(unwaited_sends.values())))
     return out
