@@ -14,7 +14,9 @@ Schedules (Megatron-LM's names and warm-up counts):
   deferred W (weight grads), W's placed where 1F1B idles;
 - interleaved 1F1B: the same over virtual stages (chunk v on rank r is virtual stage v x PP + r), in
   groups of G >= PP micro-batches per chunk (--microbatch-group-size-per-virtual-pipeline-stage, default
-  PP); any m >= G works.
+  PP); any m >= G works;
+- ZB-V (Qi et al. 2024): two chunks per rank placed as a V (virtual_stage), split backward, near-zero
+  bubble at 1F1B's activation memory; any m.
 
 Communication actions name the tensor they carry by (direction, chunk, micro-batch) of the *local* rank:
 `send_forward(c, m)` sends the output of chunk c's forward of m to the next virtual stage;
@@ -439,10 +441,14 @@ def zbv_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: 
     r pairs F1 F0, PP - r triples F1 B1 W1, then F0 B0 W0 F1 B1 W1 until the forwards run out, then the
     cool-down Bs with the deferred Ws last. With m < 2 PP - 1 the missing micro-batches' actions are left out.
 
-    Bubble per rank (the paper's formula, T_F, T_B, T_W per rank = both chunks): (PP - 1)(T_F + T_B - 2 T_W)
-    when T_W <= T_B, zero at T_F = T_B = T_W and m >= 2 PP - 1; the simulator (at F:B:W = 1:1:1 per chunk)
-    reproduces it (tests/unit/test_schedules.py). Peak: 2 PP chunk micro-batches in flight on every rank,
-    each half a stage of 1F1B's layers: 1F1B's activation memory (PP micro-batches of a full stage).
+    Bubble (T_F, T_B, T_W: a full stage's times, a chunk takes half): the paper gives ZB-V a zero bubble
+    rate at T_F = T_B = T_W, against (PP - 1)(T_F + T_B + T_W) per rank for 1F1B and (PP - 1)(T_F + T_B - T_W)
+    for ZB-H1. What remains is the fill, which no schedule avoids (rank PP - 1 starts after PP - 1 chunk
+    forwards): the simulator gives exactly m (T_F + T_B + T_W) + (PP - 1) T_F / 2 for m >= 2 PP - 1, overlapped
+    or blocking, i.e. (PP - 1) T_F / 2 idle per rank, a sixth of 1F1B's (tests/unit/test_schedules.py).
+    Unequal times cost more (W runs right after its B in the steady state). Peak: 2 PP chunk micro-batches
+    in flight on every rank, each half a stage of 1F1B's layers: 1F1B's activation memory (PP micro-batches
+    of a full stage).
     Exchanges are placed by _place_exchanges (one batched exchange per unit time step), so the blocking
     form is deadlock-free too; --overlap-p2p-comm splits them as for every schedule.
     """
