@@ -70,5 +70,7 @@ def describe(config) -> str:
         (config.parallel.virtual_pipeline_model_parallel_size or 1)
     others = ", ".join(f"{name} {bubble:.3f}" + (" (over 1F1B's memory)" if peak > bound else "")
                        for name, bubble, peak in choice.rejected)
+    vp = config.parallel.virtual_pipeline_model_parallel_size or 1
+    unit = "micro-batches" if vp == 1 else f"chunk micro-batches (1/{vp} of a stage each)"
     return (f"{choice.name} ({how}; predicted bubble {choice.bubble:.3f} of the step at F:B:W = 1:1:1, "
-            f"peak {choice.peak_in_flight} micro-batches in flight" + (f"; others: {others}" if others else "") + ")")
+            f"peak {choice.peak_in_flight} {unit} in flight" + (f"; others: {others}" if others else "") + ")")
