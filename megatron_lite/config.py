@@ -172,7 +172,7 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = arg(None, "Virtual stages per pipeline rank (alternative to --num-layers-per-virtual-pipeline-stage).", flag="--num-virtual-stages-per-pipeline-rank")
     decoder_first_pipeline_num_layers: Optional[int] = arg(None, "Layers on the first pipeline stage (the rest split evenly).")
     decoder_last_pipeline_num_layers: Optional[int] = arg(None, "Layers on the last pipeline stage (the rest split evenly).")
-    pipeline_schedule: str = arg("auto", "Pipeline schedule: auto picks 1F1B, or interleaved 1F1B with virtual stages; zb-h1 splits backward into B and W (zero-bubble H1).", choices=["auto", "gpipe", "1f1b", "interleaved", "zb-h1"])
+    pipeline_schedule: str = arg("auto", "Pipeline schedule: auto picks by the simulator's bubble within 1F1B's activation memory (1F1B/ZB-H1/GPipe; with two virtual stages per rank interleaved or ZB-V); zb-h1 splits backward into B and W (zero-bubble H1); zbv is zero-bubble V (two chunks per rank in a V: --num-virtual-stages-per-pipeline-rank 2).", choices=["auto", "gpipe", "1f1b", "interleaved", "zb-h1", "zbv"])
     microbatch_group_size_per_vp_stage: Optional[int] = arg(None, "Interleaved 1F1B: consecutive micro-batches per virtual stage (default PP); m need not be a multiple of PP.", flag="--microbatch-group-size-per-virtual-pipeline-stage")
     overlap_p2p_comm: bool = arg(False, "Post pipeline sends/receives asynchronously and wait only when their data is needed.", action="store_true")
     context_parallel_size: int = arg(1, "Context parallel size (CP).")

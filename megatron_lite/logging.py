@@ -67,10 +67,11 @@ def padded_vocab_size(config) -> int:
 
 
 def is_logging_rank(groups: Optional[ProcessGroups] = None) -> bool:
-    """The last pipeline stage's first TP and DP x CP rank (every rank of a one-process layout)."""
+    """The loss stage's (the last pipeline stage's; rank 0's with ZB-V) first TP and DP x CP rank (every rank of
+    a one-process layout)."""
     if groups is None:
         return True
-    return groups.is_last_stage and groups.tp.rank == 0 and groups.dp_cp.rank == 0
+    return groups.is_loss_stage and groups.tp.rank == 0 and groups.dp_cp.rank == 0
 
 
 def memory_gb() -> dict[str, float]:

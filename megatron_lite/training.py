@@ -28,6 +28,8 @@ from megatron_lite.optimizer.clip_grads import NonFiniteStepError
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
 from megatron_lite.pipeline.auto import describe as describe_schedule
 from megatron_lite.pipeline.runner import get_forward_backward_func
+from megatron_lite.pipeline.layout import is_v_shape
+from megatron_lite.pipeline.schedules import virtual_stage
 from megatron_lite.pipeline.stages import build_model_chunks
 from megatron_lite.process_groups import ProcessGroups
 from megatron_lite.tensor_parallel.random import model_parallel_seed
@@ -105,7 +107,7 @@ def initialize(config: Config) -> ProcessGroups:
     ps.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                  p.virtual_pipeline_model_parallel_size, p.context_parallel_size,
                                  p.expert_model_parallel_size)
-    groups = ps.get_process_groups()
+    groups = ps.get_process_groups().replace(loss_on_first_stage=is_v_shape(config))  # ZB-V: loss on rank 0
     # Offset by pipeline stage (as Megatron does) so dropout on different stages draws different masks;
     # weights do not depend on it (they are drawn from the seed and each parameter's name).
     model_parallel_seed(config.training.seed + 100 * groups.pp.rank, groups.tp.rank)
@@ -156,7 +158,9 @@ def train_iters(config: Config) -> int:
 
 
 def _chunk_needs_data(chunk_index: int, num_chunks: int, groups: ProcessGroups) -> bool:
-    return (groups.is_first_stage and chunk_index == 0) or (groups.is_last_stage and chunk_index == num_chunks - 1)
+    """The chunks holding the first virtual stage (tokens) and the last (labels); with ZB-V both on rank 0."""
+    stage = virtual_stage(groups.pp.size, groups.pp.rank, chunk_index, groups.loss_on_first_stage and num_chunks == 2)
+    return stage in (0, groups.pp.size * num_chunks - 1)
 
 
 def build_data_iterators(config: Config, datasets_provider: Callable, consumed_samples: int, num_chunks: int,
@@ -242,8 +246,8 @@ def _no_sync_func(model):
 
 
 def _average_losses(losses: list[dict], groups: ProcessGroups) -> Optional[float]:
-    """Mean of the micro-batch losses on the last stage, averaged over DP (for reporting only)."""
-    if not groups.is_last_stage:
+    """Mean of the micro-batch losses on the loss stage, averaged over DP (for reporting only)."""
+    if not groups.is_loss_stage:
         return None
     value = sum(float(d["lm loss"]) for d in losses) / max(1, len(losses))
     return collectives.all_reduce_scalar(value, groups.dp_cp) / groups.dp_cp.size
@@ -413,9 +417,10 @@ class _Run:
 
     def run_eval(self, split: str, data) -> None:
         loss = evaluate(self.config, self.forward_step_func, data, self.model, self.batches.num_microbatches, self.groups)
-        if self.groups.is_last_stage and loss is not None:
+        if self.groups.is_loss_stage and loss is not None:
             self.logger.log_evaluation(split, self.state.iteration, self.state.consumed_train_samples, loss)
-        self.summary[f"{split}_loss"] = collectives.broadcast_scalar(loss, src=self.groups.pp.last, group=self.groups.pp)
+        self.summary[f"{split}_loss"] = collectives.broadcast_scalar(loss, src=self.groups.loss_stage_rank,
+                                                                     group=self.groups.pp)
 
     def should_exit(self) -> bool:
         t, state = self.config.training, self.state

@@ -67,6 +67,7 @@ def make_config(case: dict):
     p.ddp_bucket_size = 2000  # several buckets per chunk
     if case["schedule"] != "auto":
         p.pipeline_schedule = case["schedule"]
+    p.overlap_p2p_comm = case["p2p_overlap"]
     if case["stages"] == "uneven":  # first stage lighter, last heavier (PP 2: 3 + 5; PP 4: 1 + 2 + 2 + 3)
         p.decoder_first_pipeline_num_layers = 3 if case["pp"] == 2 else 1
         p.decoder_last_pipeline_num_layers = None if case["pp"] == 2 else 3
@@ -177,7 +178,7 @@ def _train_case(case: dict) -> dict:
             norms.append(norm)
             grads = recorder.grads if index == 0 else grads
         reporter = ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
-        return {"losses": losses if ps.is_pipeline_last_stage(ignore_virtual=True) else None, "norms": norms,
+        return {"losses": losses if groups.is_loss_stage else None, "norms": norms,  # rank 0 with ZB-V
                 "grads": grads if reporter else {}}
     finally:
         ps.destroy_model_parallel()
@@ -198,7 +199,7 @@ def _merge(rank_results: list[list[dict]], index: int) -> dict:
     for per_rank in rank_results:
         grads.update(per_rank[index]["grads"])
     losses = [r[index]["losses"] for r in rank_results if r[index]["losses"] is not None]
-    assert losses and all(item == losses[0] for item in losses), "last-stage ranks disagree on the loss"
+    assert losses and all(item == losses[0] for item in losses), "loss-stage ranks disagree on the loss"
     norms = [r[index]["norms"] for r in rank_results]
     assert all(n == norms[0] for n in norms), "ranks disagree on the grad norm"
     return {"losses": losses[0], "norms": norms[0], "grads": grads}

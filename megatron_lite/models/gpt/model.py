@@ -122,6 +122,7 @@ class GPTModel(nn.Module):
             self.embedding.word_embeddings.weight.shared_embedding = True
         if self.tied and post_process and not pre_process:
             self.output_layer.weight.shared_embedding = True
+            self.output_layer.weight.tied_copy = True  # counted once in global statistics (clip_grads)
         self.initialize(config.training.seed)
 
     @torch.no_grad()
