@@ -103,9 +103,10 @@ def train(cfg: Config) -> dict:
         opt.zero_grad()
         local = base.batch(step).chunk(dp)[dp_rank]
         data = [{"tokens": mb[:, :-1].contiguous(), "labels": mb[:, 1:].contiguous()} for mb in local.chunk(num_micro)]
-        out = forward_backward(forward_step_func=base.forward_step, data_iterator=iter(data), model=model,
+        out = forward_backward(forward_step_func=base.forward_step, data_iterator=[iter(data) for _ in model] if len(model) > 1 else iter(data), model=model,
                                num_microbatches=num_micro, seq_length=SEQ, micro_batch_size=cfg.training.micro_batch_size,
-                               config=cfg, no_sync_func=model[0].no_sync, finalize_model_grads_func=finalize_model_grads,
+                               config=cfg, no_sync_func=[c.no_sync for c in model] if len(model) > 1 else model[0].no_sync,
+                               finalize_model_grads_func=finalize_model_grads,
                                grad_scale_func=opt.scale_loss)
         if out:
             losses.append(sum(float(d["lm loss"]) for d in out) / len(out))
