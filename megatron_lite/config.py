@@ -267,9 +267,6 @@ class ParallelConfig:
             _fail(flag, "optim_grads_params (ZeRO-3) with --transformer-impl transformer_engine / --fp8-format: "
                   "Transformer Engine caches weights (fp8 casts) across the gathers ZeRO-3 frees",
                   "Use --transformer-impl local, or optim_grads (ZeRO-2).")
-        if self.context_parallel_size > 1:
-            _fail(flag, f"optim_grads_params (ZeRO-3) with --context-parallel-size {self.context_parallel_size}: "
-                  "sharding parameters over DP x CP is not tested yet", "Use --context-parallel-size 1, or optim_grads (ZeRO-2).")
 
     def validate_implemented(self, cfg: "Config") -> None:
         # Refuse what is not built yet rather than train something else: ZeRO-3, and experts (the EP groups

@@ -40,7 +40,7 @@ ZERO3 = "optim_grads_params"
 
 def make_config(world: int, tp: int = 1, pp: int = 1, strategy: str | None = ZERO3, overlap: bool = False,
                 sp: bool = False, bf16: bool = False, untie: bool = False, micro: int = 1, layers: int = 2,
-                recompute: int | None = None, schedule: str = "auto", vp: int | None = None) -> Config:
+                recompute: int | None = None, schedule: str = "auto", vp: int | None = None, cp: int = 1) -> Config:
     cfg = Config(world_size=world)
     m = cfg.model
     m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = layers, 32, 4, SEQ
@@ -51,6 +51,7 @@ def make_config(world: int, tp: int = 1, pp: int = 1, strategy: str | None = ZER
         m.recompute_granularity, m.recompute_method, m.recompute_num_layers = "full", "uniform", recompute
     p = cfg.parallel
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.sequence_parallel = tp, pp, sp
+    p.context_parallel_size = cp
     p.num_layers_per_virtual_pipeline_stage, p.pipeline_schedule = vp, schedule
     p.data_parallel_sharding_strategy = strategy
     p.use_distributed_optimizer = strategy not in (None, "no_shard")
@@ -146,7 +147,8 @@ def train(cfg: Config) -> dict:
 
 
 def _layouts(tp: int, pp: int, variants: list[dict]) -> list[dict]:
-    ps.initialize_model_parallel(tp, pp, **({"virtual_pipeline_model_parallel_size": 2} if any("vp" in v for v in variants) else {}))
+    ps.initialize_model_parallel(tp, pp, 2 if any("vp" in v for v in variants) else None,
+                                 context_parallel_size=max(v.get("cp", 1) for v in variants))
     return [train(make_config(torch.distributed.get_world_size(), tp, pp, **v)) for v in variants]
 
 
