@@ -179,7 +179,8 @@ class DistributedDataParallel(ModelChunk):
         return super().param_slice(param, start, end)
 
     # ZeRO-3: a state dict reads or writes whole parameters, so every unit is gathered first (freed again,
-    # with any loaded values kept in the shards, by the next forward, optimizer step or finish_param_sync).
+    # with any loaded values kept in the shards, by the next forward, optimizer step or finish_param_sync:
+    # read or write the parameters sharded_state() returns before then).
     def sharded_state(self) -> dict[str, nn.Parameter]:
         if self.zero3 is None:
             return super().sharded_state()
@@ -187,10 +188,13 @@ class DistributedDataParallel(ModelChunk):
         return dict(self.module.named_parameters())
 
     def state_dict(self, *args, **kwargs):
-        if self.zero3 is not None:
-            self.zero3.materialize()
-            return self.module.state_dict(*args, **kwargs)
-        return super().state_dict(*args, **kwargs)
+        if self.zero3 is None:
+            return super().state_dict(*args, **kwargs)
+        self.zero3.materialize()
+        # copies: the gathered storage is freed right away, and the dict must outlive it
+        state = {k: v.clone() for k, v in self.module.state_dict(*args, **kwargs).items()}
+        self.zero3.settle()
+        return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if self.zero3 is not None:

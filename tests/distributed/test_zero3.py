@@ -143,6 +143,13 @@ def train(cfg: Config) -> dict:
         "memory": memory_at_rest, "memory_after": memory_report(model, opt)}
     result["params"] = {name: gather_full_param(p, group=groups.tp).float().clone()
                         for c in model for name, p in c.sharded_state().items()}
+    for chunk in model:  # state_dict() gathers, copies, frees again; load_state_dict() lands in the shards
+        state = chunk.state_dict()
+        assert all(p.untyped_storage().nbytes() == 0 for p in chunk.module.parameters()) or chunk.zero3 is None
+        chunk.load_state_dict({k: torch.zeros_like(v) for k, v in state.items()})
+        chunk.finish_param_sync()
+        chunk.load_state_dict(state)
+        assert all(torch.equal(state[k], v) for k, v in chunk.state_dict().items())
     return result
 
 
