@@ -186,7 +186,7 @@ class ParallelConfig:
     data_parallel_sharding_strategy: Optional[str] = arg(None, "What is sharded over data-parallel ranks: no_shard, optim (ZeRO-1, = --use-distributed-optimizer), optim_grads (ZeRO-2: also gradients), optim_grads_params (ZeRO-3: also parameters, gathered per layer around its forward and backward). Default: optim with --use-distributed-optimizer, else no_shard.", choices=list(SHARDING_STRATEGIES))
     overlap_grad_reduce: bool = arg(False, "Overlap gradient reduction with the last micro-batch's backward.", action="store_true")
     overlap_param_gather: bool = arg(False, "Overlap the distributed optimizer's parameter all-gather with the next forward (ZeRO-3: prefetch the next unit's parameters while the current one computes, in forward and in backward).", action="store_true")
-    ddp_bucket_size: Optional[int] = arg(None, "Elements per gradient bucket (default max(40M, 1M*DP)).")
+    ddp_bucket_size: Optional[int] = arg(None, "Elements per gradient bucket (default max(40M, 1M*DP); ZeRO-3 uses one bucket per unit instead).")
     accumulate_allreduce_grads_in_fp32: bool = arg(False, "Accumulate and reduce gradients in fp32 (always on with --bf16).", action="store_true")
 
     @property

@@ -27,7 +27,7 @@ from torch import nn
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.distributed.model_chunk import ModelChunk
 from megatron_lite.distributed.param_and_grad_buffer import ParamAndGradBuffer
-from megatron_lite.distributed.zero3 import ShardedParams, Unit, default_plan, unit_params
+from megatron_lite.distributed.zero3 import ShardedParams, build_units, default_plan, unit_params
 from megatron_lite.process_groups import ProcessGroups
 
 
@@ -81,14 +81,8 @@ class DistributedDataParallel(ModelChunk):
             id(p): buffer for buffer in self._buffers for p in buffer.params}
         self.zero3: Optional[ShardedParams] = None
         if plan:
-            units = {name: Unit(name) for name in by_unit}
-            for name, params in by_unit.items():
-                for param in params:
-                    buffer = self.buffer_of[id(param)]
-                    pair = (buffer, buffer.bucket_of[id(param)])
-                    if not any(pair[1] is b for _, b in units[name].buckets):
-                        units[name].buckets.append(pair)
-            self.zero3 = ShardedParams(module, units, plan[1], prefetch=self.overlap_param_gather)
+            self.zero3 = ShardedParams(module, build_units(by_unit, self.buffer_of), plan[1],
+                                       prefetch=self.overlap_param_gather)
 
         self.is_last_microbatch = True
         self._hook_handles = []

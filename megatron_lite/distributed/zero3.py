@@ -91,6 +91,18 @@ def unit_params(units: dict[str, list[nn.Module]], module: nn.Module) -> dict[st
     return params
 
 
+def build_units(by_unit: dict[str, list[nn.Parameter]], buffer_of: dict) -> dict[str, Unit]:
+    """{unit name: Unit} over the (buffer, bucket) pairs holding each unit's parameters (DDP's buffer_of)."""
+    units = {name: Unit(name) for name in by_unit}
+    for name, params in by_unit.items():
+        for param in params:
+            buffer = buffer_of[id(param)]
+            bucket = buffer.bucket_of[id(param)]
+            if not any(bucket is b for _, b in units[name].buckets):
+                units[name].buckets.append((buffer, bucket))
+    return units
+
+
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
