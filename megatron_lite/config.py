@@ -183,10 +183,10 @@ class ParallelConfig:
     distributed_timeout_minutes: float = arg(10.0, "Timeout of every collective, in minutes.")
     # Data-parallel gradient reduction (megatron_lite/distributed/ddp.py).
     use_distributed_optimizer: bool = arg(False, "Shard optimizer state over data-parallel ranks (ZeRO-1); the alias of --data-parallel-sharding-strategy optim.", action="store_true")
-    data_parallel_sharding_strategy: Optional[str] = arg(None, "What is sharded over data-parallel ranks: no_shard, optim (ZeRO-1, = --use-distributed-optimizer), optim_grads (ZeRO-2: also gradients), optim_grads_params (ZeRO-3: also parameters). Default: optim with --use-distributed-optimizer, else no_shard.", choices=list(SHARDING_STRATEGIES))
+    data_parallel_sharding_strategy: Optional[str] = arg(None, "What is sharded over data-parallel ranks: no_shard, optim (ZeRO-1, = --use-distributed-optimizer), optim_grads (ZeRO-2: also gradients), optim_grads_params (ZeRO-3: also parameters, gathered per layer around its forward and backward). Default: optim with --use-distributed-optimizer, else no_shard.", choices=list(SHARDING_STRATEGIES))
     overlap_grad_reduce: bool = arg(False, "Overlap gradient reduction with the last micro-batch's backward.", action="store_true")
-    overlap_param_gather: bool = arg(False, "Overlap the distributed optimizer's parameter all-gather with the next forward.", action="store_true")
-    ddp_bucket_size: Optional[int] = arg(None, "Elements per gradient bucket (default max(40M, 1M*DP)).")
+    overlap_param_gather: bool = arg(False, "Overlap the distributed optimizer's parameter all-gather with the next forward (ZeRO-3: prefetch the next unit's parameters while the current one computes, in forward and in backward).", action="store_true")
+    ddp_bucket_size: Optional[int] = arg(None, "Elements per gradient bucket (default max(40M, 1M*DP); ZeRO-3 uses one bucket per unit instead).")
     accumulate_allreduce_grads_in_fp32: bool = arg(False, "Accumulate and reduce gradients in fp32 (always on with --bf16).", action="store_true")
 
     @property
@@ -253,12 +253,23 @@ class ParallelConfig:
             _fail("--cp-comm-type", f"a2a splits each TP rank's {heads} attention heads over CP = {cp}, which does "
                   "not divide them", "Use --cp-comm-type p2p or all_gather, or a CP size that divides the heads per TP rank.")
 
+    def validate_zero3(self, cfg: "Config") -> None:
+        """ZeRO-3 frees each unit's parameter storage between uses (distributed/zero3.py): layouts that keep
+        their own references to parameter data, or that have not been shown equal to one process, are refused."""
+        m, flag = cfg.model, "--data-parallel-sharding-strategy"
+        if m.torch_compile:
+            _fail(flag, "optim_grads_params (ZeRO-3) with --torch-compile: compiled layers may hold on to the "
+                  "parameter storage ZeRO-3 frees between uses", "Drop --torch-compile, or use optim_grads (ZeRO-2).")
+        if m.transformer_impl == "transformer_engine" or m.fp8_format is not None:
+            _fail(flag, "optim_grads_params (ZeRO-3) with --transformer-impl transformer_engine / --fp8-format: "
+                  "Transformer Engine caches weights (fp8 casts) across the gathers ZeRO-3 frees",
+                  "Use --transformer-impl local, or optim_grads (ZeRO-2).")
+
     def validate_implemented(self, cfg: "Config") -> None:
         # Refuse what is not built yet rather than train something else: ZeRO-3, and experts (the EP groups
         # exist, parallel_state builds them and the self-check prints them, but no layer routes tokens yet).
         if self.sharding_strategy == "optim_grads_params":
-            _fail("--data-parallel-sharding-strategy", "optim_grads_params (ZeRO-3, parameters sharded at rest) is "
-                  "not implemented yet", "Use optim_grads (ZeRO-2) or optim (ZeRO-1).")
+            self.validate_zero3(cfg)
         if self.expert_model_parallel_size > 1:
             _fail("--expert-model-parallel-size", f"{self.expert_model_parallel_size}: mixture-of-experts layers are "
                   "not implemented yet", "Use --expert-model-parallel-size 1.")

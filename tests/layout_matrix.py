@@ -34,7 +34,7 @@ DIMENSIONS: dict[str, tuple[tuple, str]] = {
     "dp": ((1, 2, 4), "data-parallel size"),
     "sp": ((False, True), "sequence parallelism"),
     "cp": ((1, 2), "context-parallel size (ring attention, --cp-comm-type p2p; load-balanced causal chunks)"),
-    "zero": (("none", "zero1", "zero2"), "data-parallel sharding: none, ZeRO-1 (optimizer states) or ZeRO-2 (and gradients)"),
+    "zero": (("none", "zero1", "zero2", "zero3"), "data-parallel sharding: none, ZeRO-1 (optimizer states), ZeRO-2 (and gradients) or ZeRO-3 (and parameters, gathered per layer)"),
     "overlap": ((False, True), "overlapped grad reduce (and param all-gather with ZeRO)"),
     "recompute": (("none", "selective", "full"), "activation recomputation"),
     "dtype": (("fp32", "bf16", "fp16"), "parameter/activation dtype (fp16 with dynamic loss scaling)"),

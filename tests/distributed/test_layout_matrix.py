@@ -60,7 +60,8 @@ def make_config(case: dict):
         p.virtual_pipeline_model_parallel_size = case["vp"]
     p.sequence_parallel = case["sp"]
     p.context_parallel_size = case["cp"]
-    p.data_parallel_sharding_strategy = {"none": "no_shard", "zero1": "optim", "zero2": "optim_grads"}[case["zero"]]
+    p.data_parallel_sharding_strategy = {"none": "no_shard", "zero1": "optim", "zero2": "optim_grads",
+                                       "zero3": "optim_grads_params"}[case["zero"]]
     p.use_distributed_optimizer = case["zero"] != "none"
     p.overlap_grad_reduce = case["overlap"]
     p.overlap_param_gather = case["overlap"] and case["zero"] != "none"
@@ -125,7 +126,7 @@ def _full_grads(model, optimizer, groups) -> dict:
     for chunk in model:
         for buffer in chunk.param_and_grad_buffers:
             if buffer.shard_grads:
-                # ZeRO-2 keeps only this rank's reduced shard of each bucket: rebuild the bucket from every rank's.
+                # ZeRO-2/3 keep only this rank's reduced shard of each bucket: rebuild the bucket from every rank's.
                 for bucket in buffer.buckets:
                     start, end = bucket.shard_range(buffer.dp_rank, buffer.dp_size)
                     full = torch.zeros(bucket.numel, dtype=bucket.grad_shard.dtype, device=bucket.grad_shard.device)

@@ -29,3 +29,4 @@ def test_bench_vs_reference_runs() -> None:
 def test_bench_zero_runs() -> None:
     out = _run("bench_zero.py", "--world", "2", "--layers", "1", "--hidden", "64", "--steps", "1")
     assert "| ZeRO-2 (optim_grads) |" in out and "| ZeRO-2 + NVMe offload 1.0 |" in out and "Largest model" in out
+    assert "| ZeRO-3 (optim_grads_params) |" in out and "gathered units per rank" in out

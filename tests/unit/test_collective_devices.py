@@ -256,7 +256,7 @@ def _optimizer_and_ddp_sites(groups: ProcessGroups) -> None:
     any_nonfinite(grads, [groups.world])
     with pytest.raises(NonFiniteStepError):  # meta tensors read back as zeros, i.e. "rank 0 saw a NaN"
         check_finite_step(False, 1.0, groups.world)  # the NaN/Inf check's agreement
-    for strategy in ("no_shard", "optim", "optim_grads"):
+    for strategy in ("no_shard", "optim", "optim_grads", "optim_grads_params"):
         distributed = strategy != "no_shard"
         cfg = _config(use_distributed_optimizer=distributed, data_parallel_sharding_strategy=strategy, ddp_bucket_size=10)
         cfg.world_size = 4 * 2  # DP x CP = 2 with TP = PP = 2
@@ -264,6 +264,9 @@ def _optimizer_and_ddp_sites(groups: ProcessGroups) -> None:
         ddp.finish_grad_sync()  # all-reduce, or reduce-scatter (ZeRO-2: into the separate shard, bucket freed)
         if strategy == "optim_grads":
             assert all(b.grad_data is None for buffer in ddp.param_and_grad_buffers for b in buffer.buckets)
+        if strategy == "optim_grads_params":
+            ddp.sharded_state()  # ZeRO-3 gathers every unit (its all-gather of the shards)
+            ddp.finish_param_sync()
         if distributed:
             ddp.start_param_sync()
             owned = [(param, start, end, lambda key, n=end - start: _meta(n)) for param, start, end in shard_slices(ddp)]
