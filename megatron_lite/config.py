@@ -428,6 +428,10 @@ class CheckpointConfig:
     load: Optional[str] = arg(None, "Directory to load a checkpoint from.")
     save_interval: Optional[int] = arg(None, "Save every this many iterations.")
     no_save_optim: bool = arg(False, "Do not save optimizer state.", action="store_true")
+    async_save: bool = arg(False, "Save in the background: each rank copies its checkpoint pieces to host memory and "
+                           "a writer thread writes them while training continues; the tracker names the checkpoint "
+                           "once every rank's files are durable. At most one save in flight; exit and SIGTERM wait "
+                           "for it.", action="store_true")
     no_load_optim: bool = arg(False, "Do not load optimizer state.", action="store_true")
     no_load_rng: bool = arg(False, "Do not load RNG states.", action="store_true")
     allow_data_change: bool = arg(False, "Resume with --load even if the training data (dataset sizes, blend weights, "
