@@ -455,10 +455,20 @@ class LoggingConfig:
     peak_tflops: Optional[float] = arg(None, "Peak dense TFLOP/s per device for MFU (detected for known GPUs).")
     log_memory: bool = arg(True, "Do not log memory.", flag="--no-log-memory", action="store_false")
     log_num_zeros_in_grad: bool = arg(False, "Count and log zero gradient elements (an extra pass over all grads).", action="store_true")
+    log_loss_spikes: bool = arg(False, "Report every iteration whose loss is more than --loss-spike-threshold standard "
+                                "deviations above the mean of the previous --loss-spike-window losses (a console "
+                                "line and a JSONL record 'loss_spike'; every iteration, whatever --log-interval).",
+                                action="store_true")
+    loss_spike_threshold: float = arg(4.0, "With --log-loss-spikes: standard deviations above the window's mean.")
+    loss_spike_window: int = arg(50, "With --log-loss-spikes: how many previous losses the mean and deviation use.")
 
     def validate(self, cfg: "Config") -> None:
         if self.log_interval < 1:
             _fail("--log-interval", f"must be >= 1, got {self.log_interval}", "Use a positive interval.")
+        if self.loss_spike_threshold <= 0:
+            _fail("--loss-spike-threshold", f"must be > 0, got {self.loss_spike_threshold}", "Use e.g. 4.")
+        if self.loss_spike_window < 2:
+            _fail("--loss-spike-window", f"must be >= 2, got {self.loss_spike_window}", "Use e.g. 50.")
 
 
 SECTIONS = {

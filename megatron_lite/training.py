@@ -23,7 +23,7 @@ from megatron_lite.data.builder import data_fingerprint
 from megatron_lite.distributed.ddp import DistributedDataParallel
 from megatron_lite.distributed.finalize_model_grads import finalize_model_grads
 from megatron_lite.kernels.registry import select_kernels
-from megatron_lite.logging import MetricsLogger, print_rank_0
+from megatron_lite.logging import LossSpikeDetector, MetricsLogger, print_rank_0
 from megatron_lite.optimizer import get_megatron_optimizer, memory_report
 from megatron_lite.optimizer.clip_grads import NonFiniteStepError
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
@@ -321,6 +321,8 @@ class _Run:
         self.summary: dict = {"iteration": state.iteration, "train_losses": [], "valid_loss": None}
         self.saved_at: Optional[int] = None
         self.save_reason = ""
+        log = config.logging
+        self.spikes = LossSpikeDetector(log.loss_spike_threshold, log.loss_spike_window) if log.log_loss_spikes else None
         self.data_fingerprint: Optional[dict] = None  # recorded in every checkpoint (data.builder)
         self.data = ([], [], [])
 
@@ -392,6 +394,9 @@ class _Run:
             window_iters += 1
             if loss is not None:
                 self.summary["train_losses"].append(loss)
+            spike = self.spikes.update(loss) if self.spikes is not None else None
+            if spike is not None:
+                self.logger.log_loss_spike(state.iteration, spike)
             if state.iteration % config.logging.log_interval == 0:
                 self.log(loss, grad_norm, num_zeros, (time.time() - window_start) / window_iters)
                 window_start, window_iters = time.time(), 0

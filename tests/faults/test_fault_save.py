@@ -173,7 +173,13 @@ def test_sigterm_during_async_save_publishes_only_complete_checkpoints(tmp_path)
     tmp_dir = save / "iter_0000002.tmp"
     _wait_for(lambda: tmp_dir.is_dir() and any(tmp_dir.iterdir()), proc)
     assert read_tracker(str(save)) is None  # in flight: not published
-    os.killpg(proc.pid, signal.SIGTERM)
+    # SIGTERM to the workers (what Slurm's pre-emption delivers; torchrun itself is left alone, as
+    # scripts/train_slurm.sbatch does: a SIGTERMed torchrun aborts instead of waiting for its workers).
+    workers = [int(pid) for pid in subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output[-4000:]
     stopped = max(r["iteration"] for r in read_jsonl(tmp_path / "m.jsonl") if "lm_loss" in r)
@@ -196,7 +202,9 @@ def test_sigkill_during_sharded_save_resumes_from_the_previous_checkpoint(tmp_pa
     proc = _start([*base, "--save", str(save)], tmp_path, {"MEGATRON_LITE_TEST_SLOW_SAVE": "1.0"})
     tmp_dir = save / "iter_0000004.tmp"
     _wait_for(lambda: tmp_dir.is_dir() and any(f.suffix == ".pt" for f in tmp_dir.iterdir()), proc)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # Every process of the job's session (torchrun puts its workers in process groups of their own).
+    for pid in subprocess.run(["ps", "-o", "pid=", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
     proc.communicate(timeout=60)
     assert _complete(save) == 2 and tmp_dir.is_dir()
     resumed, output = run(2, [*base, "--save", str(save), "--load", str(save)], tmp_path, "resumed")
