@@ -114,12 +114,15 @@ def initialize_param(param: torch.Tensor, name: str, seed: int, tp_rank: int = 0
         param.copy_(shard_of_full(full, param, tp_rank, tp_size).to(dtype=param.dtype, device=param.device))
         return
     generator = torch.Generator().manual_seed(seed_for(seed, name))
-    local = torch.zeros(param.shape)  # fp32; vocabulary padding rows stay zero
+    # An fp32 host parameter is filled in place; otherwise an fp32 host shard is converted at the end.
+    in_place = param.dtype == torch.float32 and param.device.type == "cpu"
+    local = param.data.zero_() if in_place else torch.zeros(param.shape)  # vocabulary padding rows stay zero
     for r0, r1 in _row_chunks(shape):
         chunk = torch.empty((r1 - r0, *shape[1:])).normal_(0.0, std, generator=generator)
         if not _keep_rows(chunk, r0, local, param, tp_rank, tp_size):
             break
-    param.copy_(local.to(dtype=param.dtype, device=param.device))
+    if not in_place:
+        param.copy_(local.to(dtype=param.dtype, device=param.device))
 
 
 def _row_chunks(shape: tuple[int, ...]) -> list[tuple[int, int]]:

@@ -152,11 +152,25 @@ def _start(args: list, tmp_path, extra_env: dict) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def _workers(proc: subprocess.Popen) -> list[int]:
+    """torchrun's worker processes (each in a session of its own, so killpg on torchrun misses them)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def _kill_job(proc: subprocess.Popen, sig: int) -> None:
+    for pid in [*_workers(proc), proc.pid]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while not condition():
         if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_job(proc, signal.SIGKILL)
             raise AssertionError(f"condition not reached (rc {proc.poll()}):\n{proc.stdout.read()[-4000:]}")
         time.sleep(0.05)
 
@@ -175,8 +189,7 @@ def test_sigterm_during_async_save_publishes_only_complete_checkpoints(tmp_path)
     assert read_tracker(str(save)) is None  # in flight: not published
     # SIGTERM to the workers (what Slurm's pre-emption delivers; torchrun itself is left alone, as
     # scripts/train_slurm.sbatch does: a SIGTERMed torchrun aborts instead of waiting for its workers).
-    workers = [int(pid) for pid in subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True,
-                                                  text=True).stdout.split()]
+    workers = _workers(proc)
     assert len(workers) == 2, workers
     for pid in workers:
         os.kill(pid, signal.SIGTERM)
@@ -202,9 +215,7 @@ def test_sigkill_during_sharded_save_resumes_from_the_previous_checkpoint(tmp_pa
     proc = _start([*base, "--save", str(save)], tmp_path, {"MEGATRON_LITE_TEST_SLOW_SAVE": "1.0"})
     tmp_dir = save / "iter_0000004.tmp"
     _wait_for(lambda: tmp_dir.is_dir() and any(f.suffix == ".pt" for f in tmp_dir.iterdir()), proc)
-    # Every process of the job's session (torchrun puts its workers in process groups of their own).
-    for pid in subprocess.run(["ps", "-o", "pid=", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split():
-        os.kill(int(pid), signal.SIGKILL)
+    _kill_job(proc, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert _complete(save) == 2 and tmp_dir.is_dir()
     resumed, output = run(2, [*base, "--save", str(save), "--load", str(save)], tmp_path, "resumed")
