@@ -148,7 +148,7 @@ class SaveJob:
                 self.save_fn(obj, path)
             fsync_dir(self.tmp)
             self.records = file_records(self.tmp, self.files)
-        except OSError as error:
+        except Exception as error:  # noqa: BLE001 - any failure must reach finalize, or a partial save would publish
             self.error = f"rank {self.rank}: {type(error).__name__}: {error}"
         finally:
             self.files = {}  # free the host snapshot as soon as it is on disk
