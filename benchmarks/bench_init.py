@@ -38,21 +38,22 @@ from bench_checkpoint import PeakRSS  # noqa: E402
 SEQ, VOCAB = 128, 50257
 
 
-def _config(world: int, layers: int) -> Config:
+def _config(world: int, layers: int, shape: tuple[int, int, int]) -> Config:
+    hidden, ffn, vocab = shape
     cfg = Config(world_size=world)
     m = cfg.model
-    m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size = layers, 2048, 16, 8192
-    m.seq_length, m.max_position_embeddings, m.vocab_size = SEQ, SEQ, VOCAB
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size = layers, hidden, max(1, hidden // 128), ffn
+    m.seq_length, m.max_position_embeddings, m.vocab_size = SEQ, SEQ, vocab
     m.hidden_dropout = m.attention_dropout = 0.0
     cfg.parallel.tensor_model_parallel_size = world
     cfg.training.micro_batch_size = cfg.training.global_batch_size = 1
     return cfg.validate()
 
 
-def _rank(world: int, layers: int, chunked: bool, step: bool) -> dict:
+def _rank(world: int, layers: int, shape: tuple, chunked: bool, step: bool) -> dict:
     if not chunked:
         utils.INIT_CHUNK_ELEMENTS = 1 << 62  # every tensor takes the full-draw path: the previous behaviour
-    cfg = _config(world, layers)
+    cfg = _config(world, layers, shape)
     ps.initialize_model_parallel(world, 1)
     groups = ps.get_process_groups()
     torch.distributed.barrier()
@@ -64,7 +65,7 @@ def _rank(world: int, layers: int, chunked: bool, step: bool) -> dict:
     if step:
         ddp = DistributedDataParallel(cfg, model, groups=groups)
         optimizer = get_megatron_optimizer(cfg, [ddp], groups)
-        tokens = torch.randint(0, VOCAB, (1, SEQ + 1), generator=torch.Generator().manual_seed(0))
+        tokens = torch.randint(0, cfg.model.vocab_size, (1, SEQ + 1), generator=torch.Generator().manual_seed(0))
         optimizer.zero_grad()
         ddp(tokens[:, :-1], torch.arange(SEQ).expand(1, SEQ), None, tokens[:, 1:]).mean().backward()
         finalize_model_grads([ddp], groups)
@@ -80,21 +81,26 @@ def main(argv=None) -> None:
     parser.add_argument("--world", type=int, default=8)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--step-layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--ffn", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=VOCAB)
     parser.add_argument("--append", action="store_true", help="Append the tables to benchmarks/RESULTS.md.")
     args = parser.parse_args(argv)
+    shape = (args.hidden, args.ffn, args.vocab)
     lines = ["| init | layers | local weights MiB/rank | build s (slowest rank) | peak extra MiB/rank during build (max) |"
              " first step s (slowest rank) | peak RSS MiB/rank (max) |", "|" + "---|" * 7]
     for layers, step in ((args.layers, False), (args.step_layers, True)):
         for chunked in (False, True):
-            outs = run_distributed(_rank, args.world, timeout=3600, world=args.world, layers=layers, chunked=chunked,
-                                   step=step)
+            outs = run_distributed(_rank, args.world, timeout=3600, world=args.world, layers=layers, shape=shape,
+                                   chunked=chunked, step=step)
             first = f"{max(o['first_step_s'] for o in outs):.1f}" if step else "-"
             peak = f"{max(o['peak_rss_mib'] for o in outs):.0f}" if step else "-"
             lines.append(f"| {'chunked' if chunked else 'full draw (before)'} | {layers} | {outs[0]['local_mib']:.0f} | "
                          f"{max(o['build_s'] for o in outs):.1f} | {max(o['build_extra_mib'] for o in outs):.0f} | "
                          f"{first} | {peak} |")
             print(lines[-1], flush=True)
-    header = (f"GPT-1.3B shape (hidden 2048, FFN 8192, 16 heads, vocab {VOCAB}), fp32, TP {args.world} on {args.world} "
+    header = (f"GPT shape hidden {args.hidden}, FFN {args.ffn}, {max(1, args.hidden // 128)} heads, vocab {args.vocab} "
+              f"(GPT-1.3B: 2048, 8192, 16, 50257), fp32, TP {args.world} on {args.world} "
               f"gloo processes (one thread each); {platform.machine()}, {os.cpu_count()} CPU cores shared with other "
               f"jobs, torch {torch.__version__}. The first-step rows use {args.step_layers} layers: 24 layers with "
               "Adam (16 bytes/param, 21 GB in all) do not fit this 24 GiB machine in 8 processes.")

@@ -102,15 +102,23 @@ def host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True)
 
 
+def host_tensor(tensor: torch.Tensor, snapshot: bool) -> torch.Tensor:
+    """What a file stores: a copy when `snapshot` (the values change while a background writer runs) or
+    when the tensor is a view into a larger storage or off the host; else the tensor itself (no memory)."""
+    whole = tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return host_copy(tensor) if snapshot or not whole or tensor.device.type != "cpu" else tensor.detach()
+
+
 def snapshot_pieces(assigned: dict[str, list], params: dict[str, torch.Tensor],
-                    optim_ranges: dict[str, list], shapes: dict[str, list[int]]) -> dict[str, dict]:
+                    optim_ranges: dict[str, list], shapes: dict[str, list[int]], snapshot: bool = True) -> dict[str, dict]:
     """{kind: {piece key: host tensor (model) or {state key: host tensor} (optim)}} of what this rank writes.
-    `optim_ranges[name]`: [(start, end, {key: flat tensor})] this rank holds."""
+    `optim_ranges[name]`: [(start, end, {key: flat tensor})] this rank holds. `snapshot`: copy every tensor
+    (--async-save); a synchronous save copies only views and device tensors (host_tensor)."""
     out: dict[str, dict] = {kind: {} for kind in KINDS}
     for name, _, lo, hi in assigned["model"]:
         numel = params[name].numel()
         key = piece_key(name, lo, hi, numel)
-        out["model"][key] = host_copy(params[name] if key == name else params[name].reshape(-1)[lo:hi])
+        out["model"][key] = host_tensor(params[name] if key == name else params[name].reshape(-1)[lo:hi], snapshot)
     for name, _, lo, hi in assigned["optim"]:
         numel = 1
         for size in shapes[name]:
@@ -118,7 +126,7 @@ def snapshot_pieces(assigned: dict[str, list], params: dict[str, torch.Tensor],
         start, _, states = next(r for r in optim_ranges[name] if r[0] <= lo and hi <= r[1])
         whole = piece_key(name, lo, hi, numel) == name
         out["optim"][piece_key(name, lo, hi, numel)] = {
-            key: host_copy(value.reshape(shapes[name]) if whole else value.reshape(-1)[lo - start:hi - start])
+            key: host_tensor(value.reshape(shapes[name]) if whole else value.reshape(-1)[lo - start:hi - start], snapshot)
             for key, value in states.items()}
     return out
 

@@ -133,7 +133,7 @@ def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_schedu
     optim_ranges = _optimizer_ranges(optimizer, params) if save_optim else {}
     report = _holdings(params, optim_ranges, layout)
     assign, metas = plan_writes(collectives.all_gather_object(report, groups.world))
-    pieces = snapshot_pieces(assign[layout["rank"]], params, optim_ranges, report["shapes"])
+    pieces = snapshot_pieces(assign[layout["rank"]], params, optim_ranges, report["shapes"], snapshot=async_save)
     files = {f"{kind}_{report['stem']}.pt": pieces[kind] for kind in KINDS if pieces[kind]}
     files[rng_file(layout["rank"])] = get_rng_state()
     if layout["rank"] == 0:
