@@ -559,7 +559,8 @@ def write_checkpoint_from_full_tensors(save_dir: str, iteration: int, config: An
             model_shards: list[dict] = [{} for _ in range(tp)]
             optim_shards: list[dict] = [{} for _ in range(tp)]
             for name in names:
-                meta = dataclasses.replace(param_meta[name], pp_rank=pp_rank)
+                # (the source's sharded-save pieces describe its files, not these)
+                meta = dataclasses.replace(param_meta[name], pp_rank=pp_rank, pieces={}, shard_shapes=[])
                 full = source(name)
                 if list(full.shape) != list(meta.shape):
                     raise CheckpointError(f"{name}: given tensor shape {list(full.shape)} vs metadata shape {meta.shape}")

@@ -5,14 +5,18 @@ distributed optimizer (DP4, small buckets, so parameters straddle DP shard bound
   writes are spread over the DP ranks (one copy of each parameter); no tensor collective runs during the
   save (only the small object reports), so no rank ever receives another rank's optimizer slice;
 - the same-layout load reads only the files holding its own slices and restores every state bitwise;
-- --async-save (background writer, finalized later) writes the same checkpoint as a synchronous save.
+- --async-save (background writer, finalized later) writes the same checkpoint as a synchronous save;
+- offline, without torch.distributed: tools/checkpoint/inspect.py --verify and a reshard to TP 2
+  (checkpoint_io.reshard_checkpoint, what convert.py runs) read the sharded files exactly.
 """
 import os
+import subprocess
+import sys
 
 import torch
 
 from megatron_lite import collectives, parallel_state as ps
-from megatron_lite.checkpoint_io import CheckpointReader
+from megatron_lite.checkpoint_io import CheckpointReader, reshard_checkpoint
 from megatron_lite.checkpointing import (_files_read, _named_params, _layout, finalize_pending_save,
                                          load_checkpoint, pending_save_iteration, save_checkpoint)
 from megatron_lite.testing import run_distributed
@@ -89,3 +93,14 @@ def test_dp_ranks_write_and_read_only_their_own_slices(tmp_path):
         assert torch.equal(async_reader.full_tensor(name), reader.full_tensor(name)), name
         for key, value in reader.optimizer_full_state(name).items():
             assert torch.equal(async_reader.optimizer_full_state(name)[key], value), (name, key)
+    # Offline: the inspect tool verifies every piece file, and a reshard to TP 2 keeps every value.
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "tools", "checkpoint", "inspect.py")
+    verified = subprocess.run([sys.executable, tool, directory, "--verify"], capture_output=True, text=True, timeout=120)
+    assert verified.returncode == 0 and "files match the manifest" in verified.stdout, verified.stdout + verified.stderr
+    resharded = CheckpointReader(reshard_checkpoint(directory, str(tmp_path / "tp2"), tp=2))
+    assert resharded.layout["tp"] == 2
+    for name in reader.param_names():
+        assert torch.equal(resharded.full_tensor(name), reader.full_tensor(name)), name
+        for key, value in reader.optimizer_full_state(name).items():
+            assert torch.equal(resharded.optimizer_full_state(name)[key], value), (name, key)
