@@ -29,7 +29,7 @@ import torch
 
 from megatron_lite import collectives, parallel_state
 from megatron_lite.checkpoint_io import (COMMON_FILE, EMBEDDING_NAME, METADATA_FILE, CheckpointError,
-                                         CheckpointReader, ParamMeta, atomic_torch_save, atomic_write_text,
+                                         CheckpointReader, atomic_torch_save, atomic_write_text,
                                          build_metadata, is_tied_copy, iteration_dir_name, param_meta_of,
                                          prepare_tmp_dir, publish, read_tracker, remove_stale_tmp_dirs, rng_file,
                                          strip_wrapper_prefix)
