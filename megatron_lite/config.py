@@ -436,6 +436,10 @@ class CheckpointConfig:
     load: Optional[str] = arg(None, "Directory to load a checkpoint from.")
     save_interval: Optional[int] = arg(None, "Save every this many iterations.")
     no_save_optim: bool = arg(False, "Do not save optimizer state.", action="store_true")
+    async_save: bool = arg(False, "Save in the background: each rank copies its checkpoint pieces to host memory and "
+                           "a writer thread writes them while training continues; the tracker names the checkpoint "
+                           "once every rank's files are durable. At most one save in flight; exit and SIGTERM wait "
+                           "for it.", action="store_true")
     no_load_optim: bool = arg(False, "Do not load optimizer state.", action="store_true")
     no_load_rng: bool = arg(False, "Do not load RNG states.", action="store_true")
     allow_data_change: bool = arg(False, "Resume with --load even if the training data (dataset sizes, blend weights, "
@@ -459,10 +463,20 @@ class LoggingConfig:
     peak_tflops: Optional[float] = arg(None, "Peak dense TFLOP/s per device for MFU (detected for known GPUs).")
     log_memory: bool = arg(True, "Do not log memory.", flag="--no-log-memory", action="store_false")
     log_num_zeros_in_grad: bool = arg(False, "Count and log zero gradient elements (an extra pass over all grads).", action="store_true")
+    log_loss_spikes: bool = arg(False, "Report every iteration whose loss is more than --loss-spike-threshold standard "
+                                "deviations above the mean of the previous --loss-spike-window losses (a console "
+                                "line and a JSONL record 'loss_spike'; every iteration, whatever --log-interval).",
+                                action="store_true")
+    loss_spike_threshold: float = arg(4.0, "With --log-loss-spikes: standard deviations above the window's mean.")
+    loss_spike_window: int = arg(50, "With --log-loss-spikes: how many previous losses the mean and deviation use.")
 
     def validate(self, cfg: "Config") -> None:
         if self.log_interval < 1:
             _fail("--log-interval", f"must be >= 1, got {self.log_interval}", "Use a positive interval.")
+        if self.loss_spike_threshold <= 0:
+            _fail("--loss-spike-threshold", f"must be > 0, got {self.loss_spike_threshold}", "Use e.g. 4.")
+        if self.loss_spike_window < 2:
+            _fail("--loss-spike-window", f"must be >= 2, got {self.loss_spike_window}", "Use e.g. 50.")
 
 
 SECTIONS = {

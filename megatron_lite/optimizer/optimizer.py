@@ -290,6 +290,27 @@ class MegatronOptimizer:
             for chunk in self.model_chunks:
                 chunk.start_param_sync(force_sync=True)
 
+    def local_parameter_state(self) -> list[tuple[str, int, int, dict[str, torch.Tensor]]]:
+        """(global name, start, end, {"param", state keys: flat fp32 tensor}) for every slice this rank steps
+        (the distributed optimizer's DP slices; whole parameters otherwise), without communication: what a
+        sharded checkpoint writes. The tensors are the live states (copy before they change)."""
+        keys = ("param",) + self.state_keys
+        return [(m.name, m.start, m.end, {key: self.state_tensor(m, key).detach().view(-1) for key in keys})
+                for m in self.main_params]
+
+    @torch.no_grad()
+    def set_local_parameter_state(self, state_for) -> None:
+        """Inverse of local_parameter_state: `state_for(name, start, end, key)` returns the flat [start, end)
+        of that state (TP-local flat indexing). The model parameters get the (rounded) main values too."""
+        for m in self.main_params:
+            for key in ("param",) + self.state_keys:
+                self.state_tensor(m, key).copy_(state_for(m.name, m.start, m.end, key).reshape(-1))
+            if not m.aliases_model:
+                m.model_param.detach().view(-1)[m.start:m.end].copy_(self.state_tensor(m, "param"))
+        if self.distributed:
+            for chunk in self.model_chunks:
+                chunk.start_param_sync(force_sync=True)
+
     @torch.no_grad()
     def reload_model_params(self) -> None:
         """Refresh the fp32 main params from the model's (e.g. after loading weights without optimizer state)."""

@@ -317,6 +317,24 @@ def _context_parallel_sites(groups: ProcessGroups) -> None:
     loss.backward()
 
 
+def _async_save_site(groups: ProcessGroups) -> None:
+    """finalize_pending_save's non-blocking check (one any_rank while an --async-save is in flight); its
+    object collectives are stood in for (the recorder handles tensor collectives only)."""
+    from megatron_lite import checkpointing
+    from megatron_lite.checkpoint_writer import CheckpointSaveError, SaveJob
+    job = SaveJob(5, 0, "/nonexistent/iter_0000005.tmp", {}, None, error="rank 0: OSError: simulated")
+    checkpointing._PENDING = checkpointing._PendingSave(job, "/nonexistent", {}, groups)
+    originals = collectives.all_gather_object, collectives.broadcast_object
+    try:
+        collectives.all_gather_object = lambda obj, group=None: [obj]
+        collectives.broadcast_object = lambda obj, src, group=None: obj
+        with pytest.raises(CheckpointSaveError, match="saving iteration 5"):
+            checkpointing.finalize_pending_save(groups, blocking=False)
+    finally:
+        collectives.all_gather_object, collectives.broadcast_object = originals
+        checkpointing._PENDING = None
+
+
 def _training_sites(groups: ProcessGroups) -> None:
     import pretrain_gpt
     from megatron_lite import training
@@ -338,6 +356,7 @@ def _training_sites(groups: ProcessGroups) -> None:
         training._Run.run_eval(run, "valid", [None])
     finally:
         training.evaluate = original
+    _async_save_site(groups)
     batch = {key: torch.zeros(1, 8, dtype=torch.long) for key in ("tokens", "labels", "position_ids")}
     batch["loss_mask"] = torch.ones(1, 8)
     original_groups = pretrain_gpt._groups
