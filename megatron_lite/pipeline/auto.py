@@ -3,8 +3,9 @@ and whose activation memory stays within 1F1B's bound (at most min(PP, m) micro-
 layers in flight on any rank; a chunk of VP counts 1 / VP). The simulator prices forward : backward = 1 : 2
 (B = W = 1 for split backwards) per stage, divided by VP per chunk, with the configuration's
 --overlap-p2p-comm; ties go to the simpler schedule (earlier in CANDIDATES). With two virtual stages per
-rank auto compares interleaved 1F1B with ZB-V (which then places the chunks as its V: layout.is_v_shape);
-with more, interleaved is the only one."""
+rank auto compares interleaved 1F1B with ZB-V (which then places the chunks as its V: layout.is_v_shape),
+unless --microbatch-group-size-per-virtual-pipeline-stage (interleaving's setting) is given; with more
+chunks, interleaved is the only one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ def choose_schedule(pp_size: int, num_chunks: int, num_microbatches: int, reques
     if requested != "auto" or pp_size == 1 or num_chunks > 2:
         name = schedule_name(pp_size, num_chunks, requested)
         return Choice(name, *predict(name, pp_size, num_chunks, num_microbatches, overlap, group_size))
-    candidates = CANDIDATES if num_chunks == 1 else VIRTUAL_CANDIDATES
+    # an explicit --microbatch-group-size-per-virtual-pipeline-stage is interleaving's own setting
+    candidates = CANDIDATES if num_chunks == 1 else VIRTUAL_CANDIDATES if group_size is None else ("interleaved",)
     options = []
     for name in candidates:
         try:

@@ -151,14 +151,11 @@ def validate_schedule(cfg, num_microbatches: int) -> None:
     """The schedule's own rules for this configuration's first (smallest) micro-batch count."""
     from megatron_lite.pipeline.schedules import check_interleaving
     p = cfg.parallel
-    vp = p.virtual_pipeline_model_parallel_size
-    # auto at VP = 2 may run ZB-V, which takes any m (auto.choose_schedule skips interleaved when it cannot run)
-    if vp is not None and (p.pipeline_schedule == "interleaved" or (p.pipeline_schedule == "auto" and vp != 2)):
-        check_interleaving(p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size, num_microbatches,
-                           p.microbatch_group_size_per_vp_stage)
-    elif vp is not None and p.pipeline_schedule == "auto" and p.microbatch_group_size_per_vp_stage is not None:
-        group = p.microbatch_group_size_per_vp_stage  # a bad group size is refused even where ZB-V could run
-        check_interleaving(p.pipeline_model_parallel_size, vp, max(num_microbatches, group), group)
+    vp, group = p.virtual_pipeline_model_parallel_size, p.microbatch_group_size_per_vp_stage
+    # auto at VP = 2 may run ZB-V, which takes any m; an explicit group size asks for interleaving (auto.py)
+    if vp is not None and (p.pipeline_schedule == "interleaved" or
+                           (p.pipeline_schedule == "auto" and (vp != 2 or group is not None))):
+        check_interleaving(p.pipeline_model_parallel_size, vp, num_microbatches, group)
 
 
 __all__ = ["ConfigError", "stage_layer_counts", "layers_for_stage", "check_virtual_stages", "derive_virtual_stages",
