@@ -49,7 +49,9 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-_IN_FLIGHT: Optional[tuple[str, Any, float]] = None  # (op, group, start) of the call this rank is blocked in
+# thread id -> (op, group, start) of the call that thread is blocked in: the training thread and, under
+# --overlap-p2p-comm, the pipeline's communication thread each have their own entry.
+_IN_FLIGHT: dict[int, tuple[str, Any, float]] = {}
 
 
 class CollectiveTimeoutError(RuntimeError):
@@ -219,21 +221,22 @@ class _Work:
 
 
 def in_flight() -> Optional[str]:
-    """The op this rank is blocked in right now ("all_reduce on group 'tp' (ranks [0, 1]) for 3.1 s"), or
-    None. Read from another thread (testing.py's heartbeat) to say where each rank hung."""
-    current = _IN_FLIGHT
-    if current is None:
+    """The ops this rank's threads are blocked in right now ("all_reduce on group 'tp' (ranks [0, 1]) for
+    3.1 s", several joined by "; "), or None. Read from another thread (testing.py's heartbeat) to say where
+    each rank hung."""
+    current = list(_IN_FLIGHT.values())
+    if not current:
         return None
-    op, group, start = current
-    where = _describe(op, group).split(" timed out")[0]  # "<op> on group '<name>' (ranks [...])", as in errors
-    return f"{where} for {time.monotonic() - start:.1f} s"
+    now = time.monotonic()
+    # "<op> on group '<name>' (ranks [...])", as in errors
+    return "; ".join(f"{_describe(op, group).split(' timed out')[0]} for {now - start:.1f} s" for op, group, start in current)
 
 
 def _call(op: str, group, fn):
     """Run fn() and turn a backend timeout (CollectiveTimeoutError) or a dead peer (CollectivePeerLostError)
     into an error that names op, group and rank."""
-    global _IN_FLIGHT
-    _IN_FLIGHT = (op, group, time.monotonic())
+    thread = threading.get_ident()
+    _IN_FLIGHT[thread] = (op, group, time.monotonic())
     try:
         return fn()
     except RuntimeError as error:
@@ -243,7 +246,7 @@ def _call(op: str, group, fn):
             raise CollectivePeerLostError(_describe_lost(op, group, error)) from error
         raise
     finally:
-        _IN_FLIGHT = None
+        _IN_FLIGHT.pop(thread, None)
 
 
 def _run(op: str, group, call, async_op: bool):

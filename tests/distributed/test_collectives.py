@@ -88,3 +88,35 @@ def test_timeout_names_op_group_and_rank():
         run_distributed(_timeout, 2, timeout=30)
     text = str(info.value)
     assert "CollectiveTimeoutError" in text and "all_reduce on group 'tp'" in text and "on rank 0" in text
+
+
+def _two_threads_blocked():
+    """The training thread and a second thread (as --overlap-p2p-comm's communication thread) each blocked
+    in a call: in_flight names both, and each thread's exit clears only its own entry."""
+    import threading
+    ps.initialize_model_parallel()
+    group = ps.get_data_parallel_group()
+    release_worker, release_main, worker_in = threading.Event(), threading.Event(), threading.Event()
+
+    def worker():
+        C._call("recv", group, lambda: (worker_in.set(), release_worker.wait(30)))
+    thread = threading.Thread(target=worker)
+    thread.start()
+    worker_in.wait(30)
+    seen = {}
+
+    def blocked_main():
+        seen["both"] = C.in_flight()
+        release_worker.set()
+        thread.join(30)
+        seen["main_only"] = C.in_flight()
+    C._call("all_reduce", group, blocked_main)
+    seen["none"] = C.in_flight()
+    return seen
+
+
+def test_in_flight_reports_every_blocked_thread():
+    (seen,) = run_distributed(_two_threads_blocked, 1)
+    assert "recv on group" in seen["both"] and "all_reduce on group" in seen["both"], seen
+    assert "recv" not in seen["main_only"] and "all_reduce on group" in seen["main_only"], seen
+    assert seen["none"] is None
