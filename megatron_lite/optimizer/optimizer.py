@@ -301,12 +301,15 @@ class MegatronOptimizer:
     @torch.no_grad()
     def set_local_parameter_state(self, state_for) -> None:
         """Inverse of local_parameter_state: `state_for(name, start, end, key)` returns the flat [start, end)
-        of that state (TP-local flat indexing). The model parameters get the (rounded) main values too."""
+        of that state (TP-local flat indexing). The model parameters get the (rounded) main values too
+        (as set_parameter_state: through model_slice, which under ZeRO-3 is the persistent shard)."""
+        for chunk in self.model_chunks:
+            chunk.finish_param_sync()
         for m in self.main_params:
             for key in ("param",) + self.state_keys:
                 self.state_tensor(m, key).copy_(state_for(m.name, m.start, m.end, key).reshape(-1))
             if not m.aliases_model:
-                m.model_param.detach().view(-1)[m.start:m.end].copy_(self.state_tensor(m, "param"))
+                m.model_slice.copy_(self.state_tensor(m, "param"))
         if self.distributed:
             for chunk in self.model_chunks:
                 chunk.start_param_sync(force_sync=True)
