@@ -104,3 +104,31 @@ def test_dp_ranks_write_and_read_only_their_own_slices(tmp_path):
         assert torch.equal(resharded.full_tensor(name), reader.full_tensor(name)), name
         for key, value in reader.optimizer_full_state(name).items():
             assert torch.equal(resharded.optimizer_full_state(name)[key], value), (name, key)
+
+
+def _zero3_bf16_resume(directory: str) -> dict:
+    cfg = _config(2, 1, True, bf16=True, strategy="optim_grads_params", save=directory, load=directory)
+    ddp, optimizer, scheduler = _setup(cfg)
+    for step in range(2):
+        _train_step(ddp, optimizer, scheduler, step)
+    save_checkpoint(2, [ddp], optimizer, scheduler, 2 * GLOBAL_BATCH, cfg)
+    _train_step(ddp, optimizer, scheduler, 2)
+    out = {"reference": _state(ddp, optimizer, scheduler)}
+    ps.destroy_model_parallel()
+    ddp, optimizer, scheduler = _setup(cfg)
+    out["result"] = load_checkpoint([ddp], optimizer, scheduler, cfg)
+    _train_step(ddp, optimizer, scheduler, 2)
+    out["resumed"] = _state(ddp, optimizer, scheduler)
+    ps.destroy_model_parallel()
+    return out
+
+
+def test_zero3_bf16_resume_is_bitwise(tmp_path):
+    """ZeRO-3 (DP 2, bf16 weights, fp32 main params: the path where the model is written back through
+    ZeRO-3's persistent shard) saves sharded, resumes and takes the same next step bit for bit."""
+    for out in run_distributed(_zero3_bf16_resume, 2, timeout=300, directory=str(tmp_path)):
+        assert out["result"] == (2, 2 * GLOBAL_BATCH)
+        for name, tensor in out["reference"]["model"].items():
+            assert torch.equal(out["resumed"]["model"][name], tensor), name
+            for key, value in out["reference"]["optim"][name].items():
+                assert torch.equal(out["resumed"]["optim"][name][key], value), (name, key)
