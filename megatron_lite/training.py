@@ -104,7 +104,7 @@ def initialize(config: Config) -> ProcessGroups:
                           "Launch with torchrun so WORLD_SIZE is set before parsing.")
     ps.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                  p.virtual_pipeline_model_parallel_size, p.context_parallel_size,
-                                 p.expert_model_parallel_size)
+                                 p.expert_model_parallel_size, p.expert_tensor_parallel_size)
     groups = ps.get_process_groups()
     # Offset by pipeline stage (as Megatron does) so dropout on different stages draws different masks;
     # weights do not depend on it (they are drawn from the seed and each parameter's name).

@@ -175,7 +175,7 @@ def _groups(pp_rank: int = 0) -> ProcessGroups:
     def group(name: str, rank: int = 0) -> Group:
         return Group(name, (0, 1), rank, handle=object())
     fields = {name: group(name) for name in ("tp", "dp", "dp_cp", "cp", "mp", "tp_cp", "tp_dp", "tp_dp_cp", "ep",
-                                              "expert_dp", "tp_ep")}
+                                              "expert_dp", "tp_ep", "etp", "tp_ep_pp")}
     return ProcessGroups(world=Group("world", (0, 1), 0, None), pp=group("pp", pp_rank), embd=group("embd"), **fields)
 
 
