@@ -8,7 +8,8 @@ from megatron_lite.arguments import parse
 from megatron_lite.models.gpt import GPTModel
 from megatron_lite.models.moe.dispatcher import AllGatherDispatcher, AllToAllDispatcher
 from megatron_lite.models.moe.experts import GroupedExperts, grouped_mm_works
-from megatron_lite.models.moe.moe_layer import MoELayer, finish_moe_step
+from megatron_lite.models.moe import finish_moe_step
+from megatron_lite.models.moe.moe_layer import MoELayer
 from megatron_lite.models.moe.router import (TopKRouter, apply_capacity, switch_load_balancing_loss, topk_routing)
 from megatron_lite.process_groups import Group, ProcessGroups
 

@@ -99,22 +99,3 @@ class MoELayer(nn.Module):
             value = value.detach().float().cpu()
             self.stats[key] = self.stats[key] + value if key in self.stats else value
 
-
-def moe_layers(model_chunks) -> list[MoELayer]:
-    """Every MoE layer of these model chunks (wrapped or not)."""
-    return [m for chunk in model_chunks for m in getattr(chunk, "module", chunk).modules() if isinstance(m, MoELayer)]
-
-
-def set_aux_loss_scale(model_chunks, scale: float) -> None:
-    """The gradient each balancing loss and z-loss gets in backward: what one micro-batch's LM loss gets
-    (the pipeline runner sets loss scale x CP / micro-batches before each step)."""
-    for layer in moe_layers(model_chunks):
-        layer.router.aux_loss_scale = torch.tensor(float(scale))
-
-
-def finish_moe_step(model_chunks) -> None:
-    """After the step's last backward (finalize_model_grads, on every rank): update expert biases from the
-    step's token counts and restart the global balancing loss's running counts."""
-    for layer in moe_layers(model_chunks):
-        layer.router.update_expert_bias()
-        layer.router.reset_step()
