@@ -23,6 +23,7 @@ from megatron_lite.distributed.ddp import DistributedDataParallel
 from megatron_lite.distributed.finalize_model_grads import finalize_model_grads
 from megatron_lite.kernels.registry import select_kernels
 from megatron_lite.logging import MetricsLogger, print_rank_0
+from megatron_lite.models.moe import metrics as moe_metrics
 from megatron_lite.optimizer import get_megatron_optimizer, memory_report
 from megatron_lite.optimizer.clip_grads import NonFiniteStepError
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
@@ -402,10 +403,11 @@ class _Run:
 
     def log(self, loss, grad_norm, num_zeros, elapsed: float) -> None:
         state = self.state
+        moe = moe_metrics.collect(self.model, self.config, self.groups)  # collective: every rank, every log
         self.logger.log_training(state.iteration, train_iters(self.config), state.consumed_train_samples, loss,
                                  self.optimizer.get_lr(), self.batches.global_batch_size, grad_norm, num_zeros,
                                  float(self.optimizer.get_loss_scale()), state.skipped_iterations,
-                                 state.nan_iterations, elapsed)
+                                 state.nan_iterations, elapsed, extra=moe)
 
     def any(self, iterators) -> bool:
         """Whether any rank has data for this split (all ranks must agree before a collective schedule)."""

@@ -122,7 +122,8 @@ def _merge(rank_results: list[list[dict]], index: int) -> dict:
 
 def _assert_same(got: dict, ref: dict, what: str) -> None:
     assert got["losses"] == pytest.approx(ref["losses"], rel=LOSS_RTOL), what
-    assert set(got["updates"]) == set(ref["updates"]), what
+    # (PP adds the tied embedding's last-stage copy, output_layer.weight: not in the one-process model)
+    assert set(got["updates"]) - {"output_layer.weight"} == set(ref["updates"]), what
     for name, update in ref["updates"].items():
         scale = float(update.abs().max())
         assert scale > 0, f"{what}: {name} was never updated: the comparison would be vacuous"

@@ -33,7 +33,9 @@ def build_mlp(config: Config, layer_number: int, tp_group: Group, device: Option
     """The MLP of global layer `layer_number`: a MoELayer where --moe-layer-freq says so, else the dense MLP."""
     if not is_moe_layer(config, layer_number):
         return MLP(config, tp_group, device)
-    return MoELayer(config, groups or ProcessGroups.single(), device)
+    layer = MoELayer(config, groups or ProcessGroups.single(), device)
+    layer.layer_number = layer_number  # global: the row of its metrics (metrics.py)
+    return layer
 
 
 class SharedExpert(MLP):
@@ -76,6 +78,7 @@ class MoELayer(nn.Module):
         self.shared_experts = (SharedExpert(config, groups.tp, device)
                                if moe.moe_shared_expert_intermediate_size is not None else None)
         self.dispatcher = build_dispatcher(moe.moe_token_dispatcher_type, moe.num_experts, ep, etp, groups.tp_ep)
+        self.layer_number = 0
         self.stats: dict[str, torch.Tensor] = {}  # this step's sums over micro-batches (see models/moe/metrics.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
