@@ -55,6 +55,8 @@ def _layout(config: Any, groups: ProcessGroups) -> dict:
         # DP and CP ranks hold identical model/optimizer copies (after the optimizer's gather): rank 0 writes.
         "dp_rank": groups.dp_cp.rank, "world_size": groups.world.size, "rank": groups.world.rank,
         "distributed_optimizer": bool(config.parallel.use_distributed_optimizer),
+        # MoE experts (ShardSpec axis "etp"): split over expert TP, held by one EP rank, replicated over expert DP.
+        "etp": groups.etp.size, "etp_rank": groups.etp.rank, "ep_rank": groups.ep.rank, "edp_rank": groups.expert_dp.rank,
         "sharding_strategy": config.parallel.sharding_strategy,  # informational: every strategy saves one format
     }
 
@@ -71,8 +73,16 @@ def _named_params(model: Any) -> dict[str, torch.nn.Parameter]:
     return params
 
 
+def _axis(spec, layout: dict) -> tuple[int, int]:
+    """(rank, size) of the group a parameter is split over: expert TP for MoE experts, else TP."""
+    return (layout["etp_rank"], layout["etp"]) if spec.axis == "etp" else (layout["tp_rank"], layout["tp"])
+
+
 def _writes(meta: ParamMeta, layout: dict) -> bool:
-    """Whether this rank stores `meta`'s shard: DP rank 0 only; replicated params only on TP rank 0."""
+    """Whether this rank stores `meta`'s shard: DP rank 0 only (expert-DP rank 0 for MoE experts);
+    replicated params only on TP rank 0."""
+    if meta.shard.axis == "etp":
+        return layout["edp_rank"] == 0
     if meta.is_tied_copy or layout["dp_rank"] != 0:
         return False
     return meta.shard.is_sharded or layout["tp_rank"] == 0
@@ -124,26 +134,26 @@ def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_schedu
     collectives.barrier(groups.world)
 
     params = _named_params(model)
-    metas = {name: param_meta_of(name, p, layout["tp"], layout["pp_rank"]) for name, p in params.items()}
+    metas = {name: param_meta_of(name, p, _axis(shard_spec_of(p), layout)[1], layout["pp_rank"]) for name, p in params.items()}
     mine = {name for name, meta in metas.items() if _writes(meta, layout)}
-    here = model_file(layout["tp_rank"], layout["pp_rank"])
+    expert_file = model_file(layout["etp_rank"], layout["pp_rank"])[:-len(".pt")] + f"_ep{layout['ep_rank']}.pt"
+    files = {name: expert_file if metas[name].shard.axis == "etp" else model_file(layout["tp_rank"], layout["pp_rank"])
+             for name in mine}
     written = [rng_file(rank)]  # this rank's files, recorded (size, CRC-32) in the manifest
-    if mine:
+    states = optimizer.get_parameter_state() if save_optim else None  # collective over (expert) DP: every rank
+    for filename in sorted(set(files.values())):
+        names = sorted(name for name in mine if files[name] == filename)
         # copy=True: a parameter may be a view of a contiguous grad/param buffer; saving the view would
         # write the whole buffer.
-        atomic_torch_save({name: params[name].detach().to("cpu", copy=True) for name in sorted(mine)},
-                          os.path.join(tmp, here))
-        written.append(here)
-    if save_optim:
-        # Collective over DP for the distributed optimizer, so every rank calls it.
-        states = optimizer.get_parameter_state()
-        if mine:
-            written.append(optim_file(layout["tp_rank"], layout["pp_rank"]))
+        atomic_torch_save({name: params[name].detach().to("cpu", copy=True) for name in names}, os.path.join(tmp, filename))
+        written.append(filename)
+        if save_optim:
+            written.append(optim_name(filename))
             atomic_torch_save({name: {k: v.detach().to("cpu", copy=True) for k, v in states[name].items()}
-                               for name in sorted(mine)}, os.path.join(tmp, written[-1]))
+                               for name in names if name in states}, os.path.join(tmp, written[-1]))  # (not MoE expert biases)
     atomic_torch_save(get_rng_state(), os.path.join(tmp, rng_file(rank)))
 
-    report = {name: (metas[name].to_json(), layout["tp_rank"], here if name in mine else None) for name in metas}
+    report = {name: (metas[name].to_json(), _axis(metas[name].shard, layout)[0], files.get(name)) for name in metas}
     reports = collectives.all_gather_object((report, file_records(tmp, written)), groups.world)
     if rank == 0:
         _write_common_and_metadata(tmp, iteration, consumed_samples, config, layout, reports,
@@ -272,7 +282,7 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
 
 
 def _expected_full_shapes(params: dict[str, torch.nn.Parameter], layout: dict) -> dict[str, list[int]]:
-    return {name: param_meta_of(name, p, layout["tp"]).shape for name, p in params.items()}
+    return {name: param_meta_of(name, p, _axis(shard_spec_of(p), layout)[1]).shape for name, p in params.items()}
 
 
 def _source_name(name: str, param: torch.Tensor) -> str:
@@ -347,7 +357,8 @@ def _mismatch_message(load_dir: str, reader: Optional[CheckpointReader], config:
 
 
 def _local_shard(full: torch.Tensor, param: torch.Tensor, layout: dict) -> torch.Tensor:
-    return shard_spec_of(param).shard(full, layout["tp_rank"], layout["tp"], param.shape)
+    rank, size = _axis(shard_spec_of(param), layout)
+    return shard_spec_of(param).shard(full, rank, size, param.shape)
 
 
 def _load_model(reader: CheckpointReader, params: dict[str, torch.nn.Parameter], layout: dict) -> None:
@@ -362,6 +373,8 @@ def _optimizer_states(reader: CheckpointReader, params: dict[str, torch.nn.Param
     """Per-parameter optimizer state in this rank's TP-local shapes (the optimizer slices its DP part)."""
     states = {}
     for name, param in params.items():
+        if not param.requires_grad:  # MoE expert biases: model state only, no optimizer state
+            continue
         full_states = reader.optimizer_full_state(_source_name(name, param))
         states[name] = {key: _local_shard(full, param, layout).clone() for key, full in full_states.items()}
     return states
