@@ -273,7 +273,7 @@ class MoEConfig:
 
     def _validate_layout(self, cfg: "Config") -> None:
         p, m = cfg.parallel, cfg.model
-        if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        if p.tensor_model_parallel_size > 1 and not p.sequence_parallel and not cfg.extra.get("inference"):
             _fail("--num-experts", "with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core's rule: "
                   "every rank must route distinct tokens)", "Add --sequence-parallel.")
         if m.add_bias_linear:

@@ -121,7 +121,7 @@ def load_hf(path: str) -> Source:
     settings = hfc.tokenizer_settings(path)
     dtype = hf.dtype()
     metas = model_param_meta(config, dtype)
-    weight_map = hfc.WeightMap(config.to_dict()["model"])
+    weight_map = hfc.WeightMap(config.to_dict()["model"], config=config.to_dict())
     rules = {name: weight_map.rule(name) for name in metas}
     # Every HF tensor must be used and every needed one present: a mismatch means the config does not
     # describe the weights (e.g. biases the config says do not exist), which must not pass silently.
@@ -190,7 +190,7 @@ def save_megatron_lm(source: Source, save_dir: str, tp: int, pp: int, vp: Option
 
 def save_hf(source: Source, save_dir: str) -> None:
     model = source.config["model"]
-    weight_map = hfc.WeightMap(model)
+    weight_map = hfc.WeightMap(model, config=source.config)
     groups = [g for g in hfc.layer_groups(list(source.param_meta), model["num_layers"]) if g]
     writer = hfc.HFCheckpointWriter(save_dir, len(groups))
     for group in groups:  # one layer in memory at a time
@@ -241,7 +241,7 @@ def convert(args: argparse.Namespace) -> None:
         vp = source.config["model"]["num_layers"] // (pp * args.target_num_layers_per_virtual_pipeline_stage)
     if saver == "hf":
         save_hf(source, args.save_dir)
-        print(f"wrote Hugging Face {hfc.hf_family(source.config['model'])} model to {args.save_dir}")
+        print(f"wrote Hugging Face {hfc.hf_config_from_config(source.config)['model_type']} model to {args.save_dir}")
     elif saver == "megatron_lm":
         if args.ckpt_format not in (None, "torch"):
             raise ConfigError(f"--saver {args.saver}: writes --ckpt-format torch only, got {args.ckpt_format}.")

@@ -20,6 +20,7 @@ from megatron_lite.models.moe.dispatcher import build_dispatcher
 from megatron_lite.models.moe.experts import GroupedExperts
 from megatron_lite.models.moe.router import TopKRouter
 from megatron_lite.process_groups import Group, ProcessGroups
+from megatron_lite.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron_lite.tensor_parallel.random import is_recomputing
 from megatron_lite.tensor_parallel.utils import set_init
 
@@ -68,9 +69,9 @@ class MoELayer(nn.Module):
             raise ConfigError(f"--expert-model-parallel-size/--expert-tensor-parallel-size: the config says EP {ep} x "
                               f"ETP {etp} but the process groups have EP {groups.ep.size} x ETP {groups.etp.size}. Pass "
                               "groups=parallel_state.get_process_groups().")
-        if groups.tp.size > 1 and not parallel.sequence_parallel:
-            raise ConfigError("--num-experts: with tensor parallelism MoE layers need --sequence-parallel "
-                              "(each rank must route distinct tokens).")
+        self.tp_group = groups.tp
+        # Without sequence parallelism the TP ranks hold the same tokens (generation): each routes a 1/TP slice.
+        self.split_over_tp = groups.tp.size > 1 and not parallel.sequence_parallel
         local = moe.num_experts // ep
         first = groups.ep.rank * local
         self.router = TopKRouter(config, groups, device)
@@ -83,14 +84,32 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b, h = x.shape
-        tokens = x.reshape(s * b, h)
-        probs, routing_map = self.router(tokens, s, b)
-        out = self.dispatcher(tokens, probs, routing_map, self.experts).to(x.dtype).view(s, b, h)
-        if self.training and not is_recomputing():
-            self._record(routing_map)
+        if self.split_over_tp:
+            if self.training:  # megatron-core's rule (config refuses it for training runs too)
+                raise ConfigError("--num-experts: training with tensor parallelism needs --sequence-parallel.")
+            out = self._routed_tp_slices(x.reshape(s * b, h)).view(s, b, h)
+        else:
+            out = self._routed(x.reshape(s * b, h), s, b).view(s, b, h)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+    def _routed(self, tokens: torch.Tensor, s: int, b: int) -> torch.Tensor:
+        probs, routing_map = self.router(tokens, s, b)
+        out = self.dispatcher(tokens, probs, routing_map, self.experts).to(tokens.dtype)
+        if self.training and not is_recomputing():
+            self._record(routing_map)
+        return out
+
+    def _routed_tp_slices(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Replicated tokens (TP without SP, generation only): pad to a multiple of TP, route this rank's slice,
+        gather the outputs over TP (rows are independent in inference, so the padding never mixes in)."""
+        count, tp = tokens.shape[0], self.tp_group.size
+        padded = torch.cat([tokens, tokens.new_zeros(((-count) % tp, tokens.shape[1]))])
+        mine = padded.chunk(tp)[self.tp_group.rank]
+        out = gather_from_sequence_parallel_region(self._routed(mine, mine.shape[0], 1), self.tp_group,
+                                                   tensor_parallel_output_grad=False)
+        return out[:count]
 
     @torch.no_grad()
     def _record(self, routing_map: torch.Tensor) -> None:
