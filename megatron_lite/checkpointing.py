@@ -56,7 +56,7 @@ def _layout(config: Any, groups: ProcessGroups) -> dict:
         "dp_rank": groups.dp_cp.rank, "world_size": groups.world.size, "rank": groups.world.rank,
         "distributed_optimizer": bool(config.parallel.use_distributed_optimizer),
         # MoE experts (ShardSpec axis "etp"): split over expert TP, held by one EP rank, replicated over expert DP.
-        "etp": groups.etp.size, "etp_rank": groups.etp.rank, "ep_rank": groups.ep.rank, "edp_rank": groups.expert_dp.rank,
+        "ep": groups.ep.size, "etp": groups.etp.size, "etp_rank": groups.etp.rank, "ep_rank": groups.ep.rank, "edp_rank": groups.expert_dp.rank,
         "sharding_strategy": config.parallel.sharding_strategy,  # informational: every strategy saves one format
     }
 
@@ -180,7 +180,7 @@ def _write_common_and_metadata(tmp: str, iteration: int, consumed_samples: int, 
     for _, records in reports:
         files.update(records)
     saved_layout = {k: layout[k] for k in ("tp", "pp", "vp", "dp", "world_size", "distributed_optimizer",
-                                           "sharding_strategy")}
+                                           "sharding_strategy", "ep", "etp")}
     metadata = build_metadata(iteration, consumed_samples, config.to_dict(), saved_layout,
                               _merge_reports([report for report, _ in reports]), optimizer is not None, files=files,
                               extra=extra)

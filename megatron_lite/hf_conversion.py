@@ -127,7 +127,7 @@ def _moe_from_hf(hf: dict, cfg: Config) -> None:
     """Mixtral / Qwen2-MoE / Qwen3-MoE routing: softmax over all experts, top-k, renormalised unless Qwen's
     norm_topk_prob is false (= megatron-core's default, or --moe-router-pre-softmax)."""
     moe, model_type, layers = cfg.moe, hf["model_type"], hf["num_hidden_layers"]
-    moe.num_experts = hf["num_local_experts"] if model_type == "mixtral" else hf["num_experts"]
+    moe.num_experts = hf.get("num_local_experts") if model_type == "mixtral" else hf.get("num_experts", hf.get("num_local_experts"))
     moe.moe_router_topk = hf["num_experts_per_tok"]
     moe.moe_aux_loss_coeff = 0.0  # training choices are not part of the weights
     if model_type == "mixtral":
@@ -179,7 +179,7 @@ def _moe_to_hf(config: dict, hf: dict) -> None:
         hf.update(num_local_experts=moe["num_experts"], intermediate_size=moe["moe_ffn_hidden_size"], router_aux_loss_coef=0.0)
         return
     pattern = MoEConfigView(moe).pattern(m["num_layers"])
-    hf.update(num_experts=moe["num_experts"], moe_intermediate_size=moe["moe_ffn_hidden_size"], decoder_sparse_step=1,
+    hf.update(num_experts=moe["num_experts"], num_local_experts=moe["num_experts"], moe_intermediate_size=moe["moe_ffn_hidden_size"], decoder_sparse_step=1,
               mlp_only_layers=[i for i, x in enumerate(pattern) if x == 0], norm_topk_prob=not moe["moe_router_pre_softmax"],
               router_aux_loss_coef=0.0)
     if hf["model_type"] == "qwen2_moe":

@@ -52,6 +52,7 @@ def inference_config(load_dir: str, tp: int = 1, pp: int = 1, bf16: bool = False
     cfg.checkpoint.load, cfg.checkpoint.no_load_optim, cfg.checkpoint.no_load_rng = load_dir, True, True
     cfg.checkpoint.finetune = False
     cfg.world_size = tp * pp * max(1, ep * (etp or tp) // tp)  # EP ranks come from data-parallel replicas
+    cfg.training.global_batch_size = pp * cfg.world_size // (tp * pp)
     return cfg.validate()
 
 
