@@ -17,7 +17,6 @@ from megatron_lite.context_parallel import context_parallel_attention, global_po
 from megatron_lite.kernels.registry import select_kernels
 from megatron_lite.kernels.rope import rope_cos_sin, rope_scaling_of
 from megatron_lite.models.gpt.mlp import output_init_std
-from megatron_lite.models.moe.moe_layer import build_mlp
 from megatron_lite.process_groups import Group, ProcessGroups
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
@@ -180,6 +179,7 @@ class TransformerLayer(nn.Module):
         self.self_attention = SelfAttention(config, tp_group, device, cp_group)
         self.self_attention.layer_number = layer_number  # its key in an InferenceContext
         self.pre_mlp_layernorm = Norm(config, config.model.hidden_size, device)
+        from megatron_lite.models.moe.moe_layer import build_mlp  # (moe_layer builds on gpt/mlp.py: import here)
         self.mlp = build_mlp(config, layer_number, tp_group, device, groups)  # dense MLP, or MoE (models/moe/)
 
     def dropout(self, x: torch.Tensor) -> torch.Tensor:

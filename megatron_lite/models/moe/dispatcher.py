@@ -50,6 +50,16 @@ def all_to_all(x: torch.Tensor, group: Group, output_splits: list[int], input_sp
     return x if group.size == 1 else _AllToAll.apply(x, group, output_splits, input_splits)
 
 
+def gather_counts(counts: torch.Tensor, group: Group) -> torch.Tensor:
+    """Every member's tokens-per-expert [G * E] (int64), in group order: the all-to-all's split sizes."""
+    return collectives.all_gather(counts, group)
+
+
+def gather_routing_map(routing_map: torch.Tensor, group: Group) -> torch.Tensor:
+    """Every member's routing map, stacked along tokens (sent as uint8: gloo has no bool)."""
+    return collectives.all_gather(routing_map.to(torch.uint8), group).bool()
+
+
 def permute(routing_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert index, token index) of every routed pair, sorted by expert, then by token."""
     expert_idx, token_idx = routing_map.t().nonzero(as_tuple=True)
@@ -74,7 +84,7 @@ class AllToAllDispatcher:
                  experts: Experts) -> torch.Tensor:
         expert_idx, token_idx = permute(routing_map)
         counts = routing_map.sum(dim=0).to(torch.int64)  # [E] pairs per expert from this rank
-        every = collectives.all_gather(counts, self.group).view(self.group.size, self.ep_size, self.local)
+        every = gather_counts(counts, self.group).view(self.group.size, self.ep_size, self.local)
         per_ep = counts.view(self.ep_size, self.local).sum(dim=1).tolist()  # pairs for each EP rank's experts
         starts = [sum(per_ep[:r]) for r in range(self.ep_size)]
         # Member j gets the pairs of EP rank j // ETP (each ETP member of an expert gets all its pairs).
@@ -112,7 +122,7 @@ class AllGatherDispatcher:
                  experts: Experts) -> torch.Tensor:
         all_tokens = gather_from_sequence_parallel_region(tokens, self.group)  # backward: reduce-scatter
         all_probs = gather_from_sequence_parallel_region(probs, self.group)
-        all_map = collectives.all_gather(routing_map.to(torch.uint8), self.group).bool()
+        all_map = gather_routing_map(routing_map, self.group)
         local_map = all_map[:, self.first_expert:self.first_expert + self.local]
         expert_idx, token_idx = permute(local_map)
         outputs = experts(all_tokens[token_idx], local_map.sum(dim=0).tolist())

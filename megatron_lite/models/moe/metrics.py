@@ -38,9 +38,10 @@ def collect(model_chunks, config: Config, groups: ProcessGroups) -> dict:
                     row[i] += float(module.stats.get(key, 0.0))
                 row[len(_SCALARS):] += module.stats["tokens_per_expert"].double()
                 module.stats = {}
+    shape = table.shape
     table = table.to(collectives.device_for(groups.world))
     collectives.all_reduce(table, groups.world)
-    table = table.cpu()
+    table = torch.tensor(collectives.to_host(table), dtype=torch.float64).view(shape)
     used = table[:, 3] > 0  # MoE layers that ran this interval
     if not bool(used.any()):
         return {}
