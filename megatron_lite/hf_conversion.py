@@ -128,6 +128,8 @@ def _moe_from_hf(hf: dict, cfg: Config) -> None:
     norm_topk_prob is false (= megatron-core's default, or --moe-router-pre-softmax)."""
     moe, model_type, layers = cfg.moe, hf["model_type"], hf["num_hidden_layers"]
     moe.num_experts = hf.get("num_local_experts") if model_type == "mixtral" else hf.get("num_experts", hf.get("num_local_experts"))
+    if not moe.num_experts or not hf.get("num_experts_per_tok"):
+        raise ConfigError(f"HF {model_type}: config.json lacks the expert count or num_experts_per_tok.")
     moe.moe_router_topk = hf["num_experts_per_tok"]
     moe.moe_aux_loss_coeff = 0.0  # training choices are not part of the weights
     if model_type == "mixtral":

@@ -9,6 +9,11 @@ shape, experts from their EP ranks) within 1e-5 of that tensor's largest update 
 parameter, the rounding of end - start); the global grad norm within
 1e-5 relative on every rank (each element counted once: dense shards over TP x PP, expert shards over
 ETP x EP x PP). The two dispatchers agree with each other the same way.
+
+With a capacity factor, drops are decided over each rank's local tokens before dispatch (as in Megatron), so
+they depend on how tokens are split over ranks: TP + SP, CP and the micro-batch size change them. EP, ETP, PP,
+DP at a fixed micro-batch size and the dispatcher do not: those layouts (micro-batch 1 = one sample) are
+compared with the one-process run here, for both drop policies and with padding to capacity.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ LOSS_RTOL, UPDATE_TOL, NORM_RTOL = 1e-6, 1e-5, 1e-5
 
 
 def make_config(world: int, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, dispatcher: str = "alltoall",
-                dist_opt: bool = False, grouped: bool = False, bias: bool = False) -> Config:
+                dist_opt: bool = False, grouped: bool = False, bias: bool = False, capacity: str | None = None) -> Config:
     cfg = Config(world_size=world)
     m = cfg.model
     m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length, m.ffn_hidden_size = 2, 32, 4, SEQ, 64
@@ -44,6 +49,9 @@ def make_config(world: int, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | No
     if bias:  # aux-loss-free balancing: sigmoid scores, expert bias updated after every step
         moe.moe_router_score_function, moe.moe_router_enable_expert_bias, moe.moe_router_bias_update_rate = "sigmoid", True, 0.05
         moe.moe_router_load_balancing_type = "seq_aux_loss"
+    if capacity is not None:  # token dropping, decided over each rank's local tokens (one sample per micro-batch)
+        moe.moe_expert_capacity_factor, moe.moe_token_drop_policy = 1.0, capacity.split("+")[0]
+        moe.moe_pad_expert_input_to_capacity = capacity.endswith("+pad")
     cfg.training.micro_batch_size, cfg.training.global_batch_size, cfg.training.seed = 1, GLOBAL_BATCH, 5
     o = cfg.optimizer
     o.optimizer, o.lr, o.weight_decay, o.clip_grad = "sgd", 1.0, 0.0, 0.5
@@ -138,7 +146,8 @@ def _assert_same(got: dict, ref: dict, what: str) -> None:
         assert norms == pytest.approx(ref["all_norms"][0], rel=NORM_RTOL), what
 
 
-LAYOUTS_2 = [dict(ep=2, dispatcher="alltoall", dist_opt=True), dict(ep=2, dispatcher="allgather", grouped=True)]
+LAYOUTS_2 = [dict(ep=2, dispatcher="alltoall", dist_opt=True), dict(ep=2, dispatcher="allgather", grouped=True),
+             dict(ep=2, dispatcher="alltoall", capacity="probs")]
 LAYOUTS_4 = [
     dict(ep=4, dispatcher="alltoall"),
     dict(ep=4, dispatcher="allgather", dist_opt=True),
@@ -148,25 +157,35 @@ LAYOUTS_4 = [
     dict(pp=2, ep=2, dispatcher="alltoall", dist_opt=True),
     dict(pp=2, ep=2, dispatcher="allgather"),
     dict(ep=4, dispatcher="alltoall", bias=True),
+    dict(ep=4, dispatcher="alltoall", capacity="position+pad"),
+    dict(pp=2, ep=2, dispatcher="allgather", capacity="probs"),
 ]
+MODELS = {"bias": dict(bias=True), "probs": dict(capacity="probs"), "position+pad": dict(capacity="position+pad")}
+
+
+def _model(layout: dict) -> str | None:
+    """Which one-process reference a layout compares with (the model settings it changes)."""
+    return "bias" if layout.get("bias") else layout.get("capacity")
 
 
 @pytest.fixture(scope="module")
 def references() -> dict:
-    layouts = [dict(dispatcher="alltoall"), dict(dispatcher="allgather"), dict(dispatcher="alltoall", bias=True)]
-    merged = [_merge(run_distributed(_layouts, 1, world=1, layouts=layouts), i) for i in range(len(layouts))]
+    layouts = [dict(dispatcher="alltoall"), dict(dispatcher="allgather")] + \
+        [dict(dispatcher="alltoall", **settings) for settings in MODELS.values()]
+    results = run_distributed(_layouts, 1, world=1, layouts=layouts)
+    merged = [_merge(results, i) for i in range(len(layouts))]
     _assert_same(merged[1], merged[0], "one process, allgather vs alltoall")
-    return {False: merged[0], True: merged[2]}
+    return {None: merged[0], **dict(zip(MODELS, merged[2:]))}
 
 
 def test_moe_on_2_ranks_equals_one_process(references):
     results = run_distributed(_layouts, 2, world=2, layouts=LAYOUTS_2)
     for index, layout in enumerate(LAYOUTS_2):
-        _assert_same(_merge(results, index), references[False], str(layout))
+        _assert_same(_merge(results, index), references[_model(layout)], str(layout))
 
 
 @pytest.mark.slow
 def test_moe_on_4_ranks_equals_one_process(references):
     results = run_distributed(_layouts, 4, world=4, layouts=LAYOUTS_4, timeout=600)
     for index, layout in enumerate(LAYOUTS_4):
-        _assert_same(_merge(results, index), references[layout.get("bias", False)], str(layout))
+        _assert_same(_merge(results, index), references[_model(layout)], str(layout))

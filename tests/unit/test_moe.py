@@ -159,6 +159,8 @@ def test_dispatchers_handle_a_rank_whose_experts_get_no_tokens():
     group = Group.single("tp_ep")
     cfg = moe_config()
     experts = GroupedExperts(cfg, [0, 1, 2, 3], 1)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
     tokens = torch.randn(3, 32)
     routing_map = torch.zeros(3, 4, dtype=torch.bool)
     routing_map[:, 0] = True  # experts 1..3 receive nothing
