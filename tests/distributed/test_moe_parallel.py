@@ -103,7 +103,10 @@ def train(cfg: Config) -> dict:
     for chunk in model:
         chunk.finish_param_sync()
     end = full_params(chunks, groups)
+    from megatron_lite.models.moe.moe_layer import MoELayer
+    dropped = sum(float(m.stats.get("tokens_dropped", 0.0)) for c in chunks for m in c.modules() if isinstance(m, MoELayer))
     return {"updates": {name: end[name] - start[name] for name in end}, "params": end, "norms": norms, "losses": losses,
+            "dropped": dropped,
             "buffers": {name: b.clone() for c in chunks for name, b in c.named_parameters() if not b.requires_grad}}
 
 
@@ -124,7 +127,7 @@ def _merge(rank_results: list[list[dict]], index: int) -> dict:
         buffers.update(per_rank[index]["buffers"])
         params.update(per_rank[index]["params"])
     per_rank = [r[index]["losses"] for r in rank_results if r[index]["losses"]]
-    return {"updates": updates, "buffers": buffers, "params": params, "losses": [sum(s) / len(per_rank) for s in zip(*per_rank)],
+    return {"updates": updates, "buffers": buffers, "params": params, "dropped": sum(r[index]["dropped"] for r in rank_results), "losses": [sum(s) / len(per_rank) for s in zip(*per_rank)],
             "all_norms": [r[index]["norms"] for r in rank_results]}
 
 
@@ -144,6 +147,7 @@ def _assert_same(got: dict, ref: dict, what: str) -> None:
         torch.testing.assert_close(got["buffers"][name], value, rtol=0, atol=1e-7, msg=lambda m: f"{what}: {name}: {m}")
     for norms in got["all_norms"]:
         assert norms == pytest.approx(ref["all_norms"][0], rel=NORM_RTOL), what
+    assert got["dropped"] == ref["dropped"], what  # the same pairs dropped (none when dropless)
 
 
 LAYOUTS_2 = [dict(ep=2, dispatcher="alltoall", dist_opt=True), dict(ep=2, dispatcher="allgather", grouped=True),
@@ -175,6 +179,7 @@ def references() -> dict:
     results = run_distributed(_layouts, 1, world=1, layouts=layouts)
     merged = [_merge(results, i) for i in range(len(layouts))]
     _assert_same(merged[1], merged[0], "one process, allgather vs alltoall")
+    assert merged[0]["dropped"] == 0 and all(m["dropped"] > 0 for m in merged[3:]), [m["dropped"] for m in merged]
     return {None: merged[0], **dict(zip(MODELS, merged[2:]))}
 
 
