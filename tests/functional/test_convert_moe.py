@@ -3,7 +3,8 @@ Qwen2-MoE (shared expert with its sigmoid gate, q/k/v biases, a dense first laye
 renormalised) and Qwen3-MoE (q/k norms):
 - HF -> megatron_lite (written for TP 2, EP 2): logits within 1e-4 of transformers (fp32) at TP 1;
 - megatron_lite -> HF gives every tensor back exactly, as a config transformers loads to the same class;
-- greedy tokens equal transformers' greedy generate at TP 2 x EP 2 (4 gloo ranks, tools/generate.py's path).
+- greedy tokens equal transformers' greedy generate at TP 2 x EP 2 (4 gloo ranks; for Mixtral also through
+  tools/generate.py, which takes TP 2 x EP 2 from the checkpoint).
 """
 from __future__ import annotations
 
@@ -55,6 +56,23 @@ def _greedy_tp2ep2(directory: str) -> list[int]:
     return generate(load_model(inference_config(directory, tp=2, ep=2)), PROMPT, NEW_TOKENS)
 
 
+def _generate_cli(directory: str) -> list[int]:
+    """tools/generate.py on 4 ranks with no layout flags: the checkpoint's TP 2 x EP 2 (written by convert.py)."""
+    generate = _load_generate()
+    [result] = generate.main(["--load", directory, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens",
+                              str(NEW_TOKENS), "--greedy", "--ignore-eod"])
+    return result["generated_ids"]
+
+
+def _load_generate():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "generate.py")
+    spec = importlib.util.spec_from_file_location("generate_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_moe_conversion(tmp_path, arch):
     hf_dir, ml_dir, back_dir = str(tmp_path / "hf"), str(tmp_path / "ml"), str(tmp_path / "back")
@@ -88,3 +106,6 @@ def test_moe_conversion(tmp_path, arch):
     assert len(set(expected)) > 2
     for rank_tokens in run_distributed(_greedy_tp2ep2, 4, directory=ml_dir):
         assert rank_tokens == expected
+    if arch == "MixtralForCausalLM":  # the command-line tool, its layout taken from the checkpoint
+        for rank_tokens in run_distributed(_generate_cli, 4, directory=ml_dir):
+            assert rank_tokens == expected
