@@ -167,7 +167,8 @@ MOE_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none
 class MoEConfig:
     """Mixture of experts (models/moe/). Flags, defaults and semantics are megatron-core's; departures are
     said in the help texts and docs/architecture.md."""
-    num_experts: Optional[int] = arg(None, "Number of routed experts per MoE layer (None: a dense model).")
+    num_experts: Optional[int] = arg(None, "Number of routed experts per MoE layer (None: a dense model). Experts have "
+                                     "no biases here: needs --disable-bias-linear.")
     moe_router_topk: int = arg(2, "Experts each token is routed to.")
     moe_ffn_hidden_size: Optional[int] = arg(None, "Hidden size of each routed expert's MLP (default --ffn-hidden-size).")
     moe_layer_freq: str = arg("1", "Which layers are MoE: an integer N (every N-th layer, starting with layer 0) or a "
@@ -186,11 +187,14 @@ class MoEConfig:
     moe_router_bias_update_rate: float = arg(1e-3, "Step of the expert-bias update (sign of the load deficit times this).")
     moe_expert_capacity_factor: Optional[float] = arg(None, "Capacity per expert as a multiple of the even share of this "
                                                       "rank's token-expert pairs; pairs over capacity are dropped (None: dropless).")
-    moe_token_drop_policy: str = arg("probs", "Which pairs an over-capacity expert keeps: highest probs, or earliest position.",
+    moe_token_drop_policy: str = arg("probs", "Which pairs an over-capacity expert keeps: highest probs, or earliest position "
+                                     "(ties go to the earlier token here; megatron-core leaves them to torch.topk).",
                                      choices=["probs", "position"])
     moe_pad_expert_input_to_capacity: bool = arg(False, "With a capacity factor: give every expert exactly its capacity "
                                                  "(padded with zero-weight tokens).", action="store_true")
-    moe_token_dispatcher_type: str = arg("allgather", "Token dispatcher over the ETP x EP group.", choices=["allgather", "alltoall"])
+    moe_token_dispatcher_type: str = arg("allgather", "Token dispatcher over the ETP x EP group. alltoall here is one "
+                                         "all-to-all over ETP x EP each way (megatron-core: all-to-all over EP plus "
+                                         "all-gather/reduce-scatter over ETP); same results.", choices=["allgather", "alltoall"])
     moe_grouped_gemm: bool = arg(False, "Run the local experts as one grouped GEMM (torch._grouped_mm where it works; "
                                  "else a loop of GEMMs with the same result).", action="store_true")
     moe_shared_expert_intermediate_size: Optional[int] = arg(None, "Hidden size of the shared expert(s) every token also "

@@ -31,7 +31,8 @@ LOSS_RTOL, UPDATE_TOL, NORM_RTOL = 1e-6, 1e-5, 1e-5
 
 
 def make_config(world: int, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, dispatcher: str = "alltoall",
-                dist_opt: bool = False, grouped: bool = False, bias: bool = False, capacity: str | None = None) -> Config:
+                dist_opt: bool = False, grouped: bool = False, bias: bool = False, capacity: str | None = None,
+                strategy: str | None = None) -> Config:
     cfg = Config(world_size=world)
     m = cfg.model
     m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length, m.ffn_hidden_size = 2, 32, 4, SEQ, 64
@@ -40,7 +41,7 @@ def make_config(world: int, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | No
     p = cfg.parallel
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.sequence_parallel = tp, pp, tp > 1
     p.expert_model_parallel_size, p.expert_tensor_parallel_size = ep, etp
-    p.use_distributed_optimizer, p.ddp_bucket_size = dist_opt, 3000
+    p.use_distributed_optimizer, p.ddp_bucket_size, p.data_parallel_sharding_strategy = dist_opt, 3000, strategy
     moe = cfg.moe
     moe.num_experts, moe.moe_router_topk, moe.moe_ffn_hidden_size = 4, 2, 16
     moe.moe_token_dispatcher_type, moe.moe_grouped_gemm = dispatcher, grouped
@@ -162,6 +163,7 @@ LAYOUTS_4 = [
     dict(pp=2, ep=2, dispatcher="allgather"),
     dict(ep=4, dispatcher="alltoall", bias=True),
     dict(ep=4, dispatcher="alltoall", capacity="position+pad"),
+    dict(tp=2, ep=2, etp=1, dispatcher="alltoall", strategy="optim_grads"),  # ZeRO-2: expert grads sharded over EDP
     dict(pp=2, ep=2, dispatcher="allgather", capacity="probs"),
 ]
 MODELS = {"bias": dict(bias=True), "probs": dict(capacity="probs"), "position+pad": dict(capacity="position+pad")}
