@@ -29,7 +29,7 @@ import torch
 from megatron_lite import collectives, parallel_state
 from megatron_lite.checkpoint_io import (COMMON_FILE, EMBEDDING_NAME, METADATA_FILE, CheckpointError,
                                          CheckpointReader, ParamMeta, atomic_torch_save, atomic_write_text,
-                                         build_metadata, file_records, is_tied_copy, iteration_dir_name, model_file, optim_file, optim_name,
+                                         build_metadata, file_records, is_tied_copy, iteration_dir_name, model_file, optim_name,
                                          param_meta_of, prepare_tmp_dir, publish, read_tracker, remove_stale_tmp_dirs, rng_file,
                                          strip_wrapper_prefix)
 from megatron_lite.distributed.model_chunk import as_model_chunks
