@@ -29,3 +29,9 @@ def test_bench_vs_reference_runs() -> None:
 def test_bench_zero_runs() -> None:
     out = _run("bench_zero.py", "--world", "2", "--layers", "1", "--hidden", "64", "--steps", "1")
     assert "| ZeRO-2 (optim_grads) |" in out and "| ZeRO-2 + NVMe offload 1.0 |" in out and "Largest model" in out
+
+
+def test_bench_moe_runs() -> None:
+    out = _run("bench_moe.py", "--hidden", "32", "--ffn", "16", "--tokens", "64", "--tokens-bytes", "8", "--repeats", "1",
+               "--skip-training")
+    assert "| MoE, grouped GEMM |" in out and "All-to-all bytes" in out
