@@ -1,17 +1,21 @@
 """Pipeline bubble: measured idle fraction of every schedule, with and without --overlap-p2p-comm, beside the simulator.
 
-Schedules: GPipe, 1F1B, interleaved 1F1B (VP 2) and ZB-H1 (backward split evenly into B and W).
+Schedules: GPipe, 1F1B, interleaved 1F1B (VP 2), ZB-H1 and ZB-V (VP 2 as a V; both split each backward
+evenly into B and W).
 
 Run by hand (not a test):  python benchmarks/bench_pipeline_bubble.py [--append]
 
 Each stage's compute is a fixed sleep (forward f, backward b = 2f per stage, split evenly over its virtual
 stages), so the measurement isolates the schedule and the real gloo p2p/runtime overhead from CPU
-contention: the CI machine has 2 cores and PP = 4 runs 4 ranks. Per rank, busy = time inside forward and
-backward compute; idle fraction = 1 - busy / step time (step time = slowest rank's wall time of
-forward_backward_func). Theory: the bubble is (p - 1) / (v m) of the ideal time, i.e.
-(p - 1) / (v m + p - 1) of the step time, which is what the simulator (simulator.py) reproduces exactly
-with free communication; the second simulator column charges every p2p op P2P_S after both ends have
-posted it (blocking exchanges pay it on the critical path, overlapped ones hide it behind compute).
+contention: the CI machine has 2 cores and PP = 4 runs 4 ranks. Per rank, busy = wall time inside the
+model's compute (the runner's stats["compute_s"]: forward_step_func with the loss, backward B, W: the sleep
+plus the model's own Python and autograd work); idle fraction = 1 - busy / step time (step time = slowest
+rank's wall time of forward_backward_func). Everything else (waiting for a neighbour, starting and waiting
+for p2p ops, the runner's bookkeeping) is idle. Theory: the bubble is (p - 1) / (v m) of the ideal time,
+i.e. (p - 1) / (v m + p - 1) of the step time, which is what the simulator (simulator.py) reproduces
+exactly with free communication at the nominal times; the next column runs the simulator at the compute
+times measured in the same run (mean F, B, W per chunk), the last charges every p2p op P2P_S after both
+ends have posted it (blocking exchanges pay it on the critical path, overlapped ones hide it).
 --append adds the table to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -40,7 +44,6 @@ from megatron_lite.testing import run_distributed  # noqa: E402
 FORWARD_S, BACKWARD_S = 0.02, 0.04  # per pipeline stage (all its layers)
 P2P_S = 0.001  # the simulator's per-op transfer cost in the second column (gloo p2p + Python, measured ~1 ms)
 SEQ, HIDDEN = 4, 8
-_BUSY = [0.0]  # per process: seconds spent in compute during the measured step
 
 
 class _Sleep(torch.autograd.Function):
@@ -48,27 +51,18 @@ class _Sleep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, forward_s: float, backward_s: float, wgrad_queue) -> torch.Tensor:
-        start = time.perf_counter()
         time.sleep(forward_s)
         ctx.backward_s, ctx.wgrad_queue = backward_s, wgrad_queue
-        out = x * 1.0
-        _BUSY[0] += time.perf_counter() - start
-        return out
+        return x * 1.0
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        # split backward (ZB-H1): B sleeps half the backward, W (queued for the runner's W action) the rest
+        # split backward (ZB-H1, ZB-V): B sleeps half the backward, W (queued for the runner's W action) the rest
         queue = ctx.wgrad_queue
-        _timed_sleep(ctx.backward_s / 2 if queue is not None else ctx.backward_s)
+        time.sleep(ctx.backward_s / 2 if queue is not None else ctx.backward_s)
         if queue is not None:
-            queue.append(lambda: _timed_sleep(ctx.backward_s / 2))
+            queue.append(lambda: time.sleep(ctx.backward_s / 2))
         return grad, None, None, None
-
-
-def _timed_sleep(seconds: float) -> None:
-    start = time.perf_counter()
-    time.sleep(seconds)
-    _BUSY[0] += time.perf_counter() - start
 
 
 class SleepStage(nn.Module):
@@ -96,6 +90,7 @@ def _forward_step(data_iterator, model):
 
 
 def _measure(pp: int, vp: int | None, schedule: str, overlap: bool, counts: list[int], repeats: int) -> list[dict]:
+    """On every rank: the best of `repeats` steps per m: step time, idle fraction, mean compute per F/B/W."""
     torch.set_num_threads(1)
     ps.initialize_model_parallel(1, pp, vp)
     rows = []
@@ -115,43 +110,60 @@ def _measure(pp: int, vp: int | None, schedule: str, overlap: bool, counts: list
             data = [torch.randn(SEQ, 1, HIDDEN) for _ in range(m)]
             iterators = [iter(data) for _ in chunks] if len(chunks) > 1 else iter(data)
             collectives.barrier()
-            _BUSY[0] = 0.0
+            stats: dict = {}
             start = time.perf_counter()
             forward_backward(forward_step_func=_forward_step, data_iterator=iterators, model=chunks, num_microbatches=m,
-                             seq_length=SEQ, micro_batch_size=1, config=cfg)
+                             seq_length=SEQ, micro_batch_size=1, config=cfg, stats=stats)
             # the step ends when the slowest rank ends
             elapsed = collectives.all_reduce_scalar(time.perf_counter() - start, op="max")
-            idle = 1.0 - _BUSY[0] / elapsed
+            compute = stats["compute_s"]
+            idle = 1.0 - sum(compute.values()) / elapsed
             if best is None or elapsed < best[0]:
-                best = (elapsed, idle)
-        rows.append({"m": m, "step_s": best[0], "idle": best[1], "schedule": forward_backward.schedule})
+                best = (elapsed, idle, {kind: seconds / (m * len(chunks)) for kind, seconds in compute.items()})
+        rows.append({"m": m, "step_s": best[0], "idle": best[1], "per_action_s": best[2], "schedule": forward_backward.schedule})
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="steps per configuration in one round (the fastest counts)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="sweeps over every configuration; each row keeps its fastest step over all rounds, so a "
+                             "burst of load from other jobs on a shared machine spoils one round, not the row")
+    parser.add_argument("--pp", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "interleaved", "zb-h1", "zbv"])
+    parser.add_argument("--counts", type=int, nargs="+", default=[4, 6, 8, 16])
     args = parser.parse_args()
-    counts = [4, 6, 8, 16]
+    counts = args.counts
+    configs = [(pp, schedule, overlap) for pp in args.pp for schedule in args.schedules for overlap in (False, True)]
+    best: dict[tuple, list] = {}  # (pp, schedule, overlap, m) -> every rank's row of the fastest step
+    for round_ in range(args.rounds):
+        for pp, schedule, overlap in configs:
+            vp = 2 if schedule in ("interleaved", "zbv") else None
+            per_rank = run_distributed(_measure, pp, timeout=600.0, pp=pp, vp=vp, schedule=schedule,
+                                       overlap=overlap, counts=counts, repeats=args.repeats)
+            for index, m in enumerate(counts):
+                rows = [ranks[index] for ranks in per_rank]
+                key = (pp, schedule, overlap, m)
+                if key not in best or rows[0]["step_s"] < best[key][0]["step_s"]:
+                    best[key] = rows
+            print(f"round {round_ + 1}/{args.rounds}: PP {pp} {schedule} overlap {overlap} done", flush=True)
     lines = ["| PP | VP | schedule | overlap | m | step (s) | measured idle (mean / max over stages) | simulator | "
-             f"simulator, {P2P_S * 1000:.0f} ms per p2p op | theory of step: (p-1)/(vm+p-1); ZB-H1 (p-1)(F+B-W) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for pp in (2, 4):
-        for schedule, vp in (("gpipe", None), ("1f1b", None), ("interleaved", 2), ("zb-h1", None)):
-            for overlap in (False, True):
-                per_rank = run_distributed(_measure, pp, timeout=600.0, pp=pp, vp=vp, schedule=schedule,
-                                           overlap=overlap, counts=counts, repeats=args.repeats)
-                for index, m in enumerate(counts):
-                    lines.append(_row(pp, vp or 1, schedule, overlap, m, per_rank, index))
-                    print(lines[-1], flush=True)
+             f"simulator at measured F/B/W | measured - simulator (points) | simulator, {P2P_S * 1000:.0f} ms per p2p op | "
+             "theory of step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for pp, schedule, overlap in configs:
+        vp = 2 if schedule in ("interleaved", "zbv") else 1
+        lines += [_row(pp, vp, schedule, overlap, m, [[row] for row in best[(pp, schedule, overlap, m)]], 0) for m in counts]
     table = "\n".join(lines)
     cpu = platform.processor() or platform.machine()
     header = (f"\n## Pipeline bubble (benchmarks/bench_pipeline_bubble.py), {datetime.date.today().isoformat()}\n\n"
               f"CPU: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, gloo. Stage compute is a sleep "
               f"(forward {FORWARD_S * 1000:.0f} ms, backward {BACKWARD_S * 1000:.0f} ms per stage, split over virtual "
               "stages) so that PP ranks on 2 shared cores do not contend; measured idle includes the real p2p and "
-              "runtime overhead. Idle fraction = 1 - compute time / step time, per stage.\n\n")
+              "runtime overhead. Idle fraction = 1 - compute time / step time, per stage (compute: wall time inside "
+              f"the model's forward, B and W). Fastest of {args.repeats} steps x {args.rounds} rounds per row.\n\n")
     print(header + table)
     if args.append:
         append_results(header + table + "\n")
@@ -162,17 +174,29 @@ def _row(pp: int, v: int, schedule: str, overlap: bool, m: int, per_rank: list, 
     schedules = all_rank_schedules(schedule, pp, v, m, overlap=overlap)
     simulated = simulate(schedules, FORWARD_S / v, BACKWARD_S / v, weight_time=BACKWARD_S / v / 2)
     with_p2p = simulate(schedules, FORWARD_S / v, BACKWARD_S / v, p2p_time=P2P_S, weight_time=BACKWARD_S / v / 2)
+    measured = {kind: sum(rows[index]["per_action_s"][kind] for rows in per_rank) / pp for kind in ("F", "B", "W")}
+    at_measured = simulate(schedules, measured["F"], measured["B"] + measured["W"], weight_time=measured["W"])
+    mean_idle, sim_idle = sum(idle) / pp, sum(at_measured) / pp
+    theory = _theory(schedule, pp, v, m)
     return (f"| {pp} | {v} | {schedule} | {'on' if overlap else 'off'} | {m} | {per_rank[0][index]['step_s']:.3f} | "
-            f"{sum(idle) / pp:.3f} / {max(idle):.3f} | {sum(simulated) / pp:.3f} | {sum(with_p2p) / pp:.3f} | "
-            f"{_theory(schedule, pp, v, m):.3f} |")
+            f"{mean_idle:.3f} / {max(idle):.3f} | {sum(simulated) / pp:.3f} | {sim_idle:.3f} | "
+            f"{100 * (mean_idle - sim_idle):+.1f} | {sum(with_p2p) / pp:.3f} | "
+            f"{'-' if theory is None else f'{theory:.3f}'} |")
 
 
-def _theory(schedule: str, pp: int, v: int, m: int) -> float:
+def _theory(schedule: str, pp: int, v: int, m: int):
     """Idle fraction of the step by the papers' formulas: (p - 1)(F + B) over m v chunk-steps for GPipe,
-    1F1B and interleaved (Narayanan et al. 2021); (p - 1)(F + B - W) for ZB-H1 (Qi et al. 2024)."""
+    1F1B and interleaved (Narayanan et al. 2021); (p - 1)(F + B - W) for ZB-H1 and, for ZB-V, zero beyond
+    the fill (p - 1) F / 2 at F = B = W once m >= 2p - 1 (Qi et al. 2024; schedules.zbv_schedule). None
+    where no formula applies (ZB-V below 2p - 1 micro-batches, or F, B, W unequal)."""
+    f, b, w = FORWARD_S, BACKWARD_S / 2, BACKWARD_S / 2
     if schedule == "zb-h1":
-        f, b, w = FORWARD_S, BACKWARD_S / 2, BACKWARD_S / 2
         bubble = (pp - 1) * (f + b - w)
+        return bubble / (m * (f + b + w) + bubble)
+    if schedule == "zbv":
+        if m < 2 * pp - 1 or not f == b == w:
+            return None
+        bubble = (pp - 1) * f / 2
         return bubble / (m * (f + b + w) + bubble)
     return (pp - 1) / (v * m + pp - 1)
 

@@ -9,6 +9,8 @@ from just before the model is built to after the last step (measured), the optim
 table, tokens/s relative to ZeRO-1 (fastest step after one warm-up), and the headline: the largest model
 whose parameter+gradient+optimizer bytes fit the machine's memory with `--world` ranks under each strategy
 (formula x measured bytes/param, less the measured per-rank runtime baseline; activations excluded).
+ZeRO-3's bytes/param are those at rest; during a step each rank also holds up to two gathered units
+(distributed/zero3.py), reported next to the headline.
 """
 from __future__ import annotations
 
@@ -31,14 +33,16 @@ SEQ, VOCAB, MICRO_BATCH = 128, 8192, 1
 VARIANTS = {  # name -> (strategy, offload)
     "no_shard": ("no_shard", None), "ZeRO-1 (optim)": ("optim", None), "ZeRO-2 (optim_grads)": ("optim_grads", None),
     "ZeRO-2 + CPU offload 1.0": ("optim_grads", "cpu"), "ZeRO-2 + NVMe offload 1.0": ("optim_grads", "nvme"),
+    "ZeRO-3 (optim_grads_params)": ("optim_grads_params", None),
+    "ZeRO-3 + CPU offload 1.0": ("optim_grads_params", "cpu"),
 }
 
 
 def formula_bytes_per_param(strategy: str, d: int, bf16: bool) -> float:
     """optimizer/memory.py's table (Adam, fp32 grad buffer): all bytes, wherever they live."""
     if bf16:
-        return {"no_shard": 18, "optim": 6 + 12 / d, "optim_grads": 2 + 16 / d}[strategy]
-    return {"no_shard": 16, "optim": 8 + 8 / d, "optim_grads": 4 + 12 / d}[strategy]
+        return {"no_shard": 18, "optim": 6 + 12 / d, "optim_grads": 2 + 16 / d, "optim_grads_params": 18 / d}[strategy]
+    return {"no_shard": 16, "optim": 8 + 8 / d, "optim_grads": 4 + 12 / d, "optim_grads_params": 16 / d}[strategy]
 
 
 def make_config(world: int, layers: int, hidden: int, strategy: str, offload, bf16: bool, nvme_dir: str) -> Config:
@@ -91,8 +95,18 @@ def bench(world: int, layers: int, hidden: int, strategy: str, offload, bf16: bo
         model[0].finish_param_sync()
         times.append(time.perf_counter() - start)
     opt.close()
+    zero3 = model[0].zero3
     return {"report": report, "baseline_mib": baseline, "peak_growth_mib": _rss_mib() - baseline,
-            "step_time": min(times[1:]), "tokens_per_s": MICRO_BATCH * world * SEQ / min(times[1:])}
+            "step_time": min(times[1:]), "tokens_per_s": MICRO_BATCH * world * SEQ / min(times[1:]),
+            "peak_units": zero3.peak_gathered if zero3 is not None else None,
+            "largest_unit_mib": max((sum(b.numel for _, b in u.buckets) * _element_size(u) for u in zero3.units), default=0) / 2**20
+            if zero3 is not None else 0.0}
+
+
+def _element_size(unit) -> int:
+    """Bytes per element of a ZeRO-3 unit's parameters."""
+    buffer = unit.buckets[0][0]
+    return torch.empty((), dtype=buffer.param_dtype).element_size()
 
 
 def _row(name: str, strategy: str, offload, result: dict, world: int, bf16: bool, base_tps: float) -> str:
@@ -138,6 +152,9 @@ def main() -> None:
         if offload is None:
             bpp = formula_bytes_per_param(strategy, args.world, args.bf16)
             lines.append(f"- {name}: {budget / (args.world * bpp) / 1e9:.2f} B parameters ({bpp:.2f} bytes/param/rank)")
+    zero3 = results["ZeRO-3 (optim_grads_params)"]
+    lines.append(f"- ZeRO-3 also holds up to {zero3['peak_units']} gathered units per rank during a step (here the largest "
+                 f"unit is {zero3['largest_unit_mib']:.1f} MiB), on top of its bytes/param at rest")
     lines.append(f"- NVMe offload 1.0 keeps 12/d bytes/param on disk: with ZeRO-2 "
                  f"{budget / (args.world * (formula_bytes_per_param('optim_grads', args.world, args.bf16) - 12 / args.world)) / 1e9:.2f} B "
                  "parameters by memory (disk space and bandwidth permitting)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -36,7 +37,8 @@ import torch
 
 from megatron_lite.tensor_parallel.shard_spec import ShardSpec, shard_spec_of
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: every shard whole in `files` (and its optim_ twin); still loads
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "metadata.json"
 COMMON_FILE = "common.pt"
@@ -80,16 +82,41 @@ class ParamMeta:
     shared_embedding: bool = False
     files: list[str] = field(default_factory=list)  # shard files, TP-rank order
     pp_rank: int = 0
+    # Sharded saves (format 2): per shard (axis-rank order) and kind ("model", "optim"), the flat pieces
+    # [file, start, end) that make up the shard; `shard_shapes` gives each shard's local shape. Absent:
+    # each shard is whole in files[i] (model) and its optim_ twin (optimizer), as in format 1.
+    pieces: dict[str, list[list[list]]] = field(default_factory=dict)
+    shard_shapes: list[list[int]] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, **self.shard.to_json(),
-                "shared_embedding": self.shared_embedding, "files": list(self.files), "pp_rank": self.pp_rank}
+        values = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, **self.shard.to_json(),
+                  "shared_embedding": self.shared_embedding, "files": list(self.files), "pp_rank": self.pp_rank}
+        if self.pieces:
+            values.update(pieces=self.pieces, shard_shapes=self.shard_shapes)
+        return values
 
     @classmethod
     def from_json(cls, values: dict) -> "ParamMeta":
         return cls(name=values["name"], shape=list(values["shape"]), dtype=values.get("dtype", "float32"),
                    shard=ShardSpec.from_json(values), shared_embedding=bool(values.get("shared_embedding", False)),
-                   files=list(values.get("files", [])), pp_rank=int(values.get("pp_rank", 0)))
+                   files=list(values.get("files", [])), pp_rank=int(values.get("pp_rank", 0)),
+                   pieces={k: [[list(p) for p in shard] for shard in v] for k, v in values.get("pieces", {}).items()},
+                   shard_shapes=[list(s) for s in values.get("shard_shapes", [])])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.pieces["model"]) if "model" in self.pieces else len(self.files)
+
+    def pieces_of(self, kind: str, index: int) -> list[tuple[str, int, Optional[int]]]:
+        """(file, flat start, flat end or None for 'the whole shard') of shard `index` of `kind`."""
+        if kind in self.pieces:
+            return sorted((str(f), int(s), int(e)) for f, s, e in self.pieces[kind][index])
+        filename = self.files[index]
+        return [(filename if kind == "model" else optim_name(filename), 0, None)]
+
+    def shard_files(self, kind: str) -> list[str]:
+        """Every file holding a piece of this parameter's `kind` state."""
+        return sorted({f for i in range(self.num_shards) for f, _, _ in self.pieces_of(kind, i)})
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -118,6 +145,12 @@ def _pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
 def is_tied_copy(name: str, shared_embedding: bool) -> bool:
     """The last stage's copy of the tied word embedding: never saved, refilled from the embedding on load."""
     return name == TIED_OUTPUT_NAME and shared_embedding
+
+
+def piece_key(name: str, start: int, end: Optional[int], numel: Optional[int]) -> str:
+    """The key of a piece inside its file: the bare name for a whole shard (stored in its local shape, as
+    in format 1), `name[start:end]` for a flat slice (e.g. a distributed-optimizer DP slice)."""
+    return name if start == 0 and (end is None or end == numel) else f"{name}[{start}:{end}]"
 
 
 def param_meta_of(name: str, param: torch.Tensor, tp_size: int, pp_rank: int = 0) -> ParamMeta:
@@ -289,8 +322,8 @@ class CheckpointReader:
         with open(os.path.join(self.path, METADATA_FILE)) as handle:
             self.metadata: dict = json.load(handle)
         version = self.metadata.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CheckpointError(f"{self.path}: format version {version}, this code reads {FORMAT_VERSION}. "
+        if version not in READABLE_VERSIONS:
+            raise CheckpointError(f"{self.path}: format version {version}, this code reads {READABLE_VERSIONS}. "
                                   "Convert it with a matching megatron_lite version.")
         self.params: dict[str, ParamMeta] = {name: ParamMeta.from_json(values)
                                               for name, values in self.metadata["params"].items()}
@@ -375,15 +408,67 @@ class CheckpointReader:
     def full_tensor(self, name: str) -> torch.Tensor:
         """The canonical (unpadded, layout-free) full tensor of parameter `name`."""
         meta = self._meta(name)
-        return self._full(meta, [self._open(f)[name] for f in meta.files])
+        return self._full(meta, [self.shard_tensor(name, i) for i in range(meta.num_shards)])
 
     def optimizer_full_state(self, name: str) -> dict[str, torch.Tensor]:
         """{"param": fp32 main, "exp_avg": ..., ...} of parameter `name`, each a canonical full tensor."""
+        meta = self._optim_meta(name)
+        keys = self.optimizer_keys(name)
+        return {key: self._full(meta, [self.shard_tensor(name, i, "optim", key) for i in range(meta.num_shards)])
+                for key in keys}
+
+    def optimizer_keys(self, name: str) -> list[str]:
+        meta = self._optim_meta(name)
+        filename, start, end = meta.pieces_of("optim", 0)[0]
+        return list(self._open(filename)[piece_key(name, start, end, self._shard_numel(meta, 0))])
+
+    def shard_tensor(self, name: str, index: int, kind: str = "model", key: Optional[str] = None) -> torch.Tensor:
+        """Shard `index` (axis-rank order) of parameter `name` as saved: the model weight, or (kind 'optim')
+        optimizer state `key`, in the saving layout's local shape."""
+        meta = self._meta(name)
+        numel = self._shard_numel(meta, index)
+        pieces = meta.pieces_of(kind, index)
+        return self._join(meta, index, kind, pieces, key, 0, numel)
+
+    def shard_slice(self, name: str, index: int, start: int, end: int, kind: str = "model",
+                    key: Optional[str] = None) -> torch.Tensor:
+        """Flat [start, end) of shard `index`: reads only the pieces that overlap it (files are mmapped)."""
+        meta = self._meta(name)
+        numel = self._shard_numel(meta, index)
+        pieces = [p for p in meta.pieces_of(kind, index) if p[0] and p[1] < end and (p[2] is None or p[2] > start)]
+        return self._join(meta, index, kind, pieces, key, start, end).reshape(-1)
+
+    def _shard_numel(self, meta: ParamMeta, index: int) -> Optional[int]:
+        if meta.shard_shapes:
+            return math.prod(meta.shard_shapes[index])
+        return None  # format 1: one whole piece per shard, its tensor has the shape
+
+    def _join(self, meta: ParamMeta, index: int, kind: str, pieces: list, key: Optional[str], start: int,
+              end: Optional[int]) -> torch.Tensor:
+        """Concatenate the pieces covering flat [start, end) of one shard (whole shard: in its local shape)."""
+        numel = self._shard_numel(meta, index)
+        parts, position = [], start
+        for filename, piece_start, piece_end in pieces:
+            entry = self._open(filename)[piece_key(meta.name, piece_start, piece_end, numel)]
+            tensor = entry[key] if key is not None else entry
+            if piece_start == 0 and piece_end is None and start == 0 and (end is None or end == tensor.numel()):
+                return tensor  # a whole shard (format 1, or a save that wrote it in one piece)
+            piece_end = piece_start + tensor.numel() if piece_end is None else piece_end
+            if piece_start > position:
+                break
+            lo, hi = position - piece_start, min(end, piece_end) - piece_start
+            parts.append(tensor.reshape(-1)[lo:hi])
+            position = piece_start + hi
+        if position != end or not parts:
+            raise CheckpointError(f"{self.path}: {kind} shard {index} of {meta.name}: the saved pieces do not cover "
+                                  f"[{start}, {end}) (they stop at {position}); the manifest is inconsistent.")
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return flat.view(meta.shard_shapes[index]) if start == 0 and end == numel else flat
+
+    def _optim_meta(self, name: str) -> ParamMeta:
         if not self.has_optimizer():
             raise CheckpointError(f"{self.path} holds no optimizer state (saved with --no-save-optim).")
-        meta = self._meta(name)
-        per_file = [self._open(optim_name(f))[name] for f in meta.files]
-        return {key: self._full(meta, [states[key] for states in per_file]) for key in per_file[0]}
+        return self._meta(name)
 
     def common(self) -> dict:
         """{"optimizer": ..., "opt_param_scheduler": ...} state dicts (absent keys were not saved)."""
@@ -477,7 +562,8 @@ def write_checkpoint_from_full_tensors(save_dir: str, iteration: int, config: An
             model_shards: list[dict] = [{} for _ in range(width)]
             optim_shards: list[dict] = [{} for _ in range(width)]
             for name in names:
-                meta = dataclasses.replace(param_meta[name], pp_rank=pp_rank)
+                # (the source's sharded-save pieces describe its files, not these)
+                meta = dataclasses.replace(param_meta[name], pp_rank=pp_rank, pieces={}, shard_shapes=[])
                 full = source(name)
                 if list(full.shape) != list(meta.shape):
                     raise CheckpointError(f"{name}: given tensor shape {list(full.shape)} vs metadata shape {meta.shape}")

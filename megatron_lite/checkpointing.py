@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -28,15 +29,18 @@ import torch
 
 from megatron_lite import collectives, parallel_state
 from megatron_lite.checkpoint_io import (COMMON_FILE, EMBEDDING_NAME, METADATA_FILE, CheckpointError,
-                                         CheckpointReader, ParamMeta, atomic_torch_save, atomic_write_text,
-                                         build_metadata, file_records, is_tied_copy, iteration_dir_name, model_file, optim_name,
-                                         param_meta_of, prepare_tmp_dir, publish, read_tracker, remove_stale_tmp_dirs, rng_file,
+                                         CheckpointReader, atomic_torch_save, atomic_write_text,
+                                         build_metadata, is_tied_copy, iteration_dir_name, param_meta_of,
+                                         prepare_tmp_dir, publish, read_tracker, remove_stale_tmp_dirs, rng_file,
                                          strip_wrapper_prefix)
+from megatron_lite.checkpoint_writer import (KINDS, CheckpointSaveError, SaveJob, deep_host_copy, file_stem,
+                                             plan_writes, snapshot_pieces)
 from megatron_lite.distributed.model_chunk import as_model_chunks
-from megatron_lite.process_groups import ProcessGroups
+from megatron_lite.process_groups import GROUP_FIELDS, ProcessGroups
 from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_tracker", "CheckpointError", "CheckpointReader"]
+__all__ = ["save_checkpoint", "load_checkpoint", "finalize_pending_save", "pending_save_iteration", "read_tracker",
+           "CheckpointError", "CheckpointSaveError", "CheckpointReader"]
 
 
 # ---- layout of this process ----------------------------------------------------------------------
@@ -52,12 +56,13 @@ def _layout(config: Any, groups: ProcessGroups) -> dict:
     return {
         "tp": groups.tp.size, "tp_rank": groups.tp.rank, "pp": groups.pp.size, "pp_rank": groups.pp.rank,
         "vp": groups.vp_size, "dp": groups.dp.size,
-        # DP and CP ranks hold identical model/optimizer copies (after the optimizer's gather): rank 0 writes.
+        # The DP x CP position names a rank's files (model_tp{t}_pp{p}_dp{d}.pt); which pieces it writes is
+        # planned from what every rank holds (checkpoint_writer.plan_writes).
         "dp_rank": groups.dp_cp.rank, "world_size": groups.world.size, "rank": groups.world.rank,
+        "axes": {name: (getattr(groups, name).rank, getattr(groups, name).size) for name in GROUP_FIELDS},
         "distributed_optimizer": bool(config.parallel.use_distributed_optimizer),
-        # MoE experts (ShardSpec axis "etp"): split over expert TP, held by one EP rank, replicated over expert DP.
-        "ep": groups.ep.size, "etp": groups.etp.size, "etp_rank": groups.etp.rank, "ep_rank": groups.ep.rank, "edp_rank": groups.expert_dp.rank,
         "sharding_strategy": config.parallel.sharding_strategy,  # informational: every strategy saves one format
+        "ep": groups.ep.size, "etp": groups.etp.size,  # MoE: generate.py's default expert layout
     }
 
 
@@ -71,21 +76,6 @@ def _named_params(model: Any) -> dict[str, torch.nn.Parameter]:
                 raise CheckpointError(f"parameter name {name} appears in two model chunks; names must be global.")
             params[name] = param
     return params
-
-
-def _axis(spec, layout: dict) -> tuple[int, int]:
-    """(rank, size) of the group a parameter is split over: expert TP for MoE experts, else TP."""
-    return (layout["etp_rank"], layout["etp"]) if spec.axis == "etp" else (layout["tp_rank"], layout["tp"])
-
-
-def _writes(meta: ParamMeta, layout: dict) -> bool:
-    """Whether this rank stores `meta`'s shard: DP rank 0 only (expert-DP rank 0 for MoE experts);
-    replicated params only on TP rank 0."""
-    if meta.shard.axis == "etp":
-        return layout["edp_rank"] == 0
-    if meta.is_tied_copy or layout["dp_rank"] != 0:
-        return False
-    return meta.shard.is_sharded or layout["tp_rank"] == 0
 
 
 # ---- RNG -----------------------------------------------------------------------------------------
@@ -114,101 +104,188 @@ def _to_tuple(value: Any) -> Any:
 
 
 # ---- save ----------------------------------------------------------------------------------------
+# The save in flight (--async-save): at most one per process; every rank has one at the same iterations.
+_PENDING: Optional["_PendingSave"] = None
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    atomic_torch_save(obj, path)  # looked up at call time (tests replace it to inject failures)
+
+
 def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_scheduler: Any,
                     consumed_samples: int, config: Any, save_dir: Optional[str] = None,
-                    groups: Optional[ProcessGroups] = None, data_fingerprint: Optional[dict] = None) -> str:
-    """Save on every rank (collective); returns the published `<save>/iter_NNNNNNN` directory.
-    `data_fingerprint` (data.builder.data_fingerprint) goes into metadata.json for load to compare."""
+                    groups: Optional[ProcessGroups] = None, data_fingerprint: Optional[dict] = None,
+                    async_save: bool = False) -> str:
+    """Save on every rank (collective); returns the `<save>/iter_NNNNNNN` directory (published on return,
+    or with `async_save` once `finalize_pending_save` has run). Each rank writes only the pieces the plan
+    gives it (checkpoint_writer.py); rank 0 writes the manifest last. A save still in flight is finished
+    first. `data_fingerprint` (data.builder.data_fingerprint) goes into metadata.json for load to compare.
+    A failed write on any rank raises CheckpointSaveError on every rank; the tracker is left unchanged."""
     save_dir = save_dir or config.checkpoint.save
     if not save_dir:
         raise CheckpointError("save_checkpoint: no directory. Pass --save DIR.")
     groups = _groups(groups)
+    finalize_pending_save(groups)
     layout = _layout(config, groups)
-    rank = layout["rank"]
     save_optim = optimizer is not None and not config.checkpoint.no_save_optim
-    tmp = os.path.join(save_dir, f"iter_{iteration:07d}.tmp")
-    if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        _remove_stale_tmp_dirs(save_dir)
-        tmp = prepare_tmp_dir(save_dir, iteration)
-    collectives.barrier(groups.world)
+    tmp = _prepare(save_dir, iteration, groups)
 
     params = _named_params(model)
-    metas = {name: param_meta_of(name, p, _axis(shard_spec_of(p), layout)[1], layout["pp_rank"]) for name, p in params.items()}
-    mine = {name for name, meta in metas.items() if _writes(meta, layout)}
-    expert_file = model_file(layout["etp_rank"], layout["pp_rank"])[:-len(".pt")] + f"_ep{layout['ep_rank']}.pt"
-    files = {name: expert_file if metas[name].shard.axis == "etp" else model_file(layout["tp_rank"], layout["pp_rank"])
-             for name in mine}
-    written = [rng_file(rank)]  # this rank's files, recorded (size, CRC-32) in the manifest
-    states = optimizer.get_parameter_state() if save_optim else None  # collective over (expert) DP: every rank
-    for filename in sorted(set(files.values())):
-        names = sorted(name for name in mine if files[name] == filename)
-        # copy=True: a parameter may be a view of a contiguous grad/param buffer; saving the view would
-        # write the whole buffer.
-        atomic_torch_save({name: params[name].detach().to("cpu", copy=True) for name in names}, os.path.join(tmp, filename))
-        written.append(filename)
+    optim_ranges = _optimizer_ranges(optimizer, params) if save_optim else {}
+    report = _holdings(params, optim_ranges, layout)
+    assign, metas = plan_writes(collectives.all_gather_object(report, groups.world))
+    pieces = snapshot_pieces(assign[layout["rank"]], params, optim_ranges, report["shapes"], snapshot=async_save)
+    files = {f"{kind}_{report['stem']}.pt": pieces[kind] for kind in KINDS if pieces[kind]}
+    files[rng_file(layout["rank"])] = get_rng_state()
+    if layout["rank"] == 0:
+        common = {}
         if save_optim:
-            written.append(optim_name(filename))
-            atomic_torch_save({name: {k: v.detach().to("cpu", copy=True) for k, v in states[name].items()}
-                               for name in names if name in states}, os.path.join(tmp, written[-1]))  # (not MoE expert biases)
-    atomic_torch_save(get_rng_state(), os.path.join(tmp, rng_file(rank)))
-
-    report = {name: (metas[name].to_json(), _axis(metas[name].shard, layout)[0], files.get(name)) for name in metas}
-    reports = collectives.all_gather_object((report, file_records(tmp, written)), groups.world)
-    if rank == 0:
-        _write_common_and_metadata(tmp, iteration, consumed_samples, config, layout, reports,
-                                   optimizer if save_optim else None, opt_param_scheduler,
-                                   {} if data_fingerprint is None else {"data_fingerprint": data_fingerprint})
-    collectives.barrier(groups.world)  # every rank's files are durable before the directory becomes visible
-    final = os.path.join(save_dir, f"iter_{iteration:07d}")
-    if rank == 0:
-        publish(save_dir, iteration)
-    collectives.barrier(groups.world)
-    return final
-
-
-def _write_common_and_metadata(tmp: str, iteration: int, consumed_samples: int, config: Any, layout: dict,
-                               reports: list, optimizer: Any, opt_param_scheduler: Any, extra: dict) -> None:
-    """Rank 0: common.pt, then the manifest (written last) with every rank's files' sizes and CRC-32s."""
-    common = {}
-    if optimizer is not None:
-        common["optimizer"] = optimizer.state_dict()
-    if opt_param_scheduler is not None:
-        common["opt_param_scheduler"] = opt_param_scheduler.state_dict()
-    atomic_torch_save(common, os.path.join(tmp, COMMON_FILE))
-    files = file_records(tmp, [COMMON_FILE])
-    for _, records in reports:
-        files.update(records)
+            common["optimizer"] = deep_host_copy(optimizer.state_dict())
+        if opt_param_scheduler is not None:
+            common["opt_param_scheduler"] = deep_host_copy(opt_param_scheduler.state_dict())
+        files[COMMON_FILE] = common
+    job = SaveJob(iteration, layout["rank"], tmp, files, _atomic_save)
     saved_layout = {k: layout[k] for k in ("tp", "pp", "vp", "dp", "world_size", "distributed_optimizer",
                                            "sharding_strategy", "ep", "etp")}
-    metadata = build_metadata(iteration, consumed_samples, config.to_dict(), saved_layout,
-                              _merge_reports([report for report, _ in reports]), optimizer is not None, files=files,
-                              extra=extra)
+    metadata = build_metadata(iteration, consumed_samples, config.to_dict(), saved_layout, metas, save_optim,
+                              files={}, extra={} if data_fingerprint is None else {"data_fingerprint": data_fingerprint})
+    global _PENDING
+    _PENDING = _PendingSave(job, save_dir, metadata, groups)
+    if async_save:
+        job.start()  # the loop continues; finalize_pending_save publishes it once every rank is durable
+    else:
+        job.run()
+        finalize_pending_save(groups)
+    return os.path.join(save_dir, iteration_dir_name(iteration))
+
+
+@dataclass
+class _PendingSave:
+    job: SaveJob
+    save_dir: str
+    metadata: dict  # the manifest without its file records (those come from every rank's writer)
+    groups: ProcessGroups
+
+
+def pending_save_iteration() -> Optional[int]:
+    """The iteration of the save in flight (--async-save), or None."""
+    return None if _PENDING is None else _PENDING.job.iteration
+
+
+def finalize_pending_save(groups: Optional[ProcessGroups] = None, blocking: bool = True) -> Optional[int]:
+    """Publish the save in flight once every rank's files are durable (collective when one is in flight;
+    every rank has the same one). Non-blocking: publish only if every rank's writer is done already (one
+    small all-reduce). Returns the published iteration, or None. The tracker moves only here: after every
+    rank's files are fsynced and renamed, rank 0 writes the manifest, renames iter_N.tmp and the tracker."""
+    global _PENDING
+    pending = _PENDING
+    if pending is None:
+        return None
+    groups = groups or pending.groups
+    if blocking:
+        pending.job.wait()
+    elif collectives.any_rank(not pending.job.done, groups.world):
+        return None
+    _PENDING = None
+    job = pending.job
+    outcomes = collectives.all_gather_object((job.records, job.error), groups.world)
+    errors = [error for _, error in outcomes if error]
+    if not errors and groups.world.rank == 0:
+        try:
+            _publish(pending, [records for records, _ in outcomes])
+        except OSError as error:
+            errors = [f"rank 0: {type(error).__name__}: {error}"]
+    errors = collectives.broadcast_object(errors, src=groups.world.global_rank(0), group=groups.world)
+    if errors:
+        raise CheckpointSaveError(_save_failed_message(pending, job.iteration, errors))
+    return job.iteration
+
+
+def _publish(pending: "_PendingSave", records: list[dict]) -> None:
+    """Rank 0: the manifest (every rank's files' sizes and CRC-32s) last, then iter_N and the tracker."""
+    tmp = pending.job.tmp
+    metadata = dict(pending.metadata)
+    metadata["files"] = dict(sorted(kv for rank_records in records for kv in rank_records.items()))
     atomic_write_text(os.path.join(tmp, METADATA_FILE), json.dumps(metadata, indent=1))
+    publish(pending.save_dir, pending.job.iteration)
+
+
+def _save_failed_message(pending: "_PendingSave", iteration: int, errors: list[str]) -> str:
+    latest = read_tracker(pending.save_dir) if os.path.isdir(pending.save_dir) else None
+    kept = (f"the latest checkpoint is still iteration {latest} (its files and the tracker were not touched)"
+            if latest is not None else "no earlier checkpoint exists")
+    return (f"saving iteration {iteration} to {pending.save_dir} failed: " + "; ".join(errors) + f". {kept}; "
+            f"the partial {iteration_dir_name(iteration)}.tmp is removed by the next save. Fix: free space on "
+            "the --save file system or make it writable, then resume with --load.")
+
+
+def _prepare(save_dir: str, iteration: int, groups: ProcessGroups) -> str:
+    """Rank 0 creates an empty iter_N.tmp (removing stale ones); every rank learns whether it could."""
+    tmp = os.path.join(save_dir, iteration_dir_name(iteration) + ".tmp")
+    error = None
+    if groups.world.rank == 0:
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            _remove_stale_tmp_dirs(save_dir)
+            tmp = prepare_tmp_dir(save_dir, iteration)
+        except OSError as failure:
+            error = f"rank 0: cannot create {tmp}: {type(failure).__name__}: {failure}"
+    error = collectives.broadcast_object(error, src=groups.world.global_rank(0), group=groups.world)
+    if error:
+        pending = _PendingSave(SaveJob(iteration, groups.world.rank, tmp, {}, _atomic_save), save_dir, {}, groups)
+        raise CheckpointSaveError(_save_failed_message(pending, iteration, [error]))
+    return tmp
+
+
+def _axis_of(param: torch.Tensor, layout: dict) -> tuple[int, int]:
+    """(rank, size) of this process in the group `param`'s ShardSpec splits it over ((0, 1): replicated)."""
+    spec = shard_spec_of(param)
+    if not spec.is_sharded:
+        return 0, 1
+    axes = layout.get("axes") or {"tp": (layout["tp_rank"], layout["tp"])}
+    if spec.axis not in axes:
+        raise CheckpointError(f"a parameter is sharded over axis {spec.axis!r}, which this job has no group for.")
+    return axes[spec.axis]
+
+
+def _optimizer_ranges(optimizer: Any, params: dict[str, torch.nn.Parameter]) -> dict[str, list]:
+    """{name: [(start, end, {state key: flat tensor})]}: the optimizer state this rank holds, without any
+    communication. An optimizer without `local_parameter_state` (not sharded) holds whole parameters."""
+    ranges: dict[str, list] = {}
+    if hasattr(optimizer, "local_parameter_state"):
+        for name, start, end, states in optimizer.local_parameter_state():
+            ranges.setdefault(name, []).append((start, end, states))
+    else:
+        for name, states in optimizer.get_parameter_state().items():
+            ranges[name] = [(0, params[name].numel(), states)]
+    return {name: r for name, r in ranges.items() if not _is_tied(name, params)}
+
+
+def _is_tied(name: str, params: dict[str, torch.nn.Parameter]) -> bool:
+    return name in params and is_tied_copy(name, bool(getattr(params[name], "shared_embedding", False)))
+
+
+def _holdings(params: dict[str, torch.nn.Parameter], optim_ranges: dict[str, list], layout: dict) -> dict:
+    """What this rank holds of each parameter (the plan's input): shard index, local shape, flat ranges."""
+    held, shapes = {}, {}
+    for name, param in params.items():
+        if _is_tied(name, params):
+            continue  # refilled from the embedding on load
+        index, size = _axis_of(param, layout)
+        meta = param_meta_of(name, param, size, layout["pp_rank"])
+        states = optim_ranges.get(name, [])
+        held[name] = {"meta": meta.to_json(), "index": index, "shape": list(param.shape),
+                      # ZeRO-3 would report its flat slice of the weight here instead of the whole shard.
+                      "model": [(0, param.numel())], "optim": [(start, end) for start, end, _ in states],
+                      "bytes": {"model": param.element_size(), "optim": 4 * len(states[0][2]) if states else 0}}
+        shapes[name] = list(param.shape)
+    stem = file_stem(layout["tp_rank"], layout["pp_rank"], layout["dp_rank"])
+    return {"rank": layout["rank"], "stem": stem, "params": held, "shapes": shapes}
 
 
 def _remove_stale_tmp_dirs(save_dir: str) -> None:
     for path in remove_stale_tmp_dirs(save_dir):
         print(f"removed {path}: an unfinished save (the job died while writing it)", flush=True)
-
-
-def _merge_reports(reports: list[dict]) -> dict[str, ParamMeta]:
-    """Combine every rank's parameters into one entry per global name, with its files in TP order."""
-    merged: dict[str, ParamMeta] = {}
-    files: dict[str, dict[int, str]] = {}
-    for report in reports:
-        for name, (values, tp_rank, filename) in report.items():
-            meta = ParamMeta.from_json(values)
-            if meta.is_tied_copy:
-                continue
-            if name in merged and merged[name].shape != meta.shape:
-                raise CheckpointError(f"{name}: ranks disagree on its full shape ({merged[name].shape} vs {meta.shape}).")
-            merged.setdefault(name, meta)
-            if filename is not None:
-                files.setdefault(name, {})[tp_rank] = filename
-    for name, meta in merged.items():
-        meta.files = [files[name][t] for t in sorted(files.get(name, {}))]
-    return merged
 
 
 # ---- load ----------------------------------------------------------------------------------------
@@ -243,7 +320,8 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
     load_optim = optimizer is not None and not ckpt.finetune and not ckpt.no_load_optim
     try:
         reader = CheckpointReader(load_dir)
-        problems = _local_problems(reader, params, layout, load_optim, _other_files_read(reader, ckpt, layout, load_optim))
+        optim_ranges = _optimizer_ranges_of(optimizer, params) if load_optim else None
+        problems = _local_problems(reader, params, layout, optim_ranges, _other_files_read(reader, ckpt, layout, load_optim))
         problems += _data_problems(reader, ckpt, data_fingerprint)
     except Exception as error:  # noqa: BLE001 - reported by every rank together below, never a lone raise
         problems = [f"{type(error).__name__}: {error}"]
@@ -265,7 +343,7 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
         common = reader.common()
         if "optimizer" in common:
             optimizer.load_state_dict(common["optimizer"])
-        optimizer.set_parameter_state(_optimizer_states(reader, params, layout))
+        _load_optimizer_state(reader, optimizer, params, layout)
         if opt_param_scheduler is not None and "opt_param_scheduler" in common:
             opt_param_scheduler.load_state_dict(common["opt_param_scheduler"])
     elif optimizer is not None:
@@ -282,7 +360,7 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
 
 
 def _expected_full_shapes(params: dict[str, torch.nn.Parameter], layout: dict) -> dict[str, list[int]]:
-    return {name: param_meta_of(name, p, _axis(shard_spec_of(p), layout)[1]).shape for name, p in params.items()}
+    return {name: param_meta_of(name, p, _axis_of(p, layout)[1]).shape for name, p in params.items()}
 
 
 def _source_name(name: str, param: torch.Tensor) -> str:
@@ -290,10 +368,44 @@ def _source_name(name: str, param: torch.Tensor) -> str:
     return EMBEDDING_NAME if is_tied_copy(name, bool(getattr(param, "shared_embedding", False))) else name
 
 
+def _saved_shard(reader: CheckpointReader, name: str, param: torch.Tensor, layout: dict) -> Optional[int]:
+    """The index of the saved shard that is exactly this rank's local tensor (same ShardSpec, same number
+    of shards, same local shape), or None: then the canonical full tensor is rebuilt and cut (reshard)."""
+    meta = reader.params[_source_name(name, param)]
+    index, size = _axis_of(param, layout)
+    if meta.shard != shard_spec_of(param) or meta.num_shards != size:
+        return None
+    if meta.shard_shapes:
+        saved = meta.shard_shapes[index]
+    else:  # format 1: the local shape follows from the saving layout's vocabulary padding
+        divisible = reader.config.get("model", {}).get("make_vocab_size_divisible_by", 128)
+        try:
+            saved = meta.local_shape(size, divisible)
+        except CheckpointError:
+            return None
+    return index if list(saved) == list(param.shape) else None
+
+
+def _files_read(reader: CheckpointReader, name: str, param: torch.Tensor, layout: dict,
+                optim_ranges: Optional[list]) -> set[str]:
+    """The files this rank reads for `param`: its own saved shard's pieces (only those overlapping its
+    optimizer ranges), or every shard's when it reshards."""
+    meta = reader.params[_source_name(name, param)]
+    index = _saved_shard(reader, name, param, layout)
+    shards = range(meta.num_shards) if index is None else [index]
+    files = {f for i in shards for f, _, _ in meta.pieces_of("model", i)}
+    for start, end in (optim_ranges or []):
+        for i in shards:
+            files |= {f for f, lo, hi in meta.pieces_of("optim", i)
+                      if index is None or (lo < end and (hi is None or hi > start))}
+    return files
+
+
 def _local_problems(reader: CheckpointReader, params: dict[str, torch.nn.Parameter], layout: dict,
-                    load_optim: bool, also: Iterable[str] = ()) -> list[str]:
-    """Everything that would make this rank fail mid-load, found before any data is read."""
-    if load_optim and not reader.has_optimizer():
+                    optim_ranges: Optional[dict], also: Iterable[str] = ()) -> list[str]:
+    """Everything that would make this rank fail mid-load, found before any data is read.
+    `optim_ranges`: {name: [(start, end)]} of the optimizer state to load, or None (not loading it)."""
+    if optim_ranges is not None and not reader.has_optimizer():
         return [f"{reader.path} has no optimizer state (saved with --no-save-optim). "
                 "Load with --no-load-optim (fresh optimizer) or --finetune."]
     problems, needed_files = [], set()
@@ -304,10 +416,8 @@ def _local_problems(reader: CheckpointReader, params: dict[str, torch.nn.Paramet
         elif reader.params[source].shape != shape:
             problems.append(f"{name}: checkpoint shape {reader.params[source].shape} vs model shape {shape}")
         else:
-            for filename in reader.params[source].files:
-                needed_files.add(filename)
-                if load_optim:
-                    needed_files.add(optim_name(filename))
+            ranges = None if optim_ranges is None else optim_ranges.get(name, [(0, params[name].numel())])
+            needed_files |= _files_read(reader, name, params[name], layout, ranges)
     # Every file this rank will read must match the manifest's size and CRC-32 (missing files too).
     return problems + reader.verify(needed_files | set(also))
 
@@ -357,26 +467,72 @@ def _mismatch_message(load_dir: str, reader: Optional[CheckpointReader], config:
 
 
 def _local_shard(full: torch.Tensor, param: torch.Tensor, layout: dict) -> torch.Tensor:
-    rank, size = _axis(shard_spec_of(param), layout)
-    return shard_spec_of(param).shard(full, rank, size, param.shape)
+    index, size = _axis_of(param, layout)
+    return shard_spec_of(param).shard(full, index, size, param.shape)
+
+
+def _local_tensor(reader: CheckpointReader, name: str, param: torch.Tensor, layout: dict) -> torch.Tensor:
+    """This rank's model tensor of `param`: its saved shard when the layout matches, else cut from the full."""
+    index = _saved_shard(reader, name, param, layout)
+    if index is not None:
+        return reader.shard_tensor(_source_name(name, param), index)
+    return _local_shard(reader.full_tensor(_source_name(name, param)), param, layout)
 
 
 def _load_model(reader: CheckpointReader, params: dict[str, torch.nn.Parameter], layout: dict) -> None:
     with torch.no_grad():
         for name, param in params.items():
-            local = _local_shard(reader.full_tensor(_source_name(name, param)), param, layout)
-            param.data.copy_(local.to(param.device))
+            param.data.copy_(_local_tensor(reader, name, param, layout).to(param.device))
+
+
+def _optimizer_ranges_of(optimizer: Any, params: dict[str, torch.nn.Parameter]) -> dict[str, list]:
+    """{name: [(start, end)]} of the optimizer state this rank will load."""
+    if hasattr(optimizer, "local_parameter_state"):
+        ranges: dict[str, list] = {}
+        for name, start, end, _ in optimizer.local_parameter_state():
+            ranges.setdefault(name, []).append((start, end))
+        return ranges
+    return {name: [(0, param.numel())] for name, param in params.items()}
+
+
+def _load_optimizer_state(reader: CheckpointReader, optimizer: Any, params: dict[str, torch.nn.Parameter],
+                          layout: dict) -> None:
+    """Each rank reads only its own flat slices (of its own saved shard when the layout matches); when it
+    reshards, one parameter's full state at a time is rebuilt and cut."""
+    if not hasattr(optimizer, "set_local_parameter_state"):
+        optimizer.set_parameter_state(_optimizer_states(reader, params, layout))
+        return
+    resharded: dict[str, dict[str, torch.Tensor]] = {}
+
+    def state_for(name: str, start: int, end: int, key: str) -> torch.Tensor:
+        param, source = params[name], _source_name(name, params[name])
+        index = _saved_shard(reader, name, param, layout)
+        if index is not None:
+            return reader.shard_slice(source, index, start, end, "optim", key)
+        if name not in resharded:
+            resharded.clear()
+            resharded[name] = {k: _local_shard(full, param, layout).reshape(-1)
+                               for k, full in reader.optimizer_full_state(source).items()}
+        return resharded[name][key][start:end]
+
+    optimizer.set_local_parameter_state(state_for)
 
 
 def _optimizer_states(reader: CheckpointReader, params: dict[str, torch.nn.Parameter],
                       layout: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """Per-parameter optimizer state in this rank's TP-local shapes (the optimizer slices its DP part)."""
+    """Per-parameter optimizer state in this rank's local shapes, for an optimizer that takes whole
+    parameters (set_parameter_state)."""
     states = {}
     for name, param in params.items():
         if not param.requires_grad:  # MoE expert biases: model state only, no optimizer state
             continue
-        full_states = reader.optimizer_full_state(_source_name(name, param))
-        states[name] = {key: _local_shard(full, param, layout).clone() for key, full in full_states.items()}
+        source, index = _source_name(name, param), _saved_shard(reader, name, param, layout)
+        if index is not None:
+            states[name] = {key: reader.shard_tensor(source, index, "optim", key).clone()
+                            for key in reader.optimizer_keys(source)}
+        else:
+            full_states = reader.optimizer_full_state(source)
+            states[name] = {key: _local_shard(full, param, layout).clone() for key, full in full_states.items()}
     return states
 
 

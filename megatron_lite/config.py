@@ -300,7 +300,7 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = arg(None, "Virtual stages per pipeline rank (alternative to --num-layers-per-virtual-pipeline-stage).", flag="--num-virtual-stages-per-pipeline-rank")
     decoder_first_pipeline_num_layers: Optional[int] = arg(None, "Layers on the first pipeline stage (the rest split evenly).")
     decoder_last_pipeline_num_layers: Optional[int] = arg(None, "Layers on the last pipeline stage (the rest split evenly).")
-    pipeline_schedule: str = arg("auto", "Pipeline schedule: auto picks 1F1B, or interleaved 1F1B with virtual stages; zb-h1 splits backward into B and W (zero-bubble H1).", choices=["auto", "gpipe", "1f1b", "interleaved", "zb-h1"])
+    pipeline_schedule: str = arg("auto", "Pipeline schedule: auto picks by the simulator's bubble within 1F1B's activation memory (1F1B/ZB-H1/GPipe; with two virtual stages per rank interleaved or ZB-V); zb-h1 splits backward into B and W (zero-bubble H1); zbv is zero-bubble V (two chunks per rank in a V: --num-virtual-stages-per-pipeline-rank 2).", choices=["auto", "gpipe", "1f1b", "interleaved", "zb-h1", "zbv"])
     microbatch_group_size_per_vp_stage: Optional[int] = arg(None, "Interleaved 1F1B: consecutive micro-batches per virtual stage (default PP); m need not be a multiple of PP.", flag="--microbatch-group-size-per-virtual-pipeline-stage")
     overlap_p2p_comm: bool = arg(False, "Post pipeline sends/receives asynchronously and wait only when their data is needed.", action="store_true")
     context_parallel_size: int = arg(1, "Context parallel size (CP).")
@@ -312,10 +312,10 @@ class ParallelConfig:
     distributed_timeout_minutes: float = arg(10.0, "Timeout of every collective, in minutes.")
     # Data-parallel gradient reduction (megatron_lite/distributed/ddp.py).
     use_distributed_optimizer: bool = arg(False, "Shard optimizer state over data-parallel ranks (ZeRO-1); the alias of --data-parallel-sharding-strategy optim.", action="store_true")
-    data_parallel_sharding_strategy: Optional[str] = arg(None, "What is sharded over data-parallel ranks: no_shard, optim (ZeRO-1, = --use-distributed-optimizer), optim_grads (ZeRO-2: also gradients), optim_grads_params (ZeRO-3: also parameters). Default: optim with --use-distributed-optimizer, else no_shard.", choices=list(SHARDING_STRATEGIES))
+    data_parallel_sharding_strategy: Optional[str] = arg(None, "What is sharded over data-parallel ranks: no_shard, optim (ZeRO-1, = --use-distributed-optimizer), optim_grads (ZeRO-2: also gradients), optim_grads_params (ZeRO-3: also parameters, gathered per layer around its forward and backward). Default: optim with --use-distributed-optimizer, else no_shard.", choices=list(SHARDING_STRATEGIES))
     overlap_grad_reduce: bool = arg(False, "Overlap gradient reduction with the last micro-batch's backward.", action="store_true")
-    overlap_param_gather: bool = arg(False, "Overlap the distributed optimizer's parameter all-gather with the next forward.", action="store_true")
-    ddp_bucket_size: Optional[int] = arg(None, "Elements per gradient bucket (default max(40M, 1M*DP)).")
+    overlap_param_gather: bool = arg(False, "Overlap the distributed optimizer's parameter all-gather with the next forward (ZeRO-3: prefetch the next unit's parameters while the current one computes, in forward and in backward).", action="store_true")
+    ddp_bucket_size: Optional[int] = arg(None, "Elements per gradient bucket (default max(40M, 1M*DP); ZeRO-3 uses one bucket per unit instead).")
     accumulate_allreduce_grads_in_fp32: bool = arg(False, "Accumulate and reduce gradients in fp32 (always on with --bf16).", action="store_true")
 
     @property
@@ -375,7 +375,7 @@ class ParallelConfig:
 
     def validate_context_parallel(self, cfg: "Config") -> None:
         """What context parallelism needs: the sequence cut into 2 x CP chunks (each split again over TP
-        under sequence parallelism), whole heads per rank for a2a, and no attention dropout in the ring."""
+        under sequence parallelism) and whole heads per rank for a2a."""
         tp, cp, seq, m = self.tensor_model_parallel_size, self.context_parallel_size, cfg.model.seq_length, cfg.model
         unit = 2 * cp * (tp if self.sequence_parallel else 1)
         if seq % unit != 0:
@@ -386,16 +386,26 @@ class ParallelConfig:
         if self.cp_comm_type == "a2a" and heads % cp != 0:
             _fail("--cp-comm-type", f"a2a splits each TP rank's {heads} attention heads over CP = {cp}, which does "
                   "not divide them", "Use --cp-comm-type p2p or all_gather, or a CP size that divides the heads per TP rank.")
-        if self.cp_comm_type == "p2p" and m.attention_dropout > 0:
-            _fail("--attention-dropout", f"{m.attention_dropout} with ring attention (--cp-comm-type p2p): the ring "
-                  "kernel has no dropout", "Use --attention-dropout 0, or --cp-comm-type all_gather or a2a.")
+
+    def validate_zero3(self, cfg: "Config") -> None:
+        """ZeRO-3 frees each unit's parameter storage between uses (distributed/zero3.py): layouts that keep
+        their own references to parameter data, or that have not been shown equal to one process, are refused."""
+        m, flag = cfg.model, "--data-parallel-sharding-strategy"
+        if m.torch_compile:
+            _fail(flag, "optim_grads_params (ZeRO-3) with --torch-compile: compiled layers may hold on to the "
+                  "parameter storage ZeRO-3 frees between uses", "Drop --torch-compile, or use optim_grads (ZeRO-2).")
+        if m.transformer_impl == "transformer_engine" or m.fp8_format is not None:
+            _fail(flag, "optim_grads_params (ZeRO-3) with --transformer-impl transformer_engine / --fp8-format: "
+                  "Transformer Engine caches weights (fp8 casts) across the gathers ZeRO-3 frees",
+                  "Use --transformer-impl local, or optim_grads (ZeRO-2).")
 
     def validate_implemented(self, cfg: "Config") -> None:
-        # Refuse what is not built yet rather than train something else: ZeRO-3, and experts (the EP groups
-        # exist, parallel_state builds them and the self-check prints them, but no layer routes tokens yet).
+        # ZeRO-3's own rules; expert parallel sizes only mean something with experts.
         if self.sharding_strategy == "optim_grads_params":
-            _fail("--data-parallel-sharding-strategy", "optim_grads_params (ZeRO-3, parameters sharded at rest) is "
-                  "not implemented yet", "Use optim_grads (ZeRO-2) or optim (ZeRO-1).")
+            self.validate_zero3(cfg)
+            if cfg.moe.is_moe:
+                _fail("--data-parallel-sharding-strategy", "optim_grads_params (ZeRO-3) with --num-experts: expert "
+                      "parameters are not sharded at rest yet", "Use optim_grads (ZeRO-2) or optim (ZeRO-1) with MoE.")
         if (self.expert_model_parallel_size > 1 or self.expert_tp_size != self.tensor_model_parallel_size) \
                 and cfg.moe.num_experts is None:
             _fail("--expert-model-parallel-size/--expert-tensor-parallel-size", "set without --num-experts: a dense "
@@ -563,6 +573,10 @@ class CheckpointConfig:
     load: Optional[str] = arg(None, "Directory to load a checkpoint from.")
     save_interval: Optional[int] = arg(None, "Save every this many iterations.")
     no_save_optim: bool = arg(False, "Do not save optimizer state.", action="store_true")
+    async_save: bool = arg(False, "Save in the background: each rank copies its checkpoint pieces to host memory and "
+                           "a writer thread writes them while training continues; the tracker names the checkpoint "
+                           "once every rank's files are durable. At most one save in flight; exit and SIGTERM wait "
+                           "for it.", action="store_true")
     no_load_optim: bool = arg(False, "Do not load optimizer state.", action="store_true")
     no_load_rng: bool = arg(False, "Do not load RNG states.", action="store_true")
     allow_data_change: bool = arg(False, "Resume with --load even if the training data (dataset sizes, blend weights, "
@@ -586,10 +600,20 @@ class LoggingConfig:
     peak_tflops: Optional[float] = arg(None, "Peak dense TFLOP/s per device for MFU (detected for known GPUs).")
     log_memory: bool = arg(True, "Do not log memory.", flag="--no-log-memory", action="store_false")
     log_num_zeros_in_grad: bool = arg(False, "Count and log zero gradient elements (an extra pass over all grads).", action="store_true")
+    log_loss_spikes: bool = arg(False, "Report every iteration whose loss is more than --loss-spike-threshold standard "
+                                "deviations above the mean of the previous --loss-spike-window losses (a console "
+                                "line and a JSONL record 'loss_spike'; every iteration, whatever --log-interval).",
+                                action="store_true")
+    loss_spike_threshold: float = arg(4.0, "With --log-loss-spikes: standard deviations above the window's mean.")
+    loss_spike_window: int = arg(50, "With --log-loss-spikes: how many previous losses the mean and deviation use.")
 
     def validate(self, cfg: "Config") -> None:
         if self.log_interval < 1:
             _fail("--log-interval", f"must be >= 1, got {self.log_interval}", "Use a positive interval.")
+        if self.loss_spike_threshold <= 0:
+            _fail("--loss-spike-threshold", f"must be > 0, got {self.loss_spike_threshold}", "Use e.g. 4.")
+        if self.loss_spike_window < 2:
+            _fail("--loss-spike-window", f"must be >= 2, got {self.loss_spike_window}", "Use e.g. 50.")
 
 
 SECTIONS = {

@@ -6,16 +6,25 @@ MEGATRON_LITE_TEST_KILL="RANK:ITERATION"  global rank RANK SIGKILLs itself when 
 MEGATRON_LITE_TEST_NAN="ITERATION[:RANK]" at ITERATION (every attempt) rank RANK (default 0, a last
                                           pipeline stage) turns its loss into NaN before backward, so both
                                           the loss and the grads of that step are non-finite.
+MEGATRON_LITE_TEST_DISK_FULL="RANK:ITERATION"  rank RANK's checkpoint writer fails with ENOSPC ("No space
+                                          left on device") before its first file of ITERATION's save: a
+                                          full disk mid-save, without filling one.
+MEGATRON_LITE_TEST_SLOW_SAVE="SECONDS"    every checkpoint writer sleeps SECONDS before each file: a slow
+                                          file system, so a test can signal or kill a job mid-save.
 Each reads its variable once per call and costs nothing when it is unset.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import time
 from typing import Optional
 
 KILL_ENV = "MEGATRON_LITE_TEST_KILL"
 NAN_ENV = "MEGATRON_LITE_TEST_NAN"
+DISK_FULL_ENV = "MEGATRON_LITE_TEST_DISK_FULL"
+SLOW_SAVE_ENV = "MEGATRON_LITE_TEST_SLOW_SAVE"
 
 
 def _parse(env: str) -> Optional[tuple[int, ...]]:
@@ -53,3 +62,13 @@ def poison_forward_step(forward_step_func, iteration: int, rank: int):
             return loss * float("nan"), {key: value * float("nan") for key, value in reported.items()}
         return output, poisoned_loss
     return poisoned
+
+
+def maybe_fail_write(iteration: int, rank: int, path: str) -> None:
+    """Before a checkpoint file is written: sleep (MEGATRON_LITE_TEST_SLOW_SAVE), or raise OSError(ENOSPC)
+    for `path` if MEGATRON_LITE_TEST_DISK_FULL names (rank, iteration)."""
+    delay = os.environ.get(SLOW_SAVE_ENV)
+    if delay:
+        time.sleep(float(delay))
+    if _parse(DISK_FULL_ENV) == (rank, iteration):
+        raise OSError(errno.ENOSPC, "No space left on device (fault injection)", path)

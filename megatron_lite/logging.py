@@ -16,6 +16,7 @@ JSONL records (one object per logged iteration, one per evaluation), snake_case 
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -83,10 +84,11 @@ def padded_vocab_size(config) -> int:
 
 
 def is_logging_rank(groups: Optional[ProcessGroups] = None) -> bool:
-    """The last pipeline stage's first TP and DP x CP rank (every rank of a one-process layout)."""
+    """The loss stage's (the last pipeline stage's; rank 0's with ZB-V) first TP and DP x CP rank (every rank of
+    a one-process layout)."""
     if groups is None:
         return True
-    return groups.is_last_stage and groups.tp.rank == 0 and groups.dp_cp.rank == 0
+    return groups.is_loss_stage and groups.tp.rank == 0 and groups.dp_cp.rank == 0
 
 
 def memory_gb() -> dict[str, float]:
@@ -177,6 +179,17 @@ class MetricsLogger:
             self._write(record, iteration, "train")
         return record
 
+    def log_loss_spike(self, iteration: int, spike: dict) -> None:
+        """One console line and one JSONL record {"record": "loss_spike", ...} (--log-loss-spikes)."""
+        if not self.enabled:
+            return
+        print(f"loss spike at iteration {iteration}: lm loss {spike['lm_loss']:.6E} is {spike['z']:.1f} standard "
+              f"deviations above the mean {spike['window_mean']:.6E} of the previous {spike['window']} iterations",
+              flush=True)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"record": "loss_spike", "iteration": iteration, **spike,
+                                         "timestamp": time.time()}) + "\n")
+
     def log_memory(self, report: dict, strategy: str) -> dict:
         """The start-up memory report (optimizer/memory.py's memory_report): one console line, one JSONL record."""
         record = {"record": "memory", "strategy": strategy, **report, "timestamp": time.time()}
@@ -208,6 +221,31 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class LossSpikeDetector:
+    """--log-loss-spikes: a loss more than `threshold` standard deviations above the mean of the previous
+    `window` losses (at least 10 of them, or `window` if smaller) is a spike. O(window) per iteration on the
+    host; the losses are the ones the loop already has, so it costs no communication."""
+
+    def __init__(self, threshold: float, window: int):
+        self.threshold, self.window = threshold, window
+        self.history: collections.deque = collections.deque(maxlen=window)
+
+    def update(self, loss: Optional[float]) -> Optional[dict]:
+        """The spike's description, or None. Non-finite losses are the NaN guard's business: ignored."""
+        if loss is None or not math.isfinite(loss):
+            return None
+        spike = None
+        if len(self.history) >= min(10, self.window):
+            mean = sum(self.history) / len(self.history)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
+            std = max(std, 1e-6 * max(abs(mean), 1.0))  # a flat window: any clear jump counts
+            z = (loss - mean) / std
+            if z > self.threshold:
+                spike = {"lm_loss": loss, "window_mean": mean, "window_std": std, "z": z, "window": len(self.history)}
+        self.history.append(loss)
+        return spike
 
 
 def print_rank_0(message: str) -> None:

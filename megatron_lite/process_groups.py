@@ -76,6 +76,8 @@ class ProcessGroups:
     tp_ep_pp: Group  # ETP x EP x PP: every expert shard exactly once (expert grad norm)
     embd: Optional[Group] = None
     vp_size: Optional[int] = None  # virtual pipeline stages per rank (None: no interleaving)
+    # ZB-V (--pipeline-schedule zbv): the last virtual stage, and so the loss, is on pipeline rank 0
+    loss_on_first_stage: bool = False
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -91,6 +93,16 @@ class ProcessGroups:
     @property
     def is_last_stage(self) -> bool:
         return self.pp.rank == self.pp.size - 1
+
+    @property
+    def is_loss_stage(self) -> bool:
+        """This rank computes the loss (the last virtual stage): the last pipeline rank, rank 0 with ZB-V."""
+        return self.is_first_stage if self.loss_on_first_stage else self.is_last_stage
+
+    @property
+    def loss_stage_rank(self) -> int:
+        """Global rank of this pipeline's loss stage (the `src` of loss broadcasts)."""
+        return self.pp.first if self.loss_on_first_stage else self.pp.last
 
     def replace(self, **changes: Any) -> "ProcessGroups":
         return dataclasses.replace(self, **changes)

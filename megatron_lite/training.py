@@ -16,19 +16,22 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from megatron_lite import collectives, fault_injection, parallel_state as ps
-from megatron_lite.checkpointing import load_checkpoint, read_tracker, save_checkpoint
+from megatron_lite.checkpointing import (finalize_pending_save, load_checkpoint, pending_save_iteration, read_tracker,
+                                         save_checkpoint)
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.data.builder import data_fingerprint
 from megatron_lite.distributed.ddp import DistributedDataParallel
 from megatron_lite.distributed.finalize_model_grads import finalize_model_grads
 from megatron_lite.kernels.registry import select_kernels
-from megatron_lite.logging import MetricsLogger, print_rank_0
+from megatron_lite.logging import LossSpikeDetector, MetricsLogger, print_rank_0
 from megatron_lite.models.moe import metrics as moe_metrics
 from megatron_lite.optimizer import get_megatron_optimizer, memory_report
 from megatron_lite.optimizer.clip_grads import NonFiniteStepError
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
 from megatron_lite.pipeline.auto import describe as describe_schedule
 from megatron_lite.pipeline.runner import get_forward_backward_func
+from megatron_lite.pipeline.layout import is_v_shape
+from megatron_lite.pipeline.schedules import virtual_stage
 from megatron_lite.pipeline.stages import build_model_chunks
 from megatron_lite.process_groups import ProcessGroups
 from megatron_lite.tensor_parallel.random import model_parallel_seed
@@ -106,7 +109,7 @@ def initialize(config: Config) -> ProcessGroups:
     ps.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                  p.virtual_pipeline_model_parallel_size, p.context_parallel_size,
                                  p.expert_model_parallel_size, p.expert_tensor_parallel_size)
-    groups = ps.get_process_groups()
+    groups = ps.get_process_groups().replace(loss_on_first_stage=is_v_shape(config))  # ZB-V: loss on rank 0
     # Offset by pipeline stage (as Megatron does) so dropout on different stages draws different masks;
     # weights do not depend on it (they are drawn from the seed and each parameter's name).
     model_parallel_seed(config.training.seed + 100 * groups.pp.rank, groups.tp.rank)
@@ -157,7 +160,9 @@ def train_iters(config: Config) -> int:
 
 
 def _chunk_needs_data(chunk_index: int, num_chunks: int, groups: ProcessGroups) -> bool:
-    return (groups.is_first_stage and chunk_index == 0) or (groups.is_last_stage and chunk_index == num_chunks - 1)
+    """The chunks holding the first virtual stage (tokens) and the last (labels); with ZB-V both on rank 0."""
+    stage = virtual_stage(groups.pp.size, groups.pp.rank, chunk_index, groups.loss_on_first_stage and num_chunks == 2)
+    return stage in (0, groups.pp.size * num_chunks - 1)
 
 
 def build_data_iterators(config: Config, datasets_provider: Callable, consumed_samples: int, num_chunks: int,
@@ -243,8 +248,8 @@ def _no_sync_func(model):
 
 
 def _average_losses(losses: list[dict], groups: ProcessGroups) -> Optional[float]:
-    """Mean of the micro-batch losses on the last stage, averaged over DP (for reporting only)."""
-    if not groups.is_last_stage:
+    """Mean of the micro-batch losses on the loss stage, averaged over DP (for reporting only)."""
+    if not groups.is_loss_stage:
         return None
     value = sum(float(d["lm loss"]) for d in losses) / max(1, len(losses))
     return collectives.all_reduce_scalar(value, groups.dp_cp) / groups.dp_cp.size
@@ -299,6 +304,7 @@ def pretrain(config: Config, model_provider: Callable, forward_step_func: Callab
                                     run.eval_consumed(), groups)
     try:
         run.train_and_evaluate()
+        run.finish_save()  # an --async-save still in flight is published before the job ends
     finally:
         logger.close()
         optimizer.close()  # NVMe offload files (optimizer/nvme.py)
@@ -319,6 +325,9 @@ class _Run:
         self.signals = signals
         self.summary: dict = {"iteration": state.iteration, "train_losses": [], "valid_loss": None}
         self.saved_at: Optional[int] = None
+        self.save_reason = ""
+        log = config.logging
+        self.spikes = LossSpikeDetector(log.loss_spike_threshold, log.loss_spike_window) if log.log_loss_spikes else None
         self.data_fingerprint: Optional[dict] = None  # recorded in every checkpoint (data.builder)
         self.data = ([], [], [])
 
@@ -326,13 +335,32 @@ class _Run:
         t = self.config.training
         return (self.state.iteration // t.eval_interval) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
 
-    def save(self, reason: str) -> None:
+    def save(self, reason: str, wait: bool = False) -> None:
+        """Save (with --async-save in the background; `wait`: published before returning, as for an exit)."""
         config, state = self.config, self.state
         if config.checkpoint.save and self.saved_at != state.iteration:
+            self.finish_save()  # at most one save in flight
+            background = config.checkpoint.async_save
             save_checkpoint(state.iteration, self.model, self.optimizer, self.scheduler, state.consumed_train_samples,
-                            config, groups=self.groups, data_fingerprint=self.data_fingerprint)
+                            config, groups=self.groups, data_fingerprint=self.data_fingerprint, async_save=background)
             self.saved_at = state.iteration
-            print_rank_0(f"saved checkpoint at iteration {state.iteration} to {config.checkpoint.save} ({reason})")
+            if not background:
+                print_rank_0(f"saved checkpoint at iteration {state.iteration} to {config.checkpoint.save} ({reason})")
+            else:
+                self.save_reason = reason
+                print_rank_0(f"saving checkpoint at iteration {state.iteration} in the background ({reason})")
+        if wait:
+            self.finish_save()
+
+    def finish_save(self, blocking: bool = True) -> None:
+        """Publish the --async-save in flight: wait for it (`blocking`), or only if every rank's writer is
+        done (one all-reduce, only while a save is in flight)."""
+        if pending_save_iteration() is None:
+            return
+        iteration = finalize_pending_save(self.groups, blocking=blocking)
+        if iteration is not None:
+            print_rank_0(f"saved checkpoint at iteration {iteration} to {self.config.checkpoint.save} "
+                         f"({self.save_reason}, written in the background)")
 
     def train_and_evaluate(self) -> None:
         t = self.config.training
@@ -341,7 +369,7 @@ class _Run:
             if self.train(train_data, valid_data):
                 return  # an exit condition fired (after a save)
             if self.state.iteration > 0:
-                self.save("end of training")
+                self.save("end of training", wait=True)
         if self.any(valid_data) and (t.skip_train or not t.eval_interval or self.state.iteration % t.eval_interval != 0):
             self.run_eval("valid", valid_data)
         if self.any(test_data):
@@ -371,11 +399,15 @@ class _Run:
             window_iters += 1
             if loss is not None:
                 self.summary["train_losses"].append(loss)
+            spike = self.spikes.update(loss) if self.spikes is not None else None
+            if spike is not None:
+                self.logger.log_loss_spike(state.iteration, spike)
             if state.iteration % config.logging.log_interval == 0:
                 self.log(loss, grad_norm, num_zeros, (time.time() - window_start) / window_iters)
                 window_start, window_iters = time.time(), 0
             if t.eval_interval and state.iteration % t.eval_interval == 0 and self.any(valid_data):
                 self.run_eval("valid", valid_data)
+            self.finish_save(blocking=False)
             if config.checkpoint.save_interval and state.iteration % config.checkpoint.save_interval == 0:
                 self.save("interval")
             if self.should_exit():
@@ -392,6 +424,7 @@ class _Run:
         if t.on_nan == "skip":
             print_rank_0(f"{what}: skipping it (--on-nan skip).")
             return error.loss, False, error.grad_norm, None
+        self.finish_save()  # a background save of an earlier (good) iteration completes
         save = self.config.checkpoint.save
         latest = read_tracker(save) if save and os.path.isdir(save) else None
         kept = (f"the latest checkpoint ({save}, iteration {latest}) is the last good one and was not overwritten"
@@ -415,9 +448,10 @@ class _Run:
 
     def run_eval(self, split: str, data) -> None:
         loss = evaluate(self.config, self.forward_step_func, data, self.model, self.batches.num_microbatches, self.groups)
-        if self.groups.is_last_stage and loss is not None:
+        if self.groups.is_loss_stage and loss is not None:
             self.logger.log_evaluation(split, self.state.iteration, self.state.consumed_train_samples, loss)
-        self.summary[f"{split}_loss"] = collectives.broadcast_scalar(loss, src=self.groups.pp.last, group=self.groups.pp)
+        self.summary[f"{split}_loss"] = collectives.broadcast_scalar(loss, src=self.groups.loss_stage_rank,
+                                                                     group=self.groups.pp)
 
     def should_exit(self) -> bool:
         t, state = self.config.training, self.state
@@ -432,7 +466,7 @@ class _Run:
                 reason = f"--exit-duration-in-mins {t.exit_duration_in_mins}"
         if reason is None:
             return False
-        self.save(reason)
+        self.save(reason, wait=True)
         print_rank_0(f"exiting at iteration {state.iteration} ({reason})")
         return True
 

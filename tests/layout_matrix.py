@@ -30,15 +30,17 @@ SEQ_LENGTH = 8  # tokens per sample
 DIMENSIONS: dict[str, tuple[tuple, str]] = {
     "tp": ((1, 2, 4), "tensor-parallel size"),
     "pp": ((1, 2, 4), "pipeline-parallel size"),
-    "vp": ((1, 2), "virtual stages per pipeline rank (2: interleaved 1F1B)"),
+    "vp": ((1, 2), "virtual stages per pipeline rank (2: interleaved 1F1B or ZB-V)"),
     "dp": ((1, 2, 4), "data-parallel size"),
     "sp": ((False, True), "sequence parallelism"),
     "cp": ((1, 2), "context-parallel size (ring attention, --cp-comm-type p2p; load-balanced causal chunks)"),
-    "zero": (("none", "zero1", "zero2"), "data-parallel sharding: none, ZeRO-1 (optimizer states) or ZeRO-2 (and gradients)"),
+    "zero": (("none", "zero1", "zero2", "zero3"), "data-parallel sharding: none, ZeRO-1 (optimizer states), ZeRO-2 (and gradients) or ZeRO-3 (and parameters, gathered per layer)"),
     "overlap": ((False, True), "overlapped grad reduce (and param all-gather with ZeRO)"),
     "recompute": (("none", "selective", "full"), "activation recomputation"),
     "dtype": (("fp32", "bf16", "fp16"), "parameter/activation dtype (fp16 with dynamic loss scaling)"),
-    "schedule": (("auto", "gpipe", "1f1b"), "pipeline schedule (auto: the simulator's pick, ZB-H1 without VP, interleaved with VP 2)"),
+    "schedule": (("auto", "gpipe", "1f1b", "zb-h1", "interleaved", "zbv"),
+                 "pipeline schedule (auto: the simulator's pick, ZB-H1 without VP, ZB-V with VP 2)"),
+    "p2p_overlap": ((False, True), "--overlap-p2p-comm: pipeline sends/receives posted early, waited for when needed"),
     "stages": (("even", "uneven"), "uneven: first/last stage hold fewer/more layers"),
     "model": (("gpt2", "llama"), "GPT-2 (LayerNorm, GeLU, learned positions, tied) or Llama (RMSNorm, SwiGLU, RoPE, GQA, untied)"),
 }
@@ -51,7 +53,10 @@ RULES: list[tuple[str, Callable[[dict], bool]]] = [
     ("sequence parallelism needs TP > 1", lambda c: not c["sp"] or c["tp"] > 1),
     (f"CP splits the {SEQ_LENGTH}-token sequence into 2 x CP chunks (x TP with SP)",
      lambda c: SEQ_LENGTH % (2 * c["cp"] * (c["tp"] if c["sp"] else 1)) == 0 or c["cp"] == 1),
-    ("GPipe and 1F1B need PP > 1 and VP 1", lambda c: c["schedule"] == "auto" or (c["pp"] > 1 and c["vp"] == 1)),
+    ("GPipe, 1F1B and ZB-H1 need PP > 1 and VP 1",
+     lambda c: c["schedule"] not in ("gpipe", "1f1b", "zb-h1") or (c["pp"] > 1 and c["vp"] == 1)),
+    ("interleaved and ZB-V need VP 2", lambda c: c["schedule"] not in ("interleaved", "zbv") or c["vp"] == 2),
+    ("--overlap-p2p-comm needs PP > 1", lambda c: not c["p2p_overlap"] or c["pp"] > 1),
     ("uneven stages need PP > 1 and VP 1", lambda c: c["stages"] == "even" or (c["pp"] > 1 and c["vp"] == 1)),
     ("a case that changes nothing but model and dtype is the one-process reference itself",
      lambda c: any(c[n] != DIMENSIONS[n][0][0] for n in NAMES if n not in ("model", "dtype"))),
@@ -134,7 +139,7 @@ def render() -> str:
               "values that can occur together:", "",
               "| " + " | ".join(NAMES) + " |", "|" + " --- |" * len(NAMES)]
     lines += ["| " + " | ".join(_cell(case[name]) for name in NAMES) + " |" for case in default]
-    lines += ["", f"**Slow suite** (`pytest -m slow`): all {len(full)} valid combinations of the options above.", "", END]
+    lines += ["", f"**Full product** (`pytest -m matrix_full`, hours on a CPU): all {len(full)} valid combinations of the options above.", "", END]
     return "\n".join(lines)
 
 

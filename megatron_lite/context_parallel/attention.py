@@ -102,11 +102,10 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                attention_mask: Optional[torch.Tensor], group: Group, comm_type: str,
                                attention_fn: Callable, dropout_p: float = 0.0) -> torch.Tensor:
     """This rank's rows of attention over the whole sequence, by `comm_type` (see the module docstring).
-    The ring has no dropout of its own (config refuses attention dropout with p2p)."""
+    Attention dropout masks are this rank's own draws (the TP-rank stream): equal in distribution to the
+    masks one process would draw, not element for element."""
     if comm_type == "p2p":
-        if dropout_p > 0:
-            raise ValueError("ring attention (--cp-comm-type p2p) has no attention dropout")
-        return ring_attention(q, k, v, attention_mask, group)
+        return ring_attention(q, k, v, attention_mask, group, dropout_p=dropout_p)
     if comm_type == "all_gather":
         return all_gather_attention(q, k, v, attention_mask, group, attention_fn, dropout_p)
     if comm_type == "a2a":

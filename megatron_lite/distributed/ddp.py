@@ -12,6 +12,8 @@ Life of a gradient (Megatron-core's DistributedDataParallel):
 Under ZeRO-2 (--data-parallel-sharding-strategy optim_grads) each bucket's full gradient exists only from
 its first gradient of a step to its reduce-scatter; afterwards each rank holds its shard (see
 param_and_grad_buffer.py for the accumulation rule and its cost).
+Under ZeRO-3 (optim_grads_params) parameters are sharded at rest too: each unit of the model's
+sharding_plan() is one bucket, gathered around its forward and backward by distributed/zero3.py.
 Gradients are pre-multiplied by 1/(DP x CP) so the summing collective yields the mean.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.distributed.model_chunk import ModelChunk
 from megatron_lite.distributed.param_and_grad_buffer import ParamAndGradBuffer
+from megatron_lite.distributed.zero3 import ShardedParams, build_units, default_plan, unit_params
 from megatron_lite.process_groups import ProcessGroups
 
 
@@ -45,6 +48,7 @@ class DistributedDataParallel(ModelChunk):
         self.overlap_grad_reduce = parallel.overlap_grad_reduce
         self.use_distributed_optimizer = parallel.sharding_strategy != "no_shard"
         self.shard_grads = parallel.shards_grads  # ZeRO-2 (param_and_grad_buffer.py)
+        self.shard_params = parallel.sharding_strategy == "optim_grads_params"  # ZeRO-3 (zero3.py)
         self.overlap_param_gather = parallel.overlap_param_gather and self.use_distributed_optimizer
 
         # CP ranks see different tokens of the same samples, so their grads are averaged like DP's.
@@ -57,32 +61,39 @@ class DistributedDataParallel(ModelChunk):
         self.dp_size, self.dp_rank = groups.dp_cp.size, groups.dp_cp.rank
         bucket_size = None if disable_bucketing else (parallel.ddp_bucket_size or default_bucket_size(self.dp_size))
 
+        # ZeRO-3: the parameters in unit order (each unit contiguous, so one bucket), else module order.
+        plan = (module.sharding_plan() if hasattr(module, "sharding_plan") else default_plan(module)) \
+            if self.shard_params else None
+        by_unit = unit_params(plan[0], module) if plan else {"": [p for p in module.parameters() if p.requires_grad]}
+        unit_of = {id(p): index for index, params in enumerate(by_unit.values()) for p in params} if plan else None
         # One buffer per (param dtype, grad dtype, expert or not): bf16 params always accumulate grads in fp32.
         # MoE experts (param.expert_parallel) are replicated only over the expert-data-parallel group, so their
         # buffers reduce (and the distributed optimizer shards) over it; the factor stays 1/(DP x CP) because
         # the token dispatcher already summed the gradients of the EP ranks' tokens.
         by_dtype: dict[tuple[torch.dtype, torch.dtype, bool], list[nn.Parameter]] = {}
-        for param in module.parameters():
-            if not param.requires_grad:
-                continue
+        for param in (p for params in by_unit.values() for p in params):
             fp32_grads = parallel.accumulate_allreduce_grads_in_fp32 or param.dtype == torch.bfloat16
             grad_dtype = torch.float32 if fp32_grads else param.dtype
             by_dtype.setdefault((param.dtype, grad_dtype, getattr(param, "expert_parallel", False)), []).append(param)
         self._buffers: list[ParamAndGradBuffer] = []
         for (param_dtype, grad_dtype, expert), params in by_dtype.items():
-            group = groups.expert_dp if expert else groups.dp_cp
+            group = groups.expert_dp if expert else self.dp_group
             self._buffers.append(ParamAndGradBuffer(
                 params, param_dtype, grad_dtype, bucket_size, group, group.size, group.rank,
-                self.use_distributed_optimizer, 1.0 / self.dp_size, self.shard_grads))
+                self.use_distributed_optimizer, 1.0 / self.dp_size, self.shard_grads, unit_of))
         self.buffer_of: dict[int, ParamAndGradBuffer] = {
             id(p): buffer for buffer in self._buffers for p in buffer.params}
+        self.zero3: Optional[ShardedParams] = None
+        if plan:
+            self.zero3 = ShardedParams(module, build_units(by_unit, self.buffer_of), plan[1],
+                                       prefetch=self.overlap_param_gather)
 
         self.is_last_microbatch = True
         self._hook_handles = []
         for param in module.parameters():
             if param.requires_grad:
                 self._hook_handles.append(param.register_post_accumulate_grad_hook(self._make_grad_hook()))
-        if self.overlap_param_gather:
+        if self.overlap_param_gather and not self.shard_params:
             # Wait for a module's freshly gathered parameters just before it runs forward.
             for submodule in module.modules():
                 if any(True for _ in submodule.parameters(recurse=False)):
@@ -98,8 +109,9 @@ class DistributedDataParallel(ModelChunk):
             if param.grad is not None:
                 buffer.main_grad(param).add_(param.grad)
                 param.grad = None  # the buffer is the only copy: halves gradient memory
-            if self.is_last_microbatch:
-                buffer.register_grad_ready(param, self.overlap_grad_reduce)
+            if self.is_last_microbatch:  # ZeRO-3 always reduce-scatters a unit once its gradient is complete
+                buffer.register_grad_ready(param, self.overlap_grad_reduce or self.shard_params,
+                                           async_op=self.overlap_grad_reduce)
         return hook
 
     def _param_gather_pre_hook(self, submodule: nn.Module, args) -> None:
@@ -151,6 +163,39 @@ class DistributedDataParallel(ModelChunk):
             buffer.start_param_sync(async_op=self.overlap_param_gather and not force_sync)
 
     def finish_param_sync(self) -> None:
+        """Parameters final and at rest (ZeRO-3: any state-dict gather written back to the shards and freed)."""
+        if self.zero3 is not None:
+            self.zero3.settle()
+            return
         for buffer in self.param_and_grad_buffers:
             for bucket in buffer.buckets:
                 buffer.finish_bucket_param_sync(bucket)
+
+    def param_slice(self, param: nn.Parameter, start: int, end: int):
+        if self.zero3 is not None:  # the persistent shard: the full parameter exists only while gathered
+            return self.buffer_of[id(param)].param_shard_view(param, start, end)
+        return super().param_slice(param, start, end)
+
+    # ZeRO-3: a state dict reads or writes whole parameters, so every unit is gathered first (freed again,
+    # with any loaded values kept in the shards, by the next forward, optimizer step or finish_param_sync:
+    # read or write the parameters sharded_state() returns before then).
+    def sharded_state(self) -> dict[str, nn.Parameter]:
+        if self.zero3 is None:
+            return super().sharded_state()
+        self.zero3.materialize()
+        return dict(self.module.named_parameters())
+
+    def state_dict(self, *args, **kwargs):
+        if self.zero3 is None:
+            return super().state_dict(*args, **kwargs)
+        self.zero3.materialize()
+        # copies: the gathered storage is freed right away, and the dict must outlive it
+        state = {k: v.clone() for k, v in self.module.state_dict(*args, **kwargs).items()}
+        self.zero3.settle()
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.zero3 is not None:
+            self.zero3.materialize()
+            return self.module.load_state_dict(state_dict, strict=strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -5,7 +5,8 @@ Every consumer talks to this interface instead of probing a wrapper with hasattr
 - gradients: `no_sync()` (accumulate only), `zero_grad_buffer()`, `start_grad_sync()`/`finish_grad_sync()`
   (data-parallel reduction), `param_and_grad_buffers` (the contiguous buffers the distributed optimizer
   shards; empty when there are none);
-- parameters: `start_param_sync()`/`finish_param_sync()` (the distributed optimizer's all-gather);
+- parameters: `start_param_sync()`/`finish_param_sync()` (the distributed optimizer's all-gather; ZeRO-3:
+  back to rest), `param_slice()` (where the optimizer reads and writes a flat slice of a parameter);
 - `sharded_state()`: {global name: parameter} with every parameter's ShardSpec attached, after any
   pending parameter all-gather has finished: what checkpoints save and load.
 
@@ -65,6 +66,11 @@ class ModelChunk(nn.Module):
 
     def finish_param_sync(self) -> None:
         pass
+
+    def param_slice(self, param: nn.Parameter, start: int, end: int):
+        """The tensor holding param's flat [start, end) at rest, which the optimizer reads and writes (a view
+        of the parameter; under ZeRO-3 of this rank's persistent shard, ddp.py)."""
+        return param.detach().view(-1)[start:end]
 
     def sharded_state(self) -> dict[str, nn.Parameter]:
         """{global name: parameter}; parameters are whole (no pending all-gather) when this returns."""

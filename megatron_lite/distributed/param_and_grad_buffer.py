@@ -19,6 +19,13 @@ per bucket, whatever the number of micro-batches) and the transient peak is the 
 rest (optimizer step, between steps) only the shards remain. DeepSpeed's rule (reduce-scatter every
 micro-batch into the shard) would bound the transient to the buckets in flight but multiply the
 reduce-scatter volume by the number of micro-batches.
+
+ZeRO-3 (`shard_params`, --data-parallel-sharding-strategy optim_grads_params): gradients as in ZeRO-2, and
+each bucket (one ZeRO-3 unit, distributed/zero3.py) also owns its parameters as a persistent 1/DP
+`param_shard` plus a full-size `param_data` of its own whose storage exists only while the unit is gathered
+(`gather_bucket`: storage re-allocated, shards all-gathered into it; `release_bucket`: storage resized to 0).
+The parameters stay views of `param_data` throughout, so autograd's saved references to them see the
+re-gathered values in backward (PyTorch FSDP's flat-parameter technique).
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ class Bucket:
     params_with_grad: set = field(default_factory=set)  # ids of params whose last-microbatch grad is in
     grad_handle: Optional[object] = None
     param_handle: Optional[object] = None
+    param_shard: Optional[torch.Tensor] = None  # ZeRO-3: this rank's slice of the parameters (persistent)
 
     def shard_range(self, dp_rank: int, dp_size: int) -> tuple[int, int]:
         """This DP rank's [start, end) within the bucket (bucket-local element indices)."""
@@ -58,9 +66,15 @@ class ParamAndGradBuffer:
 
     def __init__(self, params: list[torch.nn.Parameter], param_dtype: torch.dtype, grad_dtype: torch.dtype,
                  bucket_size: Optional[int], dp_group, dp_size: int, dp_rank: int,
-                 use_distributed_optimizer: bool, gradient_scaling_factor: float, shard_grads: bool = False):
+                 use_distributed_optimizer: bool, gradient_scaling_factor: float, shard_grads: bool = False,
+                 unit_of: Optional[dict[int, int]] = None):
+        """`unit_of` (ZeRO-3): {id(param): unit index}; given, parameters are sharded at rest and every
+        bucket holds exactly one unit's parameters (the bucket size does not apply)."""
         if shard_grads and not use_distributed_optimizer:
             raise ValueError("ParamAndGradBuffer: shard_grads (ZeRO-2) needs use_distributed_optimizer")
+        self.shard_params = unit_of is not None
+        if self.shard_params and not shard_grads:
+            raise ValueError("ParamAndGradBuffer: sharded parameters (ZeRO-3) need shard_grads")
         self.shard_grads = shard_grads
         self.device = _device(params)
         self.peak_grad_bytes = 0  # the most gradient storage this buffer has held at once
@@ -87,12 +101,13 @@ class ParamAndGradBuffer:
             # cover the same elements on the first and the last stage, so the embedding-group all-reduce
             # that follows the reduce-scatter adds matching shards (Megatron-core does the same).
             own_bucket = use_distributed_optimizer and getattr(param, "shared_embedding", False)
-            if own_bucket and bucket_params:
+            new_unit = self.shard_params and bucket_params and unit_of[id(bucket_params[-1])] != unit_of[id(param)]
+            if (own_bucket or new_unit) and bucket_params:
                 close_bucket()
             self.param_index[id(param)] = (offset, offset + param.numel())
             offset += param.numel()
             bucket_params.append(param)
-            if own_bucket or (bucket_size is not None and offset - bucket_start >= bucket_size):
+            if own_bucket or (not self.shard_params and bucket_size is not None and offset - bucket_start >= bucket_size):
                 close_bucket()
         if bucket_params:
             close_bucket()
@@ -101,7 +116,7 @@ class ParamAndGradBuffer:
         # ZeRO-2 has no buffer-wide gradient: each bucket allocates its own while it accumulates.
         self.grad_data = None if shard_grads else torch.zeros(self.numel, dtype=grad_dtype, device=self.device)
         self.param_data = None
-        if use_distributed_optimizer:
+        if use_distributed_optimizer and not self.shard_params:
             self.param_data = torch.zeros(self.numel, dtype=param_dtype, device=_device(params))
         for param in self.params:
             start, end = self.param_index[id(param)]
@@ -122,7 +137,65 @@ class ParamAndGradBuffer:
             self.buckets.append(bucket)
             for param in bucket_params:
                 self.bucket_of[id(param)] = bucket
+            if self.shard_params:
+                self._shard_bucket_params(bucket)
         self._note_grad_bytes()
+
+    # ---- ZeRO-3: parameters sharded at rest ------------------------------------------------------
+    def _shard_bucket_params(self, bucket: Bucket) -> None:
+        """Give the bucket its own full parameter tensor (so it can be freed alone), keep this rank's shard,
+        free the full one."""
+        bucket.param_data = torch.zeros(bucket.numel, dtype=self.param_dtype, device=self.device)
+        for param in bucket.params:
+            start, end = self.param_index[id(param)]
+            view = bucket.param_data[start - bucket.offset:end - bucket.offset].view(param.shape)
+            view.copy_(param.data)
+            param.data = view
+        start, end = bucket.shard_range(self.dp_rank, self.dp_size)
+        bucket.param_shard = bucket.param_data[start:end].clone()
+        self.release_bucket(bucket)
+
+    def gather_bucket(self, bucket: Bucket, async_op: bool) -> None:
+        """Re-allocate the bucket's full parameters and all-gather every rank's shard into them."""
+        storage = bucket.param_data.untyped_storage()
+        storage.resize_(bucket.numel * bucket.param_data.element_size())
+        bucket.param_handle = collectives.all_gather_into_tensor(bucket.param_data, bucket.param_shard,
+                                                                 group=self.dp_group, async_op=True)
+        if not async_op:
+            self.finish_bucket_param_sync(bucket)
+
+    def release_bucket(self, bucket: Bucket) -> None:
+        """Free the bucket's full parameters (after any gather in flight); the shard stays."""
+        self.finish_bucket_param_sync(bucket)
+        bucket.param_data.untyped_storage().resize_(0)
+
+    @staticmethod
+    def bucket_is_gathered(bucket: Bucket) -> bool:
+        return bucket.param_data.untyped_storage().nbytes() > 0
+
+    def keep_gathered_shards(self, bucket: Bucket) -> None:
+        """Copy this rank's part of the (gathered, possibly overwritten: a checkpoint load) full parameters
+        into the shard, so the shard stays the parameters' only persistent copy."""
+        start, end = bucket.shard_range(self.dp_rank, self.dp_size)
+        bucket.param_shard.copy_(bucket.param_data[start:end])
+
+    def param_shard_view(self, param: torch.nn.Parameter, start: int, end: int) -> torch.Tensor:
+        """ZeRO-3: the persistent shard's view of param's flat [start, end) (which this rank owns)."""
+        bucket = self.bucket_of[id(param)]
+        param_start, _ = self.param_index[id(param)]
+        shard_start, shard_end = bucket.shard_range(self.dp_rank, self.dp_size)
+        lo, hi = param_start - bucket.offset + start - shard_start, param_start - bucket.offset + end - shard_start
+        if lo < 0 or hi > shard_end - shard_start:
+            raise ValueError(f"flat [{start}, {end}) of a parameter is not in DP rank {self.dp_rank}'s shard")
+        return bucket.param_shard[lo:hi]
+
+    def param_bytes(self) -> int:
+        """Parameter storage held now: ZeRO-3's shards plus the buckets gathered at this moment."""
+        element = torch.empty((), dtype=self.param_dtype).element_size()
+        if not self.shard_params:
+            return sum(p.numel() for p in self.params) * element
+        live = sum(b.numel for b in self.buckets if self.bucket_is_gathered(b))
+        return (sum(b.param_shard.numel() for b in self.buckets) + live) * element
 
     # ---- gradient storage ------------------------------------------------------------------------
     def main_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
@@ -205,12 +278,13 @@ class ParamAndGradBuffer:
         for bucket in self.buckets:
             bucket.grad_handle.wait()
 
-    def register_grad_ready(self, param: torch.nn.Parameter, overlap: bool) -> None:
-        """Called from the backward hook of the last micro-batch: start a bucket once it is complete."""
+    def register_grad_ready(self, param: torch.nn.Parameter, overlap: bool, async_op: bool = True) -> None:
+        """Called from the backward hook of the last micro-batch: start a bucket once it is complete
+        (`overlap`), asynchronously or, with async_op False, waiting for it (ZeRO-3 without overlap)."""
         bucket = self.bucket_of[id(param)]
         bucket.params_with_grad.add(id(param))
         if overlap and len(bucket.params_with_grad) == len(bucket.params):
-            self.start_bucket_grad_sync(bucket, async_op=True)
+            self.start_bucket_grad_sync(bucket, async_op=async_op)
 
     def reset(self) -> None:
         if self.grad_data is not None:
@@ -226,6 +300,8 @@ class ParamAndGradBuffer:
 
     # ---- parameter all-gather (distributed optimizer) --------------------------------------------
     def start_param_sync(self, async_op: bool) -> None:
+        if self.shard_params:  # ZeRO-3 gathers each unit when it is used (distributed/zero3.py)
+            return
         for bucket in self.buckets:
             start, end = bucket.shard_range(self.dp_rank, self.dp_size)
             shard = bucket.param_data[start:end].clone()  # input must not alias the output

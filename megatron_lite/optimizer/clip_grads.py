@@ -3,8 +3,8 @@
 Each element of the full model must be counted exactly once:
 - TP-replicated parameters (norms, biases of row-parallel layers, position embeddings) are identical on
   every TP rank, so only TP rank 0 counts them;
-- the tied word embedding's last-stage copy (`shared_embedding` on a rank that is not the first stage)
-  duplicates the first stage's, so it is skipped;
+- the tied word embedding's last-stage copy (`shared_embedding` and `tied_copy`; with ZB-V on the first
+  stage's rank too) duplicates the first stage's, so it is skipped;
 - with the distributed optimizer each DP rank holds a disjoint shard, so the sum runs over DP as well.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
 
 def counts_toward_norm(model_param: torch.nn.Parameter, groups: ProcessGroups) -> bool:
     """True if this rank's copy of the parameter is the one counted in global statistics."""
-    if getattr(model_param, "shared_embedding", False) and not groups.is_first_stage:
-        return False
+    if getattr(model_param, "shared_embedding", False) and getattr(model_param, "tied_copy", not groups.is_first_stage):
+        return False  # the output layer's copy (on the first stage too with ZB-V's V)
     if shard_spec_of(model_param).is_sharded:
         return True
     return groups.tp.rank == 0

@@ -47,7 +47,7 @@ def gather_parameter_state(model_chunks: list[ModelChunk], owned: list[OwnedSlic
         by_param.setdefault(id(entry[0]), []).append(entry)
     result: dict[str, dict[str, torch.Tensor]] = {}
     for chunk in model_chunks:
-        names = {id(p): n for n, p in chunk.sharded_state().items()}
+        names = {id(p): n for n, p in chunk.module.named_parameters()}  # (no ZeRO-3 gather for names)
         for buffer in chunk.param_and_grad_buffers:
             device = buffer.device  # where the DP group communicates
             flats = {key: torch.zeros(buffer.numel, dtype=torch.float32, device=device) for key in keys}

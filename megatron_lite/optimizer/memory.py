@@ -10,7 +10,9 @@ with --bf16, so each of its rows carries 2 more bytes of gradient:
     optim_grads  (ZeRO-2)                           2 + 14/d                  2 + 16/d                          4 + 12/d
     optim_grads_params (ZeRO-3)                     16/d                      18/d                              16/d
 
-Main params that are views of fp32 model params cost nothing, as in Megatron. ZeRO-2's row is the memory at
+Main params that are views of fp32 model params (ZeRO-3: of the parameter shards) cost nothing, as in
+Megatron. ZeRO-3's `params` are the shards plus whatever units are gathered when the report is taken (none at
+rest: during a step at most two units, distributed/zero3.py). ZeRO-2's and ZeRO-3's rows are the memory at
 rest: during the last micro-batch's backward each bucket's full gradient lives until its reduce-scatter
 (see distributed/param_and_grad_buffer.py), reported as `grads_peak`.
 Offloaded optimizer state (--optimizer-cpu-offload) counts under `host`, not on the device, so
@@ -43,6 +45,14 @@ def _grad_bytes(chunks) -> tuple[int, int]:
     return now, peak
 
 
+def _param_bytes(chunks, params: dict) -> int:
+    """Parameter storage held now: ZeRO-3 buffers report their shards (and any gathered unit), other
+    parameters count whole."""
+    buffers = [b for chunk in chunks for b in chunk.param_and_grad_buffers if getattr(b, "shard_params", False)]
+    in_buffers = {id(p) for b in buffers for p in b.params}
+    return sum(b.param_bytes() for b in buffers) + sum(_nbytes(p) for k, p in params.items() if k not in in_buffers)
+
+
 def memory_report(model_chunks: list[nn.Module], optimizer) -> dict:
     """Per rank: {"params", "grads" (at rest), "main_params", "optimizer_states" (device bytes), "host",
     "disk" (offloaded main params + states), "grads_peak", "device_total", "total" (device + host + disk),
@@ -53,7 +63,7 @@ def memory_report(model_chunks: list[nn.Module], optimizer) -> dict:
     params = {id(p): p for chunk in chunks for p in chunk.module.parameters()}
     num_params = sum(p.numel() for p in params.values())
     report = dict.fromkeys(KEYS, 0)
-    report["params"] = sum(_nbytes(p) for p in params.values())
+    report["params"] = _param_bytes(chunks, params)
     report["grads"], report["grads_peak"] = _grad_bytes(chunks)
     for m in optimizer.main_params:
         where = getattr(m, "location", "device")

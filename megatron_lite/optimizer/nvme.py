@@ -50,7 +50,7 @@ class NvmeStore:
             self.views[id(m)] = {key: self.files[key][offset:offset + n] for key in KEYS}
             offset += n
             m.main = self.views[id(m)]["param"]
-            m.main.copy_(m.model_param.detach().view(-1)[m.start:m.end])
+            m.main.copy_(m.model_slice)
             self.views[id(m)]["exp_avg"].zero_()
             self.views[id(m)]["exp_avg_sq"].zero_()
         self.grad_chunk = torch.empty(min(self.chunk_numel, max(numel, 1)), dtype=torch.float32)

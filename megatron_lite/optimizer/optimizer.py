@@ -40,6 +40,7 @@ class MainParam:
     end: int
     aliases_model: bool  # main is a view of the model parameter (fp32 params): no copy back needed
     location: str = "device"  # where main and its optimizer states live: "device", "host" (CPU offload)
+    model_slice: Optional[torch.Tensor] = None  # the model's values of [start, end) at rest (chunk.param_slice)
 
     def model_grad(self) -> Optional[torch.Tensor]:
         shard = getattr(self.model_param, "main_grad_shard", None)
@@ -52,16 +53,16 @@ class MainParam:
         return None if grad is None else grad.view(-1)[self.start:self.end]
 
 
-def _main_param(name: str, param: nn.Parameter, start: int, end: int, location: str) -> MainParam:
-    """The fp32 main copy of param's flat [start, end): a view for fp32 params on the device, a host copy
-    when offloaded (optimizer/offload.py), else an fp32 copy."""
-    flat = param.detach().view(-1)[start:end]
+def _main_param(name: str, param: nn.Parameter, start: int, end: int, location: str, flat: torch.Tensor) -> MainParam:
+    """The fp32 main copy of param's flat [start, end), whose model values at rest are `flat` (a view of the
+    parameter, or of its ZeRO-3 shard): a view for fp32 params on the device, a host copy when offloaded
+    (optimizer/offload.py), else an fp32 copy."""
     if location == "host":
-        return MainParam(name, param, host_copy(flat), start, end, False, location)
+        return MainParam(name, param, host_copy(flat), start, end, False, location, flat)
     if location == "disk":  # NvmeStore maps its main (and fills it from the model) once every slice is known
-        return MainParam(name, param, None, start, end, False, location)
+        return MainParam(name, param, None, start, end, False, location, flat)
     aliases = param.dtype == torch.float32
-    return MainParam(name, param, flat if aliases else flat.float(), start, end, aliases, location)
+    return MainParam(name, param, flat if aliases else flat.float(), start, end, aliases, location, flat)
 
 
 class MegatronOptimizer:
@@ -79,17 +80,20 @@ class MegatronOptimizer:
 
         self.main_params: list[MainParam] = []
         for chunk in self.model_chunks:
-            names = {id(p): n for n, p in chunk.sharded_state().items()}
+            chunk.finish_param_sync()
+            names = {id(p): n for n, p in chunk.module.named_parameters()}
             slices = (shard_slices(chunk) if self.distributed else
                       [(p, 0, p.numel()) for p in chunk.parameters() if p.requires_grad])
             for param, start, end in slices:
-                self.main_params.append(_main_param(names[id(param)], param, start, end, "device"))
+                self.main_params.append(_main_param(names[id(param)], param, start, end, "device",
+                                                    chunk.param_slice(param, start, end)))
         # optimizer/offload.py: the first fraction of the shard lives and steps on the host (or on disk, nvme.py).
         self.offload = "disk" if opt.optimizer_nvme_offload_dir else "host" if opt.optimizer_cpu_offload else None
         if self.offload:
             self.main_params = split_for_offload(self.main_params, opt.optimizer_offload_fraction, self.offload,
-                                                 lambda m, start, end, where: _main_param(m.name, m.model_param,
-                                                                                          start, end, where))
+                                                 lambda m, start, end, where: _main_param(
+                                                     m.name, m.model_param, start, end, where,
+                                                     m.model_slice[start - m.start:end - m.start]))
         self.optimizer = self._build_inner([m for m in self.main_params if m.location == "device"])
         self.host_optimizer = (self._build_inner([m for m in self.main_params if m.location == "host"], host=True)
                                if self.offload == "host" else None)
@@ -180,6 +184,8 @@ class MegatronOptimizer:
         a non-finite grad norm, or `nonfinite_loss` on any rank, raises NonFiniteStepError on every rank
         before anything is updated (fp16: the loss scaler's overflow skip comes first).
         """
+        for chunk in self.model_chunks:
+            chunk.finish_param_sync()  # ZeRO-3: parameters at rest (a state dict may have gathered them)
         # fp32 gradient of each main param, on the device (offloaded slices go to the host only to step).
         device_grads = {}
         for m in self.main_params:
@@ -225,7 +231,7 @@ class MegatronOptimizer:
         self._drop_main_grads()
         for m in self.main_params:
             if not m.aliases_model:
-                m.model_param.detach().view(-1)[m.start:m.end].copy_(m.main)
+                m.model_slice.copy_(m.main)
         if self.distributed:
             for chunk in self.model_chunks:
                 chunk.start_param_sync()  # async with --overlap-param-gather: waited for in forward
@@ -291,12 +297,35 @@ class MegatronOptimizer:
     def set_parameter_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
         """Inverse of get_parameter_state: each rank copies in its own (TP-local, DP-shard) part. The model
         parameters get the (rounded) main values too, so model and main weights agree."""
+        for chunk in self.model_chunks:
+            chunk.finish_param_sync()
         for m in self.main_params:
             for key, value in states.get(m.name, {}).items():
                 if key == "param" or key in self.state_keys:
                     self.state_tensor(m, key).copy_(value.reshape(-1)[m.start:m.end].to(m.main.device))
             if not m.aliases_model:
-                m.model_param.detach().view(-1)[m.start:m.end].copy_(m.main)
+                m.model_slice.copy_(m.main)
+        if self.distributed:
+            for chunk in self.model_chunks:
+                chunk.start_param_sync(force_sync=True)
+
+    def local_parameter_state(self) -> list[tuple[str, int, int, dict[str, torch.Tensor]]]:
+        """(global name, start, end, {"param", state keys: flat fp32 tensor}) for every slice this rank steps
+        (the distributed optimizer's DP slices; whole parameters otherwise), without communication: what a
+        sharded checkpoint writes. The tensors are the live states (copy before they change)."""
+        keys = ("param",) + self.state_keys
+        return [(m.name, m.start, m.end, {key: self.state_tensor(m, key).detach().view(-1) for key in keys})
+                for m in self.main_params]
+
+    @torch.no_grad()
+    def set_local_parameter_state(self, state_for) -> None:
+        """Inverse of local_parameter_state: `state_for(name, start, end, key)` returns the flat [start, end)
+        of that state (TP-local flat indexing). The model parameters get the (rounded) main values too."""
+        for m in self.main_params:
+            for key in ("param",) + self.state_keys:
+                self.state_tensor(m, key).copy_(state_for(m.name, m.start, m.end, key).reshape(-1))
+            if not m.aliases_model:
+                m.model_param.detach().view(-1)[m.start:m.end].copy_(self.state_tensor(m, "param"))
         if self.distributed:
             for chunk in self.model_chunks:
                 chunk.start_param_sync(force_sync=True)
@@ -304,9 +333,11 @@ class MegatronOptimizer:
     @torch.no_grad()
     def reload_model_params(self) -> None:
         """Refresh the fp32 main params from the model's (e.g. after loading weights without optimizer state)."""
+        for chunk in self.model_chunks:
+            chunk.finish_param_sync()
         for m in self.main_params:
             if not m.aliases_model:
-                m.main.copy_(m.model_param.detach().view(-1)[m.start:m.end])
+                m.main.copy_(m.model_slice)
 
     def state_tensor(self, m: MainParam, key: str) -> torch.Tensor:
         """The tensor behind state `key` ("param" = the fp32 main param, or an optimizer state) of `m`."""

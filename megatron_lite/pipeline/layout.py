@@ -6,7 +6,8 @@ inference all ask this module; nothing else re-checks these rules.
   count on the first/last stage and the rest is split evenly over the middle stages.
 - With virtual stages (interleaved 1F1B) each rank holds VP chunks of --num-layers-per-virtual-pipeline-stage
   layers; chunk v on rank r is virtual stage v x PP + r. --num-virtual-stages-per-pipeline-rank is the
-  other way to say the same thing.
+  other way to say the same thing. ZB-V (--pipeline-schedule zbv, VP = 2) places them as a V instead:
+  chunk 0 on rank r is stage r, chunk 1 is stage 2 PP - 1 - r (is_v_shape).
 - The schedule's own rule (interleaving needs at least --microbatch-group-size-per-virtual-pipeline-stage
   micro-batches, default PP) is owned by schedules.check_interleaving, which validation calls.
 """
@@ -58,9 +59,10 @@ def check_virtual_stages(num_layers: int, pp_size: int, vp_size: Optional[int], 
 
 
 def layers_for_stage(num_layers: int, pp_size: int, pp_rank: int, vp_size: Optional[int] = None, vp_rank: int = 0,
-                     first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None) -> list[int]:
-    """Global layer numbers held by pipeline rank `pp_rank` (model chunk `vp_rank` with virtual stages).
-    Raises ConfigError for a layout that does not divide."""
+                     first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None,
+                     v_shape: bool = False) -> list[int]:
+    """Global layer numbers held by pipeline rank `pp_rank` (model chunk `vp_rank` with virtual stages;
+    v_shape: ZB-V's placement, schedules.virtual_stage). Raises ConfigError for a layout that does not divide."""
     if not 0 <= pp_rank < pp_size:
         raise ValueError(f"pp_rank {pp_rank} is outside [0, {pp_size})")
     if vp_size is not None and vp_size > 1:
@@ -68,11 +70,25 @@ def layers_for_stage(num_layers: int, pp_size: int, pp_rank: int, vp_size: Optio
         if not 0 <= vp_rank < vp_size:
             raise ValueError(f"vp_rank {vp_rank} is outside [0, {vp_size})")
         per_virtual_stage = num_layers // (pp_size * vp_size)
-        start = (vp_rank * pp_size + pp_rank) * per_virtual_stage
+        from megatron_lite.pipeline.schedules import virtual_stage
+        start = virtual_stage(pp_size, pp_rank, vp_rank, v_shape and vp_size == 2) * per_virtual_stage
         return list(range(start, start + per_virtual_stage))
     counts = stage_layer_counts(num_layers, pp_size, first_stage_layers, last_stage_layers)
     start = sum(counts[:pp_rank])
     return list(range(start, start + counts[pp_rank]))
+
+
+def is_v_shape(cfg) -> bool:
+    """Whether this configuration runs ZB-V and so places its two chunks per rank as a V."""
+    p = cfg.parallel
+    if (p.virtual_pipeline_model_parallel_size or 1) != 2 or p.pipeline_model_parallel_size < 2:
+        return False
+    if p.pipeline_schedule == "zbv":
+        return True
+    if p.pipeline_schedule != "auto":
+        return False
+    from megatron_lite.pipeline.auto import resolve
+    return resolve(cfg).name == "zbv"
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -135,10 +151,12 @@ def validate_schedule(cfg, num_microbatches: int) -> None:
     """The schedule's own rules for this configuration's first (smallest) micro-batch count."""
     from megatron_lite.pipeline.schedules import check_interleaving
     p = cfg.parallel
-    if p.virtual_pipeline_model_parallel_size is not None and p.pipeline_schedule in ("auto", "interleaved"):
-        check_interleaving(p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size, num_microbatches,
-                           p.microbatch_group_size_per_vp_stage)
+    vp, group = p.virtual_pipeline_model_parallel_size, p.microbatch_group_size_per_vp_stage
+    # auto at VP = 2 may run ZB-V, which takes any m; an explicit group size asks for interleaving (auto.py)
+    if vp is not None and (p.pipeline_schedule == "interleaved" or
+                           (p.pipeline_schedule == "auto" and (vp != 2 or group is not None))):
+        check_interleaving(p.pipeline_model_parallel_size, vp, num_microbatches, group)
 
 
 __all__ = ["ConfigError", "stage_layer_counts", "layers_for_stage", "check_virtual_stages", "derive_virtual_stages",
-           "validate_layout", "validate_schedule"]
+           "validate_layout", "validate_schedule", "is_v_shape"]

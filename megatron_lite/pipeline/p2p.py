@@ -13,6 +13,7 @@ group, a separate channel (peers are global ranks, so any group containing both 
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -43,15 +44,31 @@ def _channels(groups: ProcessGroups) -> tuple[object, object]:
 
 class Posted:
     """Sends and receives started together; wait(name) waits for one of them ('send_next', 'send_prev',
-    'recv_prev', 'recv_next') and returns the received tensor (None for a send)."""
+    'recv_prev', 'recv_next', or post_ops' names) and returns the received tensor (None for a send).
+    `pending`: the ops are being started by the communication thread (post_ops(background=True)); its
+    result is the handles."""
 
-    def __init__(self, handles: dict[str, list], received: dict[str, torch.Tensor]):
-        self.handles, self.received = handles, received
+    def __init__(self, handles: dict[str, list], received: dict[str, torch.Tensor], pending: Optional[Future] = None):
+        self.handles, self.received, self.pending = handles, received, pending
 
     def wait(self, name: str) -> Optional[torch.Tensor]:
+        if self.pending is not None:
+            self.handles, self.pending = self.pending.result(), None  # re-raises the thread's error here
         for handle in self.handles.pop(name):
             handle.wait()
         return self.received.pop(name, None)
+
+
+_POSTER: Optional[ThreadPoolExecutor] = None
+
+
+def _poster() -> ThreadPoolExecutor:
+    """The communication thread (one per process): starts posted ops in submission order, so messages on
+    one channel keep the order the schedule posted them in."""
+    global _POSTER
+    if _POSTER is None:
+        _POSTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-p2p")
+    return _POSTER
 
 
 def post(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional[torch.Tensor] = None,
@@ -82,17 +99,7 @@ def post(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional[torch.
                ("recv_prev", P2P("recv", received["recv_prev"], prev_rank, act_group) if recv_prev else None),
                ("send_next", P2P("send", send_next.contiguous(), next_rank, act_group) if send_next is not None else None),
                ("recv_next", P2P("recv", received["recv_next"], next_rank, grad_group) if recv_next else None)]
-    by_group: dict[int, list[tuple[str, P2P]]] = {}
-    for name, op in planned:
-        if op is not None:
-            by_group.setdefault(id(op.group), []).append((name, op))
-    handles: dict[str, list] = {}
-    for named_ops in by_group.values():
-        works = collectives.batch_isend_irecv([op for _, op in named_ops])
-        for index, (name, _) in enumerate(named_ops):
-            # one handle per op (gloo, and NCCL in most versions); a fused batch's handles are shared
-            handles[name] = [works[index]] if len(works) == len(named_ops) else list(works)
-    return Posted(handles, received)
+    return Posted(_start([(name, op) for name, op in planned if op is not None]), received)
 
 
 def communicate(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional[torch.Tensor] = None,
@@ -104,3 +111,46 @@ def communicate(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional
                   dtype=dtype, device=device, groups=groups)
     results = {name: posted.wait(name) for name in list(posted.handles)}
     return results.get("recv_prev"), results.get("recv_next")
+
+
+def post_ops(transfers: list[tuple[str, Optional[torch.Tensor], int, str]], *, shape: tuple[int, ...],
+             dtype: torch.dtype, device: torch.device, groups: ProcessGroups, background: bool = False) -> Posted:
+    """Start sends and receives with arbitrary neighbours (any schedule, ZB-V's V included) without waiting.
+
+    Each transfer is (name, tensor to send or None to receive, peer pipeline rank, 'act' | 'grad'):
+    activations travel on the pipeline group, gradients on _channels' gradient group, so at PP = 2 the two
+    directions of one pair never share a channel. Messages on one channel match in posting order, which
+    the schedules keep equal on both ends (the simulator checks it). wait(name) completes one.
+    background (--overlap-p2p-comm): the communication thread starts the ops, so the compute thread does
+    not pay for starting them (on gloo each isend/irecv costs ~0.3-1.5 ms of Python and backend work).
+    """
+    pp = groups.pp
+    act_group, grad_group = _channels(groups)
+    received, planned = {}, []
+    for name, tensor, peer, direction in transfers:
+        group = act_group if direction == "act" else grad_group
+        if tensor is None:
+            received[name] = torch.empty(shape, dtype=dtype, device=device)
+            planned.append((name, P2P("recv", received[name], pp.global_rank(peer), group)))
+        else:
+            if tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"pipeline {name}: tensor of shape {tuple(tensor.shape)}, but stages exchange "
+                                 f"{tuple(shape)} ([seq/tp if sequence parallel, micro-batch, hidden])")
+            planned.append((name, P2P("send", tensor.contiguous(), pp.global_rank(peer), group)))
+    if background:
+        return Posted({}, received, _poster().submit(_start, planned))
+    return Posted(_start(planned), received)
+
+
+def _start(planned: list[tuple[str, P2P]]) -> dict[str, list]:
+    """Start the ops, one batch per group; returns each op's handles."""
+    by_group: dict[int, list[tuple[str, P2P]]] = {}
+    for name, op in planned:
+        by_group.setdefault(id(op.group), []).append((name, op))
+    handles: dict[str, list] = {}
+    for named_ops in by_group.values():
+        works = collectives.batch_isend_irecv([op for _, op in named_ops])
+        for index, (name, _) in enumerate(named_ops):
+            # one handle per op (gloo, and NCCL in most versions); a fused batch's handles are shared
+            handles[name] = [works[index]] if len(works) == len(named_ops) else list(works)
+    return handles

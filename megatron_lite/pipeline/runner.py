@@ -14,6 +14,7 @@ backward needs, because backward starts from that node with the received gradien
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -25,11 +26,10 @@ from megatron_lite.distributed.model_chunk import ModelChunk, as_model_chunks
 from megatron_lite.pipeline import p2p
 from megatron_lite.pipeline.schedules import (RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, Backward,
                                               Exchange, FinalizeGrads, Forward, P2POp, Post, Wait, WeightGrad,
-                                              build_schedule)
+                                              build_schedule, op_peer, op_stages, virtual_stage)
 from megatron_lite.process_groups import ProcessGroups
 
 Key = tuple[int, int]  # (chunk, micro-batch)
-_P2P_NAMES = {SEND_FORWARD: "send_next", SEND_BACKWARD: "send_prev", RECV_FORWARD: "recv_prev", RECV_BACKWARD: "recv_next"}
 
 
 def deallocate_output_tensor(output: Optional[torch.Tensor]) -> bool:
@@ -62,7 +62,7 @@ class _PipelineRun:
     def __init__(self, *, forward_step_func: Callable, data_iterators: list, model: list[nn.Module],
                  num_microbatches: int, shape: tuple[int, ...], dtype: torch.dtype, forward_only: bool,
                  no_sync_funcs: list[Optional[Callable]], finalize_model_grads_func: Optional[Callable],
-                 grad_scale_func: Optional[Callable], groups: ProcessGroups):
+                 grad_scale_func: Optional[Callable], groups: ProcessGroups, v_shape: bool = False):
         # forward_step_func gets the chunks as the caller gave them; the engine drives them as ModelChunks.
         self.forward_step_func, self.data_iterators, self.model = forward_step_func, data_iterators, model
         self.chunks: list[ModelChunk] = as_model_chunks(model)
@@ -76,15 +76,20 @@ class _PipelineRun:
         self.outputs: dict[Key, torch.Tensor] = {}             # outputs (loss on the last stage)
         self.output_grads: dict[Key, torch.Tensor] = {}        # received gradients of the outputs
         self.input_grads: dict[Key, Optional[torch.Tensor]] = {}  # gradients to send upstream
-        self.posted: dict[tuple[str, int, int], tuple] = {}   # op -> (p2p.Posted, the tensor it sends)
+        self.posted: dict[tuple[str, int, int], tuple] = {}   # op -> ((p2p.Posted, name) or None, tensor it sends)
+        self.local: dict[tuple[int, int, int], torch.Tensor] = {}  # (src stage, dst stage, mb) -> copy in transit
+        self.v_shape = v_shape  # ZB-V's chunk placement (schedules.virtual_stage)
         self.wgrad_queues: list[list] = [[] for _ in model]     # filled by the linear layers during a split B
         self.weight_grads: dict[Key, list] = {}                # (chunk, mb) -> its queued weight gradients
         self.losses: list[dict] = []
-        self.stats = {"max_in_flight": 0, "deallocated": 0, "sent": 0, "peak_stored_bytes": 0}
+        # compute_s: wall seconds inside the model's forward (with the loss), backward (B) and W, per kind:
+        # the rest of a step is pipeline idle (waits) and runtime overhead (bubble benchmark)
+        self.stats = {"max_in_flight": 0, "deallocated": 0, "sent": 0, "peak_stored_bytes": 0,
+                      "compute_s": {"F": 0.0, "B": 0.0, "W": 0.0}}
         self.in_flight = 0
 
     def virtual_stage(self, chunk: int) -> int:
-        return chunk * self.pp_size + self.pp_rank
+        return virtual_stage(self.pp_size, self.pp_rank, chunk, self.v_shape)
 
     def is_first(self, chunk: int) -> bool:
         return self.virtual_stage(chunk) == 0
@@ -105,12 +110,14 @@ class _PipelineRun:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: forward of chunk {chunk}, micro-batch {microbatch} "
                                "has no input (schedule bug)")
         self.chunks[chunk].set_input_tensor(input_tensor)
+        start = time.perf_counter()
         with torch.no_grad() if self.forward_only else contextlib.nullcontext():
             output, loss_func = self.forward_step_func(self.data_iterators[chunk], self.model[chunk])
             if self.is_last(chunk):
                 loss, loss_dict = loss_func(output)
                 self.losses.append(loss_dict)
                 output = loss / self.num_microbatches
+        self.stats["compute_s"]["F"] += time.perf_counter() - start
         self.outputs[key] = output
         self.in_flight += 1
         self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.in_flight)
@@ -124,8 +131,10 @@ class _PipelineRun:
         output_grad = self.output_grads.pop(key, None)
         if self.is_last(chunk) and self.grad_scale_func is not None:
             output = self.grad_scale_func(output)
+        start = time.perf_counter()
         with self._grad_sync(chunk, sync_grads):
             custom_backward(output, output_grad)
+        self.stats["compute_s"]["B"] += time.perf_counter() - start
         if defer_wgrad:  # what the linear layers queued is this micro-batch's W
             self.weight_grads[key] = list(self.wgrad_queues[chunk])
             self.wgrad_queues[chunk].clear()
@@ -136,9 +145,11 @@ class _PipelineRun:
 
     def weight_grad(self, chunk: int, microbatch: int, sync_grads: bool) -> None:
         """W: the weight gradients Backward(defer_wgrad=True) queued for this (chunk, micro-batch)."""
+        start = time.perf_counter()
         with self._grad_sync(chunk, sync_grads):
             for compute in self.weight_grads.pop((chunk, microbatch)):
                 compute()
+        self.stats["compute_s"]["W"] += time.perf_counter() - start
         self.in_flight -= 1  # W was the last use of this micro-batch's saved activations
 
     def _grad_sync(self, chunk: int, sync_grads: bool):
@@ -162,27 +173,40 @@ class _PipelineRun:
         self.post(action.ops)
         self.wait(action.ops)
 
-    def post(self, ops: Sequence[P2POp]) -> None:
-        """Start ops (one batch) without waiting; wait() completes each."""
-        by_kind = {}
+    def post(self, ops: Sequence[P2POp], background: bool = False) -> None:
+        """Start ops (one batch) without waiting; wait() completes each. A transfer between two chunks
+        of this rank (ZB-V's turn) is a copy kept in self.local until its receive is waited for.
+        background: started by the communication thread (p2p.post_ops), for Post actions."""
+        transfers, names = [], {}
         for op in ops:
-            if op.kind in by_kind:
-                raise RuntimeError(f"one post holds two {op.kind} ops: {ops}")
-            by_kind[op.kind] = (op.chunk, op.microbatch)
-        send_next = self.outputs[by_kind[SEND_FORWARD]] if SEND_FORWARD in by_kind else None
-        send_prev = self.input_grads.pop(by_kind[SEND_BACKWARD]) if SEND_BACKWARD in by_kind else None
-        posted = p2p.post(send_next=send_next, send_prev=send_prev, recv_prev=RECV_FORWARD in by_kind,
-                          recv_next=RECV_BACKWARD in by_kind, shape=self.shape, dtype=self.dtype, device=self.device,
-                          groups=self.groups)
-        for op in ops:
-            self.posted[(op.kind, op.chunk, op.microbatch)] = (posted, send_next if op.kind == SEND_FORWARD else None)
+            key, chunk_mb = (op.kind, op.chunk, op.microbatch), (op.chunk, op.microbatch)
+            sending = op.kind in (SEND_FORWARD, SEND_BACKWARD)
+            tensor = (self.outputs[chunk_mb] if op.kind == SEND_FORWARD else
+                      self.input_grads.pop(chunk_mb) if op.kind == SEND_BACKWARD else None)
+            peer = op_peer(op, self.pp_size, self.pp_rank)
+            if peer == self.pp_rank:
+                if sending:
+                    self.local[op_stages(op, self.pp_size, self.pp_rank) + (op.microbatch,)] = tensor.detach().clone()
+                self.posted[key] = (None, tensor if op.kind == SEND_FORWARD else None)
+                continue
+            names[key] = "/".join(map(str, key))
+            transfers.append((names[key], tensor, peer, "act" if op.kind in (SEND_FORWARD, RECV_FORWARD) else "grad"))
+            self.posted[key] = (None, tensor if op.kind == SEND_FORWARD else None)
+        if transfers:
+            posted = p2p.post_ops(transfers, shape=self.shape, dtype=self.dtype, device=self.device, groups=self.groups,
+                                  background=background)
+            for key, name in names.items():
+                self.posted[key] = ((posted, name), self.posted[key][1])
 
     def wait(self, ops: Sequence[P2POp]) -> None:
         """Complete posted ops: store what was received; free an activation once its send is done."""
         for op in ops:
             key = (op.chunk, op.microbatch)
-            posted, sent = self.posted.pop((op.kind, op.chunk, op.microbatch))
-            received = posted.wait(_P2P_NAMES[op.kind])
+            handle, sent = self.posted.pop((op.kind, op.chunk, op.microbatch))
+            if handle is not None:
+                received = handle[0].wait(handle[1])
+            elif op.kind in (RECV_FORWARD, RECV_BACKWARD):  # from this rank's other chunk
+                received = self.local.pop(op_stages(op, self.pp_size, self.pp_rank) + (op.microbatch,))
             if op.kind == SEND_FORWARD:
                 self.stats["sent"] += 1
                 if self.forward_only:
@@ -209,10 +233,11 @@ class _PipelineRun:
         finally:
             if split:
                 self.disable_split_backward()
-        if self.outputs or self.inputs or self.output_grads or self.input_grads or self.posted or self.weight_grads:
+        if self.outputs or self.inputs or self.output_grads or self.input_grads or self.posted or self.weight_grads \
+                or self.local:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: tensors left over after the schedule "
                                f"({len(self.outputs)} outputs, {len(self.inputs)} inputs): schedule bug")
-        return self.losses if self.is_last(self.num_chunks - 1) else []
+        return self.losses if any(self.is_last(chunk) for chunk in range(self.num_chunks)) else []
 
     def _run(self, actions: Sequence) -> None:
         for action in actions:
@@ -225,7 +250,7 @@ class _PipelineRun:
             elif isinstance(action, Exchange):
                 self.exchange(action)
             elif isinstance(action, Post):
-                self.post(action.ops)
+                self.post(action.ops, background=True)
             elif isinstance(action, Wait):
                 self.wait(action.ops)
             elif isinstance(action, FinalizeGrads):
@@ -248,7 +273,8 @@ def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterato
     after all backwards.
     With several model chunks (virtual stages) data_iterator is a list, one per chunk. no_sync_func (or a
     list, one per chunk) returns a context manager under which backward must not start data-parallel
-    grad reduction; it wraps every backward but each chunk's last. `stats`, if given, receives max_in_flight, deallocated, peak_stored_bytes.
+    grad reduction; it wraps every backward but each chunk's last. `stats`, if given, receives max_in_flight,
+    deallocated, sent, peak_stored_bytes and compute_s (seconds inside forward, B and W).
     """
     model = list(model) if isinstance(model, (list, tuple)) else [model]
     num_chunks = len(model)
@@ -272,7 +298,7 @@ def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterato
                        num_microbatches=num_microbatches, shape=p2p.tensor_shape(config, seq_length, micro_batch_size),
                        dtype=config.params_dtype, forward_only=forward_only, no_sync_funcs=no_sync_funcs,
                        finalize_model_grads_func=finalize_model_grads_func, grad_scale_func=grad_scale_func,
-                       groups=groups)
+                       groups=groups, v_shape=schedule == "zbv")
     if getattr(getattr(config, "moe", None), "is_moe", False) and not forward_only:
         from megatron_lite.models.moe import set_aux_loss_scale
         # MoE balancing losses get the gradient one micro-batch's LM loss gets (loss scale x CP / micro-batches).

@@ -14,7 +14,9 @@ Schedules (Megatron-LM's names and warm-up counts):
   deferred W (weight grads), W's placed where 1F1B idles;
 - interleaved 1F1B: the same over virtual stages (chunk v on rank r is virtual stage v x PP + r), in
   groups of G >= PP micro-batches per chunk (--microbatch-group-size-per-virtual-pipeline-stage, default
-  PP); any m >= G works.
+  PP); any m >= G works;
+- ZB-V (Qi et al. 2024): two chunks per rank placed as a V (virtual_stage), split backward, near-zero
+  bubble at 1F1B's activation memory; any m.
 
 Communication actions name the tensor they carry by (direction, chunk, micro-batch) of the *local* rank:
 `send_forward(c, m)` sends the output of chunk c's forward of m to the next virtual stage;
@@ -66,6 +68,43 @@ class P2POp:
     kind: str  # SEND_FORWARD, RECV_FORWARD, SEND_BACKWARD or RECV_BACKWARD
     chunk: int
     microbatch: int
+    v_shape: bool = False  # ZB-V's chunk placement (virtual_stage): the op's peer follows the V
+
+
+def virtual_stage(pp_size: int, pp_rank: int, chunk: int, v_shape: bool = False) -> int:
+    """The virtual stage model chunk `chunk` of rank `pp_rank` holds: chunk x PP + rank (looped, as
+    interleaved 1F1B), or with ZB-V's V (v_shape) chunk 0 is stage r and chunk 1 is stage 2 PP - 1 - r, so
+    rank 0 holds the first and the last stage and rank PP - 1 the two middle ones."""
+    if v_shape:
+        return pp_rank if chunk == 0 else 2 * pp_size - 1 - pp_rank
+    return chunk * pp_size + pp_rank
+
+
+def stage_rank(pp_size: int, stage: int, v_shape: bool = False) -> int:
+    """The pipeline rank holding virtual stage `stage` (the inverse of virtual_stage)."""
+    if v_shape:
+        return stage if stage < pp_size else 2 * pp_size - 1 - stage
+    return stage % pp_size
+
+
+def op_stages(op: P2POp, pp_size: int, pp_rank: int) -> tuple[int, int]:
+    """(sending virtual stage, receiving virtual stage) of the tensor a p2p op carries."""
+    stage = virtual_stage(pp_size, pp_rank, op.chunk, op.v_shape)
+    if op.kind == SEND_FORWARD:
+        return stage, stage + 1
+    if op.kind == RECV_FORWARD:
+        return stage - 1, stage
+    if op.kind == SEND_BACKWARD:
+        return stage, stage - 1
+    if op.kind == RECV_BACKWARD:
+        return stage + 1, stage
+    raise ValueError(f"unknown p2p op {op.kind!r}")
+
+
+def op_peer(op: P2POp, pp_size: int, pp_rank: int) -> int:
+    """The pipeline rank at the other end of a p2p op (this rank itself at ZB-V's turn)."""
+    src, dst = op_stages(op, pp_size, pp_rank)
+    return stage_rank(pp_size, dst if op.kind in (SEND_FORWARD, SEND_BACKWARD) else src, op.v_shape)
 
 
 @dataclass(frozen=True)
@@ -102,9 +141,10 @@ class _Builder:
     pp_rank: int
     num_chunks: int
     actions: list = field(default_factory=list)
+    v_shape: bool = False
 
     def virtual_stage(self, chunk: int) -> int:
-        return chunk * self.pp_size + self.pp_rank
+        return virtual_stage(self.pp_size, self.pp_rank, chunk, self.v_shape)
 
     def has_peer(self, op: P2POp) -> bool:
         stage = self.virtual_stage(op.chunk)
@@ -305,7 +345,7 @@ class _Interleaved:
         else:
             # Megatron's 2 (PP - r - 1) + (VP - 1) G, with G the largest group (the last one takes the
             # remainder), so each backward finds its forward done.
-            largest_group = max(group_size, m - (m // group_size - 1) * group_size)
+            largest_group = max(last - first for first, last in microbatch_groups(m, group_size))
             self.num_warmup = min(2 * (pp - pp_rank - 1) + (v - 1) * largest_group, self.total)
             self.all_warmup = False
         self.num_steady = self.total - self.num_warmup
@@ -391,27 +431,162 @@ class _Interleaved:
             self.b.exchange(self.send_backward(k), self.next_grad(k))
 
 
+def zbv_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
+                 forward_only: bool = False) -> list[Action]:
+    """ZB-V (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024, section 6; the V family of "Pipeline
+    Parallelism with Controllable Memory", NeurIPS 2024): 2 PP virtual stages placed as a V (virtual_stage:
+    rank r holds stages r and 2 PP - 1 - r, so rank 0 holds the first and the last stage, computes the loss
+    and keeps tied embeddings local), each backward split into B and W. Each rank's compute order is the
+    paper's (as PyTorch's ScheduleZBVZeroBubble writes it, _zbv_order): 2 (PP - r) - 1 forwards of chunk 0,
+    r pairs F1 F0, PP - r triples F1 B1 W1, then F0 B0 W0 F1 B1 W1 until the forwards run out, then the
+    cool-down Bs with the deferred Ws last. With m < 2 PP - 1 the missing micro-batches' actions are left out.
+
+    Bubble (T_F, T_B, T_W: a full stage's times, a chunk takes half): the paper gives ZB-V a zero bubble
+    rate at T_F = T_B = T_W, against (PP - 1)(T_F + T_B + T_W) per rank for 1F1B and (PP - 1)(T_F + T_B - T_W)
+    for ZB-H1. What remains is the fill, which no schedule avoids (rank PP - 1 starts after PP - 1 chunk
+    forwards): the simulator gives exactly m (T_F + T_B + T_W) + (PP - 1) T_F / 2 for m >= 2 PP - 1, overlapped
+    or blocking, i.e. (PP - 1) T_F / 2 idle per rank, a sixth of 1F1B's (tests/unit/test_schedules.py).
+    Unequal times cost more (W runs right after its B in the steady state). Peak: 2 PP chunk micro-batches
+    in flight on every rank, each half a stage of 1F1B's layers: 1F1B's activation memory (PP micro-batches
+    of a full stage).
+    Exchanges are placed by _place_exchanges (one batched exchange per unit time step), so the blocking
+    form is deadlock-free too; --overlap-p2p-comm splits them as for every schedule.
+    """
+    check_zbv(pp_size, num_chunks)
+    orders = [_zbv_order(pp_size, rank, num_microbatches, forward_only) for rank in range(pp_size)]
+    actions = _place_exchanges(orders, pp_size, pp_rank)
+    if forward_only:
+        return actions
+    return mark_sync_grads(actions) + [FinalizeGrads()]
+
+
+def check_zbv(pp_size: int, num_chunks: int) -> None:
+    if pp_size < 2:
+        raise ConfigError("--pipeline-schedule zbv: needs --pipeline-model-parallel-size >= 2. Use auto at PP = 1.")
+    if num_chunks != 2:
+        raise ConfigError(f"--pipeline-schedule zbv: needs exactly two model chunks per rank (the V), got {num_chunks}. "
+                          "Set --num-virtual-stages-per-pipeline-rank 2 (or --num-layers-per-virtual-pipeline-stage "
+                          "to --num-layers / (2 x PP)).")
+
+
+def _zbv_order(pp: int, rank: int, m: int, forward_only: bool) -> list[tuple[str, int, int]]:
+    """(kind 'F'|'B'|'W', chunk, micro-batch) of one rank's computations in ZB-V order."""
+    n = max(2 * pp - 1, m)  # the pattern is written for m >= 2 PP - 1; extra micro-batches are dropped below
+    order: list[tuple[str, int, int]] = []
+    count = {("F", 0): 0, ("F", 1): 0, ("B", 0): 0, ("B", 1): 0, ("W", 0): 0, ("W", 1): 0}
+
+    def add(kind: str, chunk: int) -> None:
+        order.append((kind, chunk, count[(kind, chunk)]))
+        count[(kind, chunk)] += 1
+
+    for _ in range(2 * (pp - rank) - 1):
+        add("F", 0)
+    for _ in range(rank):
+        add("F", 1), add("F", 0)
+    for _ in range(pp - rank):
+        add("F", 1), add("B", 1), add("W", 1)
+    while count[("F", 1)] < count[("F", 0)] or count[("F", 0)] < n:
+        if count[("F", 0)] < n:
+            add("F", 0)
+        add("B", 0), add("W", 0), add("F", 1), add("B", 1), add("W", 1)
+    for _ in range(rank):
+        add("B", 0), add("B", 1)
+    for _ in range(pp - rank):
+        add("B", 0), add("W", 0)
+    while count[("W", 1)] < count[("B", 1)]:
+        add("W", 1)
+    while count[("W", 0)] < count[("B", 0)]:
+        add("W", 0)
+    return [step for step in order if step[2] < m and (step[0] == "F" or not forward_only)]
+
+
+def _unit_time_starts(orders: list[list[tuple[str, int, int]]], pp: int) -> list[list[int]]:
+    """Start step of every computation when each takes one step and waits for its producer (the previous
+    stage's F, the next stage's B, the loss's F): the lockstep timeline the exchanges are placed on."""
+    done: dict[tuple[str, int, int], int] = {}  # (kind, stage, micro-batch) -> end step
+    starts: list[list[int]] = [[] for _ in range(pp)]
+    position, clock = [0] * pp, [0] * pp
+    while any(position[r] < len(orders[r]) for r in range(pp)):
+        progress = False
+        for rank in range(pp):
+            if position[rank] == len(orders[rank]):
+                continue
+            kind, chunk, mb = orders[rank][position[rank]]
+            stage = virtual_stage(pp, rank, chunk, True)
+            need = (("F", stage - 1, mb) if kind == "F" and stage > 0 else
+                    ("B", stage + 1, mb) if kind == "B" and stage < 2 * pp - 1 else
+                    ("F", stage, mb) if kind == "B" else ("B", stage, mb) if kind == "W" else None)
+            if need is not None and need not in done:
+                continue
+            start = max(clock[rank], done[need] if need is not None else 0)
+            starts[rank].append(start)
+            clock[rank] = done[(kind, stage, mb)] = start + 1
+            position[rank] += 1
+            progress = True
+        if not progress:
+            raise ConfigError("--pipeline-schedule zbv: the compute orders wait on each other (schedule bug).")
+    return starts
+
+
+def _place_exchanges(orders: list[list[tuple[str, int, int]]], pp: int, pp_rank: int) -> list[Action]:
+    """This rank's actions: its computations in order, and before the one at step t one Exchange with every
+    message sent at step t (results of the step before, to or from this rank). Each exchange pairs only with
+    the neighbours' exchanges of the same step, so by induction over steps no rank waits forever."""
+    starts = _unit_time_starts(orders, pp)
+    b = _Builder(pp, pp_rank, 2, v_shape=True)
+    messages: dict[int, list[P2POp]] = {}  # step -> this rank's ops sent or received at its start
+    for rank in range(pp):
+        for (kind, chunk, mb), start in zip(orders[rank], starts[rank]):
+            if kind == "W":
+                continue
+            send = P2POp(SEND_FORWARD if kind == "F" else SEND_BACKWARD, chunk, mb, True)
+            if not _Builder(pp, rank, 2, v_shape=True).has_peer(send):
+                continue
+            if rank == pp_rank:
+                messages.setdefault(start + 1, []).append(send)
+            src, dst = op_stages(send, pp, rank)
+            if stage_rank(pp, dst, True) == pp_rank:
+                dst_chunk = 0 if dst < pp else 1
+                messages.setdefault(start + 1, []).append(
+                    P2POp(RECV_FORWARD if kind == "F" else RECV_BACKWARD, dst_chunk, mb, True))
+    for (kind, chunk, mb), start in zip(orders[pp_rank], starts[pp_rank]):
+        for step in sorted(t for t in messages if t <= start):
+            b.exchange(*messages.pop(step))
+        if kind == "F":
+            b.forward(chunk, mb)
+        elif kind == "B":
+            b.actions.append(Backward(chunk, mb, defer_wgrad=True))
+        else:
+            b.actions.append(WeightGrad(chunk, mb))
+    for step in sorted(messages):
+        b.exchange(*messages.pop(step))
+    return b.actions
+
+
 SCHEDULES: dict[str, Callable[..., list[Action]]] = {
     "no_pipelining": no_pipelining_schedule,
     "gpipe": gpipe_schedule,
     "1f1b": one_f_one_b_schedule,
     "interleaved": interleaved_1f1b_schedule,
     "zb-h1": zb_h1_schedule,
+    "zbv": zbv_schedule,
 }
 
 
+def microbatch_groups(num_microbatches: int, group_size: int) -> list[tuple[int, int]]:
+    """[first, last) of each group of micro-batches that goes through the chunks together: groups of
+    `group_size`, the remainder of m / group_size joining the last group, so every group has at least
+    group_size >= PP micro-batches (a smaller group would need a micro-batch's next chunk before the last
+    rank has sent the previous chunk's output)."""
+    starts = list(range(0, num_microbatches - group_size + 1, group_size)) or [0]
+    return [(first, starts[i + 1] if i + 1 < len(starts) else num_microbatches) for i, first in enumerate(starts)]
+
+
 def schedule_table(num_microbatches: int, num_chunks: int, group_size: int) -> list[tuple[int, int]]:
-    """(micro-batch, chunk) of each forward in order (Megatron's get_schedule_table): groups of
-    `group_size` micro-batches go through chunk 0, then chunk 1, ...; the remainder of m / group_size joins
-    the last group, so every group has at least group_size >= PP micro-batches (a smaller group would
-    need a micro-batch's next chunk before the last rank has sent the previous chunk's output)."""
-    table = []
-    for first in range(0, num_microbatches, group_size):
-        if first + group_size > num_microbatches:
-            break  # the remainder went into the previous group
-        last = num_microbatches if first + 2 * group_size > num_microbatches else first + group_size
-        table.extend((mb, chunk) for chunk in range(num_chunks) for mb in range(first, last))
-    return table
+    """(micro-batch, chunk) of each forward in order (Megatron's get_schedule_table): each group of
+    microbatch_groups goes through chunk 0, then chunk 1, ... _Interleaved reads its order from here."""
+    return [(mb, chunk) for first, last in microbatch_groups(num_microbatches, group_size)
+            for chunk in range(num_chunks) for mb in range(first, last)]
 
 
 def check_interleaving(pp_size: int, num_chunks: int, num_microbatches: int, group_size: Optional[int] = None) -> int:
@@ -435,14 +610,19 @@ def check_interleaving(pp_size: int, num_chunks: int, num_microbatches: int, gro
 
 def schedule_name(pp_size: int, num_chunks: int, requested: str = "auto") -> str:
     """The schedule a configuration runs: 'auto' is no pipelining at PP = 1, interleaved with virtual
-    stages, 1F1B otherwise; 'gpipe', '1f1b', 'interleaved' and 'zb-h1' ask for one explicitly."""
+    stages, 1F1B otherwise (pipeline/auto.py may pick better by the simulator); 'gpipe', '1f1b',
+    'interleaved', 'zb-h1' and 'zbv' ask for one explicitly."""
     if requested not in ("auto", *SCHEDULES):
         raise ConfigError(f"--pipeline-schedule: unknown schedule {requested!r}. Use one of auto, gpipe, 1f1b, "
-                          "interleaved, zb-h1.")
+                          "interleaved, zb-h1, zbv.")
+    if requested == "zbv":
+        check_zbv(pp_size, num_chunks)
+        return "zbv"
     if num_chunks > 1:
         if requested in ("gpipe", "1f1b", "no_pipelining", "zb-h1"):
             raise ConfigError(f"--pipeline-schedule {requested}: does not support virtual stages. "
-                              "Use interleaved (or auto), or drop --num-layers-per-virtual-pipeline-stage.")
+                              "Use interleaved (or auto, or zbv with two chunks per rank), or drop "
+                              "--num-layers-per-virtual-pipeline-stage.")
         return "interleaved"
     if requested == "interleaved":
         raise ConfigError("--pipeline-schedule interleaved: needs virtual stages. Add --num-layers-per-virtual-pipeline-stage.")
@@ -456,35 +636,48 @@ def schedule_name(pp_size: int, num_chunks: int, requested: str = "auto") -> str
 def overlap_p2p(actions: list[Action]) -> list[Action]:
     """--overlap-p2p-comm: the same schedule with every Exchange split into posts and waits.
 
-    Sends are posted where the exchange was and waited for just before the next send in the same
-    direction is posted (or at the end); receives are posted at the exchange before the preceding
-    compute (so the transfer runs during that compute) and waited for just before the compute that
-    consumes them. Every op is posted no later and waited for no earlier than in the blocking list, so
-    (rendezvous semantics) a schedule that is deadlock-free blocking stays so; the simulator checks it.
+    Sends are posted right after the compute that produces them (interleaved 1F1B's blocking exchange
+    waits for the backward that follows a forward; posted, the forward's output leaves at once) and waited
+    for just before the next send in the same direction is posted (or at the end); receives are posted at
+    the exchange before the preceding compute (so the transfer runs during that compute) and waited for
+    just before the compute that consumes them. Every op is posted no later than in the blocking list and
+    sends keep their order per channel; the simulator checks deadlock freedom and message order for every
+    schedule (tests/unit/test_schedules.py).
     """
     early_recvs: dict[int, list[tuple[P2POp, ...]]] = {}  # action index (-1: the start) -> receives posted there
     consumer = {}  # compute key -> the receive it waits for
+    producer_index = {}  # ("F"|"B", chunk, mb) -> index of that compute
+    sends_after: dict[int, list[P2POp]] = {}  # compute index -> sends posted right after it
     last_exchange, exchange_before_compute = -1, -1
     for index, action in enumerate(actions):
         if isinstance(action, (Forward, Backward)):
             exchange_before_compute = last_exchange
+            producer_index[("F" if isinstance(action, Forward) else "B", action.chunk, action.microbatch)] = index
         elif isinstance(action, Exchange):
             recvs = tuple(op for op in action.ops if op.kind in (RECV_FORWARD, RECV_BACKWARD))
             if recvs:
                 early_recvs.setdefault(exchange_before_compute, []).append(recvs)
             for op in recvs:
                 consumer[("F" if op.kind == RECV_FORWARD else "B", op.chunk, op.microbatch)] = op
+            for op in action.ops:
+                if op.kind in (SEND_FORWARD, SEND_BACKWARD):
+                    source = ("F" if op.kind == SEND_FORWARD else "B", op.chunk, op.microbatch)
+                    sends_after.setdefault(producer_index.get(source, index), []).append(op)
             last_exchange = index
     out: list[Action] = [Post(recvs) for recvs in early_recvs.get(-1, [])]
     unwaited_sends: dict[str, P2POp] = {}
+
+    def post_sends(sends: list[P2POp]) -> None:
+        for op in sends:  # one post per send, each after waiting for the previous one of its kind
+            if op.kind in unwaited_sends:
+                out.append(Wait((unwaited_sends.pop(op.kind),)))
+            unwaited_sends[op.kind] = op
+            out.append(Post((op,)))
+
     for index, action in enumerate(actions):
         if isinstance(action, Exchange):
-            sends = tuple(op for op in action.ops if op.kind in (SEND_FORWARD, SEND_BACKWARD))
-            previous = tuple(unwaited_sends.pop(op.kind) for op in sends if op.kind in unwaited_sends)
-            if previous:
-                out.append(Wait(previous))
-            unwaited_sends.update((op.kind, op) for op in sends)
-            out.extend(Post(ops) for ops in [sends] + early_recvs.get(index, []) if ops)
+            post_sends(sends_after.pop(index, []))  # a send whose producer this list does not hold
+            out.extend(Post(ops) for ops in early_recvs.get(index, []))
             continue
         if isinstance(action, (Forward, Backward)):
             recv = consumer.get(("F" if isinstance(action, Forward) else "B", action.chunk, action.microbatch))
@@ -494,6 +687,7 @@ def overlap_p2p(actions: list[Action]) -> list[Action]:
             out.append(Wait(tuple(unwaited_sends.values())))
             unwaited_sends.clear()
         out.append(action)
+        post_sends(sends_after.pop(index, []))
     if unwaited_sends:
         out.append(Wait(tuple(unwaited_sends.values())))
     return out

@@ -20,7 +20,7 @@ from typing import Optional
 
 from megatron_lite.pipeline.schedules import (RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, Action,
                                               Backward, Exchange, FinalizeGrads, Forward, P2POp, Post, Wait,
-                                              WeightGrad)
+                                              WeightGrad, op_stages, stage_rank, virtual_stage)
 
 
 class ScheduleError(AssertionError):
@@ -39,20 +39,17 @@ class Timeline:
 
 
 def message(op: P2POp, pp_rank: int, pp_size: int) -> tuple[tuple[int, int, str], tuple]:
-    """(channel, identity) of a p2p op: channel = (src rank, dst rank, 'act'|'grad'); identity names the
-    tensor (sending virtual stage, receiving virtual stage, micro-batch) so both ends can be compared."""
-    stage = op.chunk * pp_size + pp_rank
-    if op.kind == SEND_FORWARD:
-        src, dst, direction = stage, stage + 1, "act"
-    elif op.kind == RECV_FORWARD:
-        src, dst, direction = stage - 1, stage, "act"
-    elif op.kind == SEND_BACKWARD:
-        src, dst, direction = stage, stage - 1, "grad"
-    elif op.kind == RECV_BACKWARD:
-        src, dst, direction = stage + 1, stage, "grad"
-    else:
+    """(channel, identity) of a p2p op: channel = (src rank, dst rank, group) as p2p.py matches messages
+    (activations and gradients on separate groups at PP = 2 and between a rank and itself at ZB-V's turn,
+    one group otherwise); identity names the tensor (sending virtual stage, receiving virtual stage,
+    micro-batch) so both ends can be compared."""
+    if op.kind not in (SEND_FORWARD, RECV_FORWARD, SEND_BACKWARD, RECV_BACKWARD):
         raise ScheduleError(f"unknown p2p op {op.kind!r}")
-    return (src % pp_size, dst % pp_size, direction), (src, dst, op.microbatch)
+    src, dst = op_stages(op, pp_size, pp_rank)
+    src_rank, dst_rank = stage_rank(pp_size, src, op.v_shape), stage_rank(pp_size, dst, op.v_shape)
+    direction = "act" if op.kind in (SEND_FORWARD, RECV_FORWARD) else "grad"
+    group = direction if pp_size == 2 or src_rank == dst_rank else "pp"
+    return (src_rank, dst_rank, group), (src, dst, op.microbatch)
 
 
 def check_local_order(actions: list[Action], pp_rank: int, pp_size: int, num_chunks: int, num_microbatches: int,
@@ -62,6 +59,7 @@ def check_local_order(actions: list[Action], pp_rank: int, pp_size: int, num_chu
     done: dict[tuple[str, int, int], int] = {}
     posted: set[tuple[str, int, int]] = set()
     last_stage = pp_size * num_chunks - 1
+    v_shape = any(op.v_shape for action in actions if isinstance(action, (Exchange, Post, Wait)) for op in action.ops)
     for index, action in enumerate(actions):
         if isinstance(action, WeightGrad):
             _check_weight_grad(action, pp_rank, index, done, actions)
@@ -72,7 +70,7 @@ def check_local_order(actions: list[Action], pp_rank: int, pp_size: int, num_chu
                 raise ScheduleError(f"rank {pp_rank}: {action} runs twice")
             if kind == "B" and ("F", action.chunk, action.microbatch) not in done:
                 raise ScheduleError(f"rank {pp_rank}: {action} before its forward")
-            stage = action.chunk * pp_size + pp_rank
+            stage = virtual_stage(pp_size, pp_rank, action.chunk, v_shape)
             needs = ("recv_forward" if kind == "F" and stage > 0 else
                      "recv_backward" if kind == "B" and stage < last_stage else None)
             if needs and (needs, action.chunk, action.microbatch) not in done:

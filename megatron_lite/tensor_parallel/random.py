@@ -128,6 +128,15 @@ def set_all_rng_states(states: dict[str, Any]) -> None:
     _TRACKER.set_states(states["tracker"])
 
 
+_CHECKPOINTED_FORWARDS = [0]  # how many checkpoint() forwards are running (ZeRO-3 asks, distributed/zero3.py)
+
+
+def in_checkpointed_forward() -> bool:
+    """True inside the first (not the recomputing) forward of a checkpoint() region: what runs here will
+    be run again during backward."""
+    return _CHECKPOINTED_FORWARDS[0] > 0
+
+
 _RECOMPUTING = [0]  # > 0 while a checkpointed forward is being replayed in backward
 
 
@@ -148,7 +157,11 @@ def checkpoint(fn: Callable, *args: Any) -> Any:
     @contextlib.contextmanager
     def forward_context() -> Iterator[None]:
         saved["tracker"] = _TRACKER.get_states()
-        yield
+        _CHECKPOINTED_FORWARDS[0] += 1
+        try:
+            yield
+        finally:
+            _CHECKPOINTED_FORWARDS[0] -= 1
 
     @contextlib.contextmanager
     def recompute_context() -> Iterator[None]:

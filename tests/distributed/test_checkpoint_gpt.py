@@ -3,7 +3,8 @@
 1. TP2 x DP2 with the distributed optimizer -> TP1 x DP4 (plain optimizer) and TP4 x DP1 (distributed):
    every parameter and optimizer state equals, exactly, the saved one rebuilt in the test process;
    across sharding strategies: ZeRO-2 DP4 with half the optimizer offloaded to the host -> ZeRO-1 TP2 x DP2
-   and ZeRO-2 TP2 x DP2 fully offloaded -> no sharding on one process, optimizer state included;
+   and ZeRO-2 TP2 x DP2 fully offloaded -> no sharding on one process, optimizer state included; ZeRO-3 DP4
+   -> ZeRO-1 TP2 x DP2 (a step) -> no sharding on one process, and back into ZeRO-3 DP4;
 2. one process, fp32 with dropout: save, continue, reload, continue -> bitwise identical (RNG included);
    and the TP2 x DP2 distributed-optimizer checkpoint loads into TP1 x DP1 with the plain optimizer;
 3. bf16 with --no-load-optim: the fp32 main weights follow the loaded bf16 weights.
@@ -211,3 +212,59 @@ def test_checkpoint_reshards_across_sharding_strategies_and_offload(tmp_path):
     (one,) = run_distributed(_strategies_one_rank, 1, directory=directory)
     assert one["result"] == (2, 2 * GLOBAL_BATCH) and set(one["state"]["meta"]) == set(meta)
     _check_against_full(one["state"], full, full_optim, saved)
+
+
+def _zero3_chain_four_ranks(first: str, second: str) -> dict:
+    """ZeRO-3 DP4 trains and saves; ZeRO-1 TP2 x DP2 resumes from it, trains a step and saves again."""
+    cfg = _config(4, 1, True, strategy="optim_grads_params", save=first)
+    ddp, optimizer, scheduler = _setup(cfg)
+    for step in range(2):
+        _train_step(ddp, optimizer, scheduler, step)
+    save_checkpoint(2, [ddp], optimizer, scheduler, 2 * GLOBAL_BATCH, cfg)
+    out = {"saved": _state(ddp, optimizer, scheduler)}
+    ps.destroy_model_parallel()
+    cfg = _config(4, 2, True, strategy="optim", load=first, save=second)
+    ddp, optimizer, scheduler = _setup(cfg)
+    out["zero1_result"] = load_checkpoint([ddp], optimizer, scheduler, cfg)
+    out["zero1"] = _state(ddp, optimizer, scheduler)
+    _train_step(ddp, optimizer, scheduler, 2)
+    save_checkpoint(3, [ddp], optimizer, scheduler, 3 * GLOBAL_BATCH, cfg)
+    out["zero1_trained"] = _state(ddp, optimizer, scheduler)
+    ps.destroy_model_parallel()
+    cfg = _config(4, 1, True, strategy="optim_grads_params", load=second)  # and back into ZeRO-3's shards
+    ddp, optimizer, scheduler = _setup(cfg)
+    out["zero3_result"] = load_checkpoint([ddp], optimizer, scheduler, cfg)
+    out["zero3_resumed"] = _state(ddp, optimizer, scheduler)
+    _train_step(ddp, optimizer, scheduler, 3)
+    out["zero3_trains_on"] = bool(torch.isfinite(torch.cat([p.reshape(-1) for p in ddp.sharded_state().values()])).all())
+    ps.destroy_model_parallel()
+    return out
+
+
+def test_checkpoint_zero3_dp4_to_zero1_tp2_dp2_to_no_shard(tmp_path):
+    """ZeRO-3 DP4 -> ZeRO-1 TP2 x DP2 -> no sharding on one process, optimizer state included, exactly:
+    each hop loads what the previous one held (parameters, fp32 main params, Adam moments, step counts)."""
+    first, second = str(tmp_path / "zero3_dp4"), str(tmp_path / "zero1_tp2_dp2")
+    results = run_distributed(_zero3_chain_four_ranks, 4, first=first, second=second)
+    saved = results[0]["saved"]  # TP1: every rank's gathered state is the full state
+    for out in results:
+        assert out["zero1_result"] == (2, 2 * GLOBAL_BATCH)
+        _check_against_full(out["zero1"], saved["model"], saved["optim"], saved)
+    (one,) = run_distributed(_strategies_one_rank, 1, directory=second)
+    assert one["result"] == (3, 3 * GLOBAL_BATCH)
+    full = one["state"]
+    for out in results:  # every TP2 x DP2 rank's state is its TP shard of what the one process loaded
+        state = out["zero1_trained"]
+        for name, tensor in state["model"].items():
+            meta = state["meta"][name]
+            assert torch.equal(tensor, toys.expected_shard(full["model"][name], meta, state["tp_rank"], state["tp"])), name
+            for key, value in state["optim"][name].items():
+                expected = toys.expected_shard(full["optim"][name][key], meta, state["tp_rank"], state["tp"])
+                assert torch.equal(value, expected), (name, key)
+        assert full["common"]["num_steps"] == state["common"]["num_steps"] == 3 and full["sched"] == state["sched"]
+        assert out["zero3_result"] == (3, 3 * GLOBAL_BATCH) and out["zero3_trains_on"]
+        resumed = out["zero3_resumed"]  # ZeRO-3 (TP1) loading the ZeRO-1 TP2 checkpoint holds the full state
+        for name, tensor in resumed["model"].items():
+            assert torch.equal(tensor, full["model"][name]), name
+            for key, value in resumed["optim"][name].items():
+                assert torch.equal(value, full["optim"][name][key]), (name, key)

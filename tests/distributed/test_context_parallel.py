@@ -6,9 +6,10 @@ checks: the reported loss (masked mean over all tokens of the sequence across CP
 (gathered over CP back to sequence order) and every parameter's gradient (the CP ranks' grads averaged,
 as DDP does over DP x CP, and gathered over TP to full shape).
 
-Dropout is 0 in these tests: ring attention has no dropout (config refuses it with p2p), and the
-all-gather / a2a paths draw their attention-dropout masks per rank from the TP-rank stream, which is not
-the mask one process would draw for the same positions (equal in distribution only).
+Dropout is 0 in these tests: every comm type draws its attention-dropout masks per rank from the TP-rank
+stream, which is not the mask one process would draw for the same positions (equal in distribution only).
+test_ring_dropout_matches_one_process_given_its_masks checks the ring's dropout against one process
+applying the masks the ring drew.
 
 Tolerance (fp32): loss rtol 1e-5 / atol 1e-6, grads rtol 1e-5 / atol 1e-6.
 """
@@ -207,3 +208,91 @@ def test_cp4_gqa_replication_comm_bytes_and_load_balance():
 def test_cp2_with_tp2_sequence_parallel_equals_single_process():
     results = run_distributed(_cp_equivalence, 4, tp=2, cp=2, sp=True, variants=_variants(ALL_COMMS))
     print(results[0])
+
+
+def _ring_dropout_cases(p: float) -> list[float]:
+    ps.initialize_model_parallel(context_parallel_size=2)
+    return [_ring_dropout_vs_reference(ps.get_process_groups().cp, p, documents) for documents in (False, True)]
+
+
+def _ring_dropout_vs_reference(group, p: float, documents: bool) -> float:
+    """Ring attention with dropout on this rank's queries, against plain autograd attention over the whole
+    sequence that applies, at every (query, key) pair this rank computed, the keep mask the ring drew.
+    Returns the dropped share of the pairs this rank's queries see."""
+    from megatron_lite.context_parallel import ring
+    from megatron_lite.context_parallel.layout import block_mask, local_indices
+    b, heads, groups_kv, seq, d = 2, 4, 2, 16, 8
+    generator = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(b, n, seq, d, generator=generator) for n in (heads, groups_kv, groups_kv, heads))
+    mask = make_batch(True, b)["attention_mask"][:, :, :seq, :seq] if documents else None
+    index = local_indices(seq, group.size, group.rank)
+    q_local, k_local, v_local = (t[:, :, index].clone().requires_grad_() for t in (q, k, v))
+    keep_full = torch.ones(b, heads, len(index), seq)
+    original = ring._Dropout.keep
+
+    def recording(self, block, shape):
+        keep = original(self, block, shape)
+        key_index = local_indices(seq, group.size, block.kv_rank)[block.k_start:block.k_end]
+        keep_full[:, :, block.q_start:block.q_end][..., key_index] = keep
+        return keep
+    ring._Dropout.keep = recording
+    try:
+        torch.manual_seed(11)
+        out = ring.ring_attention(q_local, k_local, v_local, mask, group, dropout_p=p)
+        out.backward(dout[:, :, index])
+    finally:
+        ring._Dropout.keep = original
+    # The reference: this rank's query rows against every key, the same masks, autograd for the gradients.
+    q_ref, k_ref, v_ref = (t.clone().requires_grad_() for t in (q[:, :, index], k, v))
+    scores = q_ref @ k_ref.repeat_interleave(2, 1).transpose(-1, -2) / d ** 0.5
+    scores = scores.masked_fill(block_mask(mask, index, torch.arange(seq)), float("-inf"))
+    ref = (torch.softmax(scores, -1) * keep_full) @ v_ref.repeat_interleave(2, 1)
+    ref.backward(dout[:, :, index])
+    dk, dv = k_ref.grad.clone(), v_ref.grad.clone()
+    collectives.all_reduce(dk, group)  # every rank's rows contribute to every key's gradient
+    collectives.all_reduce(dv, group)
+    for name, got, want in [("out", out, ref), ("dq", q_local.grad, q_ref.grad),
+                            ("dk", k_local.grad, dk[:, :, index]), ("dv", v_local.grad, dv[:, :, index])]:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"p={p} {n}: {m}")
+    visible = ~block_mask(mask, index, torch.arange(seq)).expand_as(keep_full)
+    return (keep_full[visible] == 0).float().mean().item()
+
+
+def test_ring_dropout_matches_one_process_given_its_masks():
+    """Ring attention's dropout is exact given its masks: output and dq/dk/dv equal one process's attention
+    with the same keep mask at every pair the ring computed (fp32 1e-5), causal and document masks; the
+    dropped share is near p."""
+    results = run_distributed(_ring_dropout_cases, 2, p=0.3)
+    for dropped in (share for shares in results for share in shares):
+        assert 0.2 < dropped < 0.4, results
+
+
+def _dropout_recompute_all(comms) -> list:
+    ps.initialize_model_parallel(context_parallel_size=2)
+    return [_dropout_recompute(ps.get_process_groups(), comm) for comm in comms]
+
+
+def _dropout_recompute(groups, comm: str) -> dict:
+    """With attention and hidden dropout on under CP 2, full and selective recompute give bit-identical
+    losses and gradients to no recompute (the replayed forward draws the same masks)."""
+    from megatron_lite.models.gpt import GPTModel
+    from megatron_lite.tensor_parallel.random import model_parallel_seed
+    results = {}
+    for recompute in (None, "full", "selective"):
+        overrides = dict(hidden_dropout=0.1, attention_dropout=0.2, recompute_granularity=recompute)
+        if recompute == "full":
+            overrides.update(recompute_method="uniform", recompute_num_layers=1)
+        model_parallel_seed(5, groups.tp.rank)
+        torch.manual_seed(5)
+        model = GPTModel(make_config("llama", cp=2, comm=comm, **overrides), groups=groups)
+        model_parallel_seed(9, groups.tp.rank)
+        results[recompute] = run_model(model, make_batch(True), groups)
+    for recompute in ("full", "selective"):
+        assert torch.equal(results[recompute]["losses"], results[None]["losses"]), recompute
+        for name, grad in results[None]["grads"].items():
+            assert torch.equal(results[recompute]["grads"][name], grad), (recompute, name)
+    return {"loss": results[None]["loss"].item()}
+
+
+def test_cp_dropout_recompute_bit_identical():
+    run_distributed(_dropout_recompute_all, 2, comms=ALL_COMMS)

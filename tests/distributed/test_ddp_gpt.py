@@ -47,8 +47,12 @@ def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(x.abs().clamp(min=2.0 ** -126))) - 7)
 
 
-def _assert_bf16_close(got: torch.Tensor, ref: torch.Tensor, name: str) -> None:
-    mean = (got - ref).abs().mean().item()
+def _assert_bf16_close(got: torch.Tensor, ref: torch.Tensor, name: str, near_zero: torch.Tensor) -> None:
+    """Every element within 2 x lr x steps; the mean bound over the elements whose gradient was never near
+    zero (near_zero: the one-process run's sqrt(v_hat) fell below EPS_SCALE, as in _assert_adam_close). At
+    Adam's default eps those take full-size steps decided by rounding noise (e.g. the key third of
+    linear_qkv.bias, whose exact gradient is zero: softmax ignores a per-query constant), in either layout."""
+    mean = (got - ref)[~near_zero].abs().mean().item() if (~near_zero).any() else 0.0
     worst = (got - ref).abs().max().item()
     mean_bound = 0.05 * 3e-3 * STEPS + _bf16_ulp(ref).mean().item() / 8
     assert mean <= mean_bound and worst <= 2 * 3e-3 * STEPS, \
@@ -56,10 +60,11 @@ def _assert_bf16_close(got: torch.Tensor, ref: torch.Tensor, name: str) -> None:
 
 
 def make_config(world: int, tp: int = 1, pp: int = 1, dist_opt: bool = False, overlap: bool = False,
-                sp: bool = False, bf16: bool = False, strategy: str | None = None) -> Config:
+                sp: bool = False, bf16: bool = False, strategy: str | None = None, num_layers: int = 2,
+                zbv: bool = False, p2p_overlap: bool = False) -> Config:
     cfg = Config(world_size=world)
     m = cfg.model
-    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 32, 4, SEQ
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = num_layers, 32, 4, SEQ
     m.vocab_size, m.make_vocab_size_divisible_by = VOCAB, 8
     m.hidden_dropout = m.attention_dropout = 0.0
     p = cfg.parallel
@@ -67,6 +72,8 @@ def make_config(world: int, tp: int = 1, pp: int = 1, dist_opt: bool = False, ov
     dist_opt = dist_opt or strategy not in (None, "no_shard")
     p.use_distributed_optimizer, p.overlap_grad_reduce, p.overlap_param_gather = dist_opt, overlap, overlap and dist_opt
     p.data_parallel_sharding_strategy = strategy
+    if zbv:  # two chunks per rank in ZB-V's V: both ends (embedding, loss, tied copy) on pipeline rank 0
+        p.virtual_pipeline_model_parallel_size, p.pipeline_schedule, p.overlap_p2p_comm = 2, "zbv", p2p_overlap
     p.ddp_bucket_size = 4000  # several buckets per stage
     cfg.training.micro_batch_size, cfg.training.global_batch_size, cfg.training.seed = 1, GLOBAL_BATCH, 11
     o = cfg.optimizer
@@ -110,10 +117,11 @@ def train(cfg: Config) -> dict:
         opt.zero_grad()
         local = batch(step).chunk(dp)[dp_rank]
         data = [{"tokens": mb[:, :-1].contiguous(), "labels": mb[:, 1:].contiguous()} for mb in local.chunk(num_micro)]
-        out = forward_backward(forward_step_func=forward_step, data_iterator=iter(data), model=model, num_microbatches=num_micro,
-                               seq_length=SEQ, micro_batch_size=1, config=cfg, no_sync_func=model[0].no_sync,
+        iterators = [iter(data) for _ in model] if len(model) > 1 else iter(data)
+        out = forward_backward(forward_step_func=forward_step, data_iterator=iterators, model=model, num_microbatches=num_micro,
+                               seq_length=SEQ, micro_batch_size=1, config=cfg, no_sync_func=[c.no_sync for c in model],
                                finalize_model_grads_func=finalize_model_grads, grad_scale_func=opt.scale_loss)
-        if out:  # last stage: this DP rank's mean micro-batch loss (averaged over ranks in _merge; no
+        if out:  # loss stage (rank 0 with ZB-V): this DP rank's mean micro-batch loss (averaged over ranks in _merge; no
             losses.append(sum(float(d["lm loss"]) for d in out) / len(out))  # collective, so bytes stay exact)
         ok, norm, _ = opt.step()
         assert ok
@@ -168,8 +176,12 @@ def _assert_adam_close(got: dict, ref: dict) -> None:
 def _check(got: dict, ref: dict, dist_opt: bool, bf16: bool = False, zero2: bool = False) -> None:
     tol = BF16_TOL if bf16 else PARAM_TOL
     if bf16:
+        sensitive = total = 0
         for name, value in ref["params"].items():
-            _assert_bf16_close(got["params"][name], value, name)
+            near_zero = ref["min_adam_root"][name] < EPS_SCALE
+            sensitive, total = sensitive + int(near_zero.sum()), total + value.numel()
+            _assert_bf16_close(got["params"][name], value, name, near_zero)
+        assert sensitive < 0.05 * total, f"{sensitive} of {total} elements had a near-zero gradient: the check is vacuous"
     else:
         _assert_adam_close(got, ref)
         assert got["losses"] == pytest.approx(ref["losses"], rel=LOSS_RTOL)
@@ -223,3 +235,21 @@ def test_gpt_bf16_dp2_tp2_pp2():
     results = run_distributed(_layouts, 8, world=8, tp=2, pp=2, variants=variants, timeout=400)
     for index, variant in enumerate(variants):
         _check(_merge(results, index), reference, variant.get("dist_opt", False), bf16=True)
+
+
+def _zbv_layouts(world: int, tp: int, pp: int, variants: list[dict]) -> list[dict]:
+    ps.initialize_model_parallel(tp, pp, 2 if pp > 1 else None)
+    return [train(make_config(world, tp, pp, num_layers=4, zbv=pp > 1, **v)) for v in variants]
+
+
+@pytest.mark.slow
+def test_gpt_dp2_tp2_pp2_zbv():
+    # ZB-V (tied embeddings summed on rank 0, the copy counted once in the grad norm) with DDP, the distributed
+    # optimizer, ZeRO-2 + SP and --overlap-p2p-comm: the same Adam updates, losses and norms as one process
+    reference = _merge(run_distributed(_zbv_layouts, 1, world=1, tp=1, pp=1, variants=[{}]), 0)
+    variants = [{}, {"dist_opt": True, "overlap": True, "p2p_overlap": True},
+                {"strategy": "optim_grads", "sp": True, "overlap": True, "p2p_overlap": True}]
+    results = run_distributed(_zbv_layouts, 8, world=8, tp=2, pp=2, variants=variants, timeout=400)
+    for index, variant in enumerate(variants):
+        _check(_merge(results, index), reference, "strategy" in variant or variant.get("dist_opt", False),
+               zero2=variant.get("strategy") == "optim_grads")

@@ -76,6 +76,11 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(GLOBAL_BATCH, HIDDEN, generator=gen), torch.randn(GLOBAL_BATCH, HIDDEN, generator=gen)
 
 
+def _reduction_bytes(dp_name: str) -> int:
+    """Gradient-reduction bytes so far (ZeRO-3 also all-gathers parameters in every micro-batch)."""
+    return sum(collectives.bytes_for(op=op, group=dp_name) for op in ("all_reduce", "reduce_scatter"))
+
+
 def train(cfg: Config, steps: int = STEPS, inject_inf_at: int | None = None) -> dict:
     """Train the toy model; return final params, per-step stats, comm bytes and the memory report."""
     torch.manual_seed(1234)
@@ -85,13 +90,14 @@ def train(cfg: Config, steps: int = STEPS, inject_inf_at: int | None = None) -> 
     opt = get_megatron_optimizer(cfg, [ddp], groups)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     num_micro = GLOBAL_BATCH // (MICRO_BATCH * dp)
-    out = {"norms": [], "ok": [], "scales": [], "params_per_step": [], "early_dp_bytes": 0, "overlapped": False}
+    out = {"norms": [], "ok": [], "scales": [], "params_per_step": [], "early_dp_bytes": 0, "overlapped": False,
+           "inspect_bytes": 0, "num_micro": num_micro}
     # The DP group's name in the byte counters ('dp'; at DP = 1 it is the same one-rank group as 'tp').
     dp_name = parallel_state.group_name(parallel_state.get_data_parallel_group(with_context_parallel=True))
     collectives.reset_comm_stats()
     for step in range(steps):
         opt.zero_grad()
-        dp_bytes_at_start = collectives.bytes_for(group=dp_name)
+        dp_bytes_at_start = _reduction_bytes(dp_name)
         inputs, targets = batch(step)
         local_x, local_y = inputs.chunk(dp)[dp_rank], targets.chunk(dp)[dp_rank]
         for i, (x, y) in enumerate(zip(local_x.chunk(num_micro), local_y.chunk(num_micro))):
@@ -100,8 +106,8 @@ def train(cfg: Config, steps: int = STEPS, inject_inf_at: int | None = None) -> 
                 loss = ((ddp(x.to(cfg.params_dtype)).float() - y) ** 2).mean() / num_micro
                 opt.scale_loss(loss).backward()
             if not last:
-                out["early_dp_bytes"] += collectives.bytes_for(group=dp_name) - dp_bytes_at_start  # must stay 0: no reduction yet
-            elif collectives.bytes_for(group=dp_name) > dp_bytes_at_start:
+                out["early_dp_bytes"] += _reduction_bytes(dp_name) - dp_bytes_at_start  # must stay 0: no reduction yet
+            elif _reduction_bytes(dp_name) > dp_bytes_at_start:
                 out["overlapped"] = True  # some bucket started before finish_grad_sync
         finalize_model_grads([ddp], groups)
         if inject_inf_at == step and torch.distributed.get_rank() == 0:
@@ -111,13 +117,17 @@ def train(cfg: Config, steps: int = STEPS, inject_inf_at: int | None = None) -> 
         out["ok"].append(ok)
         out["norms"].append(norm)
         out["scales"].append(float(opt.get_loss_scale().item()))
-        out["params_per_step"].append({n: p.detach().float().clone() for n, p in model.named_parameters()})
+        inspect_start = collectives.bytes_for(op="all_gather", group=dp_name)
+        # (ZeRO-3: sharded_state() gathers the whole model; those bytes are the test's, not the step's)
+        out["params_per_step"].append({n: p.detach().float().clone() for n, p in ddp.sharded_state().items()})
+        out["inspect_bytes"] += collectives.bytes_for(op="all_gather", group=dp_name) - inspect_start
     out["dp_bytes"] = {op: collectives.bytes_for(op=op, group=dp_name) for op in ("all_reduce", "reduce_scatter", "all_gather")}
     out["grad_numel"] = sum(b.full_grad_bytes() for b in ddp.param_and_grad_buffers)
     out["grad_bytes_at_rest"] = sum(b.grad_bytes() for b in ddp.param_and_grad_buffers)
     out["peak_grad_bytes"] = sum(b.peak_grad_bytes for b in ddp.param_and_grad_buffers)
-    out["param_buffer_bytes"] = sum(b.param_data.numel() * b.param_data.element_size()
-                                    for b in ddp.param_and_grad_buffers if b.param_data is not None)
+    out["param_buffer_bytes"] = sum(bucket.numel * torch.empty((), dtype=b.param_dtype).element_size()
+                                    for b in ddp.param_and_grad_buffers for bucket in b.buckets)
+    ddp.finish_param_sync()  # (ZeRO-3: back to rest, shards only)
     out["memory"] = memory_report([ddp], opt)
     out["params"] = out["params_per_step"][-1]
     out["param_state"] = opt.get_parameter_state()
@@ -142,6 +152,11 @@ CONFIGS = [  # (name, kwargs)
     ("fp32_offload", {"offload": 1.0}), ("fp32_zero2_offload_half", {"strategy": "optim_grads", "offload": 0.5}),
     ("bf16_distopt_overlap_offload_half", {"precision": "bf16", "dist_opt": True, "overlap": True, "offload": 0.5}),
     ("fp32_nvme", {"nvme": 1.0}), ("fp32_zero2_nvme_half", {"strategy": "optim_grads", "nvme": 0.5}),
+    # ZeRO-3 on the toy: one unit (a module without sharding_plan()), gathered for every micro-batch's
+    # forward and backward; the GPT model's per-layer units are tested in test_zero3.py.
+    ("fp32_zero3", {"strategy": "optim_grads_params"}), ("fp32_zero3_overlap", {"strategy": "optim_grads_params", "overlap": True}),
+    ("bf16_zero3_overlap", {"precision": "bf16", "strategy": "optim_grads_params", "overlap": True}),
+    ("fp32_zero3_offload_half", {"strategy": "optim_grads_params", "offload": 0.5}),
 ]
 # CPU offload steps the same Adam arithmetic (on CPU, the same fused kernel) on a host copy: the results must
 # be bitwise those of the same run without offload.
@@ -182,6 +197,9 @@ def _check_against_reference(results: dict, reference: dict, dp: int) -> None:
         zero2 = kwargs.get("strategy") == "optim_grads"
         if dp == 1:
             pass  # the one-rank DP group is also the TP/MP group, whose counters hold the grad-norm scalars
+        elif kwargs.get("strategy") == "optim_grads_params":  # ZeRO-3: params gathered per micro-batch, twice
+            assert b["reduce_scatter"] == STEPS * got["grad_numel"] and b["all_reduce"] == 0, (name, b)
+            assert b["all_gather"] - got["inspect_bytes"] == STEPS * 2 * got["num_micro"] * got["param_buffer_bytes"], (name, b)
         elif sharded:  # ZeRO-1 and ZeRO-2 (one reduce-scatter per step, whatever the micro-batches): plain DP's volume
             assert b["reduce_scatter"] == STEPS * got["grad_numel"] and b["all_reduce"] == 0, (name, b)
             assert b["all_gather"] == STEPS * got["param_buffer_bytes"], (name, b)
@@ -194,13 +212,16 @@ def _check_against_reference(results: dict, reference: dict, dp: int) -> None:
 def _check_memory_table(name: str, kwargs: dict, got: dict, dp: int) -> None:
     bf16 = kwargs.get("precision") == "bf16"
     sharded = kwargs.get("dist_opt") or kwargs.get("strategy") is not None
-    zero2 = kwargs.get("strategy") == "optim_grads"
+    zero2 = kwargs.get("strategy") in ("optim_grads", "optim_grads_params")
+    zero3 = kwargs.get("strategy") == "optim_grads_params"
     # Memory: Megatron's bytes/param table (Adam; SGD has one state instead of two); ZeRO-2 moves the
     # fp32 grad (4 bytes) into the sharded part: fp32 4 + 12/d, bf16 2 + 16/d.
     mem = got["memory"]
     per_state = 4 if kwargs.get("optimizer") == "sgd" else 8
     base = {True: 2 + 4, False: 4 + 4}[bf16] - (4 if zero2 else 0)
     sharded_bytes = (4 if bf16 else 0) + per_state + (4 if zero2 else 0)  # main copy (bf16) + states (+ grads)
+    if zero3:  # ZeRO-3 moves the model params (2 or 4 bytes) into the sharded part too: bf16 18/d, fp32 16/d
+        base, sharded_bytes = 0, sharded_bytes + (2 if bf16 else 4)
     expected = base + sharded_bytes / (dp if sharded else 1)
     # CPU offload: fraction F of the shard's main params + moments (12 bytes) on the host; an fp32 model
     # param then needs a host main copy (4 bytes) it did not need on the device.
@@ -218,7 +239,7 @@ def _check_memory_table(name: str, kwargs: dict, got: dict, dp: int) -> None:
 def _check_twins(name: str, kwargs: dict, got: dict, results: dict, dp: int) -> None:
     """Offload and ZeRO-2 against their twins (another configuration of the same run), and ZeRO-2's
     gradient memory at rest and at peak."""
-    zero2 = kwargs.get("strategy") == "optim_grads"
+    zero2 = kwargs.get("strategy") in ("optim_grads", "optim_grads_params")  # (ZeRO-3's grads are ZeRO-2's)
     if name in OFFLOAD_TWIN:
         twin = results[OFFLOAD_TWIN[name]]
         for key in twin["params"]:
@@ -306,6 +327,8 @@ PAPER_TABLE = {  # (precision, strategy) -> bytes/param as a function of d
     ("fp16", "no_shard"): lambda d: 16, ("fp16", "optim"): lambda d: 4 + 12 / d, ("fp16", "optim_grads"): lambda d: 2 + 14 / d,
     ("bf16", "no_shard"): lambda d: 18, ("bf16", "optim"): lambda d: 6 + 12 / d, ("bf16", "optim_grads"): lambda d: 2 + 16 / d,
     ("fp32", "no_shard"): lambda d: 16, ("fp32", "optim"): lambda d: 8 + 8 / d, ("fp32", "optim_grads"): lambda d: 4 + 12 / d,
+    ("fp16", "optim_grads_params"): lambda d: 16 / d, ("bf16", "optim_grads_params"): lambda d: 18 / d,
+    ("fp32", "optim_grads_params"): lambda d: 16 / d,
 }
 
 

@@ -5,49 +5,20 @@ Prompts of equal length are generated as one batch and give what each gives alon
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
+from model_toys import load_tool, tiny_config, write_model_checkpoint
 
-from megatron_lite.checkpoint_io import param_meta_from_model, write_checkpoint_from_full_tensors
-from megatron_lite.config import Config
-from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
 from megatron_lite.testing import run_distributed
-
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PROMPTS = ["5,9,2,33,17", "1,2,3", "40,41", "7,7,7,7", "8,1,30", "22,23", "3,3,9"]
 
 
 def load_generate():
-    spec = importlib.util.spec_from_file_location("tool_generate", os.path.join(ROOT, "tools", "generate.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("generate.py")
 
 
 def make_checkpoint(directory: str, tp: int, pp: int) -> None:
     """A Llama-style GQA model (8 heads, 2 query groups) saved at TP x PP."""
-    cfg = Config()
-    m = cfg.model
-    m.num_layers, m.hidden_size, m.seq_length, m.vocab_size, m.make_vocab_size_divisible_by = 4, 32, 32, 60, 8
-    m.init_method_std = 0.3
-    m.num_attention_heads, m.group_query_attention, m.num_query_groups = 8, True, 2
-    m.position_embedding_type, m.swiglu, m.normalization = "rope", True, "RMSNorm"
-    m.add_bias_linear, m.untie_embeddings_and_output_weights, m.ffn_hidden_size = False, True, 48
-    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
-    cfg.world_size = tp * pp
-    cfg.validate()
-    from megatron_lite.models.gpt.model import GPTModel
-    single = Config.from_dict(cfg.to_dict())
-    single.parallel.tensor_model_parallel_size = single.parallel.pipeline_model_parallel_size = 1
-    single.world_size = 1
-    model = GPTModel(single.validate())
-    tensors = {n: p.detach()[:m.vocab_size] if shard_spec_of(p).unpadded_size else p.detach()
-               for n, p in model.named_parameters()}
-    write_checkpoint_from_full_tensors(directory, 5, cfg, tensors, param_meta_from_model([model]), tp=tp, pp=pp)
+    write_model_checkpoint(directory, tiny_config("llama", init_std=0.3), 5, tp=tp, pp=pp)
 
 
 def _run_tool(argv: list[str]) -> list[list[int]]:

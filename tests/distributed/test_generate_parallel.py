@@ -6,31 +6,13 @@ from __future__ import annotations
 
 import pytest
 
+from model_toys import tiny_config, write_model_checkpoint
+
 from megatron_lite import parallel_state as ps
-from megatron_lite.checkpoint_io import param_meta_from_model, write_checkpoint_from_full_tensors
-from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
-from megatron_lite.config import Config
 from megatron_lite.testing import run_distributed
 
 PROMPT = [5, 9, 2, 33, 17]
 NEW_TOKENS = 10
-
-
-def make_checkpoint(style: str, directory: str) -> None:
-    cfg = Config()
-    m = cfg.model
-    m.num_layers, m.hidden_size, m.seq_length, m.vocab_size, m.make_vocab_size_divisible_by = 4, 32, 32, 60, 8
-    m.init_method_std = 0.3  # large weights: varied greedy continuations
-    if style == "llama":
-        m.num_attention_heads, m.group_query_attention, m.num_query_groups = 8, True, 2
-        m.position_embedding_type, m.swiglu, m.normalization = "rope", True, "RMSNorm"
-        m.add_bias_linear, m.untie_embeddings_and_output_weights, m.ffn_hidden_size = False, True, 48
-    cfg.validate()
-    from megatron_lite.models.gpt.model import GPTModel
-    model = GPTModel(cfg)
-    tensors = {name: p.detach()[:m.vocab_size] if shard_spec_of(p).unpadded_size else p.detach()
-               for name, p in model.named_parameters()}
-    write_checkpoint_from_full_tensors(directory, 10, cfg, tensors, param_meta_from_model([model]))
 
 
 def _generate_all(directories: dict, tp: int, pp: int) -> dict:
@@ -55,7 +37,8 @@ def checkpoints(tmp_path_factory):
     base = tmp_path_factory.mktemp("gen_parallel")
     directories = {style: str(base / style) for style in ("gpt2", "llama")}
     for style, directory in directories.items():
-        make_checkpoint(style, directory)
+        # large initial weights: varied greedy continuations
+        write_model_checkpoint(directory, tiny_config(style, init_std=0.3), 10)
     reference = _generate_all(directories, 1, 1)
     for greedy, sampled in reference.values():
         assert len(greedy) == NEW_TOKENS and len(set(greedy)) > 2 and greedy != sampled

@@ -60,13 +60,15 @@ def make_config(case: dict):
         p.virtual_pipeline_model_parallel_size = case["vp"]
     p.sequence_parallel = case["sp"]
     p.context_parallel_size = case["cp"]
-    p.data_parallel_sharding_strategy = {"none": "no_shard", "zero1": "optim", "zero2": "optim_grads"}[case["zero"]]
+    p.data_parallel_sharding_strategy = {"none": "no_shard", "zero1": "optim", "zero2": "optim_grads",
+                                       "zero3": "optim_grads_params"}[case["zero"]]
     p.use_distributed_optimizer = case["zero"] != "none"
     p.overlap_grad_reduce = case["overlap"]
     p.overlap_param_gather = case["overlap"] and case["zero"] != "none"
     p.ddp_bucket_size = 2000  # several buckets per chunk
     if case["schedule"] != "auto":
         p.pipeline_schedule = case["schedule"]
+    p.overlap_p2p_comm = case["p2p_overlap"]
     if case["stages"] == "uneven":  # first stage lighter, last heavier (PP 2: 3 + 5; PP 4: 1 + 2 + 2 + 3)
         p.decoder_first_pipeline_num_layers = 3 if case["pp"] == 2 else 1
         p.decoder_last_pipeline_num_layers = None if case["pp"] == 2 else 3
@@ -124,7 +126,7 @@ def _full_grads(model, optimizer, groups) -> dict:
     for chunk in model:
         for buffer in chunk.param_and_grad_buffers:
             if buffer.shard_grads:
-                # ZeRO-2 keeps only this rank's reduced shard of each bucket: rebuild the bucket from every rank's.
+                # ZeRO-2/3 keep only this rank's reduced shard of each bucket: rebuild the bucket from every rank's.
                 for bucket in buffer.buckets:
                     start, end = bucket.shard_range(buffer.dp_rank, buffer.dp_size)
                     full = torch.zeros(bucket.numel, dtype=bucket.grad_shard.dtype, device=bucket.grad_shard.device)
@@ -177,7 +179,7 @@ def _train_case(case: dict) -> dict:
             norms.append(norm)
             grads = recorder.grads if index == 0 else grads
         reporter = ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
-        return {"losses": losses if ps.is_pipeline_last_stage(ignore_virtual=True) else None, "norms": norms,
+        return {"losses": losses if groups.is_loss_stage else None, "norms": norms,  # rank 0 with ZB-V
                 "grads": grads if reporter else {}}
     finally:
         ps.destroy_model_parallel()
@@ -198,7 +200,7 @@ def _merge(rank_results: list[list[dict]], index: int) -> dict:
     for per_rank in rank_results:
         grads.update(per_rank[index]["grads"])
     losses = [r[index]["losses"] for r in rank_results if r[index]["losses"] is not None]
-    assert losses and all(item == losses[0] for item in losses), "last-stage ranks disagree on the loss"
+    assert losses and all(item == losses[0] for item in losses), "loss-stage ranks disagree on the loss"
     norms = [r[index]["norms"] for r in rank_results]
     assert all(n == norms[0] for n in norms), "ranks disagree on the grad norm"
     return {"losses": losses[0], "norms": norms[0], "grads": grads}
@@ -286,7 +288,7 @@ def test_layout_matrix_pairwise():
     check_cases(matrix.pairwise_cases())
 
 
-@pytest.mark.slow
+@pytest.mark.matrix_full  # its own marker (not `slow`), so `pytest -m slow` stays a run of minutes
 @pytest.mark.timeout(0)  # thousands of cases: hours on a CPU
 def test_layout_matrix_full_product():
     cases = matrix.all_cases()

@@ -1,4 +1,5 @@
 """Pipeline schedules on real gloo ranks with a toy stage model: every schedule's loss and every gradient
+(GPipe, 1F1B, ZB-H1, interleaved, ZB-V; with and without --overlap-p2p-comm)
 equal the single-process run with gradient accumulation over the same micro-batches (fp32, rtol 1e-5),
 tied embeddings included; memory bounds and refusal of invalid layouts before any send."""
 from __future__ import annotations
@@ -99,8 +100,8 @@ def _check(outputs: list[dict], pp: int) -> None:
             case, m = result["case"], result["case"]["m"]
             ref = references[m]
             label = f"rank {rank} {result['schedule']} {case}"
-            last_rank = rank == pp - 1
-            if last_rank:
+            loss_rank = 0 if result["schedule"] == "zbv" else pp - 1  # ZB-V's V ends on rank 0
+            if rank == loss_rank:
                 assert torch.allclose(torch.tensor(result["losses"]), torch.tensor(ref["losses"]), rtol=RTOL, atol=ATOL), label
                 assert torch.allclose(torch.tensor(result["eval_losses"]), torch.tensor(ref["losses"]), rtol=RTOL, atol=ATOL), label
             else:
@@ -112,8 +113,8 @@ def _check(outputs: list[dict], pp: int) -> None:
                 torch.testing.assert_close(grad, ref["grads"][ref_name], rtol=RTOL, atol=ATOL, msg=f"{label}: {name}")
             assert result["grads_unchanged"], label
             # each chunk's backwards but its last run under no_sync
-            # (ZB-H1: its B's and its W's)
-            split = 2 if result["schedule"] == "zb-h1" else 1
+            # (ZB-H1, ZB-V: its B's and its W's)
+            split = 2 if result["schedule"] in ("zb-h1", "zbv") else 1
             assert result["no_sync_calls"] == [split * (m - 1)] * len(result["no_sync_calls"]), label
             stats = result["stats"]
             assert stats["max_in_flight"] == result["expected_in_flight"], label
@@ -137,26 +138,35 @@ def test_pp2_1f1b_gpipe_all_microbatch_counts():
     _check(run_distributed(_run_cases, 2, pp=2, num_layers=4, cases=cases), 2)
 
 
-def test_pp2_interleaved():
+def test_pp2_interleaved_and_zbv():
     # m = 3, 5: not a multiple of PP (the last micro-batch group takes the remainder); group size 3
-    cases = [{"m": 2, "vp": 2}, {"m": 4, "vp": 2}, {"m": 6, "vp": 2}, {"m": 3, "vp": 2}, {"m": 5, "vp": 2},
-             {"m": 7, "vp": 2, "group": 3}, {"m": 5, "vp": 2, "overlap": True}, {"m": 2, "vp": 2, "overlap": True}]
+    interleaved = [{"m": 2, "vp": 2}, {"m": 4, "vp": 2}, {"m": 6, "vp": 2}, {"m": 3, "vp": 2}, {"m": 5, "vp": 2},
+                   {"m": 7, "vp": 2, "group": 3}, {"m": 5, "vp": 2, "overlap": True}, {"m": 2, "vp": 2, "overlap": True}]
+    # ZB-V (auto's pick at VP 2): m = PP, odd, below the pattern's 2 PP - 1; tied embeddings local on rank 0
+    cases = [{**case, "schedule": "interleaved"} for case in interleaved] + \
+        [{"m": 2, "vp": 2}, {"m": 3, "vp": 2, "schedule": "zbv"}, {"m": 1, "vp": 2, "schedule": "zbv"},
+         {"m": 5, "vp": 2, "schedule": "zbv", "overlap": True}, {"m": 2, "vp": 2, "schedule": "zbv", "overlap": True}]
     _check(run_distributed(_run_cases, 2, pp=2, num_layers=4, cases=cases), 2)
 
 
 def test_pp4_1f1b_interleaved_uneven():
-    cases = [{"m": 4}, {"m": 8, "schedule": "1f1b"}, {"m": 5}, {"m": 5, "schedule": "1f1b"}, {"m": 4, "vp": 2}, {"m": 8, "vp": 2}, {"m": 5, "first": 1, "last": 3},
-             {"m": 6, "vp": 2}, {"m": 9, "vp": 2, "group": 4}, {"m": 5, "overlap": True}, {"m": 7, "vp": 2, "overlap": True},
-             {"m": 5, "schedule": "zb-h1", "overlap": True}]
+    cases = [{"m": 4}, {"m": 8, "schedule": "1f1b"}, {"m": 5}, {"m": 5, "schedule": "1f1b"}, {"m": 4, "vp": 2, "schedule": "interleaved"},
+             {"m": 8, "vp": 2, "schedule": "interleaved"}, {"m": 5, "first": 1, "last": 3},
+             {"m": 6, "vp": 2, "schedule": "interleaved"}, {"m": 9, "vp": 2, "group": 4, "schedule": "interleaved"},
+             {"m": 5, "overlap": True}, {"m": 7, "vp": 2, "overlap": True, "schedule": "interleaved"},
+             {"m": 5, "schedule": "zb-h1", "overlap": True},
+             {"m": 4, "vp": 2, "schedule": "zbv"}, {"m": 6, "vp": 2}, {"m": 5, "vp": 2, "schedule": "zbv", "overlap": True}]
     _check(run_distributed(_run_cases, 4, pp=4, num_layers=8, cases=cases), 4)
 
 
 @pytest.mark.slow
 def test_pp4_sweep_slow():
-    cases = [{"m": m} for m in (1, 2, 3, 6, 7, 16)] + [{"m": m, "schedule": "1f1b"} for m in (2, 7)] + [{"m": m, "vp": 2} for m in (12, 16, 7, 11)] + \
-            [{"m": 5, "schedule": "gpipe"}, {"m": 8, "vp": 4}, {"m": 5, "vp": 4}, {"m": 13, "vp": 2, "group": 5}] + \
-            [{"m": m, "overlap": True} for m in (1, 4, 8)] + [{"m": m, "vp": 2, "overlap": True} for m in (4, 9)] + \
-            [{"m": 6, "schedule": "gpipe", "overlap": True}, {"m": 11, "vp": 2, "group": 5, "overlap": True}]
+    cases = [{"m": m} for m in (1, 2, 3, 6, 7, 16)] + [{"m": m, "schedule": "1f1b"} for m in (2, 7)] + \
+            [{"m": m, "vp": 2, "schedule": "interleaved"} for m in (12, 16, 7, 11)] + \
+            [{"m": m, "vp": 2, "schedule": "zbv", "overlap": overlap} for m in (1, 3, 7, 8, 13) for overlap in (False, True)] + \
+            [{"m": 5, "schedule": "gpipe"}, {"m": 8, "vp": 4}, {"m": 5, "vp": 4}, {"m": 13, "vp": 2, "group": 5, "schedule": "interleaved"}] + \
+            [{"m": m, "overlap": True} for m in (1, 4, 8)] + [{"m": m, "vp": 2, "overlap": True, "schedule": "interleaved"} for m in (4, 9)] + \
+            [{"m": 6, "schedule": "gpipe", "overlap": True}, {"m": 11, "vp": 2, "group": 5, "overlap": True, "schedule": "interleaved"}]
     _check(run_distributed(_run_cases, 4, pp=4, num_layers=16, cases=cases), 4)
 
 
@@ -172,7 +182,7 @@ def test_untied_embeddings_pp2():
 
 def _refuse_interleaving_with_too_few_microbatches() -> dict:
     ps.initialize_model_parallel(1, 2, 2)
-    cfg = toy_config(4, 2, 2, "auto", HIDDEN, SEQ, MBS, num_microbatches=3, group_size=3)
+    cfg = toy_config(4, 2, 2, "interleaved", HIDDEN, SEQ, MBS, num_microbatches=3, group_size=3)
     groups = ps.get_process_groups()
     chunks = build_model_chunks(cfg, lambda pre, post, layers: ToyStage(pre, post, layers, hidden=HIDDEN), groups)
     collectives.reset_comm_stats()

@@ -110,7 +110,8 @@ def _run(tp: int, pp: int, cases: list[dict], num_layers: int, style: str = "gpt
         data = microbatches(m * dp)[dp_rank * m:(dp_rank + 1) * m]
         iterators = [iter(data) for _ in chunks] if len(chunks) > 1 else iter(data)
         stats: dict = {}
-        losses = get_forward_backward_func(cfg, groups)(
+        forward_backward = get_forward_backward_func(cfg, groups)
+        losses = forward_backward(
             forward_step_func=forward_step, data_iterator=iterators, model=chunks, num_microbatches=m,
             seq_length=SEQ, micro_batch_size=MBS, config=cfg, no_sync_func=no_sync,
             finalize_model_grads_func=finalize, stats=stats)
@@ -124,7 +125,7 @@ def _run(tp: int, pp: int, cases: list[dict], num_layers: int, style: str = "gpt
                     dist.all_reduce(grad, group=ps.get_data_parallel_group())
                     grad /= dp
                 grads[name] = gather_full_param(param, grad, group=groups.tp).clone()
-        results.append({"case": case, "losses": [d["lm loss"].item() for d in losses], "grads": grads,
+        results.append({"case": case, "schedule": forward_backward.schedule, "losses": [d["lm loss"].item() for d in losses], "grads": grads,
                         "dp_rank": dp_rank, "pp_rank": ps.get_pipeline_model_parallel_rank(), "stats": stats})
     return {"references": references, "results": results, "dp": dp}
 
@@ -135,7 +136,8 @@ def _check(outputs: list[dict], pp: int) -> None:
         for result in out["results"]:
             m, label = result["case"]["m"], f"rank {rank} {result['case']}"
             ref = references[m * dp]
-            if result["pp_rank"] == pp - 1:
+            loss_rank = 0 if result["schedule"] == "zbv" else pp - 1  # ZB-V's V ends on rank 0
+            if result["pp_rank"] == loss_rank:
                 d = result["dp_rank"]
                 torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(ref["losses"][d * m:(d + 1) * m]),
                                            **TOL, msg=lambda msg: f"{label} losses: {msg}")
@@ -150,24 +152,32 @@ def _check(outputs: list[dict], pp: int) -> None:
 
 
 def test_gpt_pp2_1f1b_gpipe_interleaved():
-    cases = [{"m": 2, "schedule": "1f1b"}, {"m": 3, "schedule": "1f1b"}, {"m": 4, "schedule": "gpipe"}, {"m": 4, "vp": 2}, {"m": 3, "first": 1, "last": 3},
-             {"m": 3, "schedule": "zb-h1"}, {"m": 2, "schedule": "zb-h1", "overlap": True}]
+    cases = [{"m": 2, "schedule": "1f1b"}, {"m": 3, "schedule": "1f1b"}, {"m": 4, "schedule": "gpipe"},
+             {"m": 4, "vp": 2, "schedule": "interleaved"}, {"m": 3, "first": 1, "last": 3},
+             {"m": 3, "schedule": "zb-h1"}, {"m": 2, "schedule": "zb-h1", "overlap": True},
+             {"m": 3, "vp": 2, "schedule": "zbv"}, {"m": 2, "vp": 2, "schedule": "zbv", "overlap": True}]
     _check(run_distributed(_run, 2, tp=1, pp=2, cases=cases, num_layers=4), 2)
 
 
 def test_gpt_pp4_untied_llama():
-    cases = [{"m": 4}, {"m": 8, "vp": 2}, {"m": 5, "overlap": True}, {"m": 6, "vp": 2, "overlap": True},
-             {"m": 5, "schedule": "zb-h1"}]
+    cases = [{"m": 4}, {"m": 8, "vp": 2, "schedule": "interleaved"}, {"m": 5, "overlap": True},
+             {"m": 6, "vp": 2, "overlap": True, "schedule": "interleaved"}, {"m": 5, "schedule": "zb-h1"},
+             {"m": 5, "vp": 2}, {"m": 6, "vp": 2, "overlap": True, "schedule": "zbv"}]  # auto at VP 2 is ZB-V
     _check(run_distributed(_run, 4, tp=1, pp=4, cases=cases, num_layers=8, style="llama"), 4)
 
 
 def test_gpt_tp2_pp2_dp2_sequence_parallel_with_ddp():
-    cases = [{"m": 3, "sp": True, "schedule": "1f1b"}, {"m": 4, "vp": 2, "sp": True}, {"m": 3, "vp": 2, "sp": True},
-             {"m": 3, "vp": 2, "sp": True, "overlap": True}, {"m": 3, "sp": True, "schedule": "zb-h1", "overlap": True}]
+    cases = [{"m": 3, "sp": True, "schedule": "1f1b"}, {"m": 4, "vp": 2, "sp": True, "schedule": "interleaved"},
+             {"m": 3, "vp": 2, "sp": True, "schedule": "interleaved"},
+             {"m": 3, "vp": 2, "sp": True, "overlap": True, "schedule": "interleaved"},
+             {"m": 3, "sp": True, "schedule": "zb-h1", "overlap": True},
+             {"m": 3, "vp": 2, "sp": True, "schedule": "zbv"}, {"m": 2, "vp": 2, "sp": True, "overlap": True, "schedule": "zbv"}]
     _check(run_distributed(_run, 8, tp=2, pp=2, cases=cases, num_layers=4, ddp=True), 2)
 
 
 @pytest.mark.slow
 def test_gpt_tp2_pp4_slow():
-    cases = [{"m": 4}, {"m": 8, "sp": True}, {"m": 7, "sp": True}, {"m": 8, "vp": 2, "sp": True}, {"m": 4, "vp": 2}]
+    cases = [{"m": 4}, {"m": 8, "sp": True}, {"m": 7, "sp": True}, {"m": 8, "vp": 2, "sp": True, "schedule": "interleaved"},
+             {"m": 4, "vp": 2, "schedule": "interleaved"}, {"m": 4, "vp": 2, "sp": True, "schedule": "zbv"},
+             {"m": 7, "vp": 2, "sp": True, "schedule": "zbv", "overlap": True}, {"m": 6, "vp": 2, "schedule": "zbv"}]
     _check(run_distributed(_run, 8, tp=2, pp=4, cases=cases, num_layers=8, style="llama"), 4)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from cli import REPO, env
 
 
@@ -29,6 +31,20 @@ def test_bench_vs_reference_runs() -> None:
 def test_bench_zero_runs() -> None:
     out = _run("bench_zero.py", "--world", "2", "--layers", "1", "--hidden", "64", "--steps", "1")
     assert "| ZeRO-2 (optim_grads) |" in out and "| ZeRO-2 + NVMe offload 1.0 |" in out and "Largest model" in out
+    assert "| ZeRO-3 (optim_grads_params) |" in out and "gathered units per rank" in out
+
+
+@pytest.mark.slow  # ~30 s: two 2-rank runs
+def test_bench_checkpoint_runs() -> None:
+    out = _run("bench_checkpoint.py", "--dp", "2", "--layers", "1", "--hidden", "64", "--steps", "1")
+    assert "| DP | checkpoint MiB | sharded save s |" in out and "\n| 2 |" in out
+
+
+@pytest.mark.slow  # ~30 s: four 2-rank runs
+def test_bench_init_runs() -> None:
+    out = _run("bench_init.py", "--world", "2", "--layers", "1", "--step-layers", "1", "--hidden", "256", "--ffn", "512",
+               "--vocab", "1000")
+    assert "| full draw (before) | 1 |" in out and "| chunked | 1 |" in out
 
 
 def test_bench_moe_runs() -> None:

@@ -10,12 +10,11 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import sys
 
+import model_toys
 import pytest
 import torch
 
@@ -34,11 +33,8 @@ VOCAB = 96
 
 
 def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", "checkpoint", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """tools/checkpoint/NAME.py as a module."""
+    return model_toys.load_tool(f"checkpoint/{name}.py")
 
 
 def tiny_tokenizer(directory: str) -> None:
@@ -94,6 +90,22 @@ def _hf_tensors(directory: str) -> dict[str, torch.Tensor]:
         if name.endswith(".safetensors"):
             tensors.update(load_file(os.path.join(directory, name)))
     return tensors
+
+
+def round_trip(hf_dir: str, ml_dir: str, back_dir: str, tp: int = 2, pp: int = 2, extra: tuple = ()) -> dict:
+    """HF -> megatron_lite at TP x PP -> HF; asserts every tensor comes back exactly and returns the
+    exported config.json."""
+    convert = load_tool("convert")
+    assert convert.main(["--loader", "hf", "--saver", "megatron_lite", "--load-dir", hf_dir, "--save-dir", ml_dir,
+                         "--target-tensor-parallel-size", str(tp), "--target-pipeline-parallel-size", str(pp),
+                         *extra]) == 0
+    assert convert.main(["--loader", "megatron_lite", "--saver", "hf", "--load-dir", ml_dir, "--save-dir", back_dir]) == 0
+    original, back = _hf_tensors(hf_dir), _hf_tensors(back_dir)
+    assert set(back) == set(original)
+    for name, tensor in original.items():
+        assert torch.equal(back[name], tensor), name
+    with open(os.path.join(back_dir, "config.json")) as handle:
+        return json.load(handle)
 
 
 def test_round_trip_reproduces_every_tensor(converted):

@@ -11,7 +11,6 @@ bands (kept, smoothly interpolated, divided by the factor), so a wrong band cann
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -19,13 +18,12 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
 
 from megatron_lite.config import ConfigError  # noqa: E402
 from megatron_lite.testing import run_distributed  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_convert_hf import load_tool  # noqa: E402
+from test_convert_hf import round_trip  # noqa: E402
 
 VOCAB, PROMPT, NEW_TOKENS = 96, [3, 17, 42, 8, 77, 5, 60, 11], 12
 ROPE = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -53,21 +51,7 @@ def _greedy_tp2pp2(directory: str) -> list[int]:
 def test_llama3_rope_scaling(tmp_path):
     hf_dir, ml_dir, back_dir = str(tmp_path / "hf"), str(tmp_path / "ml"), str(tmp_path / "back")
     hf_model = make_hf(hf_dir)
-    convert = load_tool("convert")
-    assert convert.main(["--loader", "hf", "--saver", "megatron_lite", "--load-dir", hf_dir, "--save-dir", ml_dir,
-                         "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"]) == 0
-    assert convert.main(["--loader", "megatron_lite", "--saver", "hf", "--load-dir", ml_dir, "--save-dir", back_dir]) == 0
-    # Exact round trip: tensors and the rope parameters.
-    original = load_file(os.path.join(hf_dir, "model.safetensors"))
-    back = {}
-    for name in os.listdir(back_dir):
-        if name.endswith(".safetensors"):
-            back.update(load_file(os.path.join(back_dir, name)))
-    assert set(back) == set(original)
-    for name, tensor in original.items():
-        assert torch.equal(back[name], tensor), name
-    with open(os.path.join(back_dir, "config.json")) as handle:
-        exported = json.load(handle)
+    exported = round_trip(hf_dir, ml_dir, back_dir)
     assert exported["rope_parameters"] == ROPE
     assert transformers.LlamaConfig(**exported).rope_parameters == hf_model.config.rope_parameters
 

@@ -24,7 +24,6 @@ import torch
 
 from megatron_lite.checkpoint_io import CheckpointError, CheckpointReader
 from megatron_lite.config import ConfigError
-from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
 from megatron_lite.testing import run_distributed
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -147,21 +146,8 @@ def test_megatron_lm_to_megatron_lite_and_back(megatron_checkpoints):
 
 def _toy_megatron_lite(directory: str, style: str = "llama") -> None:
     """A small megatron_lite checkpoint (no megatron-core needed)."""
-    from megatron_lite.checkpoint_io import param_meta_from_model, write_checkpoint_from_full_tensors
-    from megatron_lite.config import Config
-    from megatron_lite.models.gpt.model import GPTModel
-    cfg = Config()
-    m = cfg.model
-    m.num_layers, m.hidden_size, m.seq_length, m.vocab_size, m.make_vocab_size_divisible_by = 4, 32, 16, 50, 8
-    if style == "llama":
-        m.num_attention_heads, m.group_query_attention, m.num_query_groups = 8, True, 2
-        m.position_embedding_type, m.swiglu, m.normalization = "rope", True, "RMSNorm"
-        m.add_bias_linear, m.untie_embeddings_and_output_weights, m.ffn_hidden_size = False, True, 48
-    cfg.validate()
-    model = GPTModel(cfg)
-    tensors = {n: p.detach()[:m.vocab_size] if shard_spec_of(p).unpadded_size else p.detach()
-               for n, p in model.named_parameters()}
-    write_checkpoint_from_full_tensors(directory, 3, cfg, tensors, param_meta_from_model([model]))
+    from model_toys import tiny_config, write_model_checkpoint
+    write_model_checkpoint(directory, tiny_config(style, vocab=50, seq=16), 3)
 
 
 @pytest.mark.parametrize("style", STYLES)

@@ -8,7 +8,6 @@ from a small config (random weights, never downloaded), with head_dim != hidden 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -16,12 +15,11 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
 
 from megatron_lite.testing import run_distributed  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_convert_hf import load_tool  # noqa: E402
+from test_convert_hf import _hf_tensors, load_tool, round_trip  # noqa: E402
 
 VOCAB, PROMPT, NEW_TOKENS = 96, [3, 17, 42, 8, 77, 5], 12
 
@@ -51,20 +49,8 @@ def _greedy_tp2pp2(directory: str) -> list[int]:
 def test_qwen3(tmp_path):
     hf_dir, ml_dir, back_dir = str(tmp_path / "hf"), str(tmp_path / "ml"), str(tmp_path / "back")
     hf_model = make_hf(hf_dir)
-    convert = load_tool("convert")
-    assert convert.main(["--loader", "hf", "--saver", "megatron_lite", "--load-dir", hf_dir, "--save-dir", ml_dir,
-                         "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"]) == 0
-    assert convert.main(["--loader", "megatron_lite", "--saver", "hf", "--load-dir", ml_dir, "--save-dir", back_dir]) == 0
-    original = load_file(os.path.join(hf_dir, "model.safetensors"))
-    back = {}
-    for name in os.listdir(back_dir):
-        if name.endswith(".safetensors"):
-            back.update(load_file(os.path.join(back_dir, name)))
-    assert set(back) == set(original) and any("q_norm" in n for n in back)
-    for name, tensor in original.items():
-        assert torch.equal(back[name], tensor), name
-    with open(os.path.join(back_dir, "config.json")) as handle:
-        exported = json.load(handle)
+    exported = round_trip(hf_dir, ml_dir, back_dir)
+    assert any("q_norm" in n for n in _hf_tensors(back_dir))
     assert exported["model_type"] == "qwen3" and exported["architectures"] == ["Qwen3ForCausalLM"]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(back_dir)
     assert type(reloaded).__name__ == "Qwen3ForCausalLM"
@@ -83,6 +69,7 @@ def test_qwen3(tmp_path):
 
     # Megatron-LM torch format keeps the q/k norms under megatron-core's names.
     mlm_dir, again = str(tmp_path / "mlm"), str(tmp_path / "again")
+    convert = load_tool("convert")
     assert convert.main(["--loader", "megatron_lite", "--saver", "megatron", "--load-dir", ml_dir, "--save-dir", mlm_dir,
                          "--target-tensor-parallel-size", "2"]) == 0
     blob = torch.load(os.path.join(mlm_dir, "iter_0000000", "mp_rank_01", "model_optim_rng.pt"), weights_only=False)

@@ -7,11 +7,11 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 
+import model_toys
 import pytest
 import torch
 
@@ -20,15 +20,9 @@ transformers = pytest.importorskip("transformers")
 sys.path.insert(0, os.path.dirname(__file__))
 from test_convert_hf import load_tool, make_hf  # noqa: E402
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-
 
 def load_generate():
-    spec = importlib.util.spec_from_file_location("tool_generate", os.path.join(ROOT, "tools", "generate.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return model_toys.load_tool("generate.py")
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

@@ -37,6 +37,7 @@ def assert_same_losses(losses: dict, expected: dict, rtol: float = RTOL) -> None
     ("single_unfused_cross_entropy", 1, ["--no-cross-entropy-fusion"]),
     ("tp2_pp2_dp2", 8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
     ("pp4_dp2_distopt", 8, ["--pipeline-model-parallel-size", "4", "--use-distributed-optimizer"]),
+    # two chunks per rank: auto runs ZB-V (loss and logging on pipeline rank 0)
     ("tp2_vp2_pp2_dp2_llama", 8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                                   "--num-layers-per-virtual-pipeline-stage", "1", "--sequence-parallel", *LLAMA]),
     # Context parallelism (ring attention, the default comm type) with TP 2 + SP and DP 2.
@@ -67,12 +68,18 @@ def test_zero2_with_nvme_offload_matches_single_process_and_cleans_up(reference,
     ("tp2_pp2_dp2_distopt_overlap", 8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                                         "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]),
     ("dp4_recompute", 4, ["--recompute-granularity", "full", "--recompute-method", "uniform"]),
+    ("zero3_pp2_dp2_overlap", 4, ["--data-parallel-sharding-strategy", "optim_grads_params", "--pipeline-model-parallel-size",
+                                  "2", "--overlap-grad-reduce", "--overlap-param-gather"]),
     ("pp2_gpipe_dp2", 4, ["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "gpipe"]),
     ("cp4_dp2_a2a", 8, ["--context-parallel-size", "4", "--cp-comm-type", "a2a"]),
     ("cp2_pp2_dp2_all_gather_distopt", 8, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                                            "--cp-comm-type", "all_gather", "--use-distributed-optimizer"]),
     ("cp2_vp2_pp2_dp2", 8, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-                            "--num-layers-per-virtual-pipeline-stage", "1"]),
+                            "--num-layers-per-virtual-pipeline-stage", "1", "--pipeline-schedule", "interleaved"]),
+    # ZB-V with tied embeddings (both ends on rank 0), ZeRO-2 and overlapped p2p
+    ("zbv_pp2_dp4_zero2_p2p_overlap", 8, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
+                                          "1", "--pipeline-schedule", "zbv", "--data-parallel-sharding-strategy",
+                                          "optim_grads", "--overlap-grad-reduce", "--overlap-p2p-comm"]),
     ("cp2_pp2_gpipe_dp2_recompute", 8, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                                         "--pipeline-schedule", "gpipe", "--recompute-granularity", "selective"]),
 ])

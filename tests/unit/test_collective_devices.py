@@ -257,7 +257,7 @@ def _optimizer_and_ddp_sites(groups: ProcessGroups) -> None:
     any_nonfinite(grads, [groups.world])
     with pytest.raises(NonFiniteStepError):  # meta tensors read back as zeros, i.e. "rank 0 saw a NaN"
         check_finite_step(False, 1.0, groups.world)  # the NaN/Inf check's agreement
-    for strategy in ("no_shard", "optim", "optim_grads"):
+    for strategy in ("no_shard", "optim", "optim_grads", "optim_grads_params"):
         distributed = strategy != "no_shard"
         cfg = _config(use_distributed_optimizer=distributed, data_parallel_sharding_strategy=strategy, ddp_bucket_size=10)
         cfg.world_size = 4 * 2  # DP x CP = 2 with TP = PP = 2
@@ -265,6 +265,9 @@ def _optimizer_and_ddp_sites(groups: ProcessGroups) -> None:
         ddp.finish_grad_sync()  # all-reduce, or reduce-scatter (ZeRO-2: into the separate shard, bucket freed)
         if strategy == "optim_grads":
             assert all(b.grad_data is None for buffer in ddp.param_and_grad_buffers for b in buffer.buckets)
+        if strategy == "optim_grads_params":
+            ddp.sharded_state()  # ZeRO-3 gathers every unit (its all-gather of the shards)
+            ddp.finish_param_sync()
         if distributed:
             ddp.start_param_sync()
             owned = [(param, start, end, lambda key, n=end - start: _meta(n)) for param, start, end in shard_slices(ddp)]
@@ -315,6 +318,24 @@ def _context_parallel_sites(groups: ProcessGroups) -> None:
     loss.backward()
 
 
+def _async_save_site(groups: ProcessGroups) -> None:
+    """finalize_pending_save's non-blocking check (one any_rank while an --async-save is in flight); its
+    object collectives are stood in for (the recorder handles tensor collectives only)."""
+    from megatron_lite import checkpointing
+    from megatron_lite.checkpoint_writer import CheckpointSaveError, SaveJob
+    job = SaveJob(5, 0, "/nonexistent/iter_0000005.tmp", {}, None, error="rank 0: OSError: simulated")
+    checkpointing._PENDING = checkpointing._PendingSave(job, "/nonexistent", {}, groups)
+    originals = collectives.all_gather_object, collectives.broadcast_object
+    try:
+        collectives.all_gather_object = lambda obj, group=None: [obj]
+        collectives.broadcast_object = lambda obj, src, group=None: obj
+        with pytest.raises(CheckpointSaveError, match="saving iteration 5"):
+            checkpointing.finalize_pending_save(groups, blocking=False)
+    finally:
+        collectives.all_gather_object, collectives.broadcast_object = originals
+        checkpointing._PENDING = None
+
+
 def _training_sites(groups: ProcessGroups) -> None:
     import pretrain_gpt
     from megatron_lite import training
@@ -336,6 +357,7 @@ def _training_sites(groups: ProcessGroups) -> None:
         training._Run.run_eval(run, "valid", [None])
     finally:
         training.evaluate = original
+    _async_save_site(groups)
     batch = {key: torch.zeros(1, 8, dtype=torch.long) for key in ("tokens", "labels", "position_ids")}
     batch["loss_mask"] = torch.ones(1, 8)
     original_groups = pretrain_gpt._groups

@@ -29,10 +29,13 @@ def test_sharding_strategy_and_its_alias():
     assert cfg().parallel.data_parallel_sharding_strategy == "no_shard"
     c = cfg("--use-distributed-optimizer")
     assert c.parallel.data_parallel_sharding_strategy == "optim" and c.parallel.sharding_strategy == "optim"
-    for strategy in ("optim", "optim_grads"):
+    for strategy in ("optim", "optim_grads", "optim_grads_params"):
         c = cfg("--data-parallel-sharding-strategy", strategy)
         assert c.parallel.use_distributed_optimizer and c.parallel.sharding_strategy == strategy
-        assert c.parallel.shards_grads == (strategy == "optim_grads")
+        assert c.parallel.shards_grads == (strategy != "optim")
+    c = cfg("--data-parallel-sharding-strategy", "optim_grads_params", "--context-parallel-size", "2",
+            "--attention-dropout", "0", "--overlap-param-gather")  # ZeRO-3 with CP (the layout matrix runs it)
+    assert c.parallel.overlap_param_gather and c.parallel.sharding_strategy == "optim_grads_params"
     c = cfg("--data-parallel-sharding-strategy", "optim_grads", "--use-distributed-optimizer", "--overlap-param-gather")
     assert c.parallel.overlap_param_gather and c.parallel.shards_grads
     assert any("--use-distributed-optimizer turned on" in n for n in cfg("--data-parallel-sharding-strategy", "optim_grads").notes)
@@ -111,7 +114,11 @@ def test_context_parallel_configurations_validate():
     (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "5"], 8, "do not add up"),
     (["--use-distributed-optimizer", "--data-parallel-sharding-strategy", "no_shard"], 8,
      "--data-parallel-sharding-strategy: no_shard contradicts --use-distributed-optimizer"),
-    (["--data-parallel-sharding-strategy", "optim_grads_params"], 8, "--data-parallel-sharding-strategy: optim_grads_params"),
+    # ZeRO-3 with layouts it cannot support: named flag, before any process group exists
+    (["--data-parallel-sharding-strategy", "optim_grads_params", "--torch-compile"], 8,
+     "--data-parallel-sharding-strategy: optim_grads_params (ZeRO-3) with --torch-compile"),
+    (["--data-parallel-sharding-strategy", "optim_grads_params", "--transformer-impl", "transformer_engine"], 8,
+     "--data-parallel-sharding-strategy: optim_grads_params (ZeRO-3) with --transformer-impl transformer_engine"),
     (["--optimizer-cpu-offload", "--optimizer-offload-fraction", "1.5"], 8, "--optimizer-offload-fraction: 1.5 is outside [0, 1]"),
     (["--optimizer-cpu-offload", "--optimizer-offload-fraction", "-0.1"], 8, "--optimizer-offload-fraction: -0.1"),
     (["--optimizer-cpu-offload", "--optimizer", "sgd"], 8, "--optimizer-cpu-offload: steps Adam on the host"),

@@ -21,6 +21,8 @@ def layouts():
             yield "gpipe", pp, 1, m
             yield "1f1b", pp, 1, m
             yield "zb-h1", pp, 1, m
+            if pp <= 4 or m in (1, 2 * pp - 1, 3 * pp + 1):  # any m (fewer at PP 8: the simulator's cost)
+                yield "zbv", pp, 2, m
             for v in (2, 3):
                 if m >= pp:  # any m >= the micro-batch group size (default PP)
                     yield "interleaved", pp, v, m
@@ -46,6 +48,8 @@ def test_in_flight_bounds():
                 assert peak == m
             elif name == "zb-h1":  # W's held back r steps on rank r: 1F1B's peak (rank 0's) on every rank
                 assert peak == min(pp, m), (pp, rank, m)
+            elif name == "zbv":  # 2 PP chunks of half a stage: 1F1B's activation memory, on every rank once m >= 2 PP - 1
+                assert peak <= 2 * min(pp, m) and (peak == 2 * pp or m < 2 * pp - 1), (pp, rank, m, peak)
             else:  # Megatron's warm-up count (G = the largest micro-batch group) plus the one in the steady state
                 largest_group = pp + m % pp
                 warmup = v * m if m == pp else min(2 * (pp - rank - 1) + (v - 1) * largest_group, v * m)
@@ -196,6 +200,47 @@ def test_zb_h1_bubble_is_the_papers(f, b, w):
             assert zb.step_time <= blocking.step_time < one_f_one_b.step_time
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_zbv_bubble_is_the_papers_zero_up_to_the_fill(overlap):
+    # Qi et al. 2024, section 6 (and the V schedules of "Pipeline Parallelism with Controllable Memory"): at
+    # T_F = T_B = T_W ZB-V has no bubble besides the pipeline fill. The fill is unavoidable: rank PP - 1's
+    # first chunk can start only after PP - 1 chunk forwards (T_F / 2 each), so no schedule finishes before
+    # m (T_F + T_B + T_W) + (PP - 1) T_F / 2, and ZB-V reaches that bound on every rank: (PP - 1) T_F / 2 idle,
+    # a sixth of 1F1B's (PP - 1)(T_F + T_B + T_W) and half of ZB-H1's (PP - 1)(T_F + T_B - T_W).
+    t = 1.0  # T_F = T_B = T_W per stage; a chunk holds half a stage
+    for pp in (2, 3, 4, 8):
+        for m in (2 * pp - 1, 2 * pp, 2 * pp + 1, 16):
+            timeline = simulate_timeline(all_rank_schedules("zbv", pp, 2, m, overlap=overlap), t / 2, t, weight_time=t / 2)
+            assert timeline.step_time == pytest.approx(3 * m * t + (pp - 1) * t / 2), (pp, m)
+            assert [timeline.step_time - busy for busy in timeline.busy] == pytest.approx([(pp - 1) * t / 2] * pp)
+            zb_h1 = simulate_timeline(all_rank_schedules("zb-h1", pp, 1, m, overlap=True), t, 2 * t, weight_time=t)
+            assert zb_h1.step_time - 3 * m * t == pytest.approx(2 * (pp - 1) * t / 2)
+        # fewer micro-batches than the pattern's 2 PP - 1: the missing ones are left out, still sound
+        for m in range(1, 2 * pp - 1):
+            check_schedules(all_rank_schedules("zbv", pp, 2, m, overlap=overlap), 2, m)
+
+
+def test_zbv_places_chunks_as_a_v_and_refuses_what_it_cannot_run():
+    from megatron_lite.pipeline.schedules import op_peer, virtual_stage
+    assert [virtual_stage(4, r, c, v_shape=True) for c in (0, 1) for r in range(4)] == [0, 1, 2, 3, 7, 6, 5, 4]
+    assert layers_for_stage(8, 2, 0, 2, 1, v_shape=True) == [6, 7] and layers_for_stage(8, 2, 1, 2, 1, v_shape=True) == [4, 5]
+    # rank PP - 1 hands chunk 0's output to its own chunk 1 (no message), rank 0 computes the loss
+    actions = build_schedule("zbv", 4, 3, 2, 8)
+    turn = [op for a in actions if isinstance(a, Exchange) for op in a.ops if op_peer(op, 4, 3) == 3]
+    assert {op.kind for op in turn} == {"send_forward", "recv_forward", "send_backward", "recv_backward"}
+    backwards = [a for a in actions if isinstance(a, Backward)]
+    assert all(a.defer_wgrad for a in backwards) and sum(isinstance(a, WeightGrad) for a in actions) == 16
+    # rank 0's order: 2 PP - 1 forwards of chunk 0, then F1 B1 W1 (its first backward is the loss's)
+    rank0 = [type(a).__name__[0] + str(a.chunk) for a in build_schedule("zbv", 4, 0, 2, 8) if isinstance(a, (Forward, Backward, WeightGrad))]
+    assert rank0[:10] == ["F0"] * 7 + ["F1", "B1", "W1"]
+    with pytest.raises(ConfigError, match="--pipeline-schedule zbv: needs exactly two model chunks per rank"):
+        build_schedule("zbv", 4, 0, 1, 8)
+    with pytest.raises(ConfigError, match="--pipeline-schedule zbv: needs exactly two model chunks per rank"):
+        schedule_name(4, 3, "zbv")
+    with pytest.raises(ConfigError, match="--pipeline-schedule zbv: needs --pipeline-model-parallel-size >= 2"):
+        schedule_name(1, 2, "zbv")
+
+
 def test_zb_h1_splits_every_backward_and_refuses_what_it_cannot_run():
     actions = build_schedule("zb-h1", 4, 1, 1, 6)
     backwards = [a for a in actions if isinstance(a, Backward)]
@@ -270,8 +315,13 @@ def _config(**parallel) -> Config:
 @pytest.mark.parametrize("kwargs,message", [
     (dict(pipeline_model_parallel_size=3, world_size=3), "not divisible by --pipeline-model-parallel-size 3"),
     (dict(pipeline_model_parallel_size=1, num_layers_per_virtual_pipeline_stage=2), "needs --pipeline-model-parallel-size > 1"),
-    (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, world_size=2, global_batch_size=1),
-     "at least --microbatch-group-size-per-virtual-pipeline-stage 2"),
+    (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, world_size=2, global_batch_size=1,
+          pipeline_schedule="interleaved"), "at least --microbatch-group-size-per-virtual-pipeline-stage 2"),
+    (dict(pipeline_model_parallel_size=2, world_size=2, pipeline_schedule="zbv"),
+     "--pipeline-schedule zbv: needs exactly two model chunks per rank"),
+    (dict(pipeline_model_parallel_size=2, world_size=2, num_layers_per_virtual_pipeline_stage=1, pipeline_schedule="zbv"),
+     "--pipeline-schedule zbv: needs exactly two model chunks per rank.*got 4"),
+    (dict(pipeline_model_parallel_size=1, world_size=1, pipeline_schedule="zbv"), "--pipeline-schedule zbv: needs"),
     (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, world_size=2, global_batch_size=4,
           microbatch_group_size_per_vp_stage=1), "--microbatch-group-size-per-virtual-pipeline-stage: 1 is smaller"),
     (dict(pipeline_model_parallel_size=2, world_size=2, num_layers_per_virtual_pipeline_stage=3), "not divisible by 3"),
@@ -306,7 +356,9 @@ def test_get_forward_backward_func_picks_the_schedule():
     assert get_forward_backward_func(_config(pipeline_model_parallel_size=2, pipeline_schedule="1f1b").validate()).schedule == "1f1b"
     assert get_forward_backward_func(_config(pipeline_model_parallel_size=2, pipeline_schedule="gpipe").validate()).schedule == "gpipe"
     cfg = _config(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, global_batch_size=4).validate()
-    assert get_forward_backward_func(cfg).schedule == "interleaved"
+    assert get_forward_backward_func(cfg).schedule == "zbv"  # auto with two chunks per rank
+    cfg = _config(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1, global_batch_size=4).validate()
+    assert get_forward_backward_func(cfg).schedule == "interleaved"  # four chunks per rank
 
 
 def test_auto_picks_the_smallest_bubble_within_1f1b_memory():
@@ -320,7 +372,13 @@ def test_auto_picks_the_smallest_bubble_within_1f1b_memory():
                 gpipe = dict((name, peak) for name, _, peak in choice.rejected)["gpipe"]
                 assert gpipe == m  # GPipe holds every micro-batch: over the bound once m > PP
     assert choose_schedule(1, 1, 4).name == "no_pipelining"
-    assert choose_schedule(4, 2, 6).name == "interleaved"  # the only one with virtual stages here
+    assert choose_schedule(4, 3, 6).name == "interleaved"  # the only one with three virtual stages
+    for pp in (2, 4):  # two virtual stages: ZB-V beats interleaved in bubble and memory, and takes any m
+        for m in (3, pp, 2 * pp + 1, 16):
+            choice = choose_schedule(pp, 2, m)
+            assert choice.name == "zbv" and choice.peak_in_flight <= 2 * min(pp, m), (pp, m)
+            assert all(bubble > choice.bubble for _, bubble, _ in choice.rejected)
+    assert choose_schedule(4, 2, 8, group_size=4).name == "interleaved"  # interleaving's own flag was given
     assert choose_schedule(4, 1, 8, "1f1b").name == "1f1b"
     assert predict("1f1b", 4, 1, 8) == (pytest.approx(3 * 3 / (8 * 3 + 3 * 3)), 4)  # (p-1)(F+B) over the step
     cfg = _config(pipeline_model_parallel_size=4, global_batch_size=8, world_size=4).validate()

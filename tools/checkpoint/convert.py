@@ -152,8 +152,10 @@ def target_config(config: dict, tp: int, pp: int, vp: Optional[int], ep: int = 1
     parallel.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=is_moe and tp > 1,
                     virtual_pipeline_model_parallel_size=vp, num_layers_per_virtual_pipeline_stage=None,
                     decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None)
-    if vp is not None and parallel.get("pipeline_schedule") in ("gpipe", "1f1b"):
-        parallel["pipeline_schedule"] = "auto"
+    schedule = parallel.get("pipeline_schedule")
+    if (vp is not None and schedule in ("gpipe", "1f1b", "zb-h1")) or (schedule == "zbv" and vp != 2) \
+            or (vp is None and schedule == "interleaved"):
+        parallel["pipeline_schedule"] = "auto"  # the source's schedule does not fit the target layout
     values["world_size"] = tp * pp * max(1, ep * (etp or tp) // tp)  # EP ranks come from data-parallel replicas
     values.setdefault("training", {})["global_batch_size"] = None  # the old one may not fit DP = 1 x PP
     values["training"]["rampup_batch_size"] = None

@@ -82,7 +82,7 @@ def verify(path: str) -> int:
             print(f"{reader.path} (iteration {reader.iteration}) was written before checkpoints recorded checksums: "
                   "nothing to verify (re-save it to add them).")
             return 0
-        names = set(reader.metadata["files"]) | {f for meta in reader.param_meta().values() for f in meta.files}
+        names = set(reader.metadata["files"]) | {f for meta in reader.param_meta().values() for f in meta.shard_files("model")}
         problems = reader.verify(names)
         for problem in problems:
             print(f"DAMAGED: {problem}")

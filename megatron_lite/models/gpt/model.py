@@ -124,6 +124,7 @@ class GPTModel(nn.Module):
             self.embedding.word_embeddings.weight.shared_embedding = True
         if self.tied and post_process and not pre_process:
             self.output_layer.weight.shared_embedding = True
+            self.output_layer.weight.tied_copy = True  # counted once in global statistics (clip_grads)
         self.initialize(config.training.seed)
 
     @torch.no_grad()
@@ -136,6 +137,25 @@ class GPTModel(nn.Module):
             init_name = WORD_EMBEDDINGS if (name == "output_layer.weight" and self.tied) else name
             axis = self.groups.etp if shard_spec_of(param).axis == "etp" else self.tp_group  # experts: expert TP
             initialize_param(param, init_name, seed, axis.rank, axis.size)
+
+    def sharding_plan(self) -> tuple[dict[str, list[nn.Module]], list[tuple[nn.Module, tuple[str, ...]]]]:
+        """ZeRO-3 units and steps (distributed/zero3.py): units = the embedding, each transformer layer, the
+        final norm with the output layer; steps in forward order = (module, units it needs). The final
+        norm's step lasts to the end of forward, so it covers the output layer, which on a single tied stage
+        multiplies by the embedding's weight and so needs the embedding unit too."""
+        units: dict[str, list[nn.Module]] = {}
+        steps: list[tuple[nn.Module, tuple[str, ...]]] = []
+        if self.pre_process:
+            units["embedding"] = [self.embedding]
+            steps.append((self.embedding, ("embedding",)))
+        for number, layer in self.decoder.layers.items():
+            units[f"layer {number}"] = [layer]
+            steps.append((layer, (f"layer {number}",)))
+        if self.post_process:
+            units["output"] = [self.decoder.final_layernorm, self.output_layer]
+            tied_here = self.pre_process and self.output_layer.weight is None
+            steps.append((self.decoder.final_layernorm, ("output", "embedding") if tied_here else ("output",)))
+        return units, steps
 
     def set_input_tensor(self, input_tensor: Union[torch.Tensor, list, tuple, None]) -> None:
         """The activation received from the previous pipeline stage (used instead of the embedding)."""
