@@ -89,7 +89,6 @@ def test_context_parallel_configurations_validate():
      "--context-parallel-size: --seq-length 36 is not divisible by 2 x CP x TP"),
     (["--context-parallel-size", "4", "--cp-comm-type", "a2a", "--num-attention-heads", "6", "--hidden-size", "48"], 8,
      "--cp-comm-type: a2a splits each TP rank's 6 attention heads"),
-    (["--context-parallel-size", "2", "--attention-dropout", "0.1"], 8, "--attention-dropout: 0.1 with ring attention"),
     (["--expert-model-parallel-size", "2"], 8, "set without --num-experts"),
     # Mixture of experts: refused before any process group exists.
     (["--num-experts", "6", "--expert-model-parallel-size", "4", "--disable-bias-linear"], 8,
@@ -110,6 +109,8 @@ def test_context_parallel_configurations_validate():
     (["--num-experts", "4", "--disable-bias-linear", "--moe-ffn-hidden-size", "33", "--expert-tensor-parallel-size", "2"], 8,
      "--moe-ffn-hidden-size: 33 is not divisible by --expert-tensor-parallel-size 2"),
     (["--moe-shared-expert-intermediate-size", "64"], 8, "needs --num-experts"),
+    (["--num-experts", "4", "--disable-bias-linear", "--data-parallel-sharding-strategy", "optim_grads_params"], 8,
+     "optim_grads_params (ZeRO-3) with --num-experts"),
     (["--decoder-first-pipeline-num-layers", "1"], 8, "needs --pipeline-model-parallel-size > 1"),
     (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "5"], 8, "do not add up"),
     (["--use-distributed-optimizer", "--data-parallel-sharding-strategy", "no_shard"], 8,
