@@ -554,10 +554,13 @@ def write_checkpoint_from_full_tensors(save_dir: str, iteration: int, config: An
         by_stage.setdefault(stage_of(name), []).append(name)
     # Stream one layer at a time: each layer (and the embedding / final-norm group) of a stage becomes
     # its own part file per TP rank, so memory stays near one layer's shards plus one full tensor.
+    parallel = config_dict.get("parallel", {})
+    etp = parallel.get("expert_tensor_parallel_size") or tp  # MoE experts (axis "etp") split over expert TP
+    width = max(tp, etp)
     for pp_rank in range(pp):
         for part, names in enumerate(_layer_groups(by_stage.get(pp_rank, []))):
-            model_shards: list[dict] = [{} for _ in range(tp)]
-            optim_shards: list[dict] = [{} for _ in range(tp)]
+            model_shards: list[dict] = [{} for _ in range(width)]
+            optim_shards: list[dict] = [{} for _ in range(width)]
             for name in names:
                 # (the source's sharded-save pieces describe its files, not these)
                 meta = dataclasses.replace(param_meta[name], pp_rank=pp_rank, pieces={}, shard_shapes=[])
@@ -565,24 +568,26 @@ def write_checkpoint_from_full_tensors(save_dir: str, iteration: int, config: An
                 if list(full.shape) != list(meta.shape):
                     raise CheckpointError(f"{name}: given tensor shape {list(full.shape)} vs metadata shape {meta.shape}")
                 states = optimizer_states(name) if optimizer_states is not None else None
-                ranks = range(tp) if meta.shard.is_sharded else range(1)
+                size = etp if meta.shard.axis == "etp" else tp
+                ranks = range(size) if meta.shard.is_sharded else range(1)
                 for tp_rank in ranks:
-                    model_shards[tp_rank][name] = _shard(full, meta, tp_rank, tp, model_cfg).to(meta.torch_dtype).contiguous()
+                    model_shards[tp_rank][name] = _shard(full, meta, tp_rank, size, model_cfg).to(meta.torch_dtype).contiguous()
                     if states is not None:
-                        optim_shards[tp_rank][name] = {k: _shard(v, meta, tp_rank, tp, model_cfg).contiguous()
+                        optim_shards[tp_rank][name] = {k: _shard(v, meta, tp_rank, size, model_cfg).contiguous()
                                                        for k, v in states.items()}
                 meta.files = [model_file(t, pp_rank, part) for t in ranks]
                 meta.dtype = str(meta.torch_dtype).replace("torch.", "")
                 metas[name] = meta
                 del full, states
-            for tp_rank in range(tp):
+            for tp_rank in range(width):
                 if model_shards[tp_rank]:
                     atomic_torch_save(model_shards[tp_rank], os.path.join(tmp, model_file(tp_rank, pp_rank, part)))
                 if optimizer_states is not None and optim_shards[tp_rank]:
                     atomic_torch_save(optim_shards[tp_rank], os.path.join(tmp, optim_file(tp_rank, pp_rank, part)))
     if common:
         atomic_torch_save(common, os.path.join(tmp, COMMON_FILE))
-    layout = {"tp": tp, "pp": pp, "vp": vp, "dp": None, "world_size": None, "distributed_optimizer": False}
+    layout = {"tp": tp, "pp": pp, "vp": vp, "dp": None, "world_size": None, "distributed_optimizer": False,
+              "ep": parallel.get("expert_model_parallel_size") or 1, "etp": etp}
     files = file_records(tmp, [f for f in os.listdir(tmp) if not f.endswith(".partial")])
     metadata = build_metadata(iteration, consumed_samples, config_dict, layout, metas, optimizer_states is not None,
                               files=files)

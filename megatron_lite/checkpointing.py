@@ -62,6 +62,7 @@ def _layout(config: Any, groups: ProcessGroups) -> dict:
         "axes": {name: (getattr(groups, name).rank, getattr(groups, name).size) for name in GROUP_FIELDS},
         "distributed_optimizer": bool(config.parallel.use_distributed_optimizer),
         "sharding_strategy": config.parallel.sharding_strategy,  # informational: every strategy saves one format
+        "ep": groups.ep.size, "etp": groups.etp.size,  # MoE: generate.py's default expert layout
     }
 
 
@@ -145,7 +146,7 @@ def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_schedu
         files[COMMON_FILE] = common
     job = SaveJob(iteration, layout["rank"], tmp, files, _atomic_save)
     saved_layout = {k: layout[k] for k in ("tp", "pp", "vp", "dp", "world_size", "distributed_optimizer",
-                                           "sharding_strategy")}
+                                           "sharding_strategy", "ep", "etp")}
     metadata = build_metadata(iteration, consumed_samples, config.to_dict(), saved_layout, metas, save_optim,
                               files={}, extra={} if data_fingerprint is None else {"data_fingerprint": data_fingerprint})
     global _PENDING
@@ -523,6 +524,8 @@ def _optimizer_states(reader: CheckpointReader, params: dict[str, torch.nn.Param
     parameters (set_parameter_state)."""
     states = {}
     for name, param in params.items():
+        if not param.requires_grad:  # MoE expert biases: model state only, no optimizer state
+            continue
         source, index = _source_name(name, param), _saved_shard(reader, name, param, layout)
         if index is not None:
             states[name] = {key: reader.shard_tensor(source, index, "optim", key).clone()

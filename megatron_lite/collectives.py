@@ -315,14 +315,24 @@ def reduce_scatter(tensor: torch.Tensor, group=None, dim: int = 0) -> torch.Tens
     return output if dim == 0 else output.movedim(0, dim).contiguous()
 
 
-def all_to_all_single(output: torch.Tensor, tensor: torch.Tensor, group=None, async_op: bool = False):
+def all_to_all_single(output: torch.Tensor, tensor: torch.Tensor, group=None, async_op: bool = False,
+                      output_split_sizes: Optional[Sequence[int]] = None,
+                      input_split_sizes: Optional[Sequence[int]] = None):
+    """Rank i's dim-0 block j of `tensor` goes to rank j, landing as block i of its `output`. Blocks are equal
+    unless split sizes (rows per peer, in group order) are given. Counted as the bytes of `tensor`."""
+    size = _group_size(group)
     _record(group, "all_to_all", _nbytes(tensor))
-    if _group_size(group) == 1:
+    if size == 1:
         output.copy_(tensor)
         return _Work(None, "all_to_all", group) if async_op else None
     _check_device("all_to_all", tensor, group)
     handle = _handle(group)
-    return _run("all_to_all", group, lambda: dist.all_to_all_single(output, tensor.contiguous(), group=handle, async_op=async_op), async_op)
+    if output_split_sizes is None and input_split_sizes is None:
+        return _run("all_to_all", group, lambda: dist.all_to_all_single(output, tensor.contiguous(), group=handle,
+                                                                         async_op=async_op), async_op)
+    splits = dict(output_split_sizes=[int(x) for x in output_split_sizes], input_split_sizes=[int(x) for x in input_split_sizes])
+    return _run("all_to_all", group, lambda: dist.all_to_all_single(output, tensor.contiguous(), group=handle,
+                                                                     async_op=async_op, **splits), async_op)
 
 
 def broadcast(tensor: torch.Tensor, src: int, group=None, async_op: bool = False):

@@ -160,6 +160,134 @@ class ModelConfig:
             _fail("--recompute-method", "only applies with --recompute-granularity full",
                   "Add --recompute-granularity full or drop it.")
 
+MOE_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts (models/moe/). Flags, defaults and semantics are megatron-core's; departures are
+    said in the help texts and docs/architecture.md."""
+    num_experts: Optional[int] = arg(None, "Number of routed experts per MoE layer (None: a dense model). Experts have "
+                                     "no biases here: needs --disable-bias-linear.")
+    moe_router_topk: int = arg(2, "Experts each token is routed to.")
+    moe_ffn_hidden_size: Optional[int] = arg(None, "Hidden size of each routed expert's MLP (default --ffn-hidden-size).")
+    moe_layer_freq: str = arg("1", "Which layers are MoE: an integer N (every N-th layer, starting with layer 0) or a "
+                              "per-layer 0/1 list such as '[0]+[1]*3' (1 = MoE).")
+    moe_router_score_function: str = arg("softmax", "Router score function.", choices=["softmax", "sigmoid"])
+    moe_router_pre_softmax: bool = arg(False, "Softmax over all experts before top-k (else over the chosen k).", action="store_true")
+    moe_router_topk_scaling_factor: Optional[float] = arg(None, "Multiply the chosen experts' routing weights by this.")
+    moe_router_num_groups: Optional[int] = arg(None, "Group-limited routing: experts split into this many groups.")
+    moe_router_group_topk: Optional[int] = arg(None, "Group-limited routing: groups chosen per token.")
+    moe_router_load_balancing_type: str = arg("aux_loss", "Load-balancing loss (none: only the expert bias, if enabled, balances).",
+                                              choices=list(MOE_LOAD_BALANCING_TYPES))
+    moe_aux_loss_coeff: float = arg(0.0, "Coefficient of the load-balancing loss (0: not computed).")
+    moe_z_loss_coeff: Optional[float] = arg(None, "Coefficient of the router z-loss (e.g. 1e-3).")
+    moe_router_enable_expert_bias: bool = arg(False, "Aux-loss-free balancing: a per-expert bias added to the scores for "
+                                              "choosing experts, updated after each step.", action="store_true")
+    moe_router_bias_update_rate: float = arg(1e-3, "Step of the expert-bias update (sign of the load deficit times this).")
+    moe_expert_capacity_factor: Optional[float] = arg(None, "Capacity per expert as a multiple of the even share of this "
+                                                      "rank's token-expert pairs; pairs over capacity are dropped (None: dropless).")
+    moe_token_drop_policy: str = arg("probs", "Which pairs an over-capacity expert keeps: highest probs, or earliest position "
+                                     "(ties go to the earlier token here; megatron-core leaves them to torch.topk).",
+                                     choices=["probs", "position"])
+    moe_pad_expert_input_to_capacity: bool = arg(False, "With a capacity factor: give every expert exactly its capacity "
+                                                 "(padded with zero-weight tokens).", action="store_true")
+    moe_token_dispatcher_type: str = arg("allgather", "Token dispatcher over the ETP x EP group. alltoall here is one "
+                                         "all-to-all over ETP x EP each way (megatron-core: all-to-all over EP plus "
+                                         "all-gather/reduce-scatter over ETP); same results.", choices=["allgather", "alltoall"])
+    moe_grouped_gemm: bool = arg(False, "Run the local experts as one grouped GEMM (torch._grouped_mm where it works; "
+                                 "else a loop of GEMMs with the same result).", action="store_true")
+    moe_shared_expert_intermediate_size: Optional[int] = arg(None, "Hidden size of the shared expert(s) every token also "
+                                                             "goes through (None: no shared expert).")
+    moe_shared_expert_gate: bool = arg(False, "Scale the shared expert's output by sigmoid(x . w) (Qwen2-MoE).", action="store_true")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    def layer_pattern(self, num_layers: int) -> list[int]:
+        """1 for each MoE layer, 0 for each dense one (megatron-core's --moe-layer-freq)."""
+        text = str(self.moe_layer_freq).strip()
+        if text.lstrip("-").isdigit():
+            freq = int(text)
+            if freq < 1:
+                _fail("--moe-layer-freq", f"must be >= 1, got {freq}", "Use 1 (every layer) or e.g. 2.")
+            return [1 if i % freq == 0 else 0 for i in range(num_layers)]
+        import re
+        if not re.fullmatch(r"[\[\]\d\s,+*()]+", text):
+            _fail("--moe-layer-freq", f"cannot parse {text!r}", "Use an integer or a 0/1 list like '[0]+[1]*3'.")
+        try:
+            pattern = list(eval(text, {"__builtins__": {}}, {}))  # only brackets, digits, + and * (checked above)
+        except Exception:  # noqa: BLE001 (any parse error is the user's expression)
+            pattern = []
+        if len(pattern) != num_layers or any(x not in (0, 1) for x in pattern):
+            _fail("--moe-layer-freq", f"{text!r} gives {pattern}, not {num_layers} zeros and ones (--num-layers)",
+                  f"Give one 0/1 entry per layer, e.g. '[0]+[1]*{num_layers - 1}'.")
+        return pattern
+
+    def derive_defaults(self, cfg: "Config") -> list[str]:
+        if self.is_moe and self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = cfg.model.ffn_hidden_size
+        return []
+
+    def validate(self, cfg: "Config") -> None:
+        """Experts against EP/ETP, routing sizes, and what this implementation supports."""
+        if not self.is_moe:
+            for flag, value in [("--moe-shared-expert-intermediate-size", self.moe_shared_expert_intermediate_size),
+                                ("--moe-expert-capacity-factor", self.moe_expert_capacity_factor)]:
+                if value is not None:
+                    _fail(flag, "needs --num-experts", f"Add --num-experts or drop {flag}.")
+            return
+        p, m, E, k = cfg.parallel, cfg.model, self.num_experts, self.moe_router_topk
+        ep, etp = p.expert_model_parallel_size, p.expert_tp_size
+        if E < 1 or k < 1:
+            _fail("--num-experts/--moe-router-topk", f"need >= 1, got {E} and {k}", "Use e.g. --num-experts 8 --moe-router-topk 2.")
+        if k > E:
+            _fail("--moe-router-topk", f"{k} is more than --num-experts {E}", f"Use a top-k of at most {E}.")
+        if E % ep != 0:
+            _fail("--num-experts", f"{E} experts are not divisible by --expert-model-parallel-size {ep}",
+                  f"Use an EP size from {_divisors(E)}.")
+        if self.moe_ffn_hidden_size % etp != 0:
+            _fail("--moe-ffn-hidden-size", f"{self.moe_ffn_hidden_size} is not divisible by --expert-tensor-parallel-size {etp}",
+                  f"Use a multiple of {etp}.")
+        self.layer_pattern(m.num_layers)
+        self._validate_routing()
+        self._validate_layout(cfg)
+
+    def _validate_routing(self) -> None:
+        E, k, groups, group_topk = self.num_experts, self.moe_router_topk, self.moe_router_num_groups, self.moe_router_group_topk
+        if (groups is None) != (group_topk is None):
+            _fail("--moe-router-num-groups/--moe-router-group-topk", "give both or neither", "Set both, e.g. 4 and 2.")
+        if groups is not None and (E % groups != 0 or not 1 <= group_topk <= groups or k % group_topk != 0
+                                   or k // group_topk > E // groups):
+            _fail("--moe-router-num-groups", f"{groups} groups, {group_topk} chosen, top-{k} of {E} experts: groups must "
+                  "divide the experts, group-topk divide top-k, and each chosen group hold top-k/group-topk experts",
+                  "Use e.g. 8 experts, 4 groups, group-topk 2, top-k 2.")
+        if self.moe_router_load_balancing_type == "none" and self.moe_aux_loss_coeff > 0:
+            _fail("--moe-aux-loss-coeff", "set with --moe-router-load-balancing-type none", "Pick a loss type or drop the coefficient.")
+        if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
+            _fail("--moe-router-enable-expert-bias", "needs --moe-router-score-function sigmoid (megatron-core's rule)",
+                  "Add --moe-router-score-function sigmoid.")
+        if self.moe_expert_capacity_factor is not None and self.moe_expert_capacity_factor <= 0:
+            _fail("--moe-expert-capacity-factor", f"must be > 0, got {self.moe_expert_capacity_factor}", "Use e.g. 1.0, or drop it.")
+        if self.moe_pad_expert_input_to_capacity and self.moe_expert_capacity_factor is None:
+            _fail("--moe-pad-expert-input-to-capacity", "needs --moe-expert-capacity-factor", "Add a capacity factor.")
+        if self.moe_shared_expert_gate and self.moe_shared_expert_intermediate_size is None:
+            _fail("--moe-shared-expert-gate", "needs --moe-shared-expert-intermediate-size", "Add a shared expert size.")
+
+    def _validate_layout(self, cfg: "Config") -> None:
+        p, m = cfg.parallel, cfg.model
+        if p.tensor_model_parallel_size > 1 and not p.sequence_parallel and not cfg.extra.get("inference"):
+            _fail("--num-experts", "with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core's rule: "
+                  "every rank must route distinct tokens)", "Add --sequence-parallel.")
+        if m.add_bias_linear:
+            _fail("--num-experts", "experts here have no biases (like megatron-core's grouped GEMM experts), and "
+                  "--disable-bias-linear is not set", "Add --disable-bias-linear.")
+        if self.moe_pad_expert_input_to_capacity and self.moe_token_dispatcher_type == "allgather" \
+                and p.expert_model_parallel_size * p.expert_tp_size > 1:
+            _fail("--moe-pad-expert-input-to-capacity", "the allgather dispatcher does not pad expert inputs across ranks "
+                  "(megatron-core supports padding with alltoall)", "Use --moe-token-dispatcher-type alltoall.")
+
 
 SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
 
@@ -177,7 +305,8 @@ class ParallelConfig:
     overlap_p2p_comm: bool = arg(False, "Post pipeline sends/receives asynchronously and wait only when their data is needed.", action="store_true")
     context_parallel_size: int = arg(1, "Context parallel size (CP).")
     cp_comm_type: str = arg("p2p", "Context-parallel attention: p2p (ring), all_gather (K/V gathered) or a2a (Ulysses all-to-all).", choices=["p2p", "all_gather", "a2a"])
-    expert_model_parallel_size: int = arg(1, "Expert model parallel size (EP).")
+    expert_model_parallel_size: int = arg(1, "Expert model parallel size (EP): experts are split over EP ranks carved from DP x CP (parallel folding).")
+    expert_tensor_parallel_size: Optional[int] = arg(None, "Expert tensor parallel size (ETP): each expert's MLP split over ETP ranks (default --tensor-model-parallel-size, as in megatron-core).")
     sequence_parallel: bool = arg(False, "Split norm/dropout regions along the sequence over the TP group.", action="store_true")
     distributed_backend: Optional[str] = arg(None, "torch.distributed backend (default nccl with CUDA, gloo otherwise).", choices=["nccl", "gloo"])
     distributed_timeout_minutes: float = arg(10.0, "Timeout of every collective, in minutes.")
@@ -188,6 +317,11 @@ class ParallelConfig:
     overlap_param_gather: bool = arg(False, "Overlap the distributed optimizer's parameter all-gather with the next forward (ZeRO-3: prefetch the next unit's parameters while the current one computes, in forward and in backward).", action="store_true")
     ddp_bucket_size: Optional[int] = arg(None, "Elements per gradient bucket (default max(40M, 1M*DP); ZeRO-3 uses one bucket per unit instead).")
     accumulate_allreduce_grads_in_fp32: bool = arg(False, "Accumulate and reduce gradients in fp32 (always on with --bf16).", action="store_true")
+
+    @property
+    def expert_tp_size(self) -> int:
+        """The effective --expert-tensor-parallel-size (megatron-core: TP when not given)."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
     @property
     def sharding_strategy(self) -> str:
@@ -226,7 +360,7 @@ class ParallelConfig:
     def validate(self, cfg: "Config") -> None:
         """Sizes against the world, and what sequence/context parallelism need of the sequence length."""
         check_parallel_sizes(cfg.world_size, self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
-                             self.context_parallel_size, self.expert_model_parallel_size)
+                             self.context_parallel_size, self.expert_model_parallel_size, self.expert_tp_size)
         tp, cp, seq = self.tensor_model_parallel_size, self.context_parallel_size, cfg.model.seq_length
         if self.sequence_parallel and seq % tp != 0:
             _fail("--sequence-parallel", f"--seq-length {seq} is not divisible by --tensor-model-parallel-size {tp}",
@@ -266,13 +400,16 @@ class ParallelConfig:
                   "Use --transformer-impl local, or optim_grads (ZeRO-2).")
 
     def validate_implemented(self, cfg: "Config") -> None:
-        # Refuse what is not built yet rather than train something else: ZeRO-3, and experts (the EP groups
-        # exist, parallel_state builds them and the self-check prints them, but no layer routes tokens yet).
+        # ZeRO-3's own rules; expert parallel sizes only mean something with experts.
         if self.sharding_strategy == "optim_grads_params":
             self.validate_zero3(cfg)
-        if self.expert_model_parallel_size > 1:
-            _fail("--expert-model-parallel-size", f"{self.expert_model_parallel_size}: mixture-of-experts layers are "
-                  "not implemented yet", "Use --expert-model-parallel-size 1.")
+            if cfg.moe.is_moe:
+                _fail("--data-parallel-sharding-strategy", "optim_grads_params (ZeRO-3) with --num-experts: expert "
+                      "parameters are not sharded at rest yet", "Use optim_grads (ZeRO-2) or optim (ZeRO-1) with MoE.")
+        if (self.expert_model_parallel_size > 1 or self.expert_tp_size != self.tensor_model_parallel_size) \
+                and cfg.moe.num_experts is None:
+            _fail("--expert-model-parallel-size/--expert-tensor-parallel-size", "set without --num-experts: a dense "
+                  "model has no experts to split", "Add --num-experts N, or drop the expert parallel sizes.")
 
 
 @dataclass
@@ -482,6 +619,7 @@ class LoggingConfig:
 SECTIONS = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
+    "moe": MoEConfig,
     "optimizer": OptimizerConfig,
     "data": DataConfig,
     "training": TrainingConfig,
@@ -494,6 +632,7 @@ SECTIONS = {
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -542,6 +681,7 @@ class Config:
         notes += self.parallel.derive_defaults()
         notes += derive_virtual_stages(self)
         notes += self.training.derive_defaults(self)
+        notes += self.moe.derive_defaults(self)
         return notes
 
     def validate(self) -> "Config":
@@ -551,6 +691,7 @@ class Config:
         self.notes = self.derive_defaults()
         self.parallel.validate(self)
         self.model.validate(self)
+        self.moe.validate(self)
         validate_layout(self)
         self.optimizer.validate(self)
         self.training.validate(self)
@@ -571,16 +712,20 @@ def validate(cfg: Config) -> None:
     cfg.validate()
 
 
-def check_parallel_sizes(world: int, tp: int, pp: int, cp: int = 1, ep: int = 1) -> None:
-    """The sizes rule, owned here and asked by parallel_state.initialize_model_parallel too."""
+def check_parallel_sizes(world: int, tp: int, pp: int, cp: int = 1, ep: int = 1, etp: Optional[int] = None) -> None:
+    """The sizes rule, owned here and asked by parallel_state.initialize_model_parallel too. Parallel folding
+    (megatron-core): attention uses TP x CP x DP x PP, experts ETP x EP x EDP x PP over the same ranks."""
+    etp = tp if etp is None else etp
     for flag, value in [("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
-                        ("--context-parallel-size", cp), ("--expert-model-parallel-size", ep)]:
+                        ("--context-parallel-size", cp), ("--expert-model-parallel-size", ep),
+                        ("--expert-tensor-parallel-size", etp)]:
         if value < 1:
             _fail(flag, f"must be >= 1, got {value}", "Use 1 to disable this kind of parallelism.")
     if world % (tp * pp * cp) != 0:
         _fail("--tensor-model-parallel-size/--pipeline-model-parallel-size/--context-parallel-size",
               f"world size {world} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {tp * pp * cp}",
               f"Choose sizes whose product divides {world} (divisors: {_divisors(world)}).")
-    if world % (tp * pp * ep) != 0:
-        _fail("--expert-model-parallel-size", f"world size {world} is not divisible by TP x PP x EP = {tp * pp * ep}",
-              f"Choose EP dividing {max(1, world // (tp * pp))}.")
+    if world % (etp * pp * ep) != 0:
+        _fail("--expert-model-parallel-size/--expert-tensor-parallel-size",
+              f"world size {world} is not divisible by ETP x EP x PP = {etp} x {ep} x {pp} = {etp * ep * pp}",
+              f"Choose ETP x EP dividing {max(1, world // pp)} (world / PP).")

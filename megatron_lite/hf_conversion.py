@@ -22,7 +22,9 @@ from megatron_lite.config import Config, ConfigError
 Tensor = torch.Tensor
 
 LLAMA_LIKE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-              "qwen3": "Qwen3ForCausalLM"}
+              "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+              "qwen3_moe": "Qwen3MoeForCausalLM"}
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 # Files that travel with the weights (tokenizer, generation defaults); copied along when present.
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
              "tokenizer.model", "added_tokens.json", "generation_config.json")
@@ -99,9 +101,9 @@ def config_from_hf(hf: dict) -> Config:
         m.normalization, m.norm_epsilon, m.swiglu = "RMSNorm", hf.get("rms_norm_eps", 1e-6), True
         m.hidden_dropout, m.attention_dropout = 0.0, hf.get("attention_dropout", 0.0)
         m.untie_embeddings_and_output_weights = not hf.get("tie_word_embeddings", False)
-        if model_type == "qwen2":  # q/k/v biases only
+        if model_type in ("qwen2", "qwen2_moe"):  # q/k/v biases only
             m.add_bias_linear, m.add_qkv_bias = False, True
-        elif model_type == "qwen3":  # per-head q/k RMSNorm, no biases
+        elif model_type in ("qwen3", "qwen3_moe"):  # per-head q/k RMSNorm, no biases
             if hf.get("attention_bias"):
                 raise ConfigError("HF qwen3: attention_bias=True (biases on q/k/v and o_proj only) cannot be expressed.")
             m.add_bias_linear, m.qk_layernorm = False, True
@@ -113,10 +115,77 @@ def config_from_hf(hf: dict) -> Config:
             m.add_bias_linear = attention_bias
     else:
         raise ConfigError(f"HF model_type {model_type!r} is not supported; use gpt2, {', '.join(LLAMA_LIKE)}.")
+    if model_type in MOE_FAMILIES:
+        _moe_from_hf(hf, cfg)
     m.vocab_size = hf["vocab_size"]  # the model's (canonical, unpadded) vocabulary, even if the tokenizer differs
     m.init_method_std = hf.get("initializer_range", 0.02)
     cfg.extra["hf_config"] = {k: hf[k] for k in ("model_type", "architectures", *_SPECIAL_IDS) if k in hf}
     return cfg.validate()
+
+
+def _moe_from_hf(hf: dict, cfg: Config) -> None:
+    """Mixtral / Qwen2-MoE / Qwen3-MoE routing: softmax over all experts, top-k, renormalised unless Qwen's
+    norm_topk_prob is false (= megatron-core's default, or --moe-router-pre-softmax)."""
+    moe, model_type, layers = cfg.moe, hf["model_type"], hf["num_hidden_layers"]
+    moe.num_experts = hf.get("num_local_experts") if model_type == "mixtral" else hf.get("num_experts", hf.get("num_local_experts"))
+    if not moe.num_experts or not hf.get("num_experts_per_tok"):
+        raise ConfigError(f"HF {model_type}: config.json lacks the expert count or num_experts_per_tok.")
+    moe.moe_router_topk = hf["num_experts_per_tok"]
+    moe.moe_aux_loss_coeff = 0.0  # training choices are not part of the weights
+    if model_type == "mixtral":
+        moe.moe_ffn_hidden_size = hf["intermediate_size"]
+        return
+    moe.moe_ffn_hidden_size = hf["moe_intermediate_size"]
+    moe.moe_router_pre_softmax = not hf.get("norm_topk_prob", model_type == "qwen3_moe")
+    step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
+    moe.moe_layer_freq = str([0 if (i in dense or (i + 1) % step != 0) else 1 for i in range(layers)])
+    if model_type == "qwen2_moe":
+        moe.moe_shared_expert_intermediate_size, moe.moe_shared_expert_gate = hf["shared_expert_intermediate_size"], True
+
+
+def _moe_family(config: dict) -> str:
+    m, moe = config["model"], config["moe"]
+    if m.get("qk_layernorm"):
+        family = "qwen3_moe"
+    elif moe.get("moe_shared_expert_intermediate_size") or m["add_qkv_bias"]:
+        family = "qwen2_moe"
+    else:
+        family = "mixtral"
+    shared = bool(moe.get("moe_shared_expert_intermediate_size"))
+    if (family == "qwen2_moe") != (shared and moe.get("moe_shared_expert_gate")) or \
+            moe.get("moe_router_score_function", "softmax") != "softmax" or moe.get("moe_router_group_topk") or \
+            moe.get("moe_router_topk_scaling_factor") or moe.get("moe_router_enable_expert_bias") or \
+            (family == "mixtral" and moe.get("moe_router_pre_softmax")) or \
+            (family == "mixtral" and MoEConfigView(moe).pattern(m["num_layers"]) != [1] * m["num_layers"]):
+        raise ConfigError("export of a MoE model to Hugging Face supports Mixtral (softmax top-k, every layer MoE), "
+                          "Qwen2-MoE (shared expert with gate, q/k/v biases) and Qwen3-MoE (--qk-layernorm) routing only.")
+    return family
+
+
+class MoEConfigView:
+    """The MoE section of a config dict, for its layer pattern."""
+
+    def __init__(self, moe: dict) -> None:
+        from megatron_lite.config import MoEConfig
+        self.config = MoEConfig(**{k: v for k, v in moe.items()})
+
+    def pattern(self, num_layers: int) -> list[int]:
+        return self.config.layer_pattern(num_layers)
+
+
+def _moe_to_hf(config: dict, hf: dict) -> None:
+    m, moe = config["model"], config["moe"]
+    hf["intermediate_size"] = m["ffn_hidden_size"]
+    hf["num_experts_per_tok"] = moe["moe_router_topk"]
+    if hf["model_type"] == "mixtral":
+        hf.update(num_local_experts=moe["num_experts"], intermediate_size=moe["moe_ffn_hidden_size"], router_aux_loss_coef=0.0)
+        return
+    pattern = MoEConfigView(moe).pattern(m["num_layers"])
+    hf.update(num_experts=moe["num_experts"], num_local_experts=moe["num_experts"], moe_intermediate_size=moe["moe_ffn_hidden_size"], decoder_sparse_step=1,
+              mlp_only_layers=[i for i, x in enumerate(pattern) if x == 0], norm_topk_prob=not moe["moe_router_pre_softmax"],
+              router_aux_loss_coef=0.0)
+    if hf["model_type"] == "qwen2_moe":
+        hf["shared_expert_intermediate_size"] = moe["moe_shared_expert_intermediate_size"]
 
 
 def hf_family(model: dict) -> str:
@@ -143,6 +212,8 @@ def hf_config_from_config(config: dict, dtype: str = "float32") -> dict:
     """config.json for a megatron_lite config dict (`Config.to_dict()`, e.g. metadata.json's 'config')."""
     m = config["model"]
     family = hf_family(m)
+    if (config.get("moe") or {}).get("num_experts"):
+        family = _moe_family(config)
     saved = (config.get("extra") or {}).get("hf_config", {})
     heads = m["num_attention_heads"]
     head_dim = m.get("kv_channels") or m["hidden_size"] // heads
@@ -155,7 +226,8 @@ def hf_config_from_config(config: dict, dtype: str = "float32") -> dict:
               "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
     else:
         # Keep Mistral's name on the way back; Qwen2 is the only family with QKV-only biases, Qwen3 with q/k norms.
-        model_type = family if family in ("qwen2", "qwen3") else ("mistral" if saved.get("model_type") == "mistral" else "llama")
+        model_type = family if family in ("qwen2", "qwen3", *MOE_FAMILIES) else \
+            ("mistral" if saved.get("model_type") == "mistral" else "llama")
         hf = {"architectures": [LLAMA_LIKE[model_type]], "model_type": model_type, "hidden_act": "silu",
               "num_hidden_layers": m["num_layers"], "hidden_size": m["hidden_size"], "intermediate_size": m["ffn_hidden_size"],
               "num_attention_heads": heads, "num_key_value_heads": m["num_query_groups"] or heads, "head_dim": head_dim,
@@ -164,9 +236,11 @@ def hf_config_from_config(config: dict, dtype: str = "float32") -> dict:
               **_hf_rope_parameters(m), "attention_dropout": m["attention_dropout"]}
         if family == "llama":
             hf.update(attention_bias=m["add_bias_linear"], mlp_bias=m["add_bias_linear"])
-        if model_type in ("mistral", "qwen2", "qwen3"):
+        if model_type in ("mistral", "qwen2", "qwen3", *MOE_FAMILIES):
             hf.update(sliding_window=None, use_sliding_window=False)
-        if model_type == "qwen3":
+        if model_type in MOE_FAMILIES:
+            _moe_to_hf(config, hf)
+        if model_type in ("qwen3", "qwen3_moe"):
             if m["add_qkv_bias"]:
                 raise ConfigError("export to Qwen3 cannot carry QKV-only biases (--add-qkv-bias).")
             hf.update(attention_bias=False)
@@ -226,7 +300,7 @@ def _qkv_rule(names: tuple[str, str, str], heads: int, groups: int, head_dim: in
                 lambda t: list(split_qkv(t, heads, groups, head_dim)))
 
 
-def _rules(model: dict, family: str) -> tuple[dict[str, Rule], dict[str, Rule], str]:
+def _rules(model: dict, family: str, num_experts: int = 0) -> tuple[dict[str, Rule], dict[str, Rule], str]:
     """(rules for global tensors by our name, rules for a layer's tensors by our suffix, HF layer prefix)."""
     heads, groups = model["num_attention_heads"], model["num_query_groups"] or model["num_attention_heads"]
     head_dim = model.get("kv_channels") or model["hidden_size"] // heads
@@ -263,15 +337,38 @@ def _rules(model: dict, family: str) -> tuple[dict[str, Rule], dict[str, Rule], 
     if bias:
         layer.update({"self_attention.linear_proj.bias": _same("self_attn.o_proj.bias"), "mlp.linear_fc1.bias": gate_up_bias,
                       "mlp.linear_fc2.bias": _same("mlp.down_proj.bias")})
+    if family in MOE_FAMILIES:
+        layer.update(_moe_rules(family, num_experts))
     return top, layer, "model.layers.{}."
+
+
+def _moe_rules(family: str, num_experts: int) -> dict[str, Rule]:
+    """Router, experts (by global index; fc1 = [gate; up]) and Qwen2-MoE's shared expert and its gate."""
+    def gate_up(gate: str, up: str) -> Rule:
+        return Rule((gate, up), torch.cat, lambda t: list(torch.chunk(t, 2, dim=0)))
+    prefix = "block_sparse_moe." if family == "mixtral" else "mlp."
+    names = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    rules = {"mlp.router.weight": _same(prefix + "gate.weight")}
+    for e in range(num_experts):
+        g, u, d = (f"{prefix}experts.{e}.{n}.weight" for n in names)
+        rules[f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up(g, u)
+        rules[f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = _same(d)
+    if family == "qwen2_moe":
+        rules.update({"mlp.shared_experts.linear_fc1.weight": gate_up("mlp.shared_expert.gate_proj.weight",
+                                                                      "mlp.shared_expert.up_proj.weight"),
+                      "mlp.shared_experts.linear_fc2.weight": _same("mlp.shared_expert.down_proj.weight"),
+                      "mlp.shared_experts.gate_weight": _same("mlp.shared_expert_gate.weight")})
+    return rules
 
 
 class WeightMap:
     """Per-name mapping for one model config: `rule(our_name)` -> Rule with full HF names."""
 
-    def __init__(self, model: dict, family: Optional[str] = None):
-        self.family = family or hf_family(model)
-        self.top, self.layer, self.layer_prefix = _rules(model, self.family)
+    def __init__(self, model: dict, family: Optional[str] = None, config: Optional[dict] = None):
+        """`config` (the whole config dict) is needed for MoE models: it holds the "moe" section."""
+        moe = (config or {}).get("moe") or {}
+        self.family = family or (_moe_family(config) if moe.get("num_experts") else hf_family(model))
+        self.top, self.layer, self.layer_prefix = _rules(model, self.family, moe.get("num_experts") or 0)
 
     def rule(self, name: str) -> Rule:
         if name in self.top:

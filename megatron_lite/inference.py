@@ -28,11 +28,15 @@ def _groups(groups: Optional[ProcessGroups]) -> ProcessGroups:
 
 
 # ---- model loading --------------------------------------------------------------------------------
-def inference_config(load_dir: str, tp: int = 1, pp: int = 1, bf16: bool = False, fp16: bool = False) -> Config:
-    """The checkpoint's config (metadata.json) set up for inference in a TP x PP layout: no dropout,
+def inference_config(load_dir: str, tp: int = 1, pp: int = 1, bf16: bool = False, fp16: bool = False,
+                     ep: int = 1, etp: Optional[int] = None) -> Config:
+    """The checkpoint's config (metadata.json) set up for inference in a TP x PP layout (MoE: experts over
+    ETP x EP, folded over TP x DP: the world is then TP x PP x DP with EP x ETP dividing TP x DP): no dropout,
     recompute or sequence/virtual pipelining, which only matter for training."""
     values = copy.deepcopy(CheckpointReader(load_dir).config)
     cfg = Config.from_dict(values)
+    cfg.extra["inference"] = True  # MoE with TP routes 1/TP slices of the replicated tokens (no SP needed)
+    cfg.parallel.expert_model_parallel_size, cfg.parallel.expert_tensor_parallel_size = ep, etp
     m, p = cfg.model, cfg.parallel
     m.hidden_dropout = m.attention_dropout = 0.0
     m.recompute_granularity = m.recompute_method = m.recompute_num_layers = None
@@ -47,7 +51,8 @@ def inference_config(load_dir: str, tp: int = 1, pp: int = 1, bf16: bool = False
     cfg.training.micro_batch_size, cfg.training.global_batch_size, cfg.training.rampup_batch_size = 1, pp, None
     cfg.checkpoint.load, cfg.checkpoint.no_load_optim, cfg.checkpoint.no_load_rng = load_dir, True, True
     cfg.checkpoint.finetune = False
-    cfg.world_size = tp * pp
+    cfg.world_size = tp * pp * max(1, ep * (etp or tp) // tp)  # EP ranks come from data-parallel replicas
+    cfg.training.global_batch_size = pp * cfg.world_size // (tp * pp)
     return cfg.validate()
 
 

@@ -7,7 +7,8 @@ JSONL records (one object per logged iteration, one per evaluation), snake_case 
   training: iteration, train_iters, consumed_samples, lm_loss, learning_rate, global_batch_size,
             grad_norm, num_zeros_in_grad, loss_scale, skipped_iterations, nan_iterations,
             elapsed_time_per_iteration_ms, tokens_per_sec, tokens_per_sec_per_device,
-            tflops_per_device, mfu, mem_allocated_gb, mem_max_allocated_gb, timestamp
+            tflops_per_device, mfu, mem_allocated_gb, mem_max_allocated_gb, timestamp; with MoE also
+            load_balancing_loss, z_loss, expert_load_imbalance, tokens_dropped (models/moe/metrics.py)
   evaluation: split ("valid" or "test"), iteration, consumed_samples, lm_loss, ppl, timestamp
   memory (once, at start-up; the logging rank's own bytes): record = "memory", strategy, params, grads,
             main_params, optimizer_states, host, disk, grads_peak, device_total, total, num_params,
@@ -52,12 +53,27 @@ def num_floating_point_operations(config, batch_size: int) -> float:
     hidden, layers, seq = m.hidden_size, m.num_layers, m.seq_length
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     query_projection_ratio = m.head_dim * heads / hidden
-    gated = 1.5 if m.swiglu else 1.0
     vocab = padded_vocab_size(config)
     return (12 * batch_size * seq * layers * hidden * hidden * (
         (1 + groups / heads + seq / hidden) * query_projection_ratio   # QKV + proj, and attention
-        + (m.ffn_hidden_size / hidden) * gated                         # MLP
+        + mlp_flops_ratio(config)                                      # MLP, or MoE (mean over layers)
         + vocab / (2 * layers * hidden)))                              # logits
+
+
+def mlp_flops_ratio(config) -> float:
+    """The MLP's MACs per token / (2 h^2), averaged over layers. A MoE layer counts its active parameters:
+    top-k routed experts of --moe-ffn-hidden-size, the shared expert (and its gate) and the router's [E, h]
+    GEMM; dense layers count --ffn-hidden-size."""
+    m, moe = config.model, config.moe
+    gated, hidden = (1.5 if m.swiglu else 1.0), m.hidden_size
+    dense = m.ffn_hidden_size / hidden * gated
+    if not moe.is_moe:
+        return dense
+    shared = moe.moe_shared_expert_intermediate_size or 0
+    active = (moe.moe_router_topk * moe.moe_ffn_hidden_size + shared) / hidden * gated
+    active += (moe.num_experts + (1 if moe.moe_shared_expert_gate else 0)) / (2 * hidden)  # router (+ gate) GEMMs
+    pattern = moe.layer_pattern(m.num_layers)
+    return sum(active if is_moe else dense for is_moe in pattern) / m.num_layers
 
 
 def padded_vocab_size(config) -> int:
@@ -127,7 +143,7 @@ class MetricsLogger:
     def log_training(self, iteration: int, train_iters: int, consumed_samples: int, lm_loss: Optional[float],
                      learning_rate: float, global_batch_size: int, grad_norm: Optional[float],
                      num_zeros: Optional[int], loss_scale: float, skipped: int, nan_iterations: int,
-                     elapsed_per_iteration_s: float) -> dict:
+                     elapsed_per_iteration_s: float, extra: Optional[dict] = None) -> dict:
         tokens = global_batch_size * self.config.model.seq_length
         tokens_per_sec = tokens / elapsed_per_iteration_s
         tflops = num_floating_point_operations(self.config, global_batch_size) / elapsed_per_iteration_s / self.world_size / 1e12
@@ -141,6 +157,7 @@ class MetricsLogger:
             "tflops_per_device": tflops, "mfu": (tflops / self.peak_tflops) if self.peak_tflops else None,
             "timestamp": time.time(),
         }
+        record.update(extra or {})  # MoE: load_balancing_loss, z_loss, expert_load_imbalance, tokens_dropped
         if self.config.logging.log_memory:
             record.update(memory_gb())
         if self.enabled:
@@ -155,6 +172,8 @@ class MetricsLogger:
                 parts.append(f"grad norm: {grad_norm:.3f}")
             if num_zeros is not None:
                 parts.append(f"num zeros: {num_zeros}")
+            parts += [f"{key.replace('_', ' ')}: {value:.6E}" if isinstance(value, float) else f"{key.replace('_', ' ')}: {value}"
+                      for key, value in (extra or {}).items()]
             parts += [f"number of skipped iterations: {skipped:3d}", f"number of nan iterations: {nan_iterations:3d}"]
             print(" | ".join(parts) + " |", flush=True)
             self._write(record, iteration, "train")

@@ -4,8 +4,9 @@ All groups are slices of one rank grid in Megatron-core's default order "tp-cp-e
     grid = arange(world).reshape(pp, dp, ep, cp, tp)
 A group for a set of dimensions holds the ranks that differ only along those dimensions. This gives
 exactly megatron-core's `RankGenerator` memberships for the same sizes. As in megatron-core, the dense
-groups use EP = 1 and the expert groups (EP, expert-DP) come from a second grid where EP takes CP's and
-part of DP's place: reshape(pp, expert_dp, ep, tp).
+groups use EP = 1 and the expert groups come from a second grid over the same ranks (parallel folding): ETP takes TP's place and EP
+takes CP's and part of DP's: reshape(pp, expert_dp, ep, etp). So attention runs on TP x CP x DP x PP
+and experts on ETP x EP x EDP x PP, and EP need not divide DP.
 
 This module is the only holder of global parallel state (besides the RNG tracker). Components do not
 read it: `get_process_groups()` returns this rank's groups as one `ProcessGroups` object, which the
@@ -102,7 +103,8 @@ def _free_port() -> int:
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size: Optional[int] = None,
-                              context_parallel_size: int = 1, expert_model_parallel_size: int = 1) -> None:
+                              context_parallel_size: int = 1, expert_model_parallel_size: int = 1,
+                              expert_tensor_parallel_size: Optional[int] = None) -> None:
     """Create every parallel group. Must be called on all ranks with the same arguments."""
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call parallel_state.init_distributed() first.")
@@ -111,12 +113,13 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     world = dist.get_world_size()
     tp, pp, cp, ep = (tensor_model_parallel_size, pipeline_model_parallel_size,
                       context_parallel_size, expert_model_parallel_size)
-    check_parallel_sizes(world, tp, pp, cp, ep)  # config.py owns the rule
+    etp = expert_tensor_parallel_size or tp  # megatron-core's default: the dense TP size
+    check_parallel_sizes(world, tp, pp, cp, ep, etp)  # config.py owns the rule
     if virtual_pipeline_model_parallel_size is not None and virtual_pipeline_model_parallel_size > 1:
         check_virtual_stages(virtual_pipeline_model_parallel_size * pp, pp, virtual_pipeline_model_parallel_size)
     dp = world // (tp * pp * cp)
     dense = {"tp": tp, "cp": cp, "ep": 1, "dp": dp, "pp": pp}
-    expert = {"tp": tp, "cp": 1, "ep": ep, "dp": world // (tp * pp * ep), "pp": pp}
+    expert = {"tp": etp, "cp": 1, "ep": ep, "dp": world // (etp * pp * ep), "pp": pp}
 
     specs = {  # group name -> (sizes, dims), following megatron-core's tokens
         "tp": (dense, ("tp",)),
@@ -130,7 +133,9 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
         "tp_dp_cp": (dense, ("tp", "dp", "cp")),
         "ep": (expert, ("ep",)),
         "expert_dp": (expert, ("dp",)),
-        "tp_ep": (expert, ("tp", "ep")),
+        "tp_ep": (expert, ("tp", "ep")),  # ETP x EP: where a layer's tokens are dispatched
+        "etp": (expert, ("tp",)),
+        "tp_ep_pp": (expert, ("tp", "ep", "pp")),  # every expert shard once: the expert grad norm
     }
     rank = dist.get_rank()
     for name, (sizes, dims) in specs.items():
@@ -200,7 +205,7 @@ def get_process_groups() -> ProcessGroups:
     if _PROCESS_GROUPS is None:
         world = Group("world", tuple(range(dist.get_world_size())), dist.get_rank(), None)
         fields = {name: _group_object(name) for name in ("tp", "pp", "dp", "dp_cp", "cp", "mp", "tp_cp", "tp_dp",
-                                                          "tp_dp_cp", "ep", "expert_dp", "tp_ep")}
+                                                          "tp_dp_cp", "ep", "expert_dp", "tp_ep", "etp", "tp_ep_pp")}
         _PROCESS_GROUPS = ProcessGroups(world=world, embd=_group_object("embd"), vp_size=_VIRTUAL_PP_SIZE, **fields)
     return _PROCESS_GROUPS
 
@@ -334,6 +339,14 @@ def get_expert_model_parallel_rank() -> int:
 
 def get_expert_data_parallel_group():
     return _group("expert_dp")
+
+
+def get_expert_tensor_parallel_group():
+    return _group("etp")
+
+
+def get_expert_tensor_parallel_world_size() -> int:
+    return len(_ranks("etp")) if _GROUPS else 1
 
 
 # ---- virtual pipeline ----------------------------------------------------------------------------

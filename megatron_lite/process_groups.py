@@ -52,7 +52,7 @@ class Group:
 
 # Field name -> megatron-core's group (all slices of one rank grid; see parallel_state).
 GROUP_FIELDS = ("world", "tp", "pp", "dp", "dp_cp", "cp", "mp", "tp_cp", "tp_dp", "tp_dp_cp",
-                "ep", "expert_dp", "tp_ep")
+                "ep", "expert_dp", "tp_ep", "etp", "tp_ep_pp")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,9 @@ class ProcessGroups:
     tp_dp_cp: Group
     ep: Group
     expert_dp: Group
-    tp_ep: Group
+    tp_ep: Group  # expert TP x EP: the group a MoE layer dispatches tokens over
+    etp: Group  # expert tensor parallel (each expert's MLP split over it)
+    tp_ep_pp: Group  # ETP x EP x PP: every expert shard exactly once (expert grad norm)
     embd: Optional[Group] = None
     vp_size: Optional[int] = None  # virtual pipeline stages per rank (None: no interleaving)
     # ZB-V (--pipeline-schedule zbv): the last virtual stage, and so the loss, is on pipeline rank 0

@@ -24,6 +24,7 @@ from megatron_lite.distributed.ddp import DistributedDataParallel
 from megatron_lite.distributed.finalize_model_grads import finalize_model_grads
 from megatron_lite.kernels.registry import select_kernels
 from megatron_lite.logging import LossSpikeDetector, MetricsLogger, print_rank_0
+from megatron_lite.models.moe import metrics as moe_metrics
 from megatron_lite.optimizer import get_megatron_optimizer, memory_report
 from megatron_lite.optimizer.clip_grads import NonFiniteStepError
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
@@ -107,7 +108,7 @@ def initialize(config: Config) -> ProcessGroups:
                           "Launch with torchrun so WORLD_SIZE is set before parsing.")
     ps.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                  p.virtual_pipeline_model_parallel_size, p.context_parallel_size,
-                                 p.expert_model_parallel_size)
+                                 p.expert_model_parallel_size, p.expert_tensor_parallel_size)
     groups = ps.get_process_groups().replace(loss_on_first_stage=is_v_shape(config))  # ZB-V: loss on rank 0
     # Offset by pipeline stage (as Megatron does) so dropout on different stages draws different masks;
     # weights do not depend on it (they are drawn from the seed and each parameter's name).
@@ -435,10 +436,11 @@ class _Run:
 
     def log(self, loss, grad_norm, num_zeros, elapsed: float) -> None:
         state = self.state
+        moe = moe_metrics.collect(self.model, self.config, self.groups)  # collective: every rank, every log
         self.logger.log_training(state.iteration, train_iters(self.config), state.consumed_train_samples, loss,
                                  self.optimizer.get_lr(), self.batches.global_batch_size, grad_norm, num_zeros,
                                  float(self.optimizer.get_loss_scale()), state.skipped_iterations,
-                                 state.nan_iterations, elapsed)
+                                 state.nan_iterations, elapsed, extra=moe)
 
     def any(self, iterators) -> bool:
         """Whether any rank has data for this split (all ranks must agree before a collective schedule)."""

@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensor-model-parallel-size", type=int, default=None,
                         help="Default: the checkpoint's when its TP x PP equals WORLD_SIZE, else the largest valid TP.")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=None, help="Default: see above (else 1).")
+    parser.add_argument("--expert-model-parallel-size", type=int, default=None,
+                        help="MoE: experts split over EP ranks taken from the data-parallel replicas (default: the "
+                             "checkpoint's EP when it fits, else 1). With EP > 1 every replica generates every prompt "
+                             "(the replicas run each forward together).")
+    parser.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                        help="MoE: each expert split over ETP ranks (default: the checkpoint's, else TP).")
     parser.add_argument("--context-parallel-size", type=int, default=1,
                         help="Only 1: context parallelism is for training (a checkpoint trained with CP loads here).")
     parser.add_argument("--bf16", action="store_true")
@@ -128,6 +134,7 @@ def setup_parallel(args: argparse.Namespace) -> tuple[int, int, Optional[torch.d
     layout = reader.layout
     tp, pp, dp = choose_layout(world, reader.config["model"], (layout.get("tp") or 1, layout.get("pp") or 1),
                                args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    args.ep, args.etp = expert_layout(args, layout, world, tp, pp)
     device = None
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -135,8 +142,23 @@ def setup_parallel(args: argparse.Namespace) -> tuple[int, int, Optional[torch.d
     if world > 1:
         if not torch.distributed.is_initialized():
             ps.init_distributed()
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     expert_model_parallel_size=args.ep, expert_tensor_parallel_size=args.etp)
     return tp, pp, device
+
+
+def expert_layout(args: argparse.Namespace, saved: dict, world: int, tp: int, pp: int) -> tuple[int, Optional[int]]:
+    """(EP, ETP) for generation: the flags, else the checkpoint's when ETP x EP divides world / PP, else (1, TP)."""
+    ep, etp = args.expert_model_parallel_size, args.expert_tensor_parallel_size
+    if ep is None and etp is None:
+        ep, etp = saved.get("ep") or 1, saved.get("etp")
+        if (world // pp) % (ep * (etp or tp)) != 0:
+            ep, etp = 1, None
+    ep = ep or 1
+    if (world // pp) % (ep * (etp or tp)) != 0:
+        raise SystemExit(f"error: --expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp or tp} must "
+                         f"divide the processes per pipeline stage ({world // pp}).")
+    return ep, etp
 
 
 def read_prompts_file(path: str) -> list[str]:
@@ -191,7 +213,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
 
 def run(args: argparse.Namespace, tp: int, pp: int, device: Optional[torch.device]) -> list[dict]:
-    config = inference_config(args.load, tp=tp, pp=pp, bf16=args.bf16, fp16=args.fp16)
+    ep, etp = getattr(args, "ep", 1), getattr(args, "etp", None)
+    config = inference_config(args.load, tp=tp, pp=pp, bf16=args.bf16, fp16=args.fp16, ep=ep, etp=etp)
     tokenizer = resolve_tokenizer(args, config)
     prompts = prompts_of(args, tokenizer)
     model = load_model(config, device)
@@ -201,6 +224,8 @@ def run(args: argparse.Namespace, tp: int, pp: int, device: Optional[torch.devic
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     # Data-parallel replicas: replica r generates prompts r, r + DP, ...; every rank gets all results.
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if ep > 1 or (etp or tp) != tp:  # MoE forwards are collective over the replicas: all run every prompt
+        dp, dp_rank = 1, 0
     mine = []
     for batch in batches_of(list(range(dp_rank, len(prompts), dp)), prompts, max(1, args.batch_size)):
         outputs = generate_batch(model, [prompts[i][1] for i in batch], args.max_new_tokens, params, stop_ids,

@@ -66,17 +66,21 @@ class DistributedDataParallel(ModelChunk):
             if self.shard_params else None
         by_unit = unit_params(plan[0], module) if plan else {"": [p for p in module.parameters() if p.requires_grad]}
         unit_of = {id(p): index for index, params in enumerate(by_unit.values()) for p in params} if plan else None
-        # One buffer per (param dtype, grad dtype): bf16 params always accumulate grads in fp32.
-        by_dtype: dict[tuple[torch.dtype, torch.dtype], list[nn.Parameter]] = {}
+        # One buffer per (param dtype, grad dtype, expert or not): bf16 params always accumulate grads in fp32.
+        # MoE experts (param.expert_parallel) are replicated only over the expert-data-parallel group, so their
+        # buffers reduce (and the distributed optimizer shards) over it; the factor stays 1/(DP x CP) because
+        # the token dispatcher already summed the gradients of the EP ranks' tokens.
+        by_dtype: dict[tuple[torch.dtype, torch.dtype, bool], list[nn.Parameter]] = {}
         for param in (p for params in by_unit.values() for p in params):
             fp32_grads = parallel.accumulate_allreduce_grads_in_fp32 or param.dtype == torch.bfloat16
             grad_dtype = torch.float32 if fp32_grads else param.dtype
-            by_dtype.setdefault((param.dtype, grad_dtype), []).append(param)
-        self._buffers: list[ParamAndGradBuffer] = [
-            ParamAndGradBuffer(params, param_dtype, grad_dtype, bucket_size, self.dp_group, self.dp_size,
-                               self.dp_rank, self.use_distributed_optimizer, 1.0 / self.dp_size, self.shard_grads,
-                               unit_of)
-            for (param_dtype, grad_dtype), params in by_dtype.items()]
+            by_dtype.setdefault((param.dtype, grad_dtype, getattr(param, "expert_parallel", False)), []).append(param)
+        self._buffers: list[ParamAndGradBuffer] = []
+        for (param_dtype, grad_dtype, expert), params in by_dtype.items():
+            group = groups.expert_dp if expert else self.dp_group
+            self._buffers.append(ParamAndGradBuffer(
+                params, param_dtype, grad_dtype, bucket_size, group, group.size, group.rank,
+                self.use_distributed_optimizer, 1.0 / self.dp_size, self.shard_grads, unit_of))
         self.buffer_of: dict[int, ParamAndGradBuffer] = {
             id(p): buffer for buffer in self._buffers for p in buffer.params}
         self.zero3: Optional[ShardedParams] = None

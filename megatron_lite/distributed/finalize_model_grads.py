@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from megatron_lite.distributed.model_chunk import ModelChunk
+from megatron_lite.models.moe import finish_moe_step
 from megatron_lite.pipeline.embedding import allreduce_embedding_grads
 from megatron_lite.process_groups import ProcessGroups
 from megatron_lite.tensor_parallel.layers import allreduce_sequence_parallel_grads
@@ -14,3 +15,4 @@ def finalize_model_grads(model_chunks: list[ModelChunk], groups: ProcessGroups) 
         chunk.finish_grad_sync()
     allreduce_sequence_parallel_grads(model_chunks, groups.tp)
     allreduce_embedding_grads(model_chunks, groups)
+    finish_moe_step(model_chunks)  # MoE: expert-bias update from the step's token counts (over TP x DP x CP)

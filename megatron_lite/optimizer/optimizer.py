@@ -11,6 +11,7 @@ main parameter is a *view* of it (no copy, as in Megatron: 16 bytes/param, not 2
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -203,9 +204,9 @@ class MegatronOptimizer:
                 self._drop_main_grads()
                 return False, None, None
 
-        counted = [device_grads[id(m)] for m in self.main_params
-                   if id(m) in device_grads and counts_toward_norm(m.model_param, self.groups)]
-        grad_norm = get_grad_norm_fp32(counted, self._stat_groups)
+        counted_params = [m for m in self.main_params
+                          if id(m) in device_grads and counts_toward_norm(m.model_param, self.groups)]
+        grad_norm = self._grad_norm(counted_params, device_grads)
         if self.config.training.check_for_nan_in_loss_and_grad:
             try:
                 check_finite_step(nonfinite_loss, grad_norm, self.groups.world)
@@ -215,7 +216,7 @@ class MegatronOptimizer:
         if self.config.optimizer.clip_grad > 0.0:
             clip_grad_by_total_norm_fp32(grads, self.config.optimizer.clip_grad, grad_norm)
         # Megatron counts zeros only on request: it is a full extra pass over every gradient.
-        num_zeros = count_zeros_fp32(counted, self._stat_groups) if self.config.logging.log_num_zeros_in_grad else None
+        num_zeros = self._count_zeros(counted_params, device_grads) if self.config.logging.log_num_zeros_in_grad else None
 
         for m in self.main_params:  # host slices: the clipped gradient is copied to the host (offload.py)
             grad = device_grads.get(id(m))
@@ -235,6 +236,24 @@ class MegatronOptimizer:
             for chunk in self.model_chunks:
                 chunk.start_param_sync()  # async with --overlap-param-gather: waited for in forward
         return True, grad_norm, num_zeros
+
+    def _split_experts(self, counted: list[MainParam], grads: dict) -> list[tuple[list[torch.Tensor], list]]:
+        """(grads, groups) to reduce statistics over. Not distributed, MoE experts are replicated over their
+        expert-DP group, not over DP: their shards are summed over ETP x EP x PP instead of TP x PP."""
+        if self.distributed or not self.config.moe.is_moe:
+            return [([grads[id(m)] for m in counted], self._stat_groups)]
+        expert = [grads[id(m)] for m in counted if getattr(m.model_param, "expert_parallel", False)]
+        dense = [grads[id(m)] for m in counted if not getattr(m.model_param, "expert_parallel", False)]
+        return [(dense, self._stat_groups), (expert, [self.groups.tp_ep_pp])]
+
+    def _grad_norm(self, counted: list[MainParam], grads: dict) -> float:
+        parts = self._split_experts(counted, grads)
+        if len(parts) == 1:
+            return get_grad_norm_fp32(*parts[0])
+        return math.sqrt(sum(get_grad_norm_fp32(part, groups) ** 2 for part, groups in parts))
+
+    def _count_zeros(self, counted: list[MainParam], grads: dict) -> int:
+        return sum(count_zeros_fp32(part, groups) for part, groups in self._split_experts(counted, grads))
 
     def close(self) -> None:
         """Release what outlives the process otherwise: the NVMe offload files (a clean exit does it too)."""

@@ -299,6 +299,11 @@ def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterato
                        dtype=config.params_dtype, forward_only=forward_only, no_sync_funcs=no_sync_funcs,
                        finalize_model_grads_func=finalize_model_grads_func, grad_scale_func=grad_scale_func,
                        groups=groups, v_shape=schedule == "zbv")
+    if getattr(getattr(config, "moe", None), "is_moe", False) and not forward_only:
+        from megatron_lite.models.moe import set_aux_loss_scale
+        # MoE balancing losses get the gradient one micro-batch's LM loss gets (loss scale x CP / micro-batches).
+        scale = float(grad_scale_func(torch.ones(1))[0]) if grad_scale_func is not None else 1.0
+        set_aux_loss_scale(model, scale * groups.cp.size / num_microbatches)
     losses = run.run(actions)
     if stats is not None:
         stats.update(run.stats)

@@ -137,6 +137,15 @@ def in_checkpointed_forward() -> bool:
     return _CHECKPOINTED_FORWARDS[0] > 0
 
 
+_RECOMPUTING = [0]  # > 0 while a checkpointed forward is being replayed in backward
+
+
+def is_recomputing() -> bool:
+    """True inside the replay of a checkpointed forward: statistics (MoE token counts, balancing losses)
+    must not be counted twice."""
+    return _RECOMPUTING[0] > 0
+
+
 def checkpoint(fn: Callable, *args: Any) -> Any:
     """Activation checkpointing of fn(*args): nothing inside is kept for backward, it is recomputed.
 
@@ -158,9 +167,11 @@ def checkpoint(fn: Callable, *args: Any) -> Any:
     def recompute_context() -> Iterator[None]:
         current = _TRACKER.get_states()
         _TRACKER.set_states(saved["tracker"])
+        _RECOMPUTING[0] += 1
         try:
             yield
         finally:
+            _RECOMPUTING[0] -= 1
             _TRACKER.set_states(current)
 
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True,

@@ -69,6 +69,23 @@ def test_rank_groups_equal_megatron_core_for_every_factorisation(world):
     assert count > 0
 
 
+@pytest.mark.parametrize("world", [4, 8])
+def test_expert_groups_with_their_own_tensor_parallel_size_equal_megatron_core(world):
+    """Parallel folding: the expert grid (ETP, EP, EDP, PP) is megatron-core's expert RankGenerator
+    ("tp-ep-dp-pp" with tp = ETP), whatever the dense TP is."""
+    count = 0
+    for etp, ep, pp in itertools.product([1, 2, 4], repeat=3):
+        if world % (etp * ep * pp) != 0:
+            continue
+        edp = world // (etp * ep * pp)
+        expert = {"tp": etp, "cp": 1, "ep": ep, "dp": edp, "pp": pp}
+        for token, dims in {"tp": ("tp",), "ep": ("ep",), "dp": ("dp",), "tp-ep": ("tp", "ep"),
+                            "tp-ep-pp": ("tp", "ep", "pp")}.items():
+            assert ps.rank_groups(world, expert, dims) == megatron_core_groups(world, etp, 1, ep, edp, pp, token)
+        count += 1
+    assert count > 4
+
+
 def test_megatron_docstring_example_16_gpus_tp2_pp4():
     # megatron-core's parallel_state docstring: 16 GPUs, TP=2, PP=4 -> DP=2.
     sizes = {"tp": 2, "cp": 1, "ep": 1, "dp": 2, "pp": 4}

@@ -45,3 +45,9 @@ def test_bench_init_runs() -> None:
     out = _run("bench_init.py", "--world", "2", "--layers", "1", "--step-layers", "1", "--hidden", "256", "--ffn", "512",
                "--vocab", "1000")
     assert "| full draw (before) | 1 |" in out and "| chunked | 1 |" in out
+
+
+def test_bench_moe_runs() -> None:
+    out = _run("bench_moe.py", "--hidden", "32", "--ffn", "16", "--tokens", "64", "--tokens-bytes", "8", "--repeats", "1",
+               "--skip-training")
+    assert "| MoE, grouped GEMM |" in out and "All-to-all bytes" in out

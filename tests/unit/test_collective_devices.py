@@ -123,7 +123,7 @@ class RecordingBackend:
     def reduce_scatter_single(self, output, tensor, op=None, group=None, async_op=False):
         return self._record("reduce_scatter", output, tensor)
 
-    def all_to_all_single(self, output, tensor, group=None, async_op=False):
+    def all_to_all_single(self, output, tensor, group=None, async_op=False, **split_sizes):
         return self._record("all_to_all", output, tensor)
 
     def send(self, tensor, dst=0, group=None):
@@ -175,7 +175,7 @@ def _groups(pp_rank: int = 0) -> ProcessGroups:
     def group(name: str, rank: int = 0) -> Group:
         return Group(name, (0, 1), rank, handle=object())
     fields = {name: group(name) for name in ("tp", "dp", "dp_cp", "cp", "mp", "tp_cp", "tp_dp", "tp_dp_cp", "ep",
-                                              "expert_dp", "tp_ep")}
+                                              "expert_dp", "tp_ep", "etp", "tp_ep_pp")}
     return ProcessGroups(world=Group("world", (0, 1), 0, None), pp=group("pp", pp_rank), embd=group("embd"), **fields)
 
 
@@ -205,6 +205,7 @@ def test_every_call_site_sends_tensors_on_the_backend_device(recorder):
     _pipeline_and_inference_sites(groups)
     _training_sites(groups)
     _context_parallel_sites(groups)
+    _moe_sites(groups)
     assert recorder.calls and all(device == DEVICE.type for _, device, _ in recorder.calls)
     missing = static_call_sites() - recorder.sites
     assert not missing, f"collective call sites not exercised by this test: {sorted(missing)}"
@@ -373,3 +374,15 @@ def test_a_cpu_scalar_under_nccl_is_refused_with_a_clear_message(recorder, monke
     group = _groups().tp
     with pytest.raises(collectives.CollectiveDeviceError, match="all_reduce on group 'tp'.*nccl.*device_for"):
         collectives.all_reduce(torch.zeros(1), group)
+
+
+def _moe_sites(groups: ProcessGroups) -> None:
+    """The dispatchers' count and routing-map gathers and their all-to-all (forward and backward), the router's
+    token-count sums, and the metrics' all-reduce."""
+    from megatron_lite.models.moe import dispatcher, metrics, router
+    dispatcher.gather_counts(torch.zeros(4, dtype=torch.int64, device=DEVICE), groups.tp_ep)
+    dispatcher.gather_routing_map(torch.zeros(3, 4, dtype=torch.bool, device=DEVICE), groups.tp_ep)
+    dispatcher.all_to_all(_meta(3, 8, grad=True), groups.tp_ep, [2, 1], [1, 2]).sum().backward()
+    router._summed(_meta(4), groups.tp_cp)
+    config = types.SimpleNamespace(moe=types.SimpleNamespace(is_moe=True, num_experts=4), model=types.SimpleNamespace(num_layers=2))
+    assert metrics.collect([], config, groups) == {}  # nothing recorded (meta values read back as zeros)

@@ -89,7 +89,28 @@ def test_context_parallel_configurations_validate():
      "--context-parallel-size: --seq-length 36 is not divisible by 2 x CP x TP"),
     (["--context-parallel-size", "4", "--cp-comm-type", "a2a", "--num-attention-heads", "6", "--hidden-size", "48"], 8,
      "--cp-comm-type: a2a splits each TP rank's 6 attention heads"),
-    (["--expert-model-parallel-size", "2"], 8, "mixture-of-experts layers are not implemented"),
+    (["--expert-model-parallel-size", "2"], 8, "set without --num-experts"),
+    # Mixture of experts: refused before any process group exists.
+    (["--num-experts", "6", "--expert-model-parallel-size", "4", "--disable-bias-linear"], 8,
+     "--num-experts: 6 experts are not divisible by --expert-model-parallel-size 4"),
+    (["--num-experts", "4", "--moe-router-topk", "5", "--disable-bias-linear"], 8, "--moe-router-topk: 5 is more than --num-experts 4"),
+    (["--num-experts", "8", "--expert-model-parallel-size", "8", "--expert-tensor-parallel-size", "2",
+      "--disable-bias-linear"], 8, "world size 8 is not divisible by ETP x EP x PP = 2 x 8 x 1"),
+    (["--num-experts", "8", "--expert-model-parallel-size", "4", "--pipeline-model-parallel-size", "4",
+      "--disable-bias-linear"], 8, "not divisible by ETP x EP x PP = 1 x 4 x 4"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--disable-bias-linear"], 8, "needs --sequence-parallel"),
+    (["--num-experts", "4"], 8, "Add --disable-bias-linear"),
+    (["--num-experts", "4", "--disable-bias-linear", "--expert-model-parallel-size", "2", "--moe-expert-capacity-factor",
+      "1", "--moe-pad-expert-input-to-capacity"], 8, "the allgather dispatcher does not pad"),
+    (["--num-experts", "8", "--disable-bias-linear", "--moe-router-num-groups", "3", "--moe-router-group-topk", "1"], 8,
+     "--moe-router-num-groups: 3 groups"),
+    (["--num-experts", "4", "--disable-bias-linear", "--moe-layer-freq", "[1]*3", "--num-layers", "2"], 8, "--moe-layer-freq"),
+    (["--num-experts", "4", "--disable-bias-linear", "--moe-router-enable-expert-bias"], 8, "needs --moe-router-score-function sigmoid"),
+    (["--num-experts", "4", "--disable-bias-linear", "--moe-ffn-hidden-size", "33", "--expert-tensor-parallel-size", "2"], 8,
+     "--moe-ffn-hidden-size: 33 is not divisible by --expert-tensor-parallel-size 2"),
+    (["--moe-shared-expert-intermediate-size", "64"], 8, "needs --num-experts"),
+    (["--num-experts", "4", "--disable-bias-linear", "--data-parallel-sharding-strategy", "optim_grads_params"], 8,
+     "optim_grads_params (ZeRO-3) with --num-experts"),
     (["--decoder-first-pipeline-num-layers", "1"], 8, "needs --pipeline-model-parallel-size > 1"),
     (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "5"], 8, "do not add up"),
     (["--use-distributed-optimizer", "--data-parallel-sharding-strategy", "no_shard"], 8,
@@ -109,6 +130,19 @@ def test_invalid_configurations_fail_with_named_flag(flags, world, needle):
     message = str(info.value)
     assert needle in message, message
     assert "." in message  # a sentence with a fix follows the problem
+
+
+def test_moe_parallel_folding_and_layer_pattern():
+    # EP need not divide DP: TP 2 x DP 2 for attention, ETP 1 x EP 4 for experts, on 4 ranks.
+    c = cfg("--num-experts", "8", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size",
+            "4", "--expert-tensor-parallel-size", "1", "--disable-bias-linear", "--num-layers", "4", "--moe-layer-freq",
+            "[0]+[1]*3", world=4)
+    assert c.parallel.expert_tp_size == 1 and c.moe.layer_pattern(4) == [0, 1, 1, 1]
+    assert c.moe.moe_ffn_hidden_size == c.model.ffn_hidden_size  # megatron-core's default
+    assert cfg("--num-experts", "4", "--disable-bias-linear", "--moe-layer-freq", "2", "--num-layers", "4",
+               world=1).moe.layer_pattern(4) == [1, 0, 1, 0]
+    assert cfg("--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--disable-bias-linear",
+               world=2).parallel.expert_tp_size == 2  # ETP defaults to TP
 
 
 def test_uneven_first_last_stage_layers_are_accepted():

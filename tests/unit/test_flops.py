@@ -78,3 +78,18 @@ def test_mfu_uses_model_flops_without_recompute(recompute: str | None) -> None:
     expected_tflops = hand_count(cfg, 64) / 2.0 / 8 / 1e12  # per device
     assert record["tflops_per_device"] == pytest.approx(expected_tflops, rel=1e-12)
     assert record["mfu"] == pytest.approx(expected_tflops / 989.0, rel=1e-12)
+
+
+def test_moe_flops_count_active_parameters_router_and_shared_expert() -> None:
+    """A MoE layer's MLP FLOPs are those of top-k experts of --moe-ffn-hidden-size, the shared expert with its
+    gate and the router GEMM (hand count per token), and dense layers (--moe-layer-freq) keep the dense MLP's."""
+    cfg = _config(**TINY_GQA, add_bias_linear=False)
+    cfg.moe.num_experts, cfg.moe.moe_router_topk, cfg.moe.moe_ffn_hidden_size = 8, 2, 64
+    cfg.moe.moe_shared_expert_intermediate_size, cfg.moe.moe_shared_expert_gate = 96, True
+    cfg.moe.moe_layer_freq = "[0,1,1]"
+    cfg.validate()
+    m, s, h = cfg.model, cfg.model.seq_length, cfg.model.hidden_size
+    dense_mlp = 3 * 2 * s * h * (2 * m.ffn_hidden_size + m.ffn_hidden_size)  # fwd + bwd, SwiGLU fc1 + fc2
+    moe_mlp = 3 * 2 * s * h * (2 * (2 * 64 + 64) + (2 * 96 + 96) + 8 + 1)  # 2 experts, shared, router, gate
+    expected = hand_count(_config(**TINY_GQA, add_bias_linear=False), 2) + 2 * 2 * (moe_mlp - dense_mlp)
+    assert num_floating_point_operations(cfg, 2) == pytest.approx(expected, rel=1e-12)

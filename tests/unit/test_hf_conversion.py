@@ -55,7 +55,8 @@ def test_config_round_trip_llama_and_gpt2():
     {"hidden_act": "gelu"},
     {"attention_bias": True, "mlp_bias": False},
     {"model_type": "mistral", "sliding_window": 16},
-    {"model_type": "mixtral"},
+    {"model_type": "mixtral"},  # a MoE config without its expert count
+    {"model_type": "deepseek_v3"},
 ])
 def test_unsupported_hf_configs_fail_with_a_reason(bad):
     with pytest.raises(ConfigError):

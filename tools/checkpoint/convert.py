@@ -121,7 +121,7 @@ def load_hf(path: str) -> Source:
     settings = hfc.tokenizer_settings(path)
     dtype = hf.dtype()
     metas = model_param_meta(config, dtype)
-    weight_map = hfc.WeightMap(config.to_dict()["model"])
+    weight_map = hfc.WeightMap(config.to_dict()["model"], config=config.to_dict())
     rules = {name: weight_map.rule(name) for name in metas}
     # Every HF tensor must be used and every needed one present: a mismatch means the config does not
     # describe the weights (e.g. biases the config says do not exist), which must not pass silently.
@@ -142,36 +142,40 @@ def load_hf(path: str) -> Source:
 
 
 # ---- savers ---------------------------------------------------------------------------------------
-def target_config(config: dict, tp: int, pp: int, vp: Optional[int]) -> dict:
-    """The source config re-validated for the target layout (so e.g. heads not divisible by TP fail here)."""
+def target_config(config: dict, tp: int, pp: int, vp: Optional[int], ep: int = 1, etp: Optional[int] = None) -> dict:
+    """The source config re-validated for the target layout (so e.g. heads not divisible by TP fail here).
+    MoE: experts over ETP x EP (folded over TP x DP), with sequence parallelism when TP > 1 (training needs it)."""
     values = copy.deepcopy(config)
     parallel = values.setdefault("parallel", {})
-    parallel.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
+    is_moe = bool((values.get("moe") or {}).get("num_experts"))
+    parallel.update(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
+    parallel.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=is_moe and tp > 1,
                     virtual_pipeline_model_parallel_size=vp, num_layers_per_virtual_pipeline_stage=None,
                     decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None)
     schedule = parallel.get("pipeline_schedule")
     if (vp is not None and schedule in ("gpipe", "1f1b", "zb-h1")) or (schedule == "zbv" and vp != 2) \
             or (vp is None and schedule == "interleaved"):
         parallel["pipeline_schedule"] = "auto"  # the source's schedule does not fit the target layout
-    values["world_size"] = tp * pp
+    values["world_size"] = tp * pp * max(1, ep * (etp or tp) // tp)  # EP ranks come from data-parallel replicas
     values.setdefault("training", {})["global_batch_size"] = None  # the old one may not fit DP = 1 x PP
     values["training"]["rampup_batch_size"] = None
     # A machine-local scratch path, not part of the checkpoint (and validate() checks it is writable here).
     values.setdefault("optimizer", {})["optimizer_nvme_offload_dir"] = None
     try:
         cfg = Config.from_dict(values)
-        cfg.training.global_batch_size = cfg.training.micro_batch_size * pp
+        cfg.training.global_batch_size = cfg.training.micro_batch_size * cfg.data_parallel_size * pp
         cfg.validate()
     except ConfigError as error:
-        raise ConfigError(f"target layout TP={tp} PP={pp} VP={vp}: {error}") from None
+        raise ConfigError(f"target layout TP={tp} PP={pp} VP={vp} EP={ep} ETP={etp or tp}: {error}") from None
     # Keep the user's batch settings: they are a training choice, not part of the checkpoint's layout.
     out = cfg.to_dict()
     out["training"] = config.get("training", out["training"])
     return out
 
 
-def save_megatron(source: Source, save_dir: str, tp: int, pp: int, vp: Optional[int] = None) -> str:
-    config = target_config(source.config, tp, pp, vp)
+def save_megatron(source: Source, save_dir: str, tp: int, pp: int, vp: Optional[int] = None, ep: int = 1,
+                  etp: Optional[int] = None) -> str:
+    config = target_config(source.config, tp, pp, vp, ep, etp)
     copied = hfc.copy_aux_files(source.tokenizer_dir, os.path.join(save_dir, TOKENIZER_DIR))
     settings = hfc.tokenizer_settings(os.path.join(save_dir, TOKENIZER_DIR)) if copied else None
     if settings:
@@ -184,6 +188,9 @@ def save_megatron(source: Source, save_dir: str, tp: int, pp: int, vp: Optional[
 
 def save_megatron_lm(source: Source, save_dir: str, tp: int, pp: int, vp: Optional[int] = None) -> str:
     """Megatron-LM's torch format at TP x PP(xVP) (model weights and args; no optimizer state)."""
+    if (source.config.get("moe") or {}).get("num_experts"):
+        raise ConfigError("--saver megatron: MoE models are not converted to Megatron-LM's format yet "
+                          "(megatron_lite and Hugging Face savers support them).")
     config = target_config(source.config, tp, pp, vp)
     vp = config["parallel"]["virtual_pipeline_model_parallel_size"]
     return megatron_lm.write_torch_checkpoint(save_dir, config, source.tensor, source.param_meta, tp, pp, vp,
@@ -192,7 +199,7 @@ def save_megatron_lm(source: Source, save_dir: str, tp: int, pp: int, vp: Option
 
 def save_hf(source: Source, save_dir: str) -> None:
     model = source.config["model"]
-    weight_map = hfc.WeightMap(model)
+    weight_map = hfc.WeightMap(model, config=source.config)
     groups = [g for g in hfc.layer_groups(list(source.param_meta), model["num_layers"]) if g]
     writer = hfc.HFCheckpointWriter(save_dir, len(groups))
     for group in groups:  # one layer in memory at a time
@@ -220,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="megatron_lite saver: virtual stages per pipeline rank (interleaved 1F1B).")
     parser.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
                         help="megatron_lite saver: alternative way to give VP.")
+    parser.add_argument("--target-expert-model-parallel-size", type=int, default=1,
+                        help="megatron_lite saver, MoE: EP recorded in the checkpoint (loading reshards experts to any EP).")
+    parser.add_argument("--target-expert-tensor-parallel-size", type=int, default=None,
+                        help="megatron_lite saver, MoE: ETP the expert shards are written for (default: TP).")
     parser.add_argument("--no-optimizer", action="store_true", help="megatron_lite -> megatron_lite: drop optimizer state.")
     parser.add_argument("--ckpt-format", default=None, choices=list(megatron_lm.FORMATS),
                         help="megatron loader: Megatron-LM's checkpoint format (default: detected); the saver writes torch.")
@@ -243,15 +254,16 @@ def convert(args: argparse.Namespace) -> None:
         vp = source.config["model"]["num_layers"] // (pp * args.target_num_layers_per_virtual_pipeline_stage)
     if saver == "hf":
         save_hf(source, args.save_dir)
-        print(f"wrote Hugging Face {hfc.hf_family(source.config['model'])} model to {args.save_dir}")
+        print(f"wrote Hugging Face {hfc.hf_config_from_config(source.config)['model_type']} model to {args.save_dir}")
     elif saver == "megatron_lm":
         if args.ckpt_format not in (None, "torch"):
             raise ConfigError(f"--saver {args.saver}: writes --ckpt-format torch only, got {args.ckpt_format}.")
         path = save_megatron_lm(source, args.save_dir, tp, pp, vp)
         print(f"wrote Megatron-LM torch checkpoint (TP={tp}, PP={pp}, VP={vp}) to {path}")
     else:
-        path = save_megatron(source, args.save_dir, tp, pp, vp)
-        print(f"wrote megatron_lite checkpoint (TP={tp}, PP={pp}, VP={vp}) to {path}")
+        ep, etp = args.target_expert_model_parallel_size, args.target_expert_tensor_parallel_size
+        path = save_megatron(source, args.save_dir, tp, pp, vp, ep, etp)
+        print(f"wrote megatron_lite checkpoint (TP={tp}, PP={pp}, VP={vp}, EP={ep}, ETP={etp or tp}) to {path}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

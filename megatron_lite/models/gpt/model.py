@@ -21,6 +21,7 @@ from megatron_lite.process_groups import Group, ProcessGroups
 from megatron_lite.tensor_parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, mask_padded_vocab,
                                                   vocab_range)
 from megatron_lite.tensor_parallel.mappings import scatter_to_sequence_parallel_region
+from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
 from megatron_lite.tensor_parallel.utils import initialize_param, pad_vocab_size, set_default_attributes, set_init
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
@@ -107,7 +108,8 @@ class GPTModel(nn.Module):
 
         if pre_process:
             self.embedding = LanguageModelEmbedding(config, self.tp_group, device)
-        self.decoder = TransformerBlock(config, self.layer_numbers, post_process, self.tp_group, device, groups.cp)
+        self.groups = groups
+        self.decoder = TransformerBlock(config, self.layer_numbers, post_process, self.tp_group, device, groups.cp, groups)
         if post_process:
             padded = pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, self.tp_group.size)
             self.output_layer = ColumnParallelLinear(
@@ -133,7 +135,8 @@ class GPTModel(nn.Module):
             if param.is_meta:  # shape-only model (converters, planning): nothing to draw
                 continue
             init_name = WORD_EMBEDDINGS if (name == "output_layer.weight" and self.tied) else name
-            initialize_param(param, init_name, seed, self.tp_group.rank, self.tp_group.size)
+            axis = self.groups.etp if shard_spec_of(param).axis == "etp" else self.tp_group  # experts: expert TP
+            initialize_param(param, init_name, seed, axis.rank, axis.size)
 
     def sharding_plan(self) -> tuple[dict[str, list[nn.Module]], list[tuple[nn.Module, tuple[str, ...]]]]:
         """ZeRO-3 units and steps (distributed/zero3.py): units = the embedding, each transformer layer, the

@@ -6,7 +6,6 @@ in the regions those linears gather from / scatter to, so this file has no TP br
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, ContextManager, Optional
 
 import torch
@@ -17,15 +16,11 @@ from megatron_lite.config import Config
 from megatron_lite.context_parallel import context_parallel_attention, global_positions
 from megatron_lite.kernels.registry import select_kernels
 from megatron_lite.kernels.rope import rope_cos_sin, rope_scaling_of
-from megatron_lite.process_groups import Group
+from megatron_lite.models.gpt.mlp import output_init_std
+from megatron_lite.process_groups import Group, ProcessGroups
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_lite.tensor_parallel.random import checkpoint, get_rng_tracker
 from megatron_lite.tensor_parallel.utils import set_init
-
-
-def output_init_std(config: Config) -> float:
-    """Megatron's scaled init for projections that write into the residual stream."""
-    return config.model.init_method_std / math.sqrt(2.0 * config.model.num_layers)
 
 
 def hidden_dropout_rng(sequence_parallel: bool) -> ContextManager:
@@ -171,32 +166,11 @@ class SelfAttention(nn.Module):
         return self.linear_proj(context)
 
 
-class MLP(nn.Module):
-    """fc1 -> GeLU (tanh, GPT-2) or SwiGLU (fc1 holds [gate; up], split over TP with stride 2) -> fc2."""
-
-    def __init__(self, config: Config, tp_group: Group, device: Optional[torch.device] = None) -> None:
-        super().__init__()
-        m = config.model
-        self.swiglu = m.swiglu
-        self.kernels = select_kernels(config)
-        common = dict(sequence_parallel=config.parallel.sequence_parallel, params_dtype=config.params_dtype, device=device,
-                      tp_group=tp_group)
-        self.linear_fc1 = ColumnParallelLinear(m.hidden_size, m.ffn_hidden_size * (2 if m.swiglu else 1),
-                                               bias=m.add_bias_linear, init_std=m.init_method_std,
-                                               stride=2 if m.swiglu else 1, **common)
-        self.linear_fc2 = RowParallelLinear(m.ffn_hidden_size, m.hidden_size, bias=m.add_bias_linear,
-                                            init_std=output_init_std(config), **common)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.linear_fc1(x)
-        return self.linear_fc2(self.kernels.swiglu_fn(h) if self.swiglu else self.kernels.bias_gelu_fn(h))
-
-
 class TransformerLayer(nn.Module):
     """x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x)))."""
 
     def __init__(self, config: Config, layer_number: int, tp_group: Group, device: Optional[torch.device] = None,
-                 cp_group: Optional[Group] = None) -> None:
+                 cp_group: Optional[Group] = None, groups: Optional[ProcessGroups] = None) -> None:
         super().__init__()
         self.layer_number = layer_number  # global, 0-based
         self.hidden_dropout = config.model.hidden_dropout
@@ -205,7 +179,8 @@ class TransformerLayer(nn.Module):
         self.self_attention = SelfAttention(config, tp_group, device, cp_group)
         self.self_attention.layer_number = layer_number  # its key in an InferenceContext
         self.pre_mlp_layernorm = Norm(config, config.model.hidden_size, device)
-        self.mlp = MLP(config, tp_group, device)
+        from megatron_lite.models.moe.moe_layer import build_mlp  # (moe_layer builds on gpt/mlp.py: import here)
+        self.mlp = build_mlp(config, layer_number, tp_group, device, groups)  # dense MLP, or MoE (models/moe/)
 
     def dropout(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.hidden_dropout == 0.0:
@@ -225,10 +200,12 @@ class TransformerBlock(nn.Module):
     final norm; applies --recompute-granularity full (uniform or block) here."""
 
     def __init__(self, config: Config, layer_numbers: list[int], post_process: bool, tp_group: Group,
-                 device: Optional[torch.device] = None, cp_group: Optional[Group] = None) -> None:
+                 device: Optional[torch.device] = None, cp_group: Optional[Group] = None,
+                 groups: Optional[ProcessGroups] = None) -> None:
         super().__init__()
         m = config.model
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, i, tp_group, device, cp_group) for i in layer_numbers})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, i, tp_group, device, cp_group, groups)
+                                     for i in layer_numbers})
         for layer in self.layers.values():
             select_kernels(config).compile_layer(layer)  # --torch-compile: in place, names unchanged
         self.final_layernorm = Norm(config, m.hidden_size, device) if post_process else None
