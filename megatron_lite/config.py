@@ -188,6 +188,7 @@ class ParallelConfig:
     overlap_param_gather: bool = arg(False, "Overlap the distributed optimizer's parameter all-gather with the next forward.", action="store_true")
     ddp_bucket_size: Optional[int] = arg(None, "Elements per gradient bucket (default max(40M, 1M*DP)).")
     accumulate_allreduce_grads_in_fp32: bool = arg(False, "Accumulate and reduce gradients in fp32 (always on with --bf16).", action="store_true")
+    auto_parallel: bool = arg(False, "Plan the layout (TP, PP, VP, CP, EP, SP, micro-batch size, recompute, DP sharding) for the launched world size with megatron_lite/planner and train with it; layout flags given explicitly win. The chosen plan and its predictions are logged.", action="store_true")
 
     @property
     def sharding_strategy(self) -> str:
@@ -451,6 +452,7 @@ class LoggingConfig:
     peak_tflops: Optional[float] = arg(None, "Peak dense TFLOP/s per device for MFU (detected for known GPUs).")
     log_memory: bool = arg(True, "Do not log memory.", flag="--no-log-memory", action="store_false")
     log_num_zeros_in_grad: bool = arg(False, "Count and log zero gradient elements (an extra pass over all grads).", action="store_true")
+    measure_activation_memory: bool = arg(False, "Measure the first step's peak saved-activation bytes (planner/measure.py) and add them to the memory record, which is then written after that step.", action="store_true")
 
     def validate(self, cfg: "Config") -> None:
         if self.log_interval < 1:

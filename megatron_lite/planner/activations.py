@@ -31,7 +31,8 @@ d loss/dW ((V/t) x h, fp32) per micro-batch in flight (kernels/linear_cross_entr
 keeps the fp32 softmax (V/t per token) instead.
 Micro-batches in flight: the peak, over the schedule's action list for each pipeline rank (pipeline/
 schedules.py), of the activations of every (chunk, micro-batch) forwarded and not yet backwarded -- the
-simulator's max_in_flight, weighted by what each chunk holds.
+simulator's max_in_flight, weighted by what each chunk holds (with a split backward, up to its B: see
+peak_alive for what W keeps).
 """
 from __future__ import annotations
 
@@ -172,16 +173,18 @@ def rank_actions(schedule: str, pp: int, vp: int, m: int, pp_rank: int) -> tuple
 
 @functools.lru_cache(maxsize=4096)
 def peak_alive(schedule: str, pp: int, vp: int, m: int, pp_rank: int, weights: tuple) -> float:
-    """Peak over rank pp_rank's action list of the summed weight of alive (chunk, micro-batch) pairs (the
-    simulator's max_in_flight rule: alive from Forward to its Backward, or to its W when split)."""
-    from megatron_lite.pipeline.schedules import Backward, Forward, WeightGrad
+    """Peak over rank pp_rank's action list of the summed weight of alive (chunk, micro-batch) pairs: alive
+    from its Forward to its Backward. With a split backward (zb-h1) autograd frees the saved tensors at B;
+    what W still needs (each linear layer's input, held by the deferred weight-gradient closure) is not
+    counted here -- nor by planner/measure.py, which sees autograd's saved tensors only (a known gap)."""
+    from megatron_lite.pipeline.schedules import Backward, Forward
     actions = rank_actions(schedule, pp, vp, simulated_microbatches(pp, m), pp_rank)
     alive = peak = 0.0
     for action in actions:
         if isinstance(action, Forward):
             alive += weights[action.chunk]
             peak = max(peak, alive)
-        elif isinstance(action, WeightGrad) or (isinstance(action, Backward) and not action.defer_wgrad):
+        elif isinstance(action, Backward):
             alive -= weights[action.chunk]
     return peak
 
