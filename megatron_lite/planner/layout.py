@@ -47,7 +47,8 @@ def apply(cfg, layout: Layout, overlap: bool = True):
     out.world_size = layout.world
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = layout.tp, layout.pp
     p.context_parallel_size, p.expert_model_parallel_size = layout.cp, layout.ep
-    p.num_layers_per_virtual_pipeline_stage = (m.num_layers // (layout.pp * layout.vp)) if layout.vp > 1 else None
+    # the virtual stage count (config derives --num-layers-per-virtual-pipeline-stage and checks it divides)
+    p.num_layers_per_virtual_pipeline_stage = None
     p.virtual_pipeline_model_parallel_size = layout.vp if layout.vp > 1 else None
     p.sequence_parallel = layout.sp
     p.data_parallel_sharding_strategy = layout.strategy
