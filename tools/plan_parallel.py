@@ -82,10 +82,11 @@ def main(argv=None) -> int:
 
 def _calibrate(extra: dict) -> int:
     from megatron_lite.planner.calibrate import calibrate
+    from megatron_lite.planner.hardware import Hardware
     path = extra["hardware_profile"]
     if not path:
         raise ConfigError("--calibrate: give --hardware-profile PATH to write the profile to.")
-    hw = calibrate(world=extra["calibrate_ranks"])
+    hw = Hardware.from_json(calibrate(world=extra["calibrate_ranks"]))
     with open(path, "w") as fh:
         json.dump(hw.to_json(), fh, indent=1)
     print(f"wrote {path}: peak {hw.peak_tflops:.4f} TFLOP/s per rank (1 thread), memory bandwidth "

@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import time
 
-from megatron_lite.planner.hardware import Hardware
-
 SIZES = (16, 32, 64, 128, 256, 512)
 
 
@@ -72,28 +70,32 @@ def _collective_worker(sizes: tuple, group_sizes: tuple, repeats: int) -> dict:
             handle = dist.new_group(ranks)
             if rank in ranks:
                 mine = Group(f"cal{n}", tuple(ranks), ranks.index(rank), handle)
-        times = []
-        for nbytes in sizes:
-            t = torch.zeros(nbytes // 4)
-            collectives.all_reduce(t, group=mine)
-            collectives.barrier()
-            times.append(_median_time(lambda: collectives.all_reduce(t, group=mine), repeats))
-        out[n] = times
+        collectives.barrier()  # every group starts together, as in a run
+        out[n] = [time_all_reduce(torch.zeros(nbytes // 4), mine, repeats) for nbytes in sizes]
     # p2p: even ranks send to the next odd rank, all pairs at once
-    p2p = []
-    for nbytes in sizes:
-        t = torch.zeros(nbytes // 4)
-        peer = rank + 1 if rank % 2 == 0 else rank - 1
-
-        def exchange():
-            if rank % 2 == 0:
-                collectives.send(t, peer)
-            else:
-                collectives.recv(t, peer)
-        exchange()
-        p2p.append(_median_time(exchange, repeats))
-    out["p2p"] = p2p
+    peer = rank + 1 if rank % 2 == 0 else rank - 1
+    out["p2p"] = [time_exchange(torch.zeros(nbytes // 4), rank % 2 == 0, peer, repeats) for nbytes in sizes]
     return out
+
+
+def time_all_reduce(tensor, group, repeats: int) -> float:
+    """Median seconds of an all-reduce of `tensor` over `group` (after one warm-up)."""
+    from megatron_lite import collectives
+    collectives.all_reduce(tensor, group=group)
+    return _median_time(lambda: collectives.all_reduce(tensor, group=group), repeats)
+
+
+def time_exchange(tensor, sender: bool, peer: int, repeats: int) -> float:
+    """Median seconds of sending `tensor` to (or receiving it from) `peer`."""
+    from megatron_lite import collectives
+
+    def exchange():
+        if sender:
+            collectives.send(tensor, peer)
+        else:
+            collectives.recv(tensor, peer)
+    exchange()
+    return _median_time(exchange, repeats)
 
 
 def _fit(small: float, large: float, sizes: tuple, volume_factor: float, steps: int) -> tuple[float, float]:
@@ -119,15 +121,14 @@ def collective_tables(world: int, quick: bool) -> tuple[dict, tuple]:
     return table, _fit(p2p_times[0], p2p_times[1], sizes, 1.0, 1)
 
 
-def calibrate(quick: bool = False, world: int = 8) -> Hardware:
-    """A Hardware profile of this machine (the `cpu` preset)."""
+def calibrate(quick: bool = False, world: int = 8) -> dict:
+    """The profile of this machine (the `cpu` preset), as hardware.Hardware's JSON fields."""
     table = gemm_table(quick)
     bandwidth = memory_bandwidth()
     collectives_table, p2p = collective_tables(world, quick)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    return Hardware("cpu", peak_tflops=max(r for _, r in table), memory_gb=memory_gb, memory_bandwidth_gbps=bandwidth,
-                    intra_node_bandwidth_gbps=collectives_table[max(collectives_table, key=int)][1],
-                    inter_node_bandwidth_gbps=collectives_table[max(collectives_table, key=int)][1],
-                    gemm_table=tuple(table), collective_table=collectives_table, p2p=p2p,
-                    compute_units_per_node=cores)
+    link = collectives_table[max(collectives_table, key=int)][1]
+    return dict(name="cpu", peak_tflops=max(r for _, r in table), memory_gb=memory_gb, memory_bandwidth_gbps=bandwidth,
+                intra_node_bandwidth_gbps=link, inter_node_bandwidth_gbps=link, gemm_table=[list(x) for x in table],
+                collective_table=collectives_table, p2p=list(p2p), compute_units_per_node=cores)

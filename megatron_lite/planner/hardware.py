@@ -99,7 +99,7 @@ def cpu_profile() -> Hardware:
         with open(CPU_PROFILE_CACHE) as fh:
             return Hardware.from_json(json.load(fh))
     from megatron_lite.planner.calibrate import calibrate
-    hw = calibrate(quick=True)
+    hw = Hardware.from_json(calibrate(quick=True))
     os.makedirs(os.path.dirname(CPU_PROFILE_CACHE), exist_ok=True)
     with open(CPU_PROFILE_CACHE, "w") as fh:
         json.dump(hw.to_json(), fh, indent=1)

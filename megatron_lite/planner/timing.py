@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 
-from megatron_lite.planner import comm
+from megatron_lite.planner.comm import collective_time, group_span, p2p_time
 from megatron_lite.planner.activations import ModelShape, rank_actions, simulated_microbatches
 from megatron_lite.planner.compute import chunk_times, optimizer_seconds
 from megatron_lite.planner.hardware import Hardware
@@ -38,18 +38,18 @@ def layer_comm(shape: ModelShape, layout: Layout, hw: Hardware, gpus_per_node: i
     tokens = layout.mbs * shape.seq / layout.cp
     act = tokens * shape.hidden * shape.e
     out = {}
-    t_nodes = comm.group_span(layout, ("tp",), gpus_per_node)
-    one = comm.collective_time(hw, "all_reduce", act, layout.tp, t_nodes)
+    t_nodes = group_span(layout, ("tp",), gpus_per_node)
+    one = collective_time(hw, "all_reduce", act, layout.tp, t_nodes)
     fwd = 2 * one
     bwd = 2 * one + (fwd if layout.recompute == "full" else 0.0)
     out["tp"] = (fwd, bwd)
     kv = tokens * 2 * shape.groups * shape.head_dim / layout.tp * shape.e
-    cp_nodes = comm.group_span(layout, ("cp",), gpus_per_node)
-    step = comm.p2p_time(hw, kv, cp_nodes > 1) if layout.cp > 1 else 0.0
+    cp_nodes = group_span(layout, ("cp",), gpus_per_node)
+    step = p2p_time(hw, kv, cp_nodes > 1) if layout.cp > 1 else 0.0
     out["cp"] = ((layout.cp - 1) * step, 2 * (layout.cp - 1) * step)
     if shape.num_experts and layout.ep > 1:
-        ep_nodes = comm.group_span(layout, ("ep",), gpus_per_node)
-        a2a = comm.collective_time(hw, "all_to_all", act * shape.topk / layout.tp, layout.ep, ep_nodes)
+        ep_nodes = group_span(layout, ("ep",), gpus_per_node)
+        a2a = collective_time(hw, "all_to_all", act * shape.topk / layout.tp, layout.ep, ep_nodes)
         out["ep"] = (2 * a2a, 2 * a2a)
     else:
         out["ep"] = (0.0, 0.0)
@@ -83,12 +83,12 @@ def dp_comm(hw: Hardware, layout: Layout, grad_bytes: float, param_bytes: float,
     n = layout.dp * layout.cp
     if n <= 1:
         return 0.0
-    nodes = comm.group_span(layout, ("dp", "cp"), gpus_per_node)
+    nodes = group_span(layout, ("dp", "cp"), gpus_per_node)
     if layout.strategy == "no_shard":
-        reduce = comm.collective_time(hw, "all_reduce", grad_bytes, n, nodes)
+        reduce = collective_time(hw, "all_reduce", grad_bytes, n, nodes)
         return max(0.0, reduce - backward_window)
-    reduce = comm.collective_time(hw, "reduce_scatter", grad_bytes, n, nodes)
-    gather = comm.collective_time(hw, "all_gather", param_bytes, n, nodes)
+    reduce = collective_time(hw, "reduce_scatter", grad_bytes, n, nodes)
+    gather = collective_time(hw, "all_gather", param_bytes, n, nodes)
     if layout.strategy == "optim_grads_params":
         # parameters gathered for each micro-batch's forward and again for its backward
         per_mb = max(0.0, gather - forward_window) + max(0.0, gather - backward_window)
@@ -120,9 +120,9 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, gpus_per_node: in
         shared = max(1.0, min(gpus_per_node, layout.world) / hw.compute_units_per_node)
     f_total = f_c + sum(comm_f.values())
     b_total = b_c + sum(comm_b.values())
-    pp_nodes = comm.group_span(layout, ("pp",), gpus_per_node)
+    pp_nodes = group_span(layout, ("pp",), gpus_per_node)
     act_bytes = layout.mbs * shape.seq / layout.cp * shape.hidden * shape.e / (layout.tp if layout.sp else 1)
-    p2p = comm.p2p_time(hw, act_bytes, pp_nodes > 1) if layout.pp > 1 else 0.0
+    p2p = p2p_time(hw, act_bytes, pp_nodes > 1) if layout.pp > 1 else 0.0
     vp = layout.vp
     critical = pipeline_makespan(schedule, layout.pp, vp, m, f_total / vp, b_total / vp, p2p)
     busy = m * (f_total + b_total)

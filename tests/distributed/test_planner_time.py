@@ -63,8 +63,9 @@ def spearman(a: list[float], b: list[float]) -> float:
 @pytest.mark.slow
 def test_planner_time_model_ranks_cpu_layouts():
     from megatron_lite.planner.calibrate import calibrate
+    from megatron_lite.planner.hardware import Hardware
     from megatron_lite.planner.predict import evaluate
-    hw = calibrate(quick=True, world=WORLD)
+    hw = Hardware.from_json(calibrate(quick=True, world=WORLD))
     candidates = layouts()
     base = timing_config()
     results = run_distributed(run_layouts, WORLD, timeout=3000, base=base, layouts=candidates, timed_steps=5, warmup=2)
