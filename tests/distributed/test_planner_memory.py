@@ -88,5 +88,6 @@ def test_planner_memory_representative():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_planner_memory_every_layout():
     check(all_layouts(), timeout=3600)
