@@ -37,6 +37,7 @@ class SearchResult:
     considered: int = 0
     pruned_by_memory: int = 0
     smallest: dict = field(default_factory=dict)  # the least memory any candidate needs, and its layout
+    refused: str = ""  # the first config.validate() error of a plan that fit (when every one was refused)
 
 
 def _divisors(n: int) -> list[int]:
@@ -112,8 +113,10 @@ def search(cfg, num_gpus: int, gpus_per_node: int, hw: Hardware, top: int = 5, c
     result.plans.sort(key=lambda p: (p["step_time_s"], p["memory_per_gpu_gb"]))
     # the leaders again with the exact state bytes (the meta build + memory_report), then ranked
     from megatron_lite.planner.layout import layout_from_plan
+    errors: list = []
     exact = [dict(evaluate(cfg, layout_from_plan(p), hw, gpus_per_node), implemented=p["implemented"])
-             for p in _valid(cfg, result.plans, 2 * top, implemented_only)]
+             for p in _valid(cfg, result.plans, 2 * top, implemented_only, errors)]
+    result.refused = errors[0] if errors and not exact else ""
     exact.sort(key=lambda p: (not p["fits"], p["step_time_s"], p["memory_per_gpu_gb"]))
     result.plans = [p for p in exact if p["fits"]][:top]
     return result
@@ -124,19 +127,19 @@ def _note_smallest(result: SearchResult, nbytes: float, layout: Layout) -> None:
         result.smallest = {"bytes": nbytes, "layout": layout}
 
 
-def _valid(cfg, plans: list, top: int, implemented_only: bool = False) -> list:
+def _valid(cfg, plans: list, top: int, implemented_only: bool = False, errors: list = None) -> list:
     """The first `top` plans that config.validate() accepts; `implemented` says whether this build runs it."""
     from megatron_lite.planner.layout import layout_from_plan
     out = []
     for plan in plans:
-        if _accepted(cfg, plan) and (plan["implemented"] or not implemented_only):
+        if _accepted(cfg, plan, errors) and (plan["implemented"] or not implemented_only):
             out.append(plan)
         if len(out) >= top:
             break
     return out
 
 
-def _accepted(cfg, plan: dict) -> bool:
+def _accepted(cfg, plan: dict, errors: list = None) -> bool:
     """config.validate() accepts the plan (what is refused only as not implemented yet on this build is
     kept, marked implemented = False)."""
     from megatron_lite.planner.layout import layout_from_plan
@@ -145,6 +148,8 @@ def _accepted(cfg, plan: dict) -> bool:
         config.validate()
         plan["implemented"] = True
     except ConfigError as error:
+        if errors is not None:
+            errors.append(str(error))
         if "not implemented" not in str(error):
             return False
         plan["implemented"] = False
@@ -154,6 +159,8 @@ def _accepted(cfg, plan: dict) -> bool:
 def fits_nowhere_message(result: SearchResult, hw: Hardware, num_gpus: int) -> str:
     from megatron_lite.planner.layout import describe
     smallest = result.smallest
+    if result.refused:
+        return f"every layout that fits was refused by the configuration's rules; the first: {result.refused}"
     if not smallest:
         return (f"no valid layout: {num_gpus} GPUs admit no factorisation of this model (check that the heads, "
                 "layers and global batch divide).")
