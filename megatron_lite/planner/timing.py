@@ -19,12 +19,13 @@ buffer (fp32 with bf16) over DP x CP, and the parameter all-gather of the distri
 --overlap-grad-reduce the reduce hides behind the last micro-batch's backward and the all-gather behind
 the first forward (--overlap-param-gather), so only the excess is exposed. ZeRO-3 gathers parameters for
 every micro-batch's forward and backward (megatron-core's optim_grads_params), hidden behind that compute.
-A shared CPU (the cpu profile: more ranks than cores) runs at most `compute_units` ranks' compute at once:
-compute then takes at least the node's total compute divided by its cores.
+A shared CPU (the cpu profile: more ranks than cores) runs at most `compute_units` ranks at once: compute
+and the pipeline's idle time (waiting ranks poll) stretch by ranks / cores.
 """
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 from megatron_lite.planner.comm import collective_time, group_span, p2p_time
 from megatron_lite.planner.activations import ModelShape, rank_actions, simulated_microbatches
@@ -78,17 +79,20 @@ def pipeline_makespan(schedule: str, pp: int, vp: int, m: int, f: float, b: floa
 
 
 def dp_comm(hw: Hardware, layout: Layout, grad_bytes: float, param_bytes: float, backward_window: float,
-            forward_window: float, m: int, gpus_per_node: int) -> float:
-    """Exposed seconds of data-parallel communication per step."""
+            forward_window: float, m: int, gpus_per_node: int, buckets: int = 1) -> float:
+    """Exposed seconds of data-parallel communication per step (one collective per DDP bucket: the
+    bandwidth term once for all bytes, the latency term per bucket)."""
     n = layout.dp * layout.cp
     if n <= 1:
         return 0.0
     nodes = group_span(layout, ("dp", "cp"), gpus_per_node)
+    per_bucket = collective_time(hw, "all_reduce", 4.0, n, nodes)  # ~ latency only
+    extra = max(0, buckets - 1) * per_bucket
     if layout.strategy == "no_shard":
-        reduce = collective_time(hw, "all_reduce", grad_bytes, n, nodes)
+        reduce = collective_time(hw, "all_reduce", grad_bytes, n, nodes) + extra
         return max(0.0, reduce - backward_window)
-    reduce = collective_time(hw, "reduce_scatter", grad_bytes, n, nodes)
-    gather = collective_time(hw, "all_gather", param_bytes, n, nodes)
+    reduce = collective_time(hw, "reduce_scatter", grad_bytes, n, nodes) + extra / 2
+    gather = collective_time(hw, "all_gather", param_bytes, n, nodes) + extra / 2
     if layout.strategy == "optim_grads_params":
         # parameters gathered for each micro-batch's forward and again for its backward
         per_mb = max(0.0, gather - forward_window) + max(0.0, gather - backward_window)
@@ -97,7 +101,7 @@ def dp_comm(hw: Hardware, layout: Layout, grad_bytes: float, param_bytes: float,
 
 
 def step_time(shape: ModelShape, layout: Layout, hw: Hardware, gpus_per_node: int, schedule: str,
-              m: int, local_params: float, overlap: bool = True) -> dict:
+              m: int, local_params: float, overlap: bool = True, bucket_size: Optional[int] = None) -> dict:
     """Seconds per step and its breakdown."""
     from megatron_lite.pipeline.layout import layers_for_stage
     c = layer_comm(shape, layout, hw, gpus_per_node)
@@ -128,11 +132,15 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, gpus_per_node: in
     busy = m * (f_total + b_total)
     compute = m * (f_c + b_c) * shared
     work = compute + busy - m * (f_c + b_c)
-    pipeline = max(critical, work)
+    # a waiting gloo rank polls rather than yields its core, so on a shared CPU the bubble slows down with
+    # the compute (measured: interleaving's smaller bubble is faster there too)
+    pipeline = work + (critical - busy) * shared
     grad_bytes = local_params * 4  # fp32 gradient buffers (always with bf16; fp32 training: fp32 anyway)
     param_bytes = local_params * shape.e
+    bucket = bucket_size or max(40_000_000, 1_000_000 * layout.dp * layout.cp)  # ddp.default_bucket_size
+    buckets = vp * max(1, -(-int(local_params) // (vp * bucket)))
     dp_exposed = dp_comm(hw, layout, grad_bytes, param_bytes, b_total / vp if overlap else 0.0,
-                         f_total / vp if overlap else 0.0, m, gpus_per_node)
+                         f_total / vp if overlap else 0.0, m, gpus_per_node, buckets)
     optimizer = optimizer_seconds(hw, local_params, layout.strategy, layout.dp * layout.cp) * shared
     out = {"compute": compute, "tp_comm": m * (comm_f["tp"] + comm_b["tp"]), "cp_comm": m * (comm_f["cp"] + comm_b["cp"]),
            "ep_comm": m * (comm_f["ep"] + comm_b["ep"]), "dp_comm_exposed": dp_exposed,
