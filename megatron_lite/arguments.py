@@ -99,6 +99,12 @@ def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
         elif dest != "config":
             extras[dest] = value
     cfg.extra = extras  # flags added by extra_args_provider (e.g. by tools)
+    if cfg.parallel.auto_parallel:  # before validation: the planner sets the layout, explicit flags win
+        from megatron_lite.planner.auto import apply_auto_parallel
+        given = {dest.split(".", 1)[1] for dest in vars(namespace) if "." in dest}
+        if namespace.config:
+            given |= {name for fields in _yaml_values(namespace.config).values() for name in fields}
+        apply_auto_parallel(cfg, given)
     if validate:
         cfg.validate()
         if os.environ.get("RANK", "0") == "0":

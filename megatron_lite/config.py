@@ -317,6 +317,7 @@ class ParallelConfig:
     overlap_param_gather: bool = arg(False, "Overlap the distributed optimizer's parameter all-gather with the next forward (ZeRO-3: prefetch the next unit's parameters while the current one computes, in forward and in backward).", action="store_true")
     ddp_bucket_size: Optional[int] = arg(None, "Elements per gradient bucket (default max(40M, 1M*DP); ZeRO-3 uses one bucket per unit instead).")
     accumulate_allreduce_grads_in_fp32: bool = arg(False, "Accumulate and reduce gradients in fp32 (always on with --bf16).", action="store_true")
+    auto_parallel: bool = arg(False, "Plan the layout (TP, PP, VP, CP, EP, SP, micro-batch size, recompute, DP sharding) for the launched world size with megatron_lite/planner and train with it; layout flags given explicitly win. The chosen plan and its predictions are logged.", action="store_true")
 
     @property
     def expert_tp_size(self) -> int:
@@ -606,6 +607,7 @@ class LoggingConfig:
                                 action="store_true")
     loss_spike_threshold: float = arg(4.0, "With --log-loss-spikes: standard deviations above the window's mean.")
     loss_spike_window: int = arg(50, "With --log-loss-spikes: how many previous losses the mean and deviation use.")
+    measure_activation_memory: bool = arg(False, "Measure the first step's peak saved-activation bytes (planner/measure.py) and add them to the memory record, which is then written after that step.", action="store_true")
 
     def validate(self, cfg: "Config") -> None:
         if self.log_interval < 1:

@@ -12,7 +12,9 @@ JSONL records (one object per logged iteration, one per evaluation), snake_case 
   evaluation: split ("valid" or "test"), iteration, consumed_samples, lm_loss, ppl, timestamp
   memory (once, at start-up; the logging rank's own bytes): record = "memory", strategy, params, grads,
             main_params, optimizer_states, host, disk, grads_peak, device_total, total, num_params,
-            bytes_per_param, device_bytes_per_param (optimizer/memory.py)
+            bytes_per_param, device_bytes_per_param (optimizer/memory.py); with --measure-activation-memory
+            also activations (the first step's peak saved-activation bytes, planner/measure.py), and the
+            record is written after that step
 """
 from __future__ import annotations
 
@@ -197,6 +199,8 @@ class MetricsLogger:
             parts = [f"strategy: {strategy}"]
             parts += [f"{key}: {report[key] / 2**20:.2f} MiB" for key in
                       ("params", "grads", "grads_peak", "main_params", "optimizer_states", "host", "disk", "total")]
+            if report.get("activations") is not None:
+                parts.append(f"activations (measured, step 1): {report['activations'] / 2**20:.2f} MiB")
             parts += [f"bytes/param: {report['bytes_per_param']:.2f}",
                       f"device bytes/param: {report['device_bytes_per_param']:.2f}"]
             print("memory (this rank) | " + " | ".join(parts) + " |", flush=True)

@@ -297,8 +297,10 @@ def pretrain(config: Config, model_provider: Callable, forward_step_func: Callab
         state.iteration, state.consumed_train_samples = load_checkpoint(model, optimizer, scheduler, config,
                                                                         groups=groups, data_fingerprint=fingerprint)
     _print_summary(config, model, groups)
-    logger.log_memory(memory_report(model, optimizer), config.parallel.sharding_strategy)
     run = _Run(config, groups, model, optimizer, scheduler, forward_step_func, logger, state, start_time, signals)
+    run.memory = memory_report(model, optimizer)
+    if not config.logging.measure_activation_memory:  # else logged after the first step, with activations
+        run.log_memory()
     run.data_fingerprint = fingerprint
     run.data = build_data_iterators(config, datasets_provider, state.consumed_train_samples, len(model),
                                     run.eval_consumed(), groups)
@@ -330,6 +332,7 @@ class _Run:
         self.spikes = LossSpikeDetector(log.loss_spike_threshold, log.loss_spike_window) if log.log_loss_spikes else None
         self.data_fingerprint: Optional[dict] = None  # recorded in every checkpoint (data.builder)
         self.data = ([], [], [])
+        self.memory: Optional[dict] = None  # the memory report until it is logged
 
     def eval_consumed(self) -> int:
         t = self.config.training
@@ -386,9 +389,7 @@ class _Run:
             forward_step_func = fault_injection.poison_forward_step(self.forward_step_func, state.iteration + 1,
                                                                     self.groups.world.rank)
             try:
-                loss, ok, grad_norm, num_zeros = train_step(
-                    config, forward_step_func, train_data, self.model, self.optimizer, self.scheduler,
-                    self.batches.num_microbatches, self.batches.global_batch_size, self.groups)
+                loss, ok, grad_norm, num_zeros = self.step(forward_step_func, train_data)
             except NonFiniteStepError as error:
                 loss, ok, grad_norm, num_zeros = self.on_nonfinite(error)
             state.iteration += 1
@@ -413,6 +414,24 @@ class _Run:
             if self.should_exit():
                 return True
         return False
+
+    def step(self, forward_step_func, train_data):
+        """train_step; the first one under planner/measure.py's saved-tensor meter with
+        --measure-activation-memory (its peak joins the start-up memory record as `activations`)."""
+        def run():
+            return train_step(self.config, forward_step_func, train_data, self.model, self.optimizer, self.scheduler,
+                              self.batches.num_microbatches, self.batches.global_batch_size, self.groups)
+        if self.memory is None:
+            return run()
+        from megatron_lite.planner.measure import measure_step_activations
+        out = []
+        self.memory["activations"] = measure_step_activations(self.model, lambda: out.append(run()))
+        self.log_memory()
+        return out[0]
+
+    def log_memory(self) -> None:
+        self.logger.log_memory(self.memory, self.config.parallel.sharding_strategy)
+        self.memory = None
 
     def on_nonfinite(self, error: NonFiniteStepError):
         """--on-nan skip: the step counts as skipped (no update, no LR step); returns train_step's tuple.

@@ -206,6 +206,7 @@ def test_every_call_site_sends_tensors_on_the_backend_device(recorder):
     _training_sites(groups)
     _context_parallel_sites(groups)
     _moe_sites(groups)
+    _planner_sites(groups)
     assert recorder.calls and all(device == DEVICE.type for _, device, _ in recorder.calls)
     missing = static_call_sites() - recorder.sites
     assert not missing, f"collective call sites not exercised by this test: {sorted(missing)}"
@@ -300,6 +301,14 @@ class _StubStage:
         if tokens is not None:
             return _meta(8, 1, 16)
         return _meta(1, 8, 32)
+
+
+def _planner_sites(groups: ProcessGroups) -> None:
+    """The planner's calibration: a timed all-reduce and a timed p2p exchange each way."""
+    from megatron_lite.planner.calibrate import time_all_reduce, time_exchange
+    time_all_reduce(_meta(16), groups.tp, repeats=1)
+    time_exchange(_meta(16), True, 1, repeats=1)
+    time_exchange(_meta(16), False, 1, repeats=1)
 
 
 def _context_parallel_sites(groups: ProcessGroups) -> None:

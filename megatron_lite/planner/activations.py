@@ -1,0 +1,195 @@
+"""Activation memory per rank: Korthikanti et al. 2022 term by term, as this implementation stores them.
+
+Source: V. Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models" (MLSys
+2023, arXiv:2205.05198), Sec. 4: per layer and micro-batch, with 16-bit activations and 1-byte dropout
+masks, sbh(34 + 5as/h) bytes without parallelism, sbh(10 + 24/t + 5as/(ht)) with TP t, sbh(34/t + 5as/(ht))
+with TP + sequence parallelism, 34sbh/t with selective recompute (the attention core's 5as/h term is
+recomputed) and 2sbh with full recompute (only each layer's input is kept).
+
+The terms here are the same tensors, counted in elements x bytes of what torch autograd actually keeps in
+this code (planner/measure.py measures exactly that, and tests/distributed/test_planner_memory.py holds
+the two within 10%), with e = activation bytes (4 fp32, 2 bf16/fp16), per token of the micro-batch:
+  attention: LayerNorm input h, QKV GEMM input h (gathered to the full sequence under SP), the QKV output
+             (h + 2 g d)/t (q, k, v are views of it), the attention output h/t (the projection's input);
+             with RoPE the rotated k adds g d / t; without flash attention the s x s scores (softmax
+             output, dropout mask and output: Korthikanti's 5as/h term) a s / t x (e, or 2e + 1 with dropout).
+             torch's scaled_dot_product_attention is flash on CPU and GPU, so that term is absent unless
+             attention dropout forces the math kernel: the "flash attention's missing 5as/h term".
+  MLP:       LayerNorm input h, fc1 input h (gathered under SP), fc1 output f' = f (x2 SwiGLU), the
+             activation's output f (SwiGLU keeps silu(gate) too: + f).
+  dropout:   1-byte masks of h per hidden dropout (two per layer) when --hidden-dropout > 0.
+Under sequence parallelism the LayerNorm inputs are h/t (Korthikanti's SP saving); this code keeps the
+all-gathered GEMM inputs (Megatron re-gathers them in backward), so those stay h.
+Selective recompute drops the attention core's saved tensors (its q, k, v inputs remain, as the QKV
+output); full recompute keeps only each layer's input (h/t under SP), per Korthikanti.
+Context parallelism divides s by CP. MoE layers (megatron-core semantics): the router's fp32 logits
+(E per token), the dispatched tokens (topk x h, in and out) and the experts' MLP terms for topk x the
+local tokens (balanced routing), replace the dense MLP.
+First stage: token and position ids (int64). Last stage: final LayerNorm input and output (h, the output
+is kept full-sequence by the fused output layer + cross entropy), that kernel's saved d loss/dx (h) and
+d loss/dW ((V/t) x h, fp32) per micro-batch in flight (kernels/linear_cross_entropy.py); the unfused path
+keeps the fp32 softmax (V/t per token) instead.
+Micro-batches in flight: the peak, over the schedule's action list for each pipeline rank (pipeline/
+schedules.py), of the activations of every (chunk, micro-batch) forwarded and not yet backwarded -- the
+simulator's max_in_flight, weighted by what each chunk holds (with a split backward, up to its B: see
+peak_alive for what W keeps).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from megatron_lite.planner.layout import Layout
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the activation and time models need of a GPT."""
+    layers: int
+    hidden: int
+    heads: int
+    groups: int
+    head_dim: int
+    ffn: int
+    swiglu: bool
+    rope: bool
+    seq: int
+    vocab: int  # padded
+    e: int  # activation bytes
+    hidden_dropout: float
+    attention_dropout: float
+    num_experts: int = 0
+    topk: int = 2
+    fused_output: bool = True
+    tied: bool = True
+
+    @classmethod
+    def of(cls, cfg, tp: int = 1) -> "ModelShape":
+        from megatron_lite.planner.states import _Holder
+        return _shape_of(_Holder(cfg), tp)
+
+    @classmethod
+    def build(cls, cfg, tp: int) -> "ModelShape":
+        from megatron_lite.logging import padded_vocab_size
+        m = cfg.model
+        e = 4 if not (cfg.optimizer.bf16 or cfg.optimizer.fp16) else 2
+        groups = m.num_query_groups or m.num_attention_heads
+        ffn = m.ffn_hidden_size or (int((4 * m.hidden_size * 2 / 3) / 64) * 64 if m.swiglu else 4 * m.hidden_size) or 4 * m.hidden_size
+        experts = getattr(m, "num_experts", None) or cfg.extra.get("num_experts") or 0
+        topk = getattr(m, "moe_router_topk", None) or cfg.extra.get("moe_router_topk") or 2
+        cfg_tp = cfg.parallel.tensor_model_parallel_size
+        cfg.parallel.tensor_model_parallel_size = tp
+        vocab = padded_vocab_size(cfg)
+        cfg.parallel.tensor_model_parallel_size = cfg_tp
+        return cls(m.num_layers, m.hidden_size, m.num_attention_heads, groups, m.head_dim, ffn, m.swiglu,
+                   m.position_embedding_type == "rope", m.seq_length, vocab, e, m.hidden_dropout,
+                   m.attention_dropout, experts, topk, getattr(m, "cross_entropy_fusion", True),
+                   not m.untie_embeddings_and_output_weights)
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape_of(holder, tp: int) -> ModelShape:
+    return ModelShape.build(holder.cfg, tp)
+
+
+def layer_bytes(shape: ModelShape, layout: Layout, mbs: int) -> float:
+    """Bytes one transformer layer keeps for backward for one micro-batch on one rank."""
+    t, e = layout.tp, shape.e
+    tokens = shape.seq // layout.cp * mbs  # this rank's tokens of the micro-batch (before the SP split)
+    h = shape.hidden
+    sp_div = t if layout.sp else 1
+    if layout.recompute == "full":
+        return tokens * h / sp_div * e
+    hq, kv = shape.heads * shape.head_dim, 2 * shape.groups * shape.head_dim
+    flash = shape.attention_dropout == 0
+    attn = h / sp_div + h + (hq + kv) / t + hq / t + (shape.groups * shape.head_dim / t if shape.rope else 0)
+    attn_bytes = attn * e
+    if not flash and layout.recompute != "selective":
+        per_score = (2 * e + 1) if shape.attention_dropout > 0 else e
+        attn_bytes += shape.heads / t * (shape.seq // layout.cp) * per_score
+    mlp = h / sp_div + h + _mlp_terms(shape) / t
+    masks = 2 * h / sp_div if shape.hidden_dropout > 0 else 0
+    if shape.num_experts:
+        mlp = h / sp_div + h + _moe_terms(shape, layout)
+    return tokens * (attn_bytes + mlp * e + masks)
+
+
+def _mlp_terms(shape: ModelShape) -> float:
+    f = shape.ffn
+    return (2 * f + f + f) if shape.swiglu else (f + f)
+
+
+def _moe_terms(shape: ModelShape, layout: Layout) -> float:
+    """Per token, in units of e bytes: router logits (fp32), dispatched tokens in/out, expert MLPs."""
+    k = shape.topk
+    return shape.num_experts * 4 / shape.e + 2 * k * shape.hidden + k * _mlp_terms(shape) / layout.tp
+
+
+def first_stage_bytes(shape: ModelShape, layout: Layout, mbs: int) -> float:
+    """Token and position ids, and the embedding's dropout mask."""
+    tokens = shape.seq // layout.cp * mbs
+    mask = tokens * shape.hidden / (layout.tp if layout.sp else 1) if shape.hidden_dropout > 0 else 0
+    return tokens * 16 + mask
+
+
+def last_stage_bytes(shape: ModelShape, layout: Layout, mbs: int) -> float:
+    """Final norm input/output and the output layer + cross entropy."""
+    tokens = shape.seq // layout.cp * mbs
+    t, h, e = layout.tp, shape.hidden, shape.e
+    norm = tokens * h / (t if layout.sp else 1) * e + tokens * h * e
+    if shape.fused_output:
+        return norm + tokens * h * e + shape.vocab / t * h * 4 + tokens * 16
+    return norm + tokens * shape.vocab / t * 4 * 2 + tokens * 16
+
+
+def chunk_bytes(shape: ModelShape, layout: Layout, pp_rank: int) -> list[float]:
+    """Per model chunk on pipeline rank `pp_rank`: one micro-batch's activation bytes."""
+    from megatron_lite.pipeline.layout import layers_for_stage
+    out = []
+    vp = layout.vp
+    for v in range(vp):
+        layers = layers_for_stage(shape.layers, layout.pp, pp_rank, vp if vp > 1 else None, v)
+        nbytes = len(layers) * layer_bytes(shape, layout, layout.mbs)
+        if pp_rank == 0 and v == 0:
+            nbytes += first_stage_bytes(shape, layout, layout.mbs)
+        if pp_rank == layout.pp - 1 and v == vp - 1:
+            nbytes += last_stage_bytes(shape, layout, layout.mbs)
+        out.append(nbytes)
+    return out
+
+
+def simulated_microbatches(pp: int, m: int) -> int:
+    """The peak in flight saturates once m >= PP (1F1B's warm-up is PP - 1 deep): simulate at most 2 x PP
+    (keeps 1,024-GPU searches fast) while keeping m's remainder modulo PP (the interleaved groups)."""
+    return m if m <= 2 * pp else 2 * pp + m % pp
+
+
+@functools.lru_cache(maxsize=512)
+def rank_actions(schedule: str, pp: int, vp: int, m: int, pp_rank: int) -> tuple:
+    """pipeline/schedules.py's action list for one rank (cached: the search asks the same ones often)."""
+    from megatron_lite.pipeline.schedules import build_schedule
+    return tuple(build_schedule(schedule, pp, pp_rank, vp, m))
+
+
+@functools.lru_cache(maxsize=4096)
+def peak_alive(schedule: str, pp: int, vp: int, m: int, pp_rank: int, weights: tuple) -> float:
+    """Peak over rank pp_rank's action list of the summed weight of alive (chunk, micro-batch) pairs: alive
+    from its Forward to its Backward. With a split backward (zb-h1) autograd frees the saved tensors at B;
+    what W still needs (each linear layer's input, held by the deferred weight-gradient closure) is not
+    counted here -- nor by planner/measure.py, which sees autograd's saved tensors only (a known gap)."""
+    from megatron_lite.pipeline.schedules import Backward, Forward
+    actions = rank_actions(schedule, pp, vp, simulated_microbatches(pp, m), pp_rank)
+    alive = peak = 0.0
+    for action in actions:
+        if isinstance(action, Forward):
+            alive += weights[action.chunk]
+            peak = max(peak, alive)
+        elif isinstance(action, Backward):
+            alive -= weights[action.chunk]
+    return peak
+
+
+def activation_bytes(shape: ModelShape, layout: Layout, schedule: str, num_microbatches: int, pp_rank: int) -> float:
+    """Peak activation bytes on pipeline rank `pp_rank` over one step of `schedule`."""
+    weights = tuple(chunk_bytes(shape, layout, pp_rank))
+    return peak_alive(schedule, layout.pp, layout.vp, num_microbatches, pp_rank, weights)

@@ -1,0 +1,134 @@
+"""Measure this machine for the `cpu` profile: GEMM rate by size, memory bandwidth, collective latency and
+bandwidth per group size, and p2p, with gloo -- in the conditions a CPU run has (one thread per rank, all
+ranks of the node running at once).
+
+GEMM: square-ish fp32 GEMMs of sizes 16..512 on one thread; the table maps the cube root of M N K to
+TFLOP/s (compute.gemm_rate interpolates). Memory bandwidth: a large tensor copy. Collectives: `world`
+gloo processes (testing.run_distributed), split into world / n groups of n ranks that all-reduce at the
+same time (as TP or DP groups of a real layout do), two message sizes -> latency per ring step and bus
+bandwidth by fitting t = 2 (n-1) alpha + 2 (n-1)/n B / bw. p2p: pairs sending at once, the same fit.
+`compute_units_per_node` = the CPUs this process may use.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+SIZES = (16, 32, 64, 128, 256, 512)
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def gemm_table(quick: bool) -> list[tuple[float, float]]:
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        table = []
+        for n in SIZES:
+            a, b = torch.randn(n, n), torch.randn(n, n)
+            inner = max(1, int(2e7 / (2 * n ** 3)))
+
+            def run():
+                for _ in range(inner):
+                    a @ b
+            run()
+            seconds = _median_time(run, 3 if quick else 7) / inner
+            table.append((float(n), 2 * n ** 3 / seconds / 1e12))
+        return table
+    finally:
+        torch.set_num_threads(threads)
+
+
+def memory_bandwidth() -> float:
+    import torch
+    x = torch.empty(8 << 20)
+    y = torch.empty_like(x)
+    seconds = _median_time(lambda: y.copy_(x), 5)
+    return 2 * x.numel() * 4 / seconds / 1e9
+
+
+def _collective_worker(sizes: tuple, group_sizes: tuple, repeats: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    from megatron_lite import collectives
+    from megatron_lite.process_groups import Group
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for n in group_sizes:
+        mine = None
+        for start in range(0, world, n):
+            ranks = list(range(start, start + n))
+            handle = dist.new_group(ranks)
+            if rank in ranks:
+                mine = Group(f"cal{n}", tuple(ranks), ranks.index(rank), handle)
+        collectives.barrier()  # every group starts together, as in a run
+        out[n] = [time_all_reduce(torch.zeros(nbytes // 4), mine, repeats) for nbytes in sizes]
+    # p2p: even ranks send to the next odd rank, all pairs at once
+    peer = rank + 1 if rank % 2 == 0 else rank - 1
+    out["p2p"] = [time_exchange(torch.zeros(nbytes // 4), rank % 2 == 0, peer, repeats) for nbytes in sizes]
+    return out
+
+
+def time_all_reduce(tensor, group, repeats: int) -> float:
+    """Median seconds of an all-reduce of `tensor` over `group` (after one warm-up)."""
+    from megatron_lite import collectives
+    collectives.all_reduce(tensor, group=group)
+    return _median_time(lambda: collectives.all_reduce(tensor, group=group), repeats)
+
+
+def time_exchange(tensor, sender: bool, peer: int, repeats: int) -> float:
+    """Median seconds of sending `tensor` to (or receiving it from) `peer`."""
+    from megatron_lite import collectives
+
+    def exchange():
+        if sender:
+            collectives.send(tensor, peer)
+        else:
+            collectives.recv(tensor, peer)
+    exchange()
+    return _median_time(exchange, repeats)
+
+
+def _fit(small: float, large: float, sizes: tuple, volume_factor: float, steps: int) -> tuple[float, float]:
+    """(latency per step, GB/s) from two (bytes, seconds) points of t = steps a + volume_factor B / bw."""
+    (b0, b1) = sizes
+    slope = max(1e-15, (large - small) / (b1 - b0))
+    bandwidth = volume_factor / slope / 1e9
+    latency = max(0.0, (small - slope * b0) / max(1, steps))
+    return latency, bandwidth
+
+
+def collective_tables(world: int, quick: bool) -> tuple[dict, tuple]:
+    from megatron_lite.testing import run_distributed
+    sizes = (4096, 4 << 20)
+    group_sizes = tuple(n for n in (2, 4, 8) if n <= world and world % n == 0)
+    results = run_distributed(_collective_worker, world, timeout=300, sizes=sizes, group_sizes=group_sizes,
+                              repeats=3 if quick else 7)
+    table = {}
+    for n in group_sizes:
+        times = [max(r[n][i] for r in results) for i in range(len(sizes))]
+        table[str(n)] = _fit(times[0], times[1], sizes, 2 * (n - 1) / n, 2 * (n - 1))
+    p2p_times = [max(r["p2p"][i] for r in results) for i in range(len(sizes))]
+    return table, _fit(p2p_times[0], p2p_times[1], sizes, 1.0, 1)
+
+
+def calibrate(quick: bool = False, world: int = 8) -> dict:
+    """The profile of this machine (the `cpu` preset), as hardware.Hardware's JSON fields."""
+    table = gemm_table(quick)
+    bandwidth = memory_bandwidth()
+    collectives_table, p2p = collective_tables(world, quick)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    link = collectives_table[max(collectives_table, key=int)][1]
+    return dict(name="cpu", peak_tflops=max(r for _, r in table), memory_gb=memory_gb, memory_bandwidth_gbps=bandwidth,
+                intra_node_bandwidth_gbps=link, inter_node_bandwidth_gbps=link, gemm_table=[list(x) for x in table],
+                collective_table=collectives_table, p2p=list(p2p), compute_units_per_node=cores)

@@ -1,0 +1,95 @@
+"""Compute time: the logs' FLOP count, split into GEMMs, each at a rate that depends on its size.
+
+FLOPs: logging.num_floating_point_operations (Megatron-LM's formula from Narayanan et al. 2021, with GQA
+and SwiGLU) is what the training log turns into TFLOP/s and MFU; the planner divides the same total by
+the ranks and splits it over the GEMMs a rank runs per micro-batch (QKV, attention scores and values,
+projection, MLP, logits), because small GEMMs run far below peak: each GEMM of M x N x K runs at
+  rate(M, N, K) = peak x eff_max x prod_d d / (d + half_dim)      (preset), or
+  rate = the measured rate at the GEMM's size (cube root of M N K), log-interpolated (calibrated profile).
+Backward is two GEMMs per forward GEMM (data and weight gradients); full recompute adds a forward, selective
+recompute the attention core's forward (recompute FLOPs are not model FLOPs, so they cost time but do not
+count in TFLOP/s or MFU, as in the logs).
+Element-wise work (norms, activations, dropout, residuals, softmax) is memory-bound: modelled as reading
+and writing each saved activation byte three times (forward write, backward read, gradient write) at the
+device's memory bandwidth.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import replace
+
+from megatron_lite.planner.activations import ModelShape, layer_bytes
+from megatron_lite.planner.hardware import Hardware
+from megatron_lite.planner.layout import Layout
+
+
+def gemm_rate(hw: Hardware, m: float, n: float, k: float) -> float:
+    """FLOP/s of one M x N x K GEMM."""
+    if hw.gemm_table:
+        size = (m * n * k) ** (1.0 / 3.0)
+        sizes = [s for s, _ in hw.gemm_table]
+        i = bisect.bisect_left(sizes, size)
+        if i == 0:
+            return hw.gemm_table[0][1] * 1e12 * min(1.0, size / sizes[0])
+        if i >= len(sizes):
+            return hw.gemm_table[-1][1] * 1e12
+        (s0, r0), (s1, r1) = hw.gemm_table[i - 1], hw.gemm_table[i]
+        w = (math.log(size) - math.log(s0)) / (math.log(s1) - math.log(s0))
+        return math.exp(math.log(r0) * (1 - w) + math.log(r1) * w) * 1e12
+    eff = hw.eff_max
+    for d in (m, n, k):
+        eff *= d / (d + hw.half_dim)
+    return hw.peak_tflops * 1e12 * eff
+
+
+def layer_gemms(shape: ModelShape, layout: Layout) -> list[tuple[float, float, float, int]]:
+    """(M, N, K, count) of one layer's forward GEMMs on one rank for one micro-batch."""
+    t = layout.tp
+    tokens = layout.mbs * shape.seq / layout.cp
+    hq = shape.heads * shape.head_dim
+    qkv = hq + 2 * shape.groups * shape.head_dim
+    ffn_in = shape.ffn * (2 if shape.swiglu else 1)
+    heads_local = max(1, shape.heads // t)
+    seq_local = shape.seq / layout.cp
+    gemms = [(tokens, qkv / t, shape.hidden, 1), (tokens, shape.hidden, hq / t, 1),
+             # scores and values, per head (batched): causal halves neither in the FLOP formula nor here
+             (seq_local, shape.seq, shape.head_dim, 2 * heads_local * layout.mbs)]
+    if shape.num_experts:
+        k = shape.topk
+        gemms += [(tokens * k, ffn_in / t, shape.hidden, 1), (tokens * k, shape.hidden, shape.ffn / t, 1)]
+    else:
+        gemms += [(tokens, ffn_in / t, shape.hidden, 1), (tokens, shape.hidden, shape.ffn / t, 1)]
+    return gemms
+
+
+def _gemm_seconds(hw: Hardware, gemms) -> float:
+    return sum(count * 2 * m * n * k / gemm_rate(hw, m, n, k) for m, n, k, count in gemms)
+
+
+def chunk_times(shape: ModelShape, layout: Layout, hw: Hardware, layers: int, first: bool, last: bool) -> tuple[float, float]:
+    """(forward, backward) compute seconds of one model chunk for one micro-batch."""
+    gemms = layer_gemms(shape, layout)
+    fwd_layer = _gemm_seconds(hw, gemms)
+    core = _gemm_seconds(hw, gemms[2:3])
+    elementwise = 3 * layer_bytes(shape, replace(layout, recompute="none"), layout.mbs) \
+        / (hw.memory_bandwidth_gbps * 1e9)
+    forward = layers * (fwd_layer + elementwise / 3)
+    backward = layers * (2 * fwd_layer + 2 * elementwise / 3)
+    if layout.recompute == "full":
+        backward += layers * (fwd_layer + elementwise / 3)
+    elif layout.recompute == "selective":
+        backward += layers * core
+    if last:
+        tokens = layout.mbs * shape.seq / layout.cp
+        logits = _gemm_seconds(hw, [(tokens, shape.vocab / layout.tp, shape.hidden, 1)])
+        forward += logits
+        backward += 2 * logits
+    return forward, backward
+
+
+def optimizer_seconds(hw: Hardware, local_params: float, strategy: str, dp: int) -> float:
+    """The optimizer step, memory-bound: fp32 main param, two moments and the gradient read and written,
+    the model param written (~36 bytes per parameter this rank updates)."""
+    shard = local_params / dp if strategy != "no_shard" else local_params
+    return 36 * shard / (hw.memory_bandwidth_gbps * 1e9)

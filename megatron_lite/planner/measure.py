@@ -1,0 +1,111 @@
+"""Measured activation memory: the bytes autograd keeps for backward, tracked while a step runs.
+
+`ActivationMeter` installs torch.autograd.graph.saved_tensors_hooks: every tensor an op saves for
+backward is packed into a holder that counts its storage (once per storage, however many ops save it or a
+view of it) until autograd drops the holder (after that node's backward, or when the graph is freed).
+Parameters' storages are excluded (they are `params`). Activation checkpointing
+(tensor_parallel.random.checkpoint, torch's non-reentrant checkpoint) keeps its region's *inputs* alive by
+reference rather than through these hooks, so while the meter is on, each checkpointed call's tensor
+inputs are counted as saved until the region's backward has run. What is not counted: the recompute's
+transient (one layer's worth, during that layer's backward), optimizer temporaries, and the allocator's
+fragmentation: the planner's `other` allowance.
+
+`peak` is the most bytes live at once over what ran under the meter: run one whole training step (all
+micro-batches, the real schedule) to get the number the planner's activation model predicts.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+
+
+class _Held:
+    __slots__ = ("tensor", "key", "meter", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor, key, meter: "ActivationMeter"):
+        self.tensor, self.key, self.meter = tensor, key, meter
+        meter._acquire(key, tensor)
+
+    def __del__(self):
+        self.meter._release(self.key)
+
+
+class ActivationMeter:
+    def __init__(self, parameters: Iterable[torch.Tensor] = ()):
+        self.exclude = {self._storage_key(p) for p in parameters}
+        self.refs: dict = {}
+        self.sizes: dict = {}
+        self.live = 0
+        self.peak = 0
+
+    @staticmethod
+    def _storage_key(t: torch.Tensor):
+        storage = t.untyped_storage()
+        return (storage.data_ptr(), t.device.type, storage.nbytes())
+
+    def _acquire(self, key, tensor: torch.Tensor) -> None:
+        if key is None:
+            return
+        if key not in self.refs:
+            self.refs[key] = 0
+            self.sizes[key] = key[2]
+            self.live += key[2]
+            self.peak = max(self.peak, self.live)
+        self.refs[key] += 1
+
+    def _release(self, key) -> None:
+        if key is None or key not in self.refs:
+            return
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            del self.refs[key]
+            self.live -= self.sizes.pop(key)
+
+    def _pack(self, tensor: torch.Tensor):
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return tensor
+        key = self._storage_key(tensor)
+        return _Held(tensor, None if key in self.exclude or key[2] == 0 else key, self)
+
+    @staticmethod
+    def _unpack(held):
+        return held.tensor if isinstance(held, _Held) else held
+
+    def _checkpoint(self, original):
+        meter = self
+
+        def counted(function, *args, **kwargs):
+            out = original(function, *args, **kwargs)
+            held = [meter._pack(a) for a in args if isinstance(a, torch.Tensor)]
+            outputs = out if isinstance(out, (tuple, list)) else (out,)
+            nodes = [o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+            if nodes:
+                # released when the region's backward has run
+                # (and with the graph, when it is freed: the hook's closure owns the holders)
+                nodes[0].register_hook(lambda *_: held.clear())
+            else:
+                held.clear()
+            return out
+        return counted
+
+    @contextlib.contextmanager
+    def __call__(self):
+        import torch.utils.checkpoint as tuc
+        original = tuc.checkpoint
+        tuc.checkpoint = self._checkpoint(original)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield self
+        finally:
+            tuc.checkpoint = original
+
+
+def measure_step_activations(model_chunks, run_step) -> int:
+    """Peak saved-activation bytes of `run_step()` (one training step) on this rank."""
+    params = [p for chunk in model_chunks for p in chunk.parameters()]
+    meter = ActivationMeter(params)
+    with meter():
+        run_step()
+    return meter.peak

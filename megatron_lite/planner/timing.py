@@ -1,0 +1,147 @@
+"""Step time of one layout: compute, TP/SP/CP/EP communication, exposed DP communication, the bubble.
+
+Per micro-batch and model chunk, forward f and backward b are compute (compute.py) plus the layer
+communication on the critical path (not overlapped, as in Megatron's defaults):
+  TP (Megatron, Shoeybi et al. 2019; with SP, Korthikanti et al. 2022): per layer 2 all-reduces forward
+     and 2 backward of the [s, b, h] activation (with SP: all-gathers and reduce-scatters of the same
+     total volume), plus the forward's again under full recompute;
+  CP (ring attention, context_parallel/ring.py): per layer (CP-1) exchanges of the local K and V forward,
+     twice that backward (K, V and their gradients);
+  EP (megatron-core's all-to-all token dispatcher): per MoE layer a dispatch and a combine all-to-all of
+     topk x the local tokens x h forward, and again backward.
+Each on the link its group uses (comm.py). The pipeline: the simulator (pipeline/simulator.py) runs every
+rank's action list for the schedule `pipeline/auto.py` picks (at most 2 x PP micro-batches, F:B:W = 1:2:1,
+once per schedule shape) and its idle time, scaled to these f and b, plus the fill and drain p2p hops, is
+pipeline_bubble; the step's pipeline part is m x (f + b) summed over chunks plus that bubble (see
+pipeline_makespan).
+DP: the gradient all-reduce (no_shard) or reduce-scatter (sharded strategies) of the stage's gradient
+buffer (fp32 with bf16) over DP x CP, and the parameter all-gather of the distributed optimizer; with
+--overlap-grad-reduce the reduce hides behind the last micro-batch's backward and the all-gather behind
+the first forward (--overlap-param-gather), so only the excess is exposed. ZeRO-3 gathers parameters for
+every micro-batch's forward and backward (megatron-core's optim_grads_params), hidden behind that compute.
+A shared CPU (the cpu profile: more ranks than cores) runs at most `compute_units` ranks at once: compute
+and the pipeline's idle time (waiting ranks poll) stretch by ranks / cores.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+from megatron_lite.planner.comm import collective_time, group_span, p2p_time
+from megatron_lite.planner.activations import ModelShape, rank_actions, simulated_microbatches
+from megatron_lite.planner.compute import chunk_times, optimizer_seconds
+from megatron_lite.planner.hardware import Hardware
+from megatron_lite.planner.layout import Layout
+
+
+def layer_comm(shape: ModelShape, layout: Layout, hw: Hardware, gpus_per_node: int) -> dict:
+    """Per layer and micro-batch: (forward, backward) seconds of TP, CP and EP communication."""
+    tokens = layout.mbs * shape.seq / layout.cp
+    act = tokens * shape.hidden * shape.e
+    out = {}
+    t_nodes = group_span(layout, ("tp",), gpus_per_node)
+    one = collective_time(hw, "all_reduce", act, layout.tp, t_nodes)
+    fwd = 2 * one
+    bwd = 2 * one + (fwd if layout.recompute == "full" else 0.0)
+    out["tp"] = (fwd, bwd)
+    kv = tokens * 2 * shape.groups * shape.head_dim / layout.tp * shape.e
+    cp_nodes = group_span(layout, ("cp",), gpus_per_node)
+    step = p2p_time(hw, kv, cp_nodes > 1) if layout.cp > 1 else 0.0
+    out["cp"] = ((layout.cp - 1) * step, 2 * (layout.cp - 1) * step)
+    if shape.num_experts and layout.ep > 1:
+        ep_nodes = group_span(layout, ("ep",), gpus_per_node)
+        a2a = collective_time(hw, "all_to_all", act * shape.topk / layout.tp, layout.ep, ep_nodes)
+        out["ep"] = (2 * a2a, 2 * a2a)
+    else:
+        out["ep"] = (0.0, 0.0)
+    return out
+
+
+@functools.lru_cache(maxsize=8192)
+def unit_idle(schedule: str, pp: int, vp: int, m_sim: int) -> float:
+    """Idle time of the busiest rank in units of one chunk's forward, simulated at F:B:W = 1:2:1."""
+    from megatron_lite.pipeline.simulator import simulate_timeline
+    schedules = [list(rank_actions(schedule, pp, vp, m_sim, r)) for r in range(pp)]
+    timeline = simulate_timeline(schedules, 1.0, 2.0, weight_time=1.0)
+    return timeline.step_time - max(timeline.busy)
+
+
+def pipeline_makespan(schedule: str, pp: int, vp: int, m: int, f: float, b: float, p2p: float) -> float:
+    """The pipeline part of the step, f and b per chunk and micro-batch: m x vp x (f + b) of work plus the
+    simulated idle time of the schedule (at most simulated_microbatches micro-batches simulated, once per
+    schedule shape, at F:B = 1:2 and scaled by (f + b) / 3f), plus the p2p transfers on the critical path
+    (the fill and the drain: 2 (PP - 1) x vp hops, each p2p; steady-state transfers overlap the other
+    ranks' compute)."""
+    if pp == 1 or f <= 0:
+        return m * vp * (f + b)
+    idle = unit_idle(schedule, pp, vp, simulated_microbatches(pp, m)) * (f + b) / 3.0
+    return m * vp * (f + b) + idle + 2 * (pp - 1) * vp * p2p
+
+
+def dp_comm(hw: Hardware, layout: Layout, grad_bytes: float, param_bytes: float, backward_window: float,
+            forward_window: float, m: int, gpus_per_node: int) -> float:
+    """Exposed seconds of data-parallel communication per step."""
+    n = layout.dp * layout.cp
+    if n <= 1:
+        return 0.0
+    nodes = group_span(layout, ("dp", "cp"), gpus_per_node)
+    if layout.strategy == "no_shard":
+        reduce = collective_time(hw, "all_reduce", grad_bytes, n, nodes)
+        return max(0.0, reduce - backward_window)
+    reduce = collective_time(hw, "reduce_scatter", grad_bytes, n, nodes)
+    gather = collective_time(hw, "all_gather", param_bytes, n, nodes)
+    if layout.strategy == "optim_grads_params":
+        # parameters gathered for each micro-batch's forward and again for its backward
+        per_mb = max(0.0, gather - forward_window) + max(0.0, gather - backward_window)
+        return m * per_mb + max(0.0, reduce - backward_window)
+    return max(0.0, reduce - backward_window) + max(0.0, gather - forward_window)
+
+
+def step_time(shape: ModelShape, layout: Layout, hw: Hardware, gpus_per_node: int, schedule: str,
+              m: int, local_params: float, overlap: bool = True, bucket_size: Optional[int] = None) -> dict:
+    """Seconds per step and its breakdown."""
+    from megatron_lite.pipeline.layout import layers_for_stage
+    c = layer_comm(shape, layout, hw, gpus_per_node)
+    per_rank = []
+    for r in range(layout.pp):
+        comp = [0.0, 0.0]
+        for v in range(layout.vp):
+            layers = len(layers_for_stage(shape.layers, layout.pp, r, layout.vp if layout.vp > 1 else None, v))
+            f, b = chunk_times(shape, layout, hw, layers, r == 0 and v == 0, r == layout.pp - 1 and v == layout.vp - 1)
+            comp[0] += f
+            comp[1] += b
+        layers = sum(len(layers_for_stage(shape.layers, layout.pp, r, layout.vp if layout.vp > 1 else None, v))
+                     for v in range(layout.vp))
+        per_rank.append((comp[0], comp[1], layers))
+    f_c, b_c, layers = max(per_rank, key=lambda x: x[0] + x[1])
+    comm_f = {k: layers * v[0] for k, v in c.items()}
+    comm_b = {k: layers * v[1] for k, v in c.items()}
+    shared = 1.0
+    if hw.compute_units_per_node:
+        shared = max(1.0, min(gpus_per_node, layout.world) / hw.compute_units_per_node)
+    f_total = f_c + sum(comm_f.values())
+    b_total = b_c + sum(comm_b.values())
+    pp_nodes = group_span(layout, ("pp",), gpus_per_node)
+    act_bytes = layout.mbs * shape.seq / layout.cp * shape.hidden * shape.e / (layout.tp if layout.sp else 1)
+    p2p = p2p_time(hw, act_bytes, pp_nodes > 1) if layout.pp > 1 else 0.0
+    vp = layout.vp
+    critical = pipeline_makespan(schedule, layout.pp, vp, m, f_total / vp, b_total / vp, p2p)
+    busy = m * (f_total + b_total)
+    compute = m * (f_c + b_c) * shared
+    work = compute + busy - m * (f_c + b_c)
+    # a waiting gloo rank polls rather than yields its core, so on a shared CPU the bubble slows down with
+    # the compute (measured: interleaving's smaller bubble is faster there too)
+    pipeline = work + (critical - busy) * shared
+    grad_bytes = local_params * 4  # fp32 gradient buffers (always with bf16; fp32 training: fp32 anyway)
+    param_bytes = local_params * shape.e
+    # one collective for the whole buffer: a per-bucket latency term measured on this loaded CPU ranked
+    # layouts worse (Spearman 0.55 against 0.89), so the bucket count is not modelled
+    del bucket_size
+    dp_exposed = dp_comm(hw, layout, grad_bytes, param_bytes, b_total / vp if overlap else 0.0,
+                         f_total / vp if overlap else 0.0, m, gpus_per_node)
+    optimizer = optimizer_seconds(hw, local_params, layout.strategy, layout.dp * layout.cp) * shared
+    out = {"compute": compute, "tp_comm": m * (comm_f["tp"] + comm_b["tp"]), "cp_comm": m * (comm_f["cp"] + comm_b["cp"]),
+           "ep_comm": m * (comm_f["ep"] + comm_b["ep"]), "dp_comm_exposed": dp_exposed,
+           "pipeline_bubble": pipeline - work, "optimizer_step": optimizer}
+    out["total"] = sum(out.values())
+    return out
