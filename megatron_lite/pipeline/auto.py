@@ -8,6 +8,8 @@ unless --microbatch-group-size-per-virtual-pipeline-stage (interleaving's settin
 chunks, interleaved is the only one."""
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,6 +38,7 @@ def predict(name: str, pp_size: int, num_chunks: int, num_microbatches: int, ove
     return sum(idle) / len(idle), max(max_in_flight(actions) for actions in schedules)
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of its arguments; the planner asks for each layout often
 def choose_schedule(pp_size: int, num_chunks: int, num_microbatches: int, requested: str = "auto",
                     overlap: bool = False, group_size: Optional[int] = None) -> Choice:
     """The schedule to run; an explicit request is validated and predicted, 'auto' searches."""

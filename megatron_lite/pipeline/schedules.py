@@ -549,9 +549,11 @@ def _place_exchanges(orders: list[list[tuple[str, int, int]]], pp: int, pp_rank:
                 dst_chunk = 0 if dst < pp else 1
                 messages.setdefault(start + 1, []).append(
                     P2POp(RECV_FORWARD if kind == "F" else RECV_BACKWARD, dst_chunk, mb, True))
+    steps, next_step = sorted(messages), 0  # one pass over the steps in order (the planner builds large m)
     for (kind, chunk, mb), start in zip(orders[pp_rank], starts[pp_rank]):
-        for step in sorted(t for t in messages if t <= start):
-            b.exchange(*messages.pop(step))
+        while next_step < len(steps) and steps[next_step] <= start:
+            b.exchange(*messages.pop(steps[next_step]))
+            next_step += 1
         if kind == "F":
             b.forward(chunk, mb)
         elif kind == "B":

@@ -30,7 +30,9 @@ def shape_groups(layout: Layout, tp_rank: int = 0, pp_rank: int = 0, dp_rank: in
     sizes = {"world": layout.world, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "cp": layout.cp,
              "dp_cp": layout.dp * layout.cp, "mp": layout.tp * layout.pp, "tp_cp": layout.tp * layout.cp,
              "tp_dp": layout.tp * layout.dp, "tp_dp_cp": layout.tp * layout.dp * layout.cp, "ep": layout.ep,
-             "expert_dp": max(1, layout.dp * layout.cp // layout.ep), "tp_ep": layout.tp * layout.ep}
+             # experts: expert TP = TP (megatron-core's default), folded as ETP x EP x EDP x PP
+             "expert_dp": max(1, layout.dp * layout.cp // layout.ep), "tp_ep": layout.tp * layout.ep,
+             "etp": layout.tp, "tp_ep_pp": layout.tp * layout.ep * layout.pp}
     index = {"tp": tp_rank, "pp": pp_rank, "dp": dp_rank, "cp": cp_rank, "dp_cp": dp_rank * layout.cp + cp_rank}
     groups = {name: Group(name, tuple(range(sizes[name])), index.get(name, 0)) for name in GROUP_FIELDS}
     first_or_last = pp_rank in (0, layout.pp - 1)
