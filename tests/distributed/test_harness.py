@@ -60,7 +60,9 @@ def test_hung_collective_reports_its_own_timeout_before_the_deadline():
     """The ranks' collective timeout is shorter than the parent's deadline, so the stuck rank's
     CollectiveTimeoutError (op, group, rank) is in the message, and the sleeping rank is named."""
     with pytest.raises(DistributedTestError) as info:
-        run_distributed(_hang_in_collective, 2, timeout=8)
+        # 20 s: the rank's 15 s collective timeout must fire before the parent's deadline even when the
+        # ranks take seconds to start on a loaded machine (8 s failed with 5.7 s spent blocked)
+        run_distributed(_hang_in_collective, 2, timeout=20)
     text = str(info.value)
     assert "CollectiveTimeoutError" in text and "all_reduce on group 'world'" in text and "on rank 0" in text
     assert "rank 1: running _hang_in_collective" in text
