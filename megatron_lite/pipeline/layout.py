@@ -135,6 +135,9 @@ def _validate_virtual_flags(cfg) -> None:
             fail("--num-layers-per-virtual-pipeline-stage", "needs --pipeline-model-parallel-size > 1",
                  "Drop it, or use PP >= 2 (interleaving needs several stages).")
         per_stage = m.num_layers // pp
+        if per_virtual < 1:
+            fail("--num-layers-per-virtual-pipeline-stage", f"must be at least 1, got {per_virtual}",
+                 "Give the layers per virtual stage (a divisor of the layers per pipeline stage), or drop it.")
         if per_stage % per_virtual != 0:
             fail("--num-layers-per-virtual-pipeline-stage",
                  f"{m.num_layers} layers over PP={pp} give {per_stage} per stage, not divisible by {per_virtual}",

@@ -62,6 +62,8 @@ def test_context_parallel_configurations_validate():
     (["--pipeline-model-parallel-size", "8", "--num-layers", "4"], 8, "--num-layers: 4 layers are not divisible"),
     (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 8, "--num-layers-per-virtual-pipeline-stage"),
     (["--num-layers-per-virtual-pipeline-stage", "1"], 8, "needs --pipeline-model-parallel-size > 1"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "0"], 8,
+     "--num-layers-per-virtual-pipeline-stage: must be at least 1, got 0"),
     (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "24",
       "--microbatch-group-size-per-virtual-pipeline-stage", "8"], 8,
      "needs at least --microbatch-group-size-per-virtual-pipeline-stage 8 micro-batches"),
