@@ -142,8 +142,9 @@ def last_stage_bytes(shape: ModelShape, layout: Layout, mbs: int) -> float:
     return norm + tokens * shape.vocab / t * 4 * 2 + tokens * 16
 
 
-def chunk_bytes(shape: ModelShape, layout: Layout, pp_rank: int) -> list[float]:
-    """Per model chunk on pipeline rank `pp_rank`: one micro-batch's activation bytes."""
+def chunk_bytes(shape: ModelShape, layout: Layout, pp_rank: int, v_shape: bool = False) -> list[float]:
+    """Per model chunk on pipeline rank `pp_rank`: one micro-batch's activation bytes. v_shape (ZB-V): rank
+    r holds stages r and 2PP-1-r, so the last stage (output layer, loss) is rank 0's second chunk."""
     from megatron_lite.pipeline.layout import layers_for_stage
     out = []
     vp = layout.vp
@@ -152,7 +153,7 @@ def chunk_bytes(shape: ModelShape, layout: Layout, pp_rank: int) -> list[float]:
         nbytes = len(layers) * layer_bytes(shape, layout, layout.mbs)
         if pp_rank == 0 and v == 0:
             nbytes += first_stage_bytes(shape, layout, layout.mbs)
-        if pp_rank == layout.pp - 1 and v == vp - 1:
+        if (pp_rank == 0 and v == 1) if v_shape else (pp_rank == layout.pp - 1 and v == vp - 1):
             nbytes += last_stage_bytes(shape, layout, layout.mbs)
         out.append(nbytes)
     return out
@@ -191,5 +192,5 @@ def peak_alive(schedule: str, pp: int, vp: int, m: int, pp_rank: int, weights: t
 
 def activation_bytes(shape: ModelShape, layout: Layout, schedule: str, num_microbatches: int, pp_rank: int) -> float:
     """Peak activation bytes on pipeline rank `pp_rank` over one step of `schedule`."""
-    weights = tuple(chunk_bytes(shape, layout, pp_rank))
+    weights = tuple(chunk_bytes(shape, layout, pp_rank, v_shape=schedule == "zbv"))
     return peak_alive(schedule, layout.pp, layout.vp, num_microbatches, pp_rank, weights)
