@@ -219,6 +219,16 @@ def gpipe_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches
     return b.finish(forward_only)
 
 
+def _warm_up(b: "_Builder", num_warmup: int, num_steady: int) -> None:
+    """1F1B's warm-up (ZB-H1's too): forwards only, then the receive of the first steady-state forward."""
+    for mb in range(num_warmup):
+        b.exchange(_op(RECV_FORWARD, 0, mb))
+        b.forward(0, mb)
+        b.exchange(_op(SEND_FORWARD, 0, mb))
+    if num_steady > 0:
+        b.exchange(_op(RECV_FORWARD, 0, num_warmup))
+
+
 def one_f_one_b_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,
                          forward_only: bool = False) -> list[Action]:
     """1F1B (PipeDream-flush), as in Megatron's forward_backward_pipelining_without_interleaving.
@@ -234,15 +244,8 @@ def one_f_one_b_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microb
     num_warmup = min(pp_size - pp_rank - 1, m)
     num_steady = m - num_warmup
 
-    # Warm-up: forwards only.
-    for mb in range(num_warmup):
-        b.exchange(_op(RECV_FORWARD, 0, mb))
-        b.forward(0, mb)
-        b.exchange(_op(SEND_FORWARD, 0, mb))
-
+    _warm_up(b, num_warmup, num_steady)
     # Steady state: forward of micro-batch num_warmup + i, backward of micro-batch i.
-    if num_steady > 0:
-        b.exchange(_op(RECV_FORWARD, 0, num_warmup))
     for i in range(num_steady):
         forward_mb, backward_mb, last = num_warmup + i, i, i == num_steady - 1
         b.forward(0, forward_mb)
@@ -292,12 +295,7 @@ def zb_h1_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches
         while len(pending_w) > keep:
             b.actions.append(WeightGrad(0, pending_w.pop(0)))
 
-    for mb in range(num_warmup):
-        b.exchange(_op(RECV_FORWARD, 0, mb))
-        b.forward(0, mb)
-        b.exchange(_op(SEND_FORWARD, 0, mb))
-    if num_steady > 0:
-        b.exchange(_op(RECV_FORWARD, 0, num_warmup))
+    _warm_up(b, num_warmup, num_steady)
     for i in range(num_steady):
         forward_mb, last = num_warmup + i, i == num_steady - 1
         b.forward(0, forward_mb)
