@@ -186,12 +186,8 @@ def main(argv=None) -> None:
               f"fp32, distributed optimizer, TP 1, one process per DP rank, {args.steps} steps per async window; "
               f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, torch {torch.__version__}. "
               "Times: the slowest rank; extra MiB: the largest peak RSS growth of any rank during the operation.")
-    print(header)
-    print("\n".join(lines))
-    if args.append:
-        from results import append_results
-        append_results(f"\n## Checkpoint save/load: sharded vs gather, sync vs async, 2026-12-02\n\n{header}\n\n"
-                       + "\n".join(lines) + "\n")
+    from results import report
+    report("Checkpoint save/load: sharded vs gather, sync vs async", header, lines, args.append)
 
 
 if __name__ == "__main__":

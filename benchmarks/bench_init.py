@@ -104,12 +104,8 @@ def main(argv=None) -> None:
               f"gloo processes (one thread each); {platform.machine()}, {os.cpu_count()} CPU cores shared with other "
               f"jobs, torch {torch.__version__}. The first-step rows use {args.step_layers} layers: 24 layers with "
               "Adam (16 bytes/param, 21 GB in all) do not fit this 24 GiB machine in 8 processes.")
-    print(header)
-    print("\n".join(lines))
-    if args.append:
-        from results import append_results
-        append_results(f"\n## Initialisation at scale: chunked vs full-tensor draw, 2026-12-02\n\n{header}\n\n"
-                       + "\n".join(lines) + "\n")
+    from results import report
+    report("Initialisation at scale: chunked vs full-tensor draw", header, lines, args.append)
 
 
 if __name__ == "__main__":
