@@ -128,14 +128,18 @@ def setup_model_and_optimizer(config: Config, model_provider: Callable, groups: 
 
 
 def build_model(config: Config, model_provider: Callable, groups: ProcessGroups) -> list[DistributedDataParallel]:
-    """This rank's model chunks, DDP-wrapped. Under ZeRO-3 (--data-parallel-sharding-strategy
-    optim_grads_params) the chunks are built on the meta device and DDP draws only this rank's shard of
-    each unit (deferred initialisation, distributed/ddp.py): no rank ever holds the full model, and the
-    values are those of the model built whole (GPTModel records how each parameter is drawn)."""
+    """This rank's model chunks, DDP-wrapped. The chunks are built on the meta device and DDP draws each
+    parameter straight into its final storage (deferred initialisation, distributed/ddp.py): under ZeRO-3
+    (--data-parallel-sharding-strategy optim_grads_params) only this rank's shard of each unit, so no rank
+    ever holds the full model; otherwise into the DDP buffer, so the model is not held twice while it is
+    copied in (8 bytes/param at build for fp32). The values are those of the model built whole (GPTModel
+    records how each parameter is drawn). A provider whose model does not record it (no `init_args`) is
+    built on the device as before, except under ZeRO-3, which needs it."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if config.parallel.sharding_strategy == "optim_grads_params":
-        with torch.device("meta"):
-            chunks = build_model_chunks(config, model_provider, groups)
+    with torch.device("meta"):
+        chunks = build_model_chunks(config, model_provider, groups)
+    deferred = all(hasattr(p, "init_args") for chunk in chunks for p in chunk.parameters())
+    if deferred or config.parallel.sharding_strategy == "optim_grads_params":
         return [DistributedDataParallel(config, chunk, groups=groups, init_device=device) for chunk in chunks]
     chunks = build_model_chunks(config, model_provider, groups)
     if torch.cuda.is_available():
