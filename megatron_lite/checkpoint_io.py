@@ -409,17 +409,15 @@ class CheckpointReader:
                                   f"metadata says {meta.shape}; the checkpoint is corrupt.")
         return full
 
-    def full_tensor(self, name: str) -> torch.Tensor:
-        """The canonical (unpadded, layout-free) full tensor of parameter `name`."""
-        meta = self._meta(name)
-        return self._full(meta, [self.shard_tensor(name, i) for i in range(meta.num_shards)])
+    def full_tensor(self, name: str, kind: str = "model", key: Optional[str] = None) -> torch.Tensor:
+        """The canonical (unpadded, layout-free) full tensor of parameter `name` (kind "optim": of its
+        optimizer state `key`)."""
+        meta = self._meta(name) if kind == "model" else self._optim_meta(name)
+        return self._full(meta, [self.shard_tensor(name, i, kind, key) for i in range(meta.num_shards)])
 
     def optimizer_full_state(self, name: str) -> dict[str, torch.Tensor]:
         """{"param": fp32 main, "exp_avg": ..., ...} of parameter `name`, each a canonical full tensor."""
-        meta = self._optim_meta(name)
-        keys = self.optimizer_keys(name)
-        return {key: self._full(meta, [self.shard_tensor(name, i, "optim", key) for i in range(meta.num_shards)])
-                for key in keys}
+        return {key: self.full_tensor(name, "optim", key) for key in self.optimizer_keys(name)}
 
     def optimizer_keys(self, name: str) -> list[str]:
         meta = self._optim_meta(name)

@@ -10,7 +10,9 @@ padding included), so the needed rows split into runs that each lie in one saved
 [outer, rows, inner] of that shard, copied from just the pieces overlapping it. Memory is the requested
 slice (rounded out to whole rows, or to whole outer rows when the split dimension is not the first);
 nothing else of the parameter is built, and no other shard is read. `files_for_slice` lists the files
-the same plan reads, so a load verifies exactly those before reading any.
+the same plan reads, so a load verifies exactly those before reading any. (A model that cuts the
+parameter differently from the checkpoint, e.g. another stride or axis, gets it the general way: the
+canonical tensor rebuilt from every shard, then cut by its own ShardSpec.)
 """
 from __future__ import annotations
 
@@ -21,15 +23,18 @@ from typing import Optional
 import torch
 
 from megatron_lite.checkpoint_io import CheckpointError, CheckpointReader
+from megatron_lite.tensor_parallel.shard_spec import ShardSpec
 
 
 @dataclass(frozen=True)
 class Target:
     """Where the loading rank's shard sits: its index in the group the parameter is split over, the group's
-    size, and its local shape (vocabulary rows padded as in its layout)."""
+    size, its local shape (vocabulary rows padded as in its layout) and how it cuts the parameter (None:
+    as the checkpoint does)."""
     index: int
     size: int
     shape: tuple[int, ...]
+    spec: Optional[ShardSpec] = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class _Run:
 @dataclass
 class _Plan:
     direct: Optional[int] = None  # read flat [start, end) of this saved shard as it is
+    rebuild: bool = False  # the target cuts it differently: rebuild the canonical tensor, cut, slice
     box_start: int = 0  # flat index, in the target shard, of the box's first element
     outer: tuple[int, int] = (0, 1)  # the box's outer range [lo, hi)
     rows: int = 0  # the box's rows
@@ -55,6 +61,8 @@ class _Plan:
 def _plan(reader: CheckpointReader, name: str, target: Target, start: int, end: int) -> _Plan:
     meta = reader.params[name]
     spec = meta.shard
+    if target.spec is not None and target.spec != spec:
+        return _Plan(rebuild=True)
     if not spec.is_sharded:
         return _Plan(direct=0)
     if meta.num_shards == target.size and list(reader.shard_shape(name, target.index)) == list(target.shape):
@@ -107,6 +115,8 @@ def files_for_slice(reader: CheckpointReader, name: str, target: Target, start: 
                     kind: str = "model") -> set[str]:
     """The files `read_slice` opens for the same arguments."""
     plan = _plan(reader, name, target, start, end)
+    if plan.rebuild:
+        return set(reader.params[name].shard_files(kind))
     if plan.direct is not None:
         return {f for f, _, _ in reader.overlapping_pieces(name, plan.direct, kind, start, end)}
     return {f for run in plan.runs for f, _, _ in reader.overlapping_pieces(name, run.index, kind, *_run_span(plan, run))}
@@ -117,6 +127,9 @@ def read_slice(reader: CheckpointReader, name: str, target: Target, start: int, 
     """Flat [start, end) of this rank's local shard of saved parameter `name` (kind "optim": of optimizer
     state `key`), in the saved dtype."""
     plan = _plan(reader, name, target, start, end)
+    if plan.rebuild:
+        full = reader.full_tensor(name, kind, key)
+        return target.spec.shard(full, target.index, target.size, target.shape).reshape(-1)[start:end]
     if plan.direct is not None:
         return reader.shard_slice(name, plan.direct, start, end, kind, key)
     box: Optional[torch.Tensor] = None

@@ -386,7 +386,7 @@ def _source_name(name: str, param: torch.Tensor) -> str:
 
 def _target(param: torch.Tensor, layout: dict) -> Target:
     index, size = _axis_of(param, layout)
-    return Target(index, size, tuple(param.shape))
+    return Target(index, size, tuple(param.shape), shard_spec_of(param))
 
 
 def _files_read(reader: CheckpointReader, name: str, param: torch.Tensor, layout: dict,
