@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import checkpoint_toys as toys
@@ -185,6 +186,8 @@ def _real_values(full: torch.Tensor, meta: tuple, tp_rank: int, tp: int) -> int:
     return int(toys.expected_shard(torch.ones(full.shape), meta, tp_rank, tp).sum())
 
 
+@pytest.mark.slow  # ~15-25 s (three 4-rank layouts); the fast checks: tests/unit/test_checkpoint_slices.py and
+# test_checkpoint_gpt.py's ZeRO-3 chain (no gather on save or load)
 def test_zero3_writes_its_slices_and_a_reshard_reads_only_overlapping_pieces(tmp_path):
     """Issue 19 item 1 under ZeRO-3 and for resharding loads:
     - ZeRO-3 (TP2 x DP2) saves with no tensor collective and its parameters never gathered; each rank's
@@ -193,7 +196,7 @@ def test_zero3_writes_its_slices_and_a_reshard_reads_only_overlapping_pieces(tmp
       TP-split parameter (the vocabulary-padded embedding aside) only pieces of TP2 shard tp_rank // 2, and
       in all exactly its shard's real values, model and optimizer state (4 + 3 x 4 bytes per value);
     - both the TP4 load and a ZeRO-3 TP1 x DP4 load (into the shards, never gathered) restore every value
-      and optimizer state exactly."""
+      and optimizer state exactly, and so does an offline reshard (convert.py's path)."""
     directory = str(tmp_path / "zero3_tp2_dp2")
     results = run_distributed(_zero3_save_then_reshard, 4, timeout=300, directory=directory)
     iteration = os.path.join(directory, "iter_0000002")
@@ -228,3 +231,9 @@ def test_zero3_writes_its_slices_and_a_reshard_reads_only_overlapping_pieces(tmp
         expected = sum(_real_values(full[n], state["meta"][n], state["tp_rank"], 4) * (4 + 4 * len(state["optim"][n]))
                        for n in state["model"])
         assert sum(read.values()) == expected, (sum(read.values()), expected)
+    # Offline (convert.py's reshard, no torch.distributed) the ZeRO-3 slices rebuild every tensor exactly.
+    offline = CheckpointReader(reshard_checkpoint(directory, str(tmp_path / "offline_tp1"), tp=1))
+    for name, tensor in full.items():
+        assert torch.equal(offline.full_tensor(name), tensor), name
+        for key, value in full_optim[name].items():
+            assert torch.equal(offline.full_tensor(name, "optim", key), value), (name, key)
