@@ -1,6 +1,7 @@
 """Per-rank memory and throughput of each data-parallel sharding strategy and optimizer offload.
 
-    python benchmarks/bench_zero.py [--world 8] [--layers 4] [--hidden 512] [--steps 3] [--append]
+    python benchmarks/bench_zero.py [--world 8] [--layers 4] [--hidden 512] [--vocab 8192] [--steps 3] [--append]
+    python benchmarks/bench_zero.py --layers 24 --hidden 1024 --vocab 50257 --steps 2 --append   # GPT-2 medium, 355M
 
 Each configuration runs in its own set of `--world` gloo processes (DP = world, one thread each), so each
 process's peak resident set belongs to that configuration alone. Per rank it reports: the peak RSS growth
@@ -11,6 +12,10 @@ whose parameter+gradient+optimizer bytes fit the machine's memory with `--world`
 (formula x measured bytes/param, less the measured per-rank runtime baseline; activations excluded).
 ZeRO-3's bytes/param are those at rest; during a step each rank also holds up to two gathered units
 (distributed/zero3.py), reported next to the headline.
+
+Before launching a configuration it predicts the machine-wide peak (per rank: runtime baseline + the
+strategy's bytes/param + the full fp32 model each rank builds before DDP shards it); one that would not fit
+`--memory-gib` is reported as "does not fit" with the figure instead of being run into the OOM killer.
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ from megatron_lite.config import Config
 from megatron_lite.distributed import DistributedDataParallel, finalize_model_grads
 from megatron_lite.optimizer import get_megatron_optimizer, memory_report
 
-SEQ, VOCAB, MICRO_BATCH = 128, 8192, 1
+SEQ, MICRO_BATCH = 128, 1
+BASELINE_MIB = 450  # a gloo rank with torch imported, measured by this script at 16.9M params (RESULTS.md)
 VARIANTS = {  # name -> (strategy, offload)
     "no_shard": ("no_shard", None), "ZeRO-1 (optim)": ("optim", None), "ZeRO-2 (optim_grads)": ("optim_grads", None),
     "ZeRO-2 + CPU offload 1.0": ("optim_grads", "cpu"), "ZeRO-2 + NVMe offload 1.0": ("optim_grads", "nvme"),
@@ -45,13 +51,16 @@ def formula_bytes_per_param(strategy: str, d: int, bf16: bool) -> float:
     return {"no_shard": 16, "optim": 8 + 8 / d, "optim_grads": 4 + 12 / d, "optim_grads_params": 16 / d}[strategy]
 
 
-def make_config(world: int, layers: int, hidden: int, strategy: str, offload, bf16: bool, nvme_dir: str) -> Config:
+def make_config(world: int, layers: int, hidden: int, vocab: int, strategy: str, offload, bf16: bool, nvme_dir: str) -> Config:
     cfg = Config(world_size=world)
     m = cfg.model
     m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = layers, hidden, max(1, hidden // 64), SEQ
-    m.vocab_size, m.hidden_dropout, m.attention_dropout = VOCAB, 0.0, 0.0
+    m.vocab_size, m.hidden_dropout, m.attention_dropout = vocab, 0.0, 0.0
     cfg.parallel.data_parallel_sharding_strategy = strategy
     cfg.parallel.ddp_bucket_size = 4_000_000
+    # Buckets reduce (ZeRO-2/3: reduce-scatter into the shard) as backward produces them, so no strategy
+    # holds the whole model's gradient at the end of backward (4 bytes/param more than its table).
+    cfg.parallel.overlap_grad_reduce = True
     cfg.training.micro_batch_size, cfg.training.global_batch_size = MICRO_BATCH, MICRO_BATCH * world
     cfg.optimizer.bf16 = bf16
     cfg.optimizer.optimizer_cpu_offload = offload == "cpu"
@@ -69,23 +78,28 @@ def forward_step(data_iterator, model):
     return output, lambda loss: (loss.mean(), {"lm loss": loss.mean().detach()})
 
 
-def bench(world: int, layers: int, hidden: int, strategy: str, offload, bf16: bool, steps: int, nvme_dir: str) -> dict:
+def bench(world: int, layers: int, hidden: int, vocab: int, strategy: str, offload, bf16: bool, steps: int,
+          nvme_dir: str, staggered_build: bool = False) -> dict:
     from megatron_lite.models.gpt.model import GPTModel
     from megatron_lite.pipeline import get_forward_backward_func
 
     torch.set_num_threads(1)
     ps.initialize_model_parallel()
     groups = ps.get_process_groups()
-    cfg = make_config(world, layers, hidden, strategy, offload, bf16, nvme_dir)
+    cfg = make_config(world, layers, hidden, vocab, strategy, offload, bf16, nvme_dir)
     baseline = _rss_mib()
-    model = [DistributedDataParallel(cfg, GPTModel(cfg, groups=groups), groups=groups)]
+    for turn in range(world if staggered_build else 1):  # one rank at a time: the build transient is not paid 8x at once
+        if not staggered_build or turn == groups.dp.rank:
+            model = [DistributedDataParallel(cfg, GPTModel(cfg, groups=groups), groups=groups)]
+        if staggered_build:
+            torch.distributed.barrier()
     opt = get_megatron_optimizer(cfg, model, groups)
     report = memory_report(model, opt)  # at start-up, as training logs it
     forward_backward = get_forward_backward_func(cfg, groups)
     gen = torch.Generator().manual_seed(groups.dp.rank)
     times = []
     for _ in range(steps + 1):  # the first step warms up
-        tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=gen)
+        tokens = torch.randint(0, vocab, (MICRO_BATCH, SEQ + 1), generator=gen)
         start = time.perf_counter()
         opt.zero_grad()
         forward_backward(forward_step_func=forward_step, data_iterator=iter([{"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}]),
@@ -109,6 +123,22 @@ def _element_size(unit) -> int:
     return torch.empty((), dtype=buffer.param_dtype).element_size()
 
 
+def approx_params(layers: int, hidden: int, vocab: int) -> int:
+    """GPT parameters with a 4h MLP, biases, learned positions and tied embeddings (the model make_config builds)."""
+    return layers * (12 * hidden * hidden + 13 * hidden) + (vocab + SEQ) * hidden + 2 * hidden
+
+
+def predicted_peak_gib(strategy: str, offload, world: int, bf16: bool, num_params: int, staggered: bool) -> float:
+    """Machine-wide peak: per rank the runtime baseline and the larger of the strategy's bytes/param
+    (offloaded state counts too: host memory is this machine's memory) plus a bucket's worth of transient
+    gradients, and the build transient: the fp32 model (4 bytes/param) plus the DDP buffer it is copied into
+    (ZeRO-3: its shard). With a staggered build only one rank pays the build transient at a time."""
+    steady = formula_bytes_per_param(strategy, world, bf16) + 0.5
+    build = 4 + (4 / world if strategy == "optim_grads_params" else 2 if bf16 else 4)
+    per_param = (world - 1) * steady + max(build, steady) if staggered else world * max(build, steady)
+    return (world * BASELINE_MIB * 2**20 + per_param * num_params) / 2**30
+
+
 def _row(name: str, strategy: str, offload, result: dict, world: int, bf16: bool, base_tps: float) -> str:
     r = result["report"]
     # Offloading fp32 training adds a host/disk fp32 main copy (4/d) that aliased the model param on the device.
@@ -126,40 +156,71 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=8)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--staggered-build", action="store_true",
+                        help="ranks build the model one after another (the fp32 model plus the DDP buffer it is copied "
+                        "into, 8 bytes/param, is then paid by one rank at a time): for models whose build transient "
+                        "times --world does not fit the machine")
+    parser.add_argument("--variants", default="", help="comma-separated subset of the configurations (default all): "
+                        + ", ".join(VARIANTS))
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--memory-gib", type=float, default=24.0, help="the machine's memory, for the headline")
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     nvme_dir = tempfile.mkdtemp(prefix="bench_zero_nvme_")
-    results = {}
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()] or list(VARIANTS)
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown --variants {unknown}; choose from {list(VARIANTS)}")
+    num_params = approx_params(args.layers, args.hidden, args.vocab)
+    results, skipped = {}, {}
     try:
-        for name, (strategy, offload) in VARIANTS.items():
-            results[name] = run_distributed(bench, args.world, timeout=1800, world=args.world, layers=args.layers,
-                                             hidden=args.hidden, strategy=strategy, offload=offload, bf16=args.bf16,
-                                             steps=args.steps, nvme_dir=nvme_dir)[0]  # rank 0 (ranks are alike)
+        for name in chosen:
+            strategy, offload = VARIANTS[name]
+            need = predicted_peak_gib(strategy, offload, args.world, args.bf16, num_params, args.staggered_build)
+            if need > 0.9 * args.memory_gib:
+                skipped[name] = need
+                print(f"{name}: does not fit: about {need:.1f} GiB predicted for {args.world} ranks > 90% of "
+                      f"{args.memory_gib:.0f} GiB; skipped", flush=True)
+                continue
+            start = time.perf_counter()
+            results[name] = run_distributed(bench, args.world, timeout=3600, world=args.world, layers=args.layers,
+                                             hidden=args.hidden, vocab=args.vocab, strategy=strategy, offload=offload,
+                                             bf16=args.bf16, steps=args.steps, nvme_dir=nvme_dir,
+                                             staggered_build=args.staggered_build)[0]  # rank 0 (ranks are alike)
+            print(f"{name}: {results[name]['step_time']:.1f} s/step, ran {time.perf_counter() - start:.0f} s", flush=True)
     finally:
         shutil.rmtree(nvme_dir, ignore_errors=True)
-    base_tps = results["ZeRO-1 (optim)"]["tokens_per_s"]
+    base_name = "ZeRO-1 (optim)" if "ZeRO-1 (optim)" in results else next(iter(results))
+    base_tps = results[base_name]["tokens_per_s"]
     lines = ["| config | params (M) | device MiB/rank | host+disk MiB/rank | bytes/param | formula | device bytes/param "
-             "| peak RSS growth MiB/rank (measured) | tokens/s | vs ZeRO-1 |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [_row(name, *VARIANTS[name], r, args.world, args.bf16, base_tps) for name, r in results.items()]
+             f"| peak RSS growth MiB/rank (measured) | tokens/s | vs {base_name.split(' ')[0]} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in chosen:
+        if name in results:
+            lines.append(_row(name, *VARIANTS[name], results[name], args.world, args.bf16, base_tps))
+        else:
+            lines.append(f"| {name} | {num_params / 1e6:.1f} | does not fit: about {skipped[name]:.1f} GiB predicted for "
+                         f"{args.world} ranks (formula {formula_bytes_per_param(VARIANTS[name][0], args.world, args.bf16):.2f}"
+                         " bytes/param + the fp32 model built before sharding + baseline) | | | | | | | |")
     baseline = max(r["baseline_mib"] for r in results.values())
     budget = args.memory_gib * 2**30 - args.world * baseline * 2**20
     lines += ["", f"Largest model whose params + grads + optimizer states fit {args.memory_gib:.0f} GiB with {args.world} "
               f"ranks (each rank's runtime baseline {baseline:.0f} MiB measured; activations excluded):", ""]
     for name, (strategy, offload) in VARIANTS.items():
-        if offload is None:
+        if offload is None and name in chosen:
             bpp = formula_bytes_per_param(strategy, args.world, args.bf16)
             lines.append(f"- {name}: {budget / (args.world * bpp) / 1e9:.2f} B parameters ({bpp:.2f} bytes/param/rank)")
-    zero3 = results["ZeRO-3 (optim_grads_params)"]
-    lines.append(f"- ZeRO-3 also holds up to {zero3['peak_units']} gathered units per rank during a step (here the largest "
-                 f"unit is {zero3['largest_unit_mib']:.1f} MiB), on top of its bytes/param at rest")
+    zero3 = results.get("ZeRO-3 (optim_grads_params)")
+    if zero3 is not None:
+        lines.append(f"- ZeRO-3 also holds up to {zero3['peak_units']} gathered units per rank during a step (here the largest "
+                     f"unit is {zero3['largest_unit_mib']:.1f} MiB), on top of its bytes/param at rest")
     lines.append(f"- NVMe offload 1.0 keeps 12/d bytes/param on disk: with ZeRO-2 "
                  f"{budget / (args.world * (formula_bytes_per_param('optim_grads', args.world, args.bf16) - 12 / args.world)) / 1e9:.2f} B "
                  "parameters by memory (disk space and bandwidth permitting)")
     header = (f"CPU {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; {args.world} gloo ranks (DP), "
-              f"1 thread each; GPT {args.layers} layers x {args.hidden} hidden, vocab {VOCAB}, seq {SEQ}, micro batch "
+              f"1 thread each; GPT {args.layers} layers x {args.hidden} hidden, vocab {args.vocab}, seq {SEQ}, micro batch "
               f"{MICRO_BATCH}, {'bf16' if args.bf16 else 'fp32'}, Adam; fastest of {args.steps} steps after a warm-up")
     report("ZeRO sharding and optimizer offload (bench_zero.py)", header, lines, args.append)
 

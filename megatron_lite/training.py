@@ -121,13 +121,26 @@ def setup_model_and_optimizer(config: Config, model_provider: Callable, groups: 
     the groups parallel_state holds (one process when none were initialised)."""
     if groups is None:
         groups = ps.get_process_groups() if ps.model_parallel_is_initialized() else ProcessGroups.single()
-    chunks = build_model_chunks(config, model_provider, groups)
-    if torch.cuda.is_available():
-        chunks = [chunk.cuda() for chunk in chunks]
-    model = [DistributedDataParallel(config, chunk, groups=groups) for chunk in chunks]
+    model = build_model(config, model_provider, groups)
     optimizer = get_megatron_optimizer(config, model, groups)
     scheduler = build_lr_scheduler(config, optimizer)
     return model, optimizer, scheduler
+
+
+def build_model(config: Config, model_provider: Callable, groups: ProcessGroups) -> list[DistributedDataParallel]:
+    """This rank's model chunks, DDP-wrapped. Under ZeRO-3 (--data-parallel-sharding-strategy
+    optim_grads_params) the chunks are built on the meta device and DDP draws only this rank's shard of
+    each unit (deferred initialisation, distributed/ddp.py): no rank ever holds the full model, and the
+    values are those of the model built whole (GPTModel records how each parameter is drawn)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if config.parallel.sharding_strategy == "optim_grads_params":
+        with torch.device("meta"):
+            chunks = build_model_chunks(config, model_provider, groups)
+        return [DistributedDataParallel(config, chunk, groups=groups, init_device=device) for chunk in chunks]
+    chunks = build_model_chunks(config, model_provider, groups)
+    if torch.cuda.is_available():
+        chunks = [chunk.cuda() for chunk in chunks]
+    return [DistributedDataParallel(config, chunk, groups=groups) for chunk in chunks]
 
 
 def build_lr_scheduler(config: Config, optimizer) -> OptimizerParamScheduler:

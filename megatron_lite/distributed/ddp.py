@@ -15,6 +15,11 @@ param_and_grad_buffer.py for the accumulation rule and its cost).
 Under ZeRO-3 (optim_grads_params) parameters are sharded at rest too: each unit of the model's
 sharding_plan() is one bucket, gathered around its forward and backward by distributed/zero3.py.
 Gradients are pre-multiplied by 1/(DP x CP) so the summing collective yields the mean.
+
+Deferred initialisation (`init_device`): a model built on the meta device (GPTModel records each
+parameter's `init_args`) is initialised here, on `init_device`: under ZeRO-3 each rank draws and keeps only
+its shard (param_and_grad_buffer.py), so no rank ever holds the full model; otherwise each parameter is
+drawn into its place. The values are those of the same model built on a real device.
 """
 from __future__ import annotations
 
@@ -26,9 +31,10 @@ from torch import nn
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.distributed.model_chunk import ModelChunk
-from megatron_lite.distributed.param_and_grad_buffer import ParamAndGradBuffer
+from megatron_lite.distributed.param_and_grad_buffer import ParamAndGradBuffer, materialize
 from megatron_lite.distributed.zero3 import ShardedParams, build_units, default_plan, unit_params
 from megatron_lite.process_groups import ProcessGroups
+from megatron_lite.tensor_parallel.utils import initialize_param_range
 
 
 def default_bucket_size(dp_size: int) -> int:
@@ -41,7 +47,9 @@ class DistributedDataParallel(ModelChunk):
     module's own (global) parameter names. `groups` (default: one process) gives the data-parallel group."""
 
     def __init__(self, config: Config, module: nn.Module, disable_bucketing: bool = False,
-                 groups: Optional[ProcessGroups] = None):
+                 groups: Optional[ProcessGroups] = None, init_device: Optional[torch.device] = None):
+        """`init_device`: where the parameters (and buffers) of a module built on the meta device are
+        created and initialised (module docstring); None leaves a meta module shape-only (planning)."""
         super().__init__(module)
         self.config = config
         parallel = config.parallel
@@ -75,12 +83,16 @@ class DistributedDataParallel(ModelChunk):
             fp32_grads = parallel.accumulate_allreduce_grads_in_fp32 or param.dtype == torch.bfloat16
             grad_dtype = torch.float32 if fp32_grads else param.dtype
             by_dtype.setdefault((param.dtype, grad_dtype, getattr(param, "expert_parallel", False)), []).append(param)
+        if init_device is not None and not self.use_distributed_optimizer:
+            _materialize_all(module, init_device)  # no parameter buffer to draw into: each in its own place
         self._buffers: list[ParamAndGradBuffer] = []
         for (param_dtype, grad_dtype, expert), params in by_dtype.items():
             group = groups.expert_dp if expert else self.dp_group
             self._buffers.append(ParamAndGradBuffer(
                 params, param_dtype, grad_dtype, bucket_size, group, group.size, group.rank,
-                self.use_distributed_optimizer, 1.0 / self.dp_size, self.shard_grads, unit_of))
+                self.use_distributed_optimizer, 1.0 / self.dp_size, self.shard_grads, unit_of, device=init_device))
+        if init_device is not None:
+            _materialize_all(module, init_device)  # what no buffer holds: frozen parameters, module buffers
         self.buffer_of: dict[int, ParamAndGradBuffer] = {
             id(p): buffer for buffer in self._buffers for p in buffer.params}
         self.zero3: Optional[ShardedParams] = None
@@ -199,3 +211,17 @@ class DistributedDataParallel(ModelChunk):
             self.zero3.materialize()
             return self.module.load_state_dict(state_dict, strict=strict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _materialize_all(module: nn.Module, device: torch.device) -> None:
+    """Give every meta parameter of `module` its own storage on `device`, drawn from its init_args, and
+    every meta buffer zeros (GPTModel's buffers all start at zero)."""
+    for param in module.parameters():
+        if param.is_meta:
+            data = torch.empty(param.numel(), dtype=param.dtype, device=device)
+            initialize_param_range(param, data, 0, param.numel())
+            materialize(param, data.view(param.shape))
+    for owner in module.modules():
+        for name, buffer in owner.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_meta:
+                owner._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype, device=device)

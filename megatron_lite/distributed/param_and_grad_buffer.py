@@ -26,6 +26,11 @@ each bucket (one ZeRO-3 unit, distributed/zero3.py) also owns its parameters as 
 (`gather_bucket`: storage re-allocated, shards all-gathered into it; `release_bucket`: storage resized to 0).
 The parameters stay views of `param_data` throughout, so autograd's saved references to them see the
 re-gathered values in backward (PyTorch FSDP's flat-parameter technique).
+
+Deferred initialisation: a parameter still on the meta device (a model built there, with the `init_args`
+GPTModel records) gets its storage here, on `device`, keeping its Parameter object (torch.utils.swap_tensors,
+so the module, tied uses and the metadata attributes stay valid). Under ZeRO-3 only this rank's shard of
+it is ever drawn (tensor_parallel.utils.initialize_param_range): the full bucket never exists at build time.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from typing import Optional
 import torch
 
 from megatron_lite import collectives
+from megatron_lite.tensor_parallel.utils import initialize_param_range
 
 
 @dataclass
@@ -67,16 +73,18 @@ class ParamAndGradBuffer:
     def __init__(self, params: list[torch.nn.Parameter], param_dtype: torch.dtype, grad_dtype: torch.dtype,
                  bucket_size: Optional[int], dp_group, dp_size: int, dp_rank: int,
                  use_distributed_optimizer: bool, gradient_scaling_factor: float, shard_grads: bool = False,
-                 unit_of: Optional[dict[int, int]] = None):
+                 unit_of: Optional[dict[int, int]] = None, device: Optional[torch.device] = None):
         """`unit_of` (ZeRO-3): {id(param): unit index}; given, parameters are sharded at rest and every
-        bucket holds exactly one unit's parameters (the bucket size does not apply)."""
+        bucket holds exactly one unit's parameters (the bucket size does not apply). `device`: where the
+        buffers live (default: the parameters' device); meta parameters are initialised there (module
+        docstring; without the distributed optimizer DDP materialises them before)."""
         if shard_grads and not use_distributed_optimizer:
             raise ValueError("ParamAndGradBuffer: shard_grads (ZeRO-2) needs use_distributed_optimizer")
         self.shard_params = unit_of is not None
         if self.shard_params and not shard_grads:
             raise ValueError("ParamAndGradBuffer: sharded parameters (ZeRO-3) need shard_grads")
         self.shard_grads = shard_grads
-        self.device = _device(params)
+        self.device = device if device is not None else _device(params)
         self.peak_grad_bytes = 0  # the most gradient storage this buffer has held at once
         self.param_dtype, self.grad_dtype = param_dtype, grad_dtype
         self.dp_group, self.dp_size, self.dp_rank = dp_group, dp_size, dp_rank
@@ -117,12 +125,12 @@ class ParamAndGradBuffer:
         self.grad_data = None if shard_grads else torch.zeros(self.numel, dtype=grad_dtype, device=self.device)
         self.param_data = None
         if use_distributed_optimizer and not self.shard_params:
-            self.param_data = torch.zeros(self.numel, dtype=param_dtype, device=_device(params))
+            self.param_data = torch.zeros(self.numel, dtype=param_dtype, device=self.device)
         for param in self.params:
             start, end = self.param_index[id(param)]
             if self.param_data is not None:
-                self.param_data[start:end].view(param.shape).copy_(param.data)
-                param.data = self.param_data[start:end].view(param.shape)
+                _fill(param, self.param_data[start:end], 0, param.numel())
+                _point_at(param, self.param_data[start:end].view(param.shape))
             if self.grad_data is not None:
                 param.main_grad = self.grad_data[start:end].view(param.shape)
 
@@ -143,17 +151,23 @@ class ParamAndGradBuffer:
 
     # ---- ZeRO-3: parameters sharded at rest ------------------------------------------------------
     def _shard_bucket_params(self, bucket: Bucket) -> None:
-        """Give the bucket its own full parameter tensor (so it can be freed alone), keep this rank's shard,
-        free the full one."""
-        bucket.param_data = torch.zeros(bucket.numel, dtype=self.param_dtype, device=self.device)
+        """Give the bucket its own full-size parameter tensor (so it can be freed alone), without storage
+        (allocated only while gathered), and this rank's shard: copied from parameters that exist, drawn for
+        deferred (meta) ones, so the bucket's full parameters are never built."""
+        shard_start, shard_end = bucket.shard_range(self.dp_rank, self.dp_size)
+        bucket.param_shard = torch.zeros(shard_end - shard_start, dtype=self.param_dtype, device=self.device)
         for param in bucket.params:
-            start, end = self.param_index[id(param)]
-            view = bucket.param_data[start - bucket.offset:end - bucket.offset].view(param.shape)
-            view.copy_(param.data)
-            param.data = view
-        start, end = bucket.shard_range(self.dp_rank, self.dp_size)
-        bucket.param_shard = bucket.param_data[start:end].clone()
-        self.release_bucket(bucket)
+            start, end = (i - bucket.offset for i in self.param_index[id(param)])
+            lo, hi = max(start, shard_start), min(end, shard_end)
+            if lo < hi:
+                _fill(param, bucket.param_shard[lo - shard_start:hi - shard_start], lo - start, hi - start)
+        # Views need storage of full size when made: torch.empty's untouched host pages cost no memory, and
+        # the storage is freed right after (a device's caching allocator keeps one unit's worth reserved).
+        bucket.param_data = torch.empty(bucket.numel, dtype=self.param_dtype, device=self.device)
+        for param in bucket.params:
+            start, end = (i - bucket.offset for i in self.param_index[id(param)])
+            _point_at(param, bucket.param_data[start:end].view(param.shape))
+        bucket.param_data.untyped_storage().resize_(0)
 
     def gather_bucket(self, bucket: Bucket, async_op: bool) -> None:
         """Re-allocate the bucket's full parameters and all-gather every rank's shard into them."""
@@ -332,6 +346,33 @@ class _CopyOnWait:
             if self.on_done is not None:
                 self.on_done()
             self.work = None
+
+
+def _fill(param: torch.nn.Parameter, out: torch.Tensor, start: int, end: int) -> None:
+    """out = param's flat [start, end): copied, or drawn when param is deferred (meta, `out` real)."""
+    if not param.is_meta:
+        out.copy_(param.detach().reshape(-1)[start:end])
+    elif not out.is_meta:
+        initialize_param_range(param, out, start, end)
+
+
+def _point_at(param: torch.nn.Parameter, view: torch.Tensor) -> None:
+    """Make `view` param's data; a meta parameter keeps its object (module docstring)."""
+    if param.is_meta and not view.is_meta:
+        materialize(param, view)
+    else:
+        param.data = view
+
+
+def materialize(param: torch.nn.Parameter, data: torch.Tensor) -> None:
+    """Give a meta parameter the real tensor `data` as storage, keeping the Parameter object (modules and
+    optimizers hold it) and its attributes (ShardSpec, init and grad-sync metadata)."""
+    real = torch.nn.Parameter(torch.empty(0, dtype=data.dtype, device=data.device), requires_grad=param.requires_grad)
+    real.__dict__.update(param.__dict__)
+    torch.utils.swap_tensors(param, real)
+    # Through .data, as for a parameter built real: its version counter stays its own, so ZeRO-3's
+    # all-gathers into the bucket do not read as in-place changes of tensors autograd saved.
+    param.data = data
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -441,8 +441,11 @@ def zbv_schedule(pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: 
 
     Bubble (T_F, T_B, T_W: a full stage's times, a chunk takes half): the paper gives ZB-V a zero bubble
     rate at T_F = T_B = T_W, against (PP - 1)(T_F + T_B + T_W) per rank for 1F1B and (PP - 1)(T_F + T_B - T_W)
-    for ZB-H1. What remains is the fill, which no schedule avoids (rank PP - 1 starts after PP - 1 chunk
-    forwards): the simulator gives exactly m (T_F + T_B + T_W) + (PP - 1) T_F / 2 for m >= 2 PP - 1, overlapped
+    for ZB-H1 (and (PP - 1)(T_F + T_B - 2 T_W) for ZB-H2: the paper's Table 2). The paper's "zero" also
+    assumes its optimizer post-validation (section 4: no synchronisation between steps, so successive steps
+    tile as parallelograms and the fill is not idle); here a step ends with a synchronised optimizer step
+    (the grad-norm and finiteness all-reduces), so the fill stays idle (rank PP - 1 starts after PP - 1
+    chunk forwards): the simulator gives exactly m (T_F + T_B + T_W) + (PP - 1) T_F / 2 for m >= 2 PP - 1, overlapped
     or blocking, i.e. (PP - 1) T_F / 2 idle per rank, a sixth of 1F1B's (tests/unit/test_schedules.py).
     Unequal times cost more (W runs right after its B in the steady state). Peak: 2 PP chunk micro-batches
     in flight on every rank, each half a stage of 1F1B's layers: 1F1B's activation memory (PP micro-batches

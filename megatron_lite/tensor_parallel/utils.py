@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -87,73 +88,151 @@ def set_init(param: torch.Tensor, kind: str, std: float = 0.0) -> None:
     param.init_spec = (kind, std)
 
 
-# Values are drawn this many at a time (16 MiB of fp32): a rank never holds a full tensor it does not own.
-INIT_CHUNK_ELEMENTS = 1 << 22
+# The tile grid (part of the initialisation rule: changing these changes every model's initial values).
+INIT_TILE_COLS = 256
+INIT_TILE_ELEMENTS = 1 << 15
+# Local rows are assembled at most this many values at a time (16 MiB of fp32): the bound on a rank's
+# temporary memory during initialisation, besides one tile.
+INIT_BLOCK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class InitArgs:
+    """What `initialize_param` needs besides the parameter: the name its values are drawn from (the tied
+    output copy uses the embedding's), --seed, and its place in the group its ShardSpec splits it over."""
+    name: str
+    seed: int
+    rank: int = 0
+    size: int = 1
+
+
+def tile_grid(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """(rows, cols, tile_rows, tile_cols) of a canonical full tensor of `shape`, viewed as 2-D
+    [shape[0], prod(shape[1:])] (a 1-D tensor is one column; a scalar, one value)."""
+    rows = shape[0] if shape else 1
+    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    tile_cols = min(cols, INIT_TILE_COLS)
+    return rows, cols, max(1, INIT_TILE_ELEMENTS // max(tile_cols, 1)), tile_cols
+
+
+def draw_tile(name: str, seed: int, std: float, index: int, height: int, width: int) -> torch.Tensor:
+    """Tile `index` (row-major in the grid) of parameter `name`: fp32 N(0, std) from its own CPU generator."""
+    tile_seed = seed_for(seed, name if index == 0 else f"{name}#{index}")
+    return torch.empty(height, width).normal_(0.0, std, generator=torch.Generator().manual_seed(tile_seed))
 
 
 @torch.no_grad()
 def initialize_param(param: torch.Tensor, name: str, seed: int, tp_rank: int = 0, tp_size: int = 1) -> None:
-    """Fill `param` with this TP rank's shard of its canonical full tensor, drawn in fp32 from a CPU
-    generator seeded by (seed, name) (identical on any device and in any layout).
+    """Fill `param` with this rank's shard of its canonical full tensor (see `initialize_param_range`)."""
+    if param.dtype == torch.float32 and param.device.type == "cpu" and param.is_contiguous():
+        initialize_param_range(param, param.data.view(-1), 0, param.numel(), InitArgs(name, seed, tp_rank, tp_size))
+        return
+    local = torch.empty(param.numel())
+    initialize_param_range(param, local, 0, param.numel(), InitArgs(name, seed, tp_rank, tp_size))
+    param.copy_(local.view(param.shape).to(dtype=param.dtype, device=param.device))
 
-    The full tensor is never materialised: it is drawn in chunks of whole rows (dim 0) from the same
-    generator stream, and only this rank's part of each chunk is kept, so memory is the shard plus one
-    chunk. The values equal one `torch.empty(full).normal_()` draw bit for bit: torch's CPU normal fills
-    uniforms for the whole tensor, then transforms each aligned block of 16 (and redraws the last 16 when
-    the size is not a multiple of 16); chunks that are multiples of 16 elements, with a last chunk of at
-    least 16, consume the stream in the same order (tests/unit/test_init_chunked.py checks it). Drawing
-    stops after the last row this rank needs."""
+
+@torch.no_grad()
+def initialize_param_range(param: torch.Tensor, out: torch.Tensor, start: int, end: int,
+                           args: Optional[InitArgs] = None) -> None:
+    """Write elements [start, end) of this rank's flattened shard of `param` into `out` (1-D, end - start
+    values, any dtype and device). `param` gives only shape, ShardSpec and init_spec (set_init), so it may be
+    on the meta device; `args` defaults to `param.init_args` (GPTModel.initialize records it).
+
+    The rule (identical in every layout and in one process): the canonical full tensor, viewed as 2-D
+    [shape[0], prod(shape[1:])], is cut into a fixed grid of tiles (`tile_grid`: up to INIT_TILE_COLS
+    columns, INIT_TILE_ELEMENTS values each) that depends only on the full shape, and tile k (row-major) is
+    `torch.empty(h, w).normal_(0, std, generator)` with the generator seeded by seed_for(seed, name) for
+    k = 0 and seed_for(seed, f"{name}#{k}") otherwise (a tensor of one tile is thus one full-shape draw).
+    A shard (TP rows or columns, SwiGLU's stride 2, vocabulary padding rows, which are zero) and any flat
+    range of it (a ZeRO-3 DP shard) draws only the tiles it overlaps, so drawing time and memory divide by
+    the number of ranks; memory is `out` plus INIT_BLOCK_ELEMENTS values and one row of tiles (e.g. 128 x
+    8192 values for a [2048, 8192] weight)."""
+    args = args if args is not None else getattr(param, "init_args", None)
+    if args is None:
+        raise ValueError("initialize_param_range: the parameter has no init_args (name, seed and rank to draw from): "
+                         "build the model with GPTModel, which records them, or initialise it on a real device")
     kind, std = getattr(param, "init_spec", ("normal", 0.02))
     if kind not in ("zeros", "ones", "normal"):
-        raise ValueError(f"unknown init kind {kind!r} for {name}")
-    shape = full_shape(param, tp_size)
-    numel = math.prod(shape)
-    if kind != "normal" or numel <= INIT_CHUNK_ELEMENTS or len(shape) == 0:
-        full = (torch.zeros(shape) if kind == "zeros" else torch.ones(shape) if kind == "ones" else
-                torch.empty(shape).normal_(0.0, std, generator=torch.Generator().manual_seed(seed_for(seed, name))))
-        param.copy_(shard_of_full(full, param, tp_rank, tp_size).to(dtype=param.dtype, device=param.device))
+        raise ValueError(f"unknown init kind {kind!r} for {args.name}")
+    if not 0 <= start <= end <= param.numel() or out.numel() != end - start:
+        raise ValueError(f"initialize_param_range: [{start}, {end}) of {args.name} ({param.numel()} values) "
+                         f"into {out.numel()} values")
+    if end == start:
         return
-    generator = torch.Generator().manual_seed(seed_for(seed, name))
-    # An fp32 host parameter is filled in place; otherwise an fp32 host shard is converted at the end.
-    in_place = param.dtype == torch.float32 and param.device.type == "cpu"
-    local = param.data.zero_() if in_place else torch.zeros(param.shape)  # vocabulary padding rows stay zero
-    for r0, r1 in _row_chunks(shape):
-        chunk = torch.empty((r1 - r0, *shape[1:])).normal_(0.0, std, generator=generator)
-        if not _keep_rows(chunk, r0, local, param, tp_rank, tp_size):
-            break
-    if not in_place:
-        param.copy_(local.to(dtype=param.dtype, device=param.device))
+    spec, local_shape = shard_spec_of(param), tuple(param.shape)
+    shape = spec.full_shape(local_shape, args.size)
+    rows, cols, tile_rows, tile_cols = tile_grid(shape)
+    row_len = math.prod(local_shape[1:]) if len(local_shape) > 1 else 1
+    row_ids, col_ids = _local_to_full(spec, shape, local_shape, args.rank, args.size)
+    tiles_per_row = -(-cols // tile_cols)
+    # The current tile row's tiles: consecutive row blocks, and the runs of a stride-2 or padded shard,
+    # may need the same tile again.
+    cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def tile(ti: int, tj: int) -> torch.Tensor:
+        if (ti, tj) not in cache:
+            if cache and next(iter(cache))[0] != ti:
+                cache.clear()
+            height, width = min(tile_rows, rows - ti * tile_rows), min(tile_cols, cols - tj * tile_cols)
+            cache[(ti, tj)] = (draw_tile(args.name, args.seed, std, ti * tiles_per_row + tj, height, width)
+                               if kind == "normal" else torch.full((height, width), float(kind == "ones")))
+        return cache[(ti, tj)]
+
+    direct = out.dtype == torch.float32 and out.device.type == "cpu"
+    step = max(1, INIT_BLOCK_ELEMENTS // row_len)
+    first, last = start // row_len, -(-end // row_len)
+    for r0 in range(first, last, step):
+        r1 = min(last, r0 + step)
+        lo, hi = max(start, r0 * row_len), min(end, r1 * row_len)
+        whole = lo == r0 * row_len and hi == r1 * row_len
+        block = (out[lo - start:hi - start] if whole and direct else torch.empty((r1 - r0) * row_len)).view(r1 - r0, -1)
+        rows_here = torch.arange(r0, r1) if row_ids is None else row_ids[r0:r1]
+        _fill_block(block, rows_here, col_ids, cols, tile_rows, tile_cols, tile)
+        if not (whole and direct):
+            out[lo - start:hi - start].copy_(block.view(-1)[lo - r0 * row_len:hi - r0 * row_len])
 
 
-def _row_chunks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
-    """[r0, r1) row ranges of about INIT_CHUNK_ELEMENTS elements, each a multiple of 16 elements except
-    the last, which holds at least 16 (so the chunked draw equals the one-tensor draw)."""
-    rows, row_len = shape[0], math.prod(shape[1:])
-    step = 16 // math.gcd(16, row_len)  # rows per chunk must be a multiple of this
-    per_chunk = max(step, (INIT_CHUNK_ELEMENTS // max(row_len, 1)) // step * step)
-    bounds = list(range(0, rows, per_chunk)) + [rows]
-    if len(bounds) > 2 and (bounds[-1] - bounds[-2]) * row_len < 16:
-        del bounds[-2]  # a tail under 16 values would be drawn by torch's scalar path: join it to the previous chunk
-    return list(zip(bounds, bounds[1:]))
+def _local_to_full(spec: ShardSpec, shape: tuple[int, ...], local_shape: tuple[int, ...], rank: int,
+                   size: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Where a shard's rows and columns (in the 2-D view) lie in the full tensor: (full row of each local
+    row, -1 for vocabulary padding; full column of each local column), None where they are the same."""
+    if not spec.is_sharded or len(shape) == 0:
+        return None, None
+    ones = (1,) * (len(shape) - 1)
+    if spec.partition_dim == 0:  # 1-based so that the zero padding reads -1
+        ids = torch.arange(1, shape[0] + 1).view(shape[0], *ones)
+        return spec.shard(ids, rank, size, (local_shape[0], *ones)).reshape(-1) - 1, None
+    ids = torch.arange(math.prod(shape[1:])).view(1, *shape[1:])
+    return None, spec.shard(ids, rank, size, (1, *local_shape[1:])).reshape(-1)
 
 
-def _keep_rows(chunk: torch.Tensor, r0: int, local: torch.Tensor, param: torch.Tensor, tp_rank: int,
-               tp_size: int) -> bool:
-    """Copy this rank's part of full rows [r0, r0 + len(chunk)) into `local`; False once no later row is needed."""
-    spec = shard_spec_of(param)
-    r1 = r0 + chunk.shape[0]
-    if not spec.is_sharded:
-        local[r0:r1] = chunk
-        return True
-    if spec.partition_dim != 0:  # every row contributes its own columns: cut the chunk like the full tensor
-        local[r0:r1] = spec.shard(chunk, tp_rank, tp_size, (chunk.shape[0], *param.shape[1:]))
-        return True
-    # Split along rows: which full row each local row holds (1-based; 0 = vocabulary padding).
-    ids = spec.shard(torch.arange(1, full_shape(param, tp_size)[0] + 1).unsqueeze(1), tp_rank, tp_size,
-                     (param.shape[0], 1)).squeeze(1)
-    wanted = ((ids > r0) & (ids <= r1)).nonzero().squeeze(1)
-    local[wanted] = chunk[ids[wanted] - 1 - r0]
-    return bool((ids > r1).any())
+def _runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(position, first id, length) of each run of consecutive ids (ids < 0 are skipped)."""
+    if ids.numel() == 0:
+        return []
+    starts = torch.ones(ids.numel(), dtype=torch.bool)
+    starts[1:] = ids[1:] != ids[:-1] + 1
+    bounds = torch.nonzero(starts).view(-1).tolist() + [ids.numel()]
+    first = ids[bounds[:-1]].tolist()
+    return [(a, f, b - a) for a, b, f in zip(bounds, bounds[1:], first) if f >= 0]
+
+
+def _fill_block(block: torch.Tensor, row_ids: torch.Tensor, col_ids: Optional[torch.Tensor], cols: int,
+                tile_rows: int, tile_cols: int, tile) -> None:
+    """block[i, j] = full[row_ids[i], col_ids[j]] (0 where row_ids[i] < 0), read tile by tile."""
+    if bool((row_ids < 0).any()):
+        block.zero_()
+    col_runs = [(0, 0, cols)] if col_ids is None else _runs(col_ids)
+    for at_row, full_row, n_rows in _runs(row_ids):
+        for ti in range(full_row // tile_rows, (full_row + n_rows - 1) // tile_rows + 1):
+            r_lo, r_hi = max(full_row, ti * tile_rows), min(full_row + n_rows, (ti + 1) * tile_rows)
+            for at_col, full_col, n_cols in col_runs:
+                for tj in range(full_col // tile_cols, (full_col + n_cols - 1) // tile_cols + 1):
+                    c_lo, c_hi = max(full_col, tj * tile_cols), min(full_col + n_cols, (tj + 1) * tile_cols)
+                    block[at_row + r_lo - full_row:at_row + r_hi - full_row,
+                          at_col + c_lo - full_col:at_col + c_hi - full_col] = \
+                        tile(ti, tj)[r_lo - ti * tile_rows:r_hi - ti * tile_rows, c_lo - tj * tile_cols:c_hi - tj * tile_cols]
 
 
 def describe(param: torch.Tensor) -> dict[str, Any]:

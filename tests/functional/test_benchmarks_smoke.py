@@ -40,11 +40,11 @@ def test_bench_checkpoint_runs() -> None:
     assert "| DP | checkpoint MiB | sharded save s |" in out and "\n| 2 |" in out
 
 
-@pytest.mark.slow  # ~30 s: four 2-rank runs
+@pytest.mark.slow  # ~10-40 s: seven 2-rank runs
 def test_bench_init_runs() -> None:
-    out = _run("bench_init.py", "--world", "2", "--layers", "1", "--step-layers", "1", "--hidden", "256", "--ffn", "512",
-               "--vocab", "1000")
-    assert "| full draw (before) | 1 |" in out and "| chunked | 1 |" in out
+    out = _run("bench_init.py", "--world", "2", "--step-world", "2", "--layers", "1", "--small-layers", "1", "--hidden", "256",
+               "--ffn", "512", "--vocab", "1000", "--before-rev", "HEAD")  # (HEAD: in any checkout, shallow ones too)
+    assert "| before | ZeRO-3 DP 2 | 1 |" in out and "| after | ZeRO-3 DP 2 | 1 |" in out and "| after | TP 2 | 1 |" in out
 
 
 def test_bench_moe_runs() -> None:

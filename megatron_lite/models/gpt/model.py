@@ -22,7 +22,8 @@ from megatron_lite.tensor_parallel.layers import (ColumnParallelLinear, VocabPar
                                                   vocab_range)
 from megatron_lite.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
-from megatron_lite.tensor_parallel.utils import initialize_param, pad_vocab_size, set_default_attributes, set_init
+from megatron_lite.tensor_parallel.utils import (InitArgs, initialize_param, pad_vocab_size, set_default_attributes,
+                                                 set_init)
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 
@@ -129,14 +130,16 @@ class GPTModel(nn.Module):
 
     @torch.no_grad()
     def initialize(self, seed: int) -> None:
-        """Draw every parameter from (seed, global name); the tied copy from the embedding's name."""
+        """Draw every parameter from (seed, global name); the tied copy from the embedding's name. Each
+        parameter records what it was drawn from (`init_args`), so a model built on the meta device can be
+        initialised later, shard by shard (DistributedDataParallel's `init_device`, ZeRO-3)."""
         for name, param in self.named_parameters():
             set_default_attributes(param)
-            if param.is_meta:  # shape-only model (converters, planning): nothing to draw
-                continue
             init_name = WORD_EMBEDDINGS if (name == "output_layer.weight" and self.tied) else name
             axis = self.groups.etp if shard_spec_of(param).axis == "etp" else self.tp_group  # experts: expert TP
-            initialize_param(param, init_name, seed, axis.rank, axis.size)
+            param.init_args = InitArgs(init_name, seed, axis.rank, axis.size)
+            if not param.is_meta:  # meta: shape-only (converters, planning) or initialised later
+                initialize_param(param, init_name, seed, axis.rank, axis.size)
 
     def sharding_plan(self) -> tuple[dict[str, list[nn.Module]], list[tuple[nn.Module, tuple[str, ...]]]]:
         """ZeRO-3 units and steps (distributed/zero3.py): units = the embedding, each transformer layer, the

@@ -154,7 +154,7 @@ class TopKRouter(nn.Module):
             self.register_buffer("local_tokens_per_expert", torch.zeros(self.num_experts, device=device), persistent=False)
         self.register_buffer("global_tokens_per_expert", torch.zeros(self.num_experts, device=device), persistent=False)
         self.global_steps = 0  # micro-batches in global_tokens_per_expert (reset by the training step)
-        self.aux_loss_scale = torch.ones(())
+        self.aux_loss_scale = torch.ones((), device="cpu")  # a host scalar even in a model built on meta
         self.stats: dict[str, torch.Tensor] = {}  # the last forward's losses (divided by their coefficients)
 
     def forward(self, tokens: torch.Tensor, seq_length: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
