@@ -1,16 +1,22 @@
 """Checkpoint save/load time and peak extra memory per rank: sharded vs the previous gather, sync vs
 --async-save (training time lost per save), at DP 1/2/4/8 on this machine.
 
-    python benchmarks/bench_checkpoint.py [--dp 1 2 4 8] [--layers 6] [--hidden 512] [--steps 4] [--append]
+    python benchmarks/bench_checkpoint.py [--dp 1 2 4 8] [--layers 6] [--hidden 512] [--steps 4]
+        [--strategy optim|optim_grads_params] [--append]
 
-Each DP size runs in its own `--dp` gloo processes (TP 1, the distributed optimizer, fp32: the checkpoint
-holds the weights and the optimizer's fp32 main copy and two Adam moments, 16 bytes/param). Per rank:
+Each DP size runs in its own `--dp` gloo processes (TP 1, the distributed optimizer -- ZeRO-1, or ZeRO-3
+with `--strategy optim_grads_params` --, fp32: the checkpoint holds the weights and the optimizer's fp32
+main copy and two Adam moments, 16 bytes/param). Per rank:
 
 - sharded save: `save_checkpoint` (each rank writes its own pieces; rank 0 the manifest), wall time and
   peak RSS growth over the RSS just before (sampled every 2 ms by a thread);
 - gather save (the previous format's path, rebuilt here): `optimizer.get_parameter_state()` all-gathers
   every DP slice on every rank, then DP rank 0 torch.saves the weights and the full optimizer state;
 - load: `load_checkpoint` of the sharded checkpoint in the same layout;
+- reshard load (DP >= 2): the same processes rebuilt as TP 2 x DP/2 load it (`load_checkpoint`): time,
+  peak RSS growth and the bytes this rank read (`CheckpointReader.bytes_read`); each rank reads only the
+  saved pieces overlapping its TP 2 shard, about half of the checkpoint's bytes (the previous reshard read
+  every saved shard of each parameter, i.e. the whole checkpoint, and built each full tensor);
 - async: the blocking part of `save_checkpoint(async_save=True)` (the host snapshot), and the training time
   lost per save = (time of `--steps` steps with the background writer running + the final publish)
   minus the same steps without a save (the faster of a window before and one after).
@@ -32,24 +38,27 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lite import parallel_state as ps  # noqa: E402
+from megatron_lite import checkpointing, parallel_state as ps  # noqa: E402
+from megatron_lite.checkpoint_io import CheckpointReader  # noqa: E402
 from megatron_lite.checkpointing import finalize_pending_save, load_checkpoint, save_checkpoint  # noqa: E402
 from megatron_lite.config import Config  # noqa: E402
 from megatron_lite.distributed import DistributedDataParallel, finalize_model_grads  # noqa: E402
 from megatron_lite.models.gpt import GPTModel  # noqa: E402
 from megatron_lite.optimizer import get_megatron_optimizer  # noqa: E402
+from megatron_lite.tensor_parallel.random import model_parallel_seed  # noqa: E402
 from megatron_lite.testing import run_distributed  # noqa: E402
 from megatron_lite.training import build_lr_scheduler  # noqa: E402
 
 SEQ, VOCAB = 64, 8192
 
 
-def _config(dp: int, layers: int, hidden: int, directory: str) -> Config:
+def _config(dp: int, layers: int, hidden: int, directory: str, strategy: str = "optim", tp: int = 1) -> Config:
     cfg = Config(world_size=dp)
     m = cfg.model
     m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = layers, hidden, max(1, hidden // 64), SEQ
     m.vocab_size, m.hidden_dropout, m.attention_dropout = VOCAB, 0.0, 0.0
     cfg.parallel.use_distributed_optimizer = True
+    cfg.parallel.data_parallel_sharding_strategy, cfg.parallel.tensor_model_parallel_size = strategy, tp
     cfg.training.micro_batch_size, cfg.training.global_batch_size, cfg.training.train_iters = 1, dp, 100
     cfg.checkpoint.save = cfg.checkpoint.load = directory
     return cfg.validate()
@@ -99,11 +108,13 @@ def _step(ddp, optimizer, scheduler, step: int, dp: int) -> None:
 def _gather_save(ddp, optimizer, directory: str) -> None:
     """The previous format's save: every DP rank all-gathers the full optimizer state; DP rank 0 writes."""
     states = optimizer.get_parameter_state()
+    weights = ddp.sharded_state()  # (ZeRO-3: gathers every unit, a collective on every rank)
     if ps.get_data_parallel_rank() == 0:
         os.makedirs(directory, exist_ok=True)
-        torch.save({n: p.detach().clone() for n, p in ddp.sharded_state().items()}, os.path.join(directory, "model.pt"))
+        torch.save({n: p.detach().clone() for n, p in weights.items()}, os.path.join(directory, "model.pt"))
         torch.save(states, os.path.join(directory, "optim.pt"))
-    del states
+    del states, weights
+    ddp.finish_param_sync()  # (ZeRO-3: frees the gathered units again)
     torch.distributed.barrier()
 
 
@@ -114,13 +125,42 @@ def _timed_steps(ddp, optimizer, scheduler, steps: int, first: int, dp: int) -> 
     return time.perf_counter() - start
 
 
-def _rank(dp: int, layers: int, hidden: int, steps: int, directory: str) -> dict:
-    cfg = _config(dp, layers, hidden, directory)
-    ps.initialize_model_parallel(1, 1)
+def _build(cfg: Config):
+    ps.initialize_model_parallel(cfg.parallel.tensor_model_parallel_size, 1)
     groups = ps.get_process_groups()
+    model_parallel_seed(cfg.training.seed, groups.tp.rank)
     ddp = DistributedDataParallel(cfg, GPTModel(cfg, groups=groups), groups=groups)
     optimizer = get_megatron_optimizer(cfg, [ddp], groups)
-    scheduler = build_lr_scheduler(cfg, optimizer)
+    return groups, ddp, optimizer, build_lr_scheduler(cfg, optimizer)
+
+
+class _RecordingReader(CheckpointReader):
+    """load_checkpoint's reader, kept to report the bytes it read."""
+    opened: list = []
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        _RecordingReader.opened.append(self)
+
+
+def _reshard_load(dp: int, layers: int, hidden: int, directory: str, strategy: str) -> tuple:
+    """These processes as TP 2 x DP/2 load the checkpoint: (seconds, extra MiB, MiB read)."""
+    groups, ddp, optimizer, scheduler = _build(_config(dp, layers, hidden, directory, strategy, tp=2))
+    checkpointing.CheckpointReader = _RecordingReader
+    try:
+        torch.distributed.barrier()
+        with PeakRSS() as measured:
+            load_checkpoint([ddp], optimizer, scheduler, _config(dp, layers, hidden, directory, strategy, tp=2))
+    finally:
+        checkpointing.CheckpointReader = CheckpointReader
+    read = sum(_RecordingReader.opened.pop().bytes_read.values())
+    ps.destroy_model_parallel()
+    return measured.seconds, measured.extra_mib, read / 2**20
+
+
+def _rank(dp: int, layers: int, hidden: int, steps: int, directory: str, strategy: str = "optim") -> dict:
+    cfg = _config(dp, layers, hidden, directory, strategy)
+    groups, ddp, optimizer, scheduler = _build(cfg)
     _step(ddp, optimizer, scheduler, 0, dp)
     out = {"params": sum(p.numel() for p in ddp.parameters())}
     for name, action in (("sharded_save", lambda: save_checkpoint(1, [ddp], optimizer, scheduler, dp, cfg)),
@@ -147,6 +187,9 @@ def _rank(dp: int, layers: int, hidden: int, steps: int, directory: str) -> dict
     out["async_lost"] = snapshot.seconds + overlapped.seconds - baseline
     out["step"] = baseline / steps
     ps.destroy_model_parallel()
+    if dp >= 2:
+        del ddp, optimizer, scheduler
+        out["reshard_load"] = _reshard_load(dp, layers, hidden, directory, strategy)
     return out
 
 
@@ -161,16 +204,19 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--strategy", default="optim", choices=["optim", "optim_grads_params"],
+                        help="--data-parallel-sharding-strategy: ZeRO-1 (optim) or ZeRO-3 (optim_grads_params).")
     parser.add_argument("--append", action="store_true", help="Append the table to benchmarks/RESULTS.md.")
     args = parser.parse_args(argv)
     lines = ["| DP | checkpoint MiB | sharded save s | sharded save extra MiB/rank (max) | gather save s | "
              "gather save extra MiB/rank (max) | load s | load extra MiB/rank (max) | async blocking s | "
-             "step s | async: training time lost per save s |", "|" + "---|" * 11]
+             "step s | async: training time lost per save s | reshard load to TP 2 s | reshard load extra MiB/rank "
+             "(max) | reshard load MiB read/rank (max) |", "|" + "---|" * 14]
     for dp in args.dp:
         directory = tempfile.mkdtemp(prefix="bench_ckpt_")
         try:
             outs = run_distributed(_rank, dp, timeout=1800, dp=dp, layers=args.layers, hidden=args.hidden,
-                                   steps=args.steps, directory=directory)
+                                   steps=args.steps, directory=directory, strategy=args.strategy)
             size = _size_mib(directory)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -180,10 +226,12 @@ def main(argv=None) -> None:
         lines.append(f"| {dp} | {size:.0f} | {worst('sharded_save', 0):.2f} | {worst('sharded_save', 1):.0f} | "
                      f"{worst('gather_save', 0):.2f} | {worst('gather_save', 1):.0f} | {worst('load', 0):.2f} | "
                      f"{worst('load', 1):.0f} | {worst('async_blocking', 0):.2f} | {max(o['step'] for o in outs):.2f} | "
-                     f"{max(o['async_lost'] for o in outs):.2f} |")
+                     f"{max(o['async_lost'] for o in outs):.2f} | " + (
+                         f"{worst('reshard_load', 0):.2f} | {worst('reshard_load', 1):.0f} | {worst('reshard_load', 2):.0f} |"
+                         if dp >= 2 else "- | - | - |"))
         print(lines[-1], flush=True)
     header = (f"GPT {args.layers} layers x hidden {args.hidden}, vocab {VOCAB} ({outs[0]['params'] / 1e6:.1f} M params), "
-              f"fp32, distributed optimizer, TP 1, one process per DP rank, {args.steps} steps per async window; "
+              f"fp32, distributed optimizer ({args.strategy}), TP 1, one process per DP rank, {args.steps} steps per async window; "
               f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, torch {torch.__version__}. "
               "Times: the slowest rank; extra MiB: the largest peak RSS growth of any rank during the operation.")
     from results import report

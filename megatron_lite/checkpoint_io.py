@@ -314,7 +314,9 @@ class CheckpointReader:
     """Read-only access to one checkpoint, usable without torch.distributed.
 
     Shard files are opened with mmap (weights_only), so `full_tensor(name)` reads only that parameter's
-    bytes; peak memory is one full tensor at a time. Open files are cached until `close()`.
+    bytes; peak memory is one full tensor at a time. Open files are cached until `close()`. A load in
+    another layout reads one rank's slice through checkpoint_slices.py, from the overlapping pieces only;
+    `pieces_read` ({(file, piece key)}) and `bytes_read` ({file: bytes}) record what was read.
     """
 
     def __init__(self, path: str):
@@ -329,6 +331,8 @@ class CheckpointReader:
                                               for name, values in self.metadata["params"].items()}
         self._files: dict[str, dict] = {}
         self._verified: set[str] = set()
+        self.pieces_read: set[tuple[str, str]] = set()
+        self.bytes_read: dict[str, int] = {}
 
     @property
     def has_checksums(self) -> bool:
@@ -405,17 +409,15 @@ class CheckpointReader:
                                   f"metadata says {meta.shape}; the checkpoint is corrupt.")
         return full
 
-    def full_tensor(self, name: str) -> torch.Tensor:
-        """The canonical (unpadded, layout-free) full tensor of parameter `name`."""
-        meta = self._meta(name)
-        return self._full(meta, [self.shard_tensor(name, i) for i in range(meta.num_shards)])
+    def full_tensor(self, name: str, kind: str = "model", key: Optional[str] = None) -> torch.Tensor:
+        """The canonical (unpadded, layout-free) full tensor of parameter `name` (kind "optim": of its
+        optimizer state `key`)."""
+        meta = self._meta(name) if kind == "model" else self._optim_meta(name)
+        return self._full(meta, [self.shard_tensor(name, i, kind, key) for i in range(meta.num_shards)])
 
     def optimizer_full_state(self, name: str) -> dict[str, torch.Tensor]:
         """{"param": fp32 main, "exp_avg": ..., ...} of parameter `name`, each a canonical full tensor."""
-        meta = self._optim_meta(name)
-        keys = self.optimizer_keys(name)
-        return {key: self._full(meta, [self.shard_tensor(name, i, "optim", key) for i in range(meta.num_shards)])
-                for key in keys}
+        return {key: self.full_tensor(name, "optim", key) for key in self.optimizer_keys(name)}
 
     def optimizer_keys(self, name: str) -> list[str]:
         meta = self._optim_meta(name)
@@ -443,21 +445,50 @@ class CheckpointReader:
             return math.prod(meta.shard_shapes[index])
         return None  # format 1: one whole piece per shard, its tensor has the shape
 
+    def shard_shape(self, name: str, index: int) -> list[int]:
+        """The local shape of saved shard `index` of `name` (format 1: from the saving layout's vocabulary padding)."""
+        meta = self._meta(name)
+        if meta.shard_shapes:
+            return list(meta.shard_shapes[index])
+        divisible = self.config.get("model", {}).get("make_vocab_size_divisible_by", 128)
+        return meta.local_shape(meta.num_shards, divisible) if meta.shard.is_sharded else list(meta.shape)
+
+    def overlapping_pieces(self, name: str, index: int, kind: str, start: int, end: int) -> list[tuple[str, int, int]]:
+        """(file, piece start, piece end) of the saved pieces of shard `index` that overlap flat [start, end)."""
+        numel = math.prod(self.shard_shape(name, index))
+        pieces = [(f, s, numel if e is None else e) for f, s, e in self._meta(name).pieces_of(kind, index)]
+        return [(f, s, e) for f, s, e in pieces if s < end and e > start]
+
+    def piece(self, name: str, index: int, filename: str, start: int, end: int, key: Optional[str] = None) -> torch.Tensor:
+        """The flat tensor of one saved piece (mmapped: nothing is read until its values are used)."""
+        numel = self._shard_numel(self._meta(name), index)
+        entry_key = piece_key(name, start, end, numel)
+        entry = self._open(filename)[entry_key]
+        self.pieces_read.add((filename, entry_key))
+        return (entry[key] if key is not None else entry).reshape(-1)
+
+    def note_read(self, filename: str, tensor: torch.Tensor) -> None:
+        self.bytes_read[filename] = self.bytes_read.get(filename, 0) + tensor.numel() * tensor.element_size()
+
     def _join(self, meta: ParamMeta, index: int, kind: str, pieces: list, key: Optional[str], start: int,
               end: Optional[int]) -> torch.Tensor:
         """Concatenate the pieces covering flat [start, end) of one shard (whole shard: in its local shape)."""
         numel = self._shard_numel(meta, index)
         parts, position = [], start
         for filename, piece_start, piece_end in pieces:
-            entry = self._open(filename)[piece_key(meta.name, piece_start, piece_end, numel)]
+            entry_key = piece_key(meta.name, piece_start, piece_end, numel)
+            entry = self._open(filename)[entry_key]
+            self.pieces_read.add((filename, entry_key))
             tensor = entry[key] if key is not None else entry
             if piece_start == 0 and piece_end is None and start == 0 and (end is None or end == tensor.numel()):
+                self.note_read(filename, tensor)
                 return tensor  # a whole shard (format 1, or a save that wrote it in one piece)
             piece_end = piece_start + tensor.numel() if piece_end is None else piece_end
             if piece_start > position:
                 break
             lo, hi = position - piece_start, min(end, piece_end) - piece_start
             parts.append(tensor.reshape(-1)[lo:hi])
+            self.note_read(filename, parts[-1])
             position = piece_start + hi
         if position != end or not parts:
             raise CheckpointError(f"{self.path}: {kind} shard {index} of {meta.name}: the saved pieces do not cover "

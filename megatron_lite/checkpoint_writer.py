@@ -10,11 +10,13 @@ ranks that hold it (ranges held by one rank first, then replicas to the least-lo
 manifest records every piece as [file, start, end]. Nothing is communicated but the small reports: no
 rank ever receives another rank's optimizer slice. The plan knows nothing about DP, TP or experts, only
 shard indices and flat ranges, so a ZeRO-3 weight slice or an expert shard on an "ep" axis is one more
-report entry, not a format change.
+report entry, not a format change (ZeRO-3 reports each weight's flat slices in its DP shard, so no rank
+gathers a full weight to save it).
 """
 from __future__ import annotations
 
 import copy
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -109,25 +111,23 @@ def host_tensor(tensor: torch.Tensor, snapshot: bool) -> torch.Tensor:
     return host_copy(tensor) if snapshot or not whole or tensor.device.type != "cpu" else tensor.detach()
 
 
-def snapshot_pieces(assigned: dict[str, list], params: dict[str, torch.Tensor],
-                    optim_ranges: dict[str, list], shapes: dict[str, list[int]], snapshot: bool = True) -> dict[str, dict]:
+def snapshot_pieces(assigned: dict[str, list], model_ranges: dict[str, list], optim_ranges: dict[str, list],
+                    shapes: dict[str, list[int]], snapshot: bool = True) -> dict[str, dict]:
     """{kind: {piece key: host tensor (model) or {state key: host tensor} (optim)}} of what this rank writes.
-    `optim_ranges[name]`: [(start, end, {key: flat tensor})] this rank holds. `snapshot`: copy every tensor
-    (--async-save); a synchronous save copies only views and device tensors (host_tensor)."""
+    `model_ranges[name]`: [(start, end, flat tensor)] of the weight this rank holds (the whole shard, or
+    ZeRO-3's slices); `optim_ranges[name]`: [(start, end, {key: flat tensor})]. `snapshot`: copy every
+    tensor (--async-save); a synchronous save copies only views and device tensors (host_tensor)."""
     out: dict[str, dict] = {kind: {} for kind in KINDS}
-    for name, _, lo, hi in assigned["model"]:
-        numel = params[name].numel()
-        key = piece_key(name, lo, hi, numel)
-        out["model"][key] = host_tensor(params[name] if key == name else params[name].reshape(-1)[lo:hi], snapshot)
-    for name, _, lo, hi in assigned["optim"]:
-        numel = 1
-        for size in shapes[name]:
-            numel *= size
-        start, _, states = next(r for r in optim_ranges[name] if r[0] <= lo and hi <= r[1])
-        whole = piece_key(name, lo, hi, numel) == name
-        out["optim"][piece_key(name, lo, hi, numel)] = {
-            key: host_tensor(value.reshape(shapes[name]) if whole else value.reshape(-1)[lo - start:hi - start], snapshot)
-            for key, value in states.items()}
+    for kind, ranges in (("model", model_ranges), ("optim", optim_ranges)):
+        for name, _, lo, hi in assigned[kind]:
+            numel = math.prod(shapes[name])
+            start, _, held = next(r for r in ranges[name] if r[0] <= lo and hi <= r[1])
+            whole = piece_key(name, lo, hi, numel) == name
+
+            def cut(value: torch.Tensor) -> torch.Tensor:
+                return host_tensor(value.view(shapes[name]) if whole else value.reshape(-1)[lo - start:hi - start], snapshot)
+            out[kind][piece_key(name, lo, hi, numel)] = (cut(held) if kind == "model" else
+                                                         {key: cut(value) for key, value in held.items()})
     return out
 
 

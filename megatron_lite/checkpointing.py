@@ -7,9 +7,11 @@ honouring --no-load-optim, --no-load-rng and --finetune.
 
 Departure from the target design ("torch.distributed.checkpoint underneath", docs/internals.md): a stride-2 SwiGLU fc1 shard
 (a slice of the gate half and of the up half) and a padded vocab shard are not even DTensor shards, so
-DCP cannot describe them. Instead each parameter is stored as its TP shards plus the metadata that
-`tensor_parallel.utils.full_from_shards` needs; loading rebuilds the canonical full tensor and slices
-it with `shard_of_full` for the new layout. Resharding is therefore one code path for every layout.
+DCP cannot describe them. Instead each parameter is stored as its TP shards (each as the flat pieces its
+holders wrote: whole, DP slices of the distributed optimizer, ZeRO-3's slices of the weights) plus its
+ShardSpec; loading reads, for the flat ranges of its own shard a rank holds, only the saved pieces that
+overlap them, mapping rows through both layouts' ShardSpec cuts (checkpoint_slices.py). Resharding is
+therefore one code path for every layout, and no rank builds a full tensor to save or load.
 
 Crash safety: every rank writes into `<save>/iter_N.tmp`; each file goes to a temporary name, is
 fsynced and renamed. Only when every rank has finished (barrier) does rank 0 rename the directory to
@@ -33,6 +35,7 @@ from megatron_lite.checkpoint_io import (COMMON_FILE, EMBEDDING_NAME, METADATA_F
                                          build_metadata, is_tied_copy, iteration_dir_name, param_meta_of,
                                          prepare_tmp_dir, publish, read_tracker, remove_stale_tmp_dirs, rng_file,
                                          strip_wrapper_prefix)
+from megatron_lite.checkpoint_slices import Target, files_for_slice, read_slice
 from megatron_lite.checkpoint_writer import (KINDS, CheckpointSaveError, SaveJob, deep_host_copy, file_stem,
                                              plan_writes, snapshot_pieces)
 from megatron_lite.distributed.model_chunk import as_model_chunks
@@ -66,16 +69,22 @@ def _layout(config: Any, groups: ProcessGroups) -> dict:
     }
 
 
-def _named_params(model: Any) -> dict[str, torch.nn.Parameter]:
-    """Every local parameter over all model chunks, by global name (chunks use global layer numbers)."""
-    params: dict[str, torch.nn.Parameter] = {}
+def _local_slices(model: Any) -> dict[str, tuple[torch.nn.Parameter, list]]:
+    """Every local parameter over all model chunks, by global name (chunks use global layer numbers), with
+    the flat ranges of it this rank holds at rest: [(start, end, flat tensor)] (ModelChunk.local_slices:
+    the whole parameter, or ZeRO-3's pieces of it, never gathered)."""
+    held: dict[str, tuple[torch.nn.Parameter, list]] = {}
     for chunk in as_model_chunks(model):
-        for name, param in chunk.sharded_state().items():  # waits for any overlapped param all-gather
+        for name, (param, pieces) in chunk.local_slices().items():  # waits for any overlapped param all-gather
             name = strip_wrapper_prefix(name)
-            if name in params and params[name] is not param:
+            if name in held and held[name][0] is not param:
                 raise CheckpointError(f"parameter name {name} appears in two model chunks; names must be global.")
-            params[name] = param
-    return params
+            held[name] = (param, pieces)
+    return held
+
+
+def _named_params(model: Any) -> dict[str, torch.nn.Parameter]:
+    return {name: param for name, (param, _) in _local_slices(model).items()}
 
 
 # ---- RNG -----------------------------------------------------------------------------------------
@@ -130,11 +139,13 @@ def save_checkpoint(iteration: int, model: Any, optimizer: Any, opt_param_schedu
     save_optim = optimizer is not None and not config.checkpoint.no_save_optim
     tmp = _prepare(save_dir, iteration, groups)
 
-    params = _named_params(model)
+    held = _local_slices(model)
+    params = {name: param for name, (param, _) in held.items()}
+    model_ranges = {name: pieces for name, (_, pieces) in held.items()}
     optim_ranges = _optimizer_ranges(optimizer, params) if save_optim else {}
-    report = _holdings(params, optim_ranges, layout)
+    report = _holdings(params, model_ranges, optim_ranges, layout)
     assign, metas = plan_writes(collectives.all_gather_object(report, groups.world))
-    pieces = snapshot_pieces(assign[layout["rank"]], params, optim_ranges, report["shapes"], snapshot=async_save)
+    pieces = snapshot_pieces(assign[layout["rank"]], model_ranges, optim_ranges, report["shapes"], snapshot=async_save)
     files = {f"{kind}_{report['stem']}.pt": pieces[kind] for kind in KINDS if pieces[kind]}
     files[rng_file(layout["rank"])] = get_rng_state()
     if layout["rank"] == 0:
@@ -265,8 +276,10 @@ def _is_tied(name: str, params: dict[str, torch.nn.Parameter]) -> bool:
     return name in params and is_tied_copy(name, bool(getattr(params[name], "shared_embedding", False)))
 
 
-def _holdings(params: dict[str, torch.nn.Parameter], optim_ranges: dict[str, list], layout: dict) -> dict:
-    """What this rank holds of each parameter (the plan's input): shard index, local shape, flat ranges."""
+def _holdings(params: dict[str, torch.nn.Parameter], model_ranges: dict[str, list], optim_ranges: dict[str, list],
+              layout: dict) -> dict:
+    """What this rank holds of each parameter (the plan's input): shard index, local shape, flat ranges
+    (model weights: the whole shard, or under ZeRO-3 the flat slices of it in this rank's DP shard)."""
     held, shapes = {}, {}
     for name, param in params.items():
         if _is_tied(name, params):
@@ -275,8 +288,8 @@ def _holdings(params: dict[str, torch.nn.Parameter], optim_ranges: dict[str, lis
         meta = param_meta_of(name, param, size, layout["pp_rank"])
         states = optim_ranges.get(name, [])
         held[name] = {"meta": meta.to_json(), "index": index, "shape": list(param.shape),
-                      # ZeRO-3 would report its flat slice of the weight here instead of the whole shard.
-                      "model": [(0, param.numel())], "optim": [(start, end) for start, end, _ in states],
+                      "model": [(start, end) for start, end, _ in model_ranges[name]],
+                      "optim": [(start, end) for start, end, _ in states],
                       "bytes": {"model": param.element_size(), "optim": 4 * len(states[0][2]) if states else 0}}
         shapes[name] = list(param.shape)
     stem = file_stem(layout["tp_rank"], layout["pp_rank"], layout["dp_rank"])
@@ -312,7 +325,9 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
             warnings.warn(f"no checkpoint in {load_dir} (no latest_checkpointed_iteration.txt): starting from scratch.")
         return 0, 0
     layout = _layout(config, groups)
-    params = _named_params(model)
+    held = _local_slices(model)
+    params = {name: param for name, (param, _) in held.items()}
+    model_ranges = {name: [(start, end) for start, end, _ in pieces] for name, (_, pieces) in held.items()}
 
     # Validate on every rank, then agree, so that every rank raises the same error instead of some
     # waiting forever in a collective.
@@ -321,7 +336,8 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
     try:
         reader = CheckpointReader(load_dir)
         optim_ranges = _optimizer_ranges_of(optimizer, params) if load_optim else None
-        problems = _local_problems(reader, params, layout, optim_ranges, _other_files_read(reader, ckpt, layout, load_optim))
+        problems = _local_problems(reader, params, layout, optim_ranges, _other_files_read(reader, ckpt, layout, load_optim),
+                                   model_ranges)
         problems += _data_problems(reader, ckpt, data_fingerprint)
     except Exception as error:  # noqa: BLE001 - reported by every rank together below, never a lone raise
         problems = [f"{type(error).__name__}: {error}"]
@@ -337,7 +353,7 @@ def load_checkpoint(model: Any, optimizer: Any, opt_param_scheduler: Any, config
         warnings.warn(f"{reader.path} was written before checkpoints recorded file checksums: its files are "
                       "loaded without verification (re-save it to add them).")
 
-    _load_model(reader, params, layout)
+    _load_model(reader, params, layout, held)
     finetune = ckpt.finetune
     if load_optim:
         common = reader.common()
@@ -368,43 +384,30 @@ def _source_name(name: str, param: torch.Tensor) -> str:
     return EMBEDDING_NAME if is_tied_copy(name, bool(getattr(param, "shared_embedding", False))) else name
 
 
-def _saved_shard(reader: CheckpointReader, name: str, param: torch.Tensor, layout: dict) -> Optional[int]:
-    """The index of the saved shard that is exactly this rank's local tensor (same ShardSpec, same number
-    of shards, same local shape), or None: then the canonical full tensor is rebuilt and cut (reshard)."""
-    meta = reader.params[_source_name(name, param)]
+def _target(param: torch.Tensor, layout: dict) -> Target:
     index, size = _axis_of(param, layout)
-    if meta.shard != shard_spec_of(param) or meta.num_shards != size:
-        return None
-    if meta.shard_shapes:
-        saved = meta.shard_shapes[index]
-    else:  # format 1: the local shape follows from the saving layout's vocabulary padding
-        divisible = reader.config.get("model", {}).get("make_vocab_size_divisible_by", 128)
-        try:
-            saved = meta.local_shape(size, divisible)
-        except CheckpointError:
-            return None
-    return index if list(saved) == list(param.shape) else None
+    return Target(index, size, tuple(param.shape), shard_spec_of(param))
 
 
 def _files_read(reader: CheckpointReader, name: str, param: torch.Tensor, layout: dict,
-                optim_ranges: Optional[list]) -> set[str]:
-    """The files this rank reads for `param`: its own saved shard's pieces (only those overlapping its
-    optimizer ranges), or every shard's when it reshards."""
-    meta = reader.params[_source_name(name, param)]
-    index = _saved_shard(reader, name, param, layout)
-    shards = range(meta.num_shards) if index is None else [index]
-    files = {f for i in shards for f, _, _ in meta.pieces_of("model", i)}
-    for start, end in (optim_ranges or []):
-        for i in shards:
-            files |= {f for f, lo, hi in meta.pieces_of("optim", i)
-                      if index is None or (lo < end and (hi is None or hi > start))}
+                optim_ranges: Optional[list], model_ranges: Optional[list] = None) -> set[str]:
+    """The files this rank reads for `param`: the saved pieces overlapping the flat ranges of its local
+    shard that it loads (its model ranges, default the whole shard; its optimizer ranges), in its layout
+    (checkpoint_slices.py: the same plan the load follows)."""
+    source, target = _source_name(name, param), _target(param, layout)
+    files: set[str] = set()
+    for kind, ranges in (("model", model_ranges or [(0, param.numel())]), ("optim", optim_ranges or [])):
+        for start, end in ranges:
+            files |= files_for_slice(reader, source, target, start, end, kind)
     return files
 
 
 def _local_problems(reader: CheckpointReader, params: dict[str, torch.nn.Parameter], layout: dict,
-                    optim_ranges: Optional[dict], also: Iterable[str] = ()) -> list[str]:
+                    optim_ranges: Optional[dict], also: Iterable[str] = (),
+                    model_ranges: Optional[dict] = None) -> list[str]:
     """Everything that would make this rank fail mid-load, found before any data is read.
-    `optim_ranges`: {name: [(start, end)]} of the optimizer state to load, or None (not loading it)."""
+    `optim_ranges`: {name: [(start, end)]} of the optimizer state to load, or None (not loading it);
+    `model_ranges`: {name: [(start, end)]} of the weights this rank holds (default: whole shards)."""
     if optim_ranges is not None and not reader.has_optimizer():
         return [f"{reader.path} has no optimizer state (saved with --no-save-optim). "
                 "Load with --no-load-optim (fresh optimizer) or --finetune."]
@@ -417,7 +420,7 @@ def _local_problems(reader: CheckpointReader, params: dict[str, torch.nn.Paramet
             problems.append(f"{name}: checkpoint shape {reader.params[source].shape} vs model shape {shape}")
         else:
             ranges = None if optim_ranges is None else optim_ranges.get(name, [(0, params[name].numel())])
-            needed_files |= _files_read(reader, name, params[name], layout, ranges)
+            needed_files |= _files_read(reader, name, params[name], layout, ranges, (model_ranges or {}).get(name))
     # Every file this rank will read must match the manifest's size and CRC-32 (missing files too).
     return problems + reader.verify(needed_files | set(also))
 
@@ -466,23 +469,24 @@ def _mismatch_message(load_dir: str, reader: Optional[CheckpointReader], config:
     return "\n".join(lines)
 
 
-def _local_shard(full: torch.Tensor, param: torch.Tensor, layout: dict) -> torch.Tensor:
-    index, size = _axis_of(param, layout)
-    return shard_spec_of(param).shard(full, index, size, param.shape)
+def _read(reader: CheckpointReader, name: str, param: torch.Tensor, layout: dict, start: int, end: int,
+          kind: str = "model", key: Optional[str] = None) -> torch.Tensor:
+    """Flat [start, end) of this rank's local shard of `param` (of optimizer state `key`), read from only
+    the saved pieces overlapping it, in any saved layout (checkpoint_slices.read_slice)."""
+    return read_slice(reader, _source_name(name, param), _target(param, layout), start, end, kind, key)
 
 
-def _local_tensor(reader: CheckpointReader, name: str, param: torch.Tensor, layout: dict) -> torch.Tensor:
-    """This rank's model tensor of `param`: its saved shard when the layout matches, else cut from the full."""
-    index = _saved_shard(reader, name, param, layout)
-    if index is not None:
-        return reader.shard_tensor(_source_name(name, param), index)
-    return _local_shard(reader.full_tensor(_source_name(name, param)), param, layout)
-
-
-def _load_model(reader: CheckpointReader, params: dict[str, torch.nn.Parameter], layout: dict) -> None:
+def _load_model(reader: CheckpointReader, params: dict[str, torch.nn.Parameter], layout: dict,
+                held: Optional[dict] = None) -> None:
+    """Each parameter's held flat ranges (`held`: {name: (param, [(start, end, flat tensor)])}, default the
+    whole parameter; ZeRO-3: its pieces of the persistent shard) from the pieces that overlap them."""
     with torch.no_grad():
         for name, param in params.items():
-            param.data.copy_(_local_tensor(reader, name, param, layout).to(param.device))
+            if held is None or name not in held:
+                param.data.copy_(_read(reader, name, param, layout, 0, param.numel()).view(param.shape).to(param.device))
+                continue
+            for start, end, flat in held[name][1]:
+                flat.copy_(_read(reader, name, param, layout, start, end).to(flat.device))
 
 
 def _optimizer_ranges_of(optimizer: Any, params: dict[str, torch.nn.Parameter]) -> dict[str, list]:
@@ -497,23 +501,13 @@ def _optimizer_ranges_of(optimizer: Any, params: dict[str, torch.nn.Parameter]) 
 
 def _load_optimizer_state(reader: CheckpointReader, optimizer: Any, params: dict[str, torch.nn.Parameter],
                           layout: dict) -> None:
-    """Each rank reads only its own flat slices (of its own saved shard when the layout matches); when it
-    reshards, one parameter's full state at a time is rebuilt and cut."""
+    """Each rank reads only its own flat slices, from the saved pieces that overlap them, in any layout."""
     if not hasattr(optimizer, "set_local_parameter_state"):
         optimizer.set_parameter_state(_optimizer_states(reader, params, layout))
         return
-    resharded: dict[str, dict[str, torch.Tensor]] = {}
 
     def state_for(name: str, start: int, end: int, key: str) -> torch.Tensor:
-        param, source = params[name], _source_name(name, params[name])
-        index = _saved_shard(reader, name, param, layout)
-        if index is not None:
-            return reader.shard_slice(source, index, start, end, "optim", key)
-        if name not in resharded:
-            resharded.clear()
-            resharded[name] = {k: _local_shard(full, param, layout).reshape(-1)
-                               for k, full in reader.optimizer_full_state(source).items()}
-        return resharded[name][key][start:end]
+        return _read(reader, name, params[name], layout, start, end, "optim", key)
 
     optimizer.set_local_parameter_state(state_for)
 
@@ -526,13 +520,8 @@ def _optimizer_states(reader: CheckpointReader, params: dict[str, torch.nn.Param
     for name, param in params.items():
         if not param.requires_grad:  # MoE expert biases: model state only, no optimizer state
             continue
-        source, index = _source_name(name, param), _saved_shard(reader, name, param, layout)
-        if index is not None:
-            states[name] = {key: reader.shard_tensor(source, index, "optim", key).clone()
-                            for key in reader.optimizer_keys(source)}
-        else:
-            full_states = reader.optimizer_full_state(source)
-            states[name] = {key: _local_shard(full, param, layout).clone() for key, full in full_states.items()}
+        states[name] = {key: _read(reader, name, param, layout, 0, param.numel(), "optim", key).view(param.shape).clone()
+                        for key in reader.optimizer_keys(_source_name(name, param))}
     return states
 
 

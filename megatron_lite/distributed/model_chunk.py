@@ -8,7 +8,10 @@ Every consumer talks to this interface instead of probing a wrapper with hasattr
 - parameters: `start_param_sync()`/`finish_param_sync()` (the distributed optimizer's all-gather; ZeRO-3:
   back to rest), `param_slice()` (where the optimizer reads and writes a flat slice of a parameter);
 - `sharded_state()`: {global name: parameter} with every parameter's ShardSpec attached, after any
-  pending parameter all-gather has finished: what checkpoints save and load.
+  pending parameter all-gather has finished (ZeRO-3: gathered);
+- `local_slices()`: {global name: (parameter, [(start, end, flat view)])}, what this rank holds of each
+  parameter at rest without gathering anything (ZeRO-3: its pieces of the persistent shard): what
+  sharded checkpoints save and load.
 
 `DistributedDataParallel` (ddp.py) implements it with data-parallel reduction; `LocalChunk` implements it
 for a chunk that is not data-parallel (one process, inference, unit tests): gradients stay in `.grad`.
@@ -16,15 +19,20 @@ for a chunk that is not data-parallel (one process, inference, unit tests): grad
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
+import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from megatron_lite.distributed.zero3 import ShardedParams
 
 
 class ModelChunk(nn.Module):
     """Base of both wrappers: forwarding, naming and state dicts are the wrapped module's."""
 
     module: nn.Module
+    zero3: Optional["ShardedParams"] = None  # ZeRO-3's gather/free of the parameters (ddp.py), else None
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
@@ -76,6 +84,15 @@ class ModelChunk(nn.Module):
         """{global name: parameter}; parameters are whole (no pending all-gather) when this returns."""
         self.finish_param_sync()
         return dict(self.module.named_parameters())
+
+    def local_slices(self) -> dict[str, tuple[nn.Parameter, list[tuple[int, int, torch.Tensor]]]]:
+        """{global name: (parameter, [(start, end, flat tensor)])}: the flat ranges of each parameter this rank
+        holds at rest, as tensors that read and write them; the whole parameter, or under ZeRO-3 its pieces
+        in this rank's persistent shard (possibly none). Gathers nothing."""
+        self.finish_param_sync()
+        pieces = self.zero3.local_pieces() if self.zero3 is not None else {}
+        return {name: (param, pieces[id(param)] if id(param) in pieces else [(0, param.numel(), param.detach().view(-1))])
+                for name, param in self.module.named_parameters()}
 
     def state_dict(self, *args, **kwargs):
         self.finish_param_sync()  # never save half-gathered parameters

@@ -210,6 +210,20 @@ class ShardedParams:
         self.backward_step = None
 
     # ---- at rest -------------------------------------------------------------------------------------
+    def local_pieces(self) -> dict[int, list[tuple[int, int, torch.Tensor]]]:
+        """{id(param): [(start, end, view)]}: the flat range [start, end) of each sharded parameter that lies
+        in this rank's persistent shard (none when it lies wholly in other ranks'), as a view of the shard:
+        what a sharded checkpoint writes and loads into without gathering anything."""
+        pieces: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+        for unit in self.units:
+            for buffer, bucket in unit.buckets:
+                shard_start, shard_end = bucket.shard_range(buffer.dp_rank, buffer.dp_size)
+                for param in bucket.params:
+                    param_start, param_end = (i - bucket.offset for i in buffer.param_index[id(param)])
+                    lo, hi = max(param_start, shard_start) - param_start, min(param_end, shard_end) - param_start
+                    pieces[id(param)] = [(lo, hi, buffer.param_shard_view(param, lo, hi))] if lo < hi else []
+        return pieces
+
     def materialize(self) -> None:
         """Gather every unit (a state dict reads or writes whole parameters); settle() undoes it."""
         for unit in self.units:

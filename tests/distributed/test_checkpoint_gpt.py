@@ -4,7 +4,8 @@
    every parameter and optimizer state equals, exactly, the saved one rebuilt in the test process;
    across sharding strategies: ZeRO-2 DP4 with half the optimizer offloaded to the host -> ZeRO-1 TP2 x DP2
    and ZeRO-2 TP2 x DP2 fully offloaded -> no sharding on one process, optimizer state included; ZeRO-3 DP4
-   -> ZeRO-1 TP2 x DP2 (a step) -> no sharding on one process, and back into ZeRO-3 DP4;
+   -> ZeRO-1 TP2 x DP2 (a step) -> no sharding on one process, and back into ZeRO-3 DP4 (ZeRO-3 saves and
+   loads its own slices: no tensor collective, no parameter gathered);
 2. one process, fp32 with dropout: save, continue, reload, continue -> bitwise identical (RNG included);
    and the TP2 x DP2 distributed-optimizer checkpoint loads into TP1 x DP1 with the plain optimizer;
 3. bf16 with --no-load-optim: the fp32 main weights follow the loaded bf16 weights.
@@ -13,7 +14,7 @@ import torch
 
 import checkpoint_toys as toys
 
-from megatron_lite import parallel_state as ps
+from megatron_lite import collectives, parallel_state as ps
 from megatron_lite.checkpointing import load_checkpoint, save_checkpoint
 from megatron_lite.config import Config
 from megatron_lite.distributed import DistributedDataParallel, finalize_model_grads
@@ -214,14 +215,22 @@ def test_checkpoint_reshards_across_sharding_strategies_and_offload(tmp_path):
     _check_against_full(one["state"], full, full_optim, saved)
 
 
+def _zero3_gathers(ddp) -> tuple:
+    """(tensor collectives run since the last reset, whether any parameter holds full storage): ZeRO-3 saves
+    and loads its own slices of the shards, so both must be empty / False."""
+    ops = {op for _, op in collectives.comm_stats()} - {"all_gather_object", "broadcast_object", "barrier"}
+    return ops, any(p.untyped_storage().nbytes() > 0 for p in ddp.module.parameters())
+
+
 def _zero3_chain_four_ranks(first: str, second: str) -> dict:
     """ZeRO-3 DP4 trains and saves; ZeRO-1 TP2 x DP2 resumes from it, trains a step and saves again."""
     cfg = _config(4, 1, True, strategy="optim_grads_params", save=first)
     ddp, optimizer, scheduler = _setup(cfg)
     for step in range(2):
         _train_step(ddp, optimizer, scheduler, step)
+    collectives.reset_comm_stats()
     save_checkpoint(2, [ddp], optimizer, scheduler, 2 * GLOBAL_BATCH, cfg)
-    out = {"saved": _state(ddp, optimizer, scheduler)}
+    out = {"save_gathers": _zero3_gathers(ddp), "saved": _state(ddp, optimizer, scheduler)}
     ps.destroy_model_parallel()
     cfg = _config(4, 2, True, strategy="optim", load=first, save=second)
     ddp, optimizer, scheduler = _setup(cfg)
@@ -233,7 +242,9 @@ def _zero3_chain_four_ranks(first: str, second: str) -> dict:
     ps.destroy_model_parallel()
     cfg = _config(4, 1, True, strategy="optim_grads_params", load=second)  # and back into ZeRO-3's shards
     ddp, optimizer, scheduler = _setup(cfg)
+    collectives.reset_comm_stats()
     out["zero3_result"] = load_checkpoint([ddp], optimizer, scheduler, cfg)
+    out["load_gathers"] = _zero3_gathers(ddp)
     out["zero3_resumed"] = _state(ddp, optimizer, scheduler)
     _train_step(ddp, optimizer, scheduler, 3)
     out["zero3_trains_on"] = bool(torch.isfinite(torch.cat([p.reshape(-1) for p in ddp.sharded_state().values()])).all())
@@ -248,6 +259,7 @@ def test_checkpoint_zero3_dp4_to_zero1_tp2_dp2_to_no_shard(tmp_path):
     results = run_distributed(_zero3_chain_four_ranks, 4, first=first, second=second)
     saved = results[0]["saved"]  # TP1: every rank's gathered state is the full state
     for out in results:
+        assert out["save_gathers"] == out["load_gathers"] == (set(), False), (out["save_gathers"], out["load_gathers"])
         assert out["zero1_result"] == (2, 2 * GLOBAL_BATCH)
         _check_against_full(out["zero1"], saved["model"], saved["optim"], saved)
     (one,) = run_distributed(_strategies_one_rank, 1, directory=second)
