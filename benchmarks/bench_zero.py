@@ -14,7 +14,7 @@ ZeRO-3's bytes/param are those at rest; during a step each rank also holds up to
 (distributed/zero3.py), reported next to the headline.
 
 Before launching a configuration it predicts the machine-wide peak (per rank: runtime baseline + the
-strategy's bytes/param + the full fp32 model each rank builds before DDP shards it); one that would not fit
+strategy's bytes/param, or the build's if larger); one that would not fit
 `--memory-gib` is reported as "does not fit" with the figure instead of being run into the OOM killer.
 """
 from __future__ import annotations
@@ -90,7 +90,9 @@ def bench(world: int, layers: int, hidden: int, vocab: int, strategy: str, offlo
     baseline = _rss_mib()
     for turn in range(world if staggered_build else 1):  # one rank at a time: the build transient is not paid 8x at once
         if not staggered_build or turn == groups.dp.rank:
-            model = [DistributedDataParallel(cfg, GPTModel(cfg, groups=groups), groups=groups)]
+            with torch.device("meta"):  # as training.build_model: parameters are drawn into DDP's storage
+                module = GPTModel(cfg, groups=groups)
+            model = [DistributedDataParallel(cfg, module, groups=groups, init_device=torch.device("cpu"))]
         if staggered_build:
             torch.distributed.barrier()
     opt = get_megatron_optimizer(cfg, model, groups)
@@ -131,10 +133,11 @@ def approx_params(layers: int, hidden: int, vocab: int) -> int:
 def predicted_peak_gib(strategy: str, offload, world: int, bf16: bool, num_params: int, staggered: bool) -> float:
     """Machine-wide peak: per rank the runtime baseline and the larger of the strategy's bytes/param
     (offloaded state counts too: host memory is this machine's memory) plus a bucket's worth of transient
-    gradients, and the build transient: the fp32 model (4 bytes/param) plus the DDP buffer it is copied into
-    (ZeRO-3: its shard). With a staggered build only one rank pays the build transient at a time."""
+    gradients, and the build: the model is built on the meta device and drawn straight into DDP's storage
+    (training.build_model), 4 bytes/param (ZeRO-3: its shard) plus one unit. With a staggered build only
+    one rank builds at a time."""
     steady = formula_bytes_per_param(strategy, world, bf16) + 0.5
-    build = 4 + (4 / world if strategy == "optim_grads_params" else 2 if bf16 else 4)
+    build = 4 / world if strategy == "optim_grads_params" else 4
     per_param = (world - 1) * steady + max(build, steady) if staggered else world * max(build, steady)
     return (world * BASELINE_MIB * 2**20 + per_param * num_params) / 2**30
 
@@ -159,9 +162,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--staggered-build", action="store_true",
-                        help="ranks build the model one after another (the fp32 model plus the DDP buffer it is copied "
-                        "into, 8 bytes/param, is then paid by one rank at a time): for models whose build transient "
-                        "times --world does not fit the machine")
+                        help="ranks build the model one after another (its build transient is then paid by one rank at a time)")
     parser.add_argument("--variants", default="", help="comma-separated subset of the configurations (default all): "
                         + ", ".join(VARIANTS))
     parser.add_argument("--bf16", action="store_true")
@@ -203,7 +204,7 @@ def main() -> None:
         else:
             lines.append(f"| {name} | {num_params / 1e6:.1f} | does not fit: about {skipped[name]:.1f} GiB predicted for "
                          f"{args.world} ranks (formula {formula_bytes_per_param(VARIANTS[name][0], args.world, args.bf16):.2f}"
-                         " bytes/param + the fp32 model built before sharding + baseline) | | | | | | | |")
+                         " bytes/param + baseline) | | | | | | | |")
     baseline = max(r["baseline_mib"] for r in results.values())
     budget = args.memory_gib * 2**30 - args.world * baseline * 2**20
     lines += ["", f"Largest model whose params + grads + optimizer states fit {args.memory_gib:.0f} GiB with {args.world} "
