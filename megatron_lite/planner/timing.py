@@ -13,15 +13,20 @@ communication on the critical path (not overlapped, as in Megatron's defaults):
 Each on the link its group uses (comm.py). The pipeline: the simulator (pipeline/simulator.py) runs every
 rank's action list for the schedule `pipeline/auto.py` picks at this layout's F : B : W (W: the weight-
 gradient part of b that ZB-H1 and ZB-V defer; compute.chunk_times) for at most 2 x PP micro-batches, and
-again with PP more to extrapolate in m; its idle time plus the fill and drain p2p hops is pipeline_bubble; the step's pipeline part is m x (f + b) summed over chunks plus that bubble (see
+again with PP more to extrapolate in m; its idle time, the fill and drain p2p hops and each rank's own
+blocking transfers (one p2p per chunk forward and per backward: p2p is not overlapped by default) are
+pipeline_bubble; the step's pipeline part is m x (f + b) summed over chunks plus that (see
 pipeline_makespan).
 DP: the gradient all-reduce (no_shard) or reduce-scatter (sharded strategies) of the stage's gradient
-buffer (fp32 with bf16) over DP x CP, and the parameter all-gather of the distributed optimizer; with
---overlap-grad-reduce the reduce hides behind the last micro-batch's backward and the all-gather behind
-the first forward (--overlap-param-gather), so only the excess is exposed. ZeRO-3 gathers parameters for
+buffer (fp32 with bf16) over DP x CP, and the parameter all-gather of the distributed optimizer, one
+collective per DDP bucket (each pays its latency: 45 buckets of a small GPT cost 3x its step on the cpu
+profile, measured); stage r's reduce starts r chunk backwards before stage 0 finishes (1F1B's drain), and
+with --overlap-grad-reduce also hides behind the stage's last backward, the all-gather behind the first
+forward (--overlap-param-gather), so only the excess is exposed. ZeRO-3 gathers parameters for
 every micro-batch's forward and backward (megatron-core's optim_grads_params), hidden behind that compute.
 A shared CPU (the cpu profile: more ranks than cores) runs at most `compute_units` ranks at once: compute
-and the pipeline's idle time (waiting ranks poll) stretch by ranks / cores.
+and the pipeline's idle time (waiting ranks poll) stretch by ranks / cores. Compute there includes the
+framework's calibrated fixed cost per layer and micro-batch (compute.py), most of a small GPT's time.
 """
 from __future__ import annotations
 
@@ -88,8 +93,8 @@ def pipeline_makespan(schedule: str, pp: int, vp: int, m: int, f: float, b: floa
     """The pipeline part of the step, f and b per chunk and micro-batch (w of b the weight-gradient part a
     zero-bubble schedule defers to W): m x vp x (f + b) of work plus the simulated idle time of the
     schedule (at most simulated_microbatches micro-batches simulated, at these F : B : W ratios -- cached
-    per schedule shape and ratio), plus the p2p transfers on the critical path (the fill and the drain:
-    2 (PP - 1) x vp hops, each p2p; steady-state transfers overlap the other ranks' compute)."""
+    per schedule shape and ratio), plus the p2p transfers of the fill and the drain (2 (PP - 1) x vp hops,
+    each p2p; step_time adds each rank's own blocking transfers to f and b)."""
     if pp == 1 or f <= 0:
         return m * vp * (f + b)
     weight = _ratio(w / f) if schedule in SPLIT_BACKWARD else 0.0
@@ -163,13 +168,17 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, gpus_per_node: in
     act_bytes = layout.mbs * shape.seq / layout.cp * shape.hidden * shape.e / (layout.tp if layout.sp else 1)
     p2p = p2p_time(hw, act_bytes, pp_nodes > 1) if layout.pp > 1 else 0.0
     vp = layout.vp
-    critical = pipeline_makespan(schedule, layout.pp, vp, m, f_total / vp, b_total / vp, p2p, w_c / vp)
+    # each chunk's forward and backward block for one activation (gradient) transfer: p2p is not
+    # overlapped by default; on a shared CPU it stretches like compute (both ranks must be scheduled)
+    hop = p2p * shared
+    critical = pipeline_makespan(schedule, layout.pp, vp, m, f_total / vp + hop, b_total / vp + hop, p2p, w_c / vp)
     busy = m * (f_total + b_total)
     compute = m * (f_c + b_c) * shared
     work = compute + busy - m * (f_c + b_c)
+    transfers = 2 * m * vp * hop
     # a waiting gloo rank polls rather than yields its core, so on a shared CPU the bubble slows down with
     # the compute (measured: interleaving's smaller bubble is faster there too)
-    pipeline = work + (critical - busy) * shared
+    pipeline = work + (critical - busy - transfers) * shared + transfers
     chunk_b = b_total / vp * shared  # one chunk's backward of one micro-batch, in wall time
     dp_exposed = dp_comm(hw, layout, stages, shape.e, chunk_b if overlap else 0.0, chunk_b if layout.pp > 1 else 0.0,
                          f_total / vp * shared if overlap else 0.0, m, gpus_per_node)
