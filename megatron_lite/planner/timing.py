@@ -157,11 +157,13 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, gpus_per_node: in
                      for v in range(layout.vp))
         per_rank.append((*comp, layers))
     f_c, b_c, w_c, layers = max(per_rank, key=lambda x: x[0] + x[1])
-    comm_f = {k: layers * v[0] for k, v in c.items()}
-    comm_b = {k: layers * v[1] for k, v in c.items()}
     shared = 1.0
     if hw.compute_units_per_node:
         shared = max(1.0, min(gpus_per_node, layout.world) / hw.compute_units_per_node)
+    # layer communication runs while the other ranks compute: on a shared CPU each step of it waits for its
+    # peers to be scheduled, so it stretches like compute (the calibration measured it with idle peers)
+    comm_f = {k: layers * v[0] * shared for k, v in c.items()}
+    comm_b = {k: layers * v[1] * shared for k, v in c.items()}
     f_total = f_c + sum(comm_f.values())
     b_total = b_c + sum(comm_b.values())
     pp_nodes = group_span(layout, ("pp",), gpus_per_node)
