@@ -82,7 +82,8 @@ def run_layout(base, layout, timed_steps: int = 0, warmup: int = 0) -> dict:
             step(index)
             collectives.barrier()
             times.append(time.perf_counter() - start)
-        return {"report": report, "activations": activations, "zero3_gathered": gathered["bytes"], "pp_rank": groups.pp.rank,
+        return {"report": report, "activations": activations, "zero3_gathered": gathered["bytes"],
+                "pp_rank": groups.pp.rank,
                 "dp_rank": groups.dp_cp.rank, "tp_rank": groups.tp.rank,
                 "step_time": statistics.median(times[warmup:]) if timed_steps else None}
     finally:

@@ -96,7 +96,8 @@ class ModelShape:
                    m.position_embedding_type == "rope", m.seq_length, vocab, e, m.hidden_dropout,
                    m.attention_dropout, experts, topk, getattr(m, "cross_entropy_fusion", True),
                    not m.untie_embeddings_and_output_weights,
-                   int(m.head_dim * m.rotary_percent) if m.position_embedding_type == "rope" else 0, moe_fraction, moe_ffn,
+                   int(m.head_dim * m.rotary_percent) if m.position_embedding_type == "rope" else 0,
+                   moe_fraction, moe_ffn,
                    moe.moe_shared_expert_intermediate_size or 0, moe.moe_token_dispatcher_type,
                    cfg.parallel.cp_comm_type)
 

@@ -65,10 +65,12 @@ def layer_gemms(shape: ModelShape, layout: Layout) -> list[tuple[float, float, f
         # MoE layers (a moe_fraction of them): topk x the tokens through experts of moe_ffn (balanced
         # routing), the router, and the shared expert if any
         moe, k, glu = shape.moe_fraction, shape.topk, 2 if shape.swiglu else 1
-        gemms += [(tokens * k, glu * shape.moe_ffn / t, shape.hidden, moe), (tokens * k, shape.hidden, shape.moe_ffn / t, moe),
+        gemms += [(tokens * k, glu * shape.moe_ffn / t, shape.hidden, moe),
+                  (tokens * k, shape.hidden, shape.moe_ffn / t, moe),
                   (tokens, shape.num_experts, shape.hidden, moe)]
         if shape.shared_ffn:
-            gemms += [(tokens, glu * shape.shared_ffn / t, shape.hidden, moe), (tokens, shape.hidden, shape.shared_ffn / t, moe)]
+            gemms += [(tokens, glu * shape.shared_ffn / t, shape.hidden, moe),
+                      (tokens, shape.hidden, shape.shared_ffn / t, moe)]
     return gemms
 
 
@@ -76,7 +78,8 @@ def _gemm_seconds(hw: Hardware, gemms) -> float:
     return sum(count * 2 * m * n * k / gemm_rate(hw, m, n, k) for m, n, k, count in gemms)
 
 
-def chunk_times(shape: ModelShape, layout: Layout, hw: Hardware, layers: int, first: bool, last: bool) -> tuple[float, float, float]:
+def chunk_times(shape: ModelShape, layout: Layout, hw: Hardware, layers: int, first: bool,
+                last: bool) -> tuple[float, float, float]:
     """(forward, backward, weight) compute seconds of one model chunk for one micro-batch: weight is the part
     of backward that zero-bubble schedules defer to W (the linear layers' weight-gradient GEMMs, one per
     forward GEMM but the attention core's, which has no weights); backward includes it."""

@@ -3,7 +3,7 @@
 Calibrate the `cpu` profile (planner/calibrate.py: GEMM rates, gloo collectives per group size, p2p, with
 8 ranks), then for every valid 8-rank layout of a small GPT (TP x PP x VP x DP; SP with TP > 1; fp32,
 micro-batch 1) predict the step time and measure it, each step timed
-between barriers (the median of 3 after 1 warm-up). The rank correlation of predicted and measured times must be >= 0.8, and the layout the
+between barriers (the median of 3 after 1 warm-up; the faster of ROUNDS passes over all layouts). The rank correlation of predicted and measured times must be >= 0.8, and the layout the
 planner ranks first must measure within 10% of the fastest measured. The machine is shared and noisy: the
 median over steps is what makes one run's times comparable with another's.
 """
@@ -24,6 +24,7 @@ from megatron_lite.planner.layout import Layout  # noqa: E402
 from megatron_lite.testing import run_distributed  # noqa: E402
 
 WORLD = 8
+ROUNDS = 2
 
 
 def timing_config():
@@ -71,8 +72,12 @@ def test_planner_time_model_ranks_cpu_layouts():
     hw = Hardware.from_json(calibrate(quick=True, world=WORLD))
     candidates = layouts()
     base = timing_config()
-    results = run_distributed(run_layouts, WORLD, timeout=3000, base=base, layouts=candidates, timed_steps=3, warmup=1)
-    measured = [max(r[i]["step_time"] for r in results) for i in range(len(candidates))]
+    # ROUNDS passes over all layouts, one after the other: a burst of load on the shared machine slows the
+    # layouts of one pass only, so each layout's fastest pass is what the planner's ranking is held to
+    results = run_distributed(run_layouts, WORLD, timeout=3000, base=base, layouts=candidates * ROUNDS,
+                              timed_steps=3, warmup=1)
+    n = len(candidates)
+    measured = [min(max(r[k * n + i]["step_time"] for r in results) for k in range(ROUNDS)) for i in range(n)]
     # the runs overlap DP communication as the planner's plans do (planner_toys applies layout.apply's flags)
     predicted = [evaluate(base, layout, hw, gpus_per_node=WORLD, overlap=True)["step_time_s"] for layout in candidates]
     rho = spearman(predicted, measured)
