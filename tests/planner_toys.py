@@ -50,13 +50,13 @@ def _batches(cfg, dp: int, dp_rank: int, step: int) -> list[dict]:
 
 
 def run_layout(base, layout, timed_steps: int = 0, warmup: int = 0) -> dict:
-    """On every rank: the memory report, the first step's measured activations and (timed_steps > 0) the
-    median wall time of the steps after `warmup`."""
+    """On every rank: the memory report, the first step's measured activations and ZeRO-3 gathered bytes
+    and (timed_steps > 0) the median wall time of the steps after `warmup`."""
     import pretrain_gpt
     from megatron_lite import collectives
     from megatron_lite import parallel_state as ps
     from megatron_lite.optimizer import memory_report
-    from megatron_lite.planner.measure import measure_step_activations
+    from megatron_lite.planner.measure import measure_step_activations, measure_zero3_gathered
     from megatron_lite.training import initialize, setup_model_and_optimizer, train_step
     cfg = layout_config(base, layout)
     try:
@@ -70,7 +70,11 @@ def run_layout(base, layout, timed_steps: int = 0, warmup: int = 0) -> dict:
             data = _batches(cfg, dp, dp_rank, index)
             return train_step(cfg, partial(pretrain_gpt.forward_step, cfg), [iter(data) for _ in model], model,
                               optimizer, scheduler, num_micro, cfg.training.global_batch_size, groups)
-        activations = measure_step_activations(model, lambda: step(0))
+        gathered = {}
+
+        def first_step():
+            gathered["bytes"] = measure_zero3_gathered(model, lambda: step(0))
+        activations = measure_step_activations(model, first_step)
         times = []
         for index in range(1, 1 + warmup + timed_steps):
             collectives.barrier()
@@ -78,7 +82,8 @@ def run_layout(base, layout, timed_steps: int = 0, warmup: int = 0) -> dict:
             step(index)
             collectives.barrier()
             times.append(time.perf_counter() - start)
-        return {"report": report, "activations": activations, "pp_rank": groups.pp.rank,
+        return {"report": report, "activations": activations, "zero3_gathered": gathered["bytes"],
+                "pp_rank": groups.pp.rank,
                 "dp_rank": groups.dp_cp.rank, "tp_rank": groups.tp.rank,
                 "step_time": statistics.median(times[warmup:]) if timed_steps else None}
     finally:
@@ -88,6 +93,17 @@ def run_layout(base, layout, timed_steps: int = 0, warmup: int = 0) -> dict:
 def run_layouts(base, layouts: list, timed_steps: int = 0, warmup: int = 0) -> list:
     out = []
     for layout in layouts:
+        try:
+            out.append(run_layout(base, layout, timed_steps, warmup))
+        except Exception as error:
+            raise RuntimeError(f"layout {layout} failed: {error}") from error
+    return out
+
+
+def run_cases(cases: list, timed_steps: int = 0, warmup: int = 0) -> list:
+    """run_layouts for (base config, layout) pairs: model variants (SwiGLU, MoE, ...) in one spawn."""
+    out = []
+    for base, layout in cases:
         try:
             out.append(run_layout(base, layout, timed_steps, warmup))
         except Exception as error:

@@ -11,10 +11,12 @@ this code (planner/measure.py measures exactly that, and tests/distributed/test_
 the two within 10%), with e = activation bytes (4 fp32, 2 bf16/fp16), per token of the micro-batch:
   attention: LayerNorm input h, QKV GEMM input h (gathered to the full sequence under SP), the QKV output
              (h + 2 g d)/t (q, k, v are views of it), the attention output h/t (the projection's input);
-             with RoPE the rotated k adds g d / t; without flash attention the s x s scores (softmax
+             with RoPE the rotated q and k add (h + g d)/t and the cos and sin tables 2 d_rot (not split
+             by TP); without flash attention the s x s scores (softmax
              output, dropout mask and output: Korthikanti's 5as/h term) a s / t x (e, or 2e + 1 with dropout).
              torch's scaled_dot_product_attention is flash on CPU and GPU, so that term is absent unless
-             attention dropout forces the math kernel: the "flash attention's missing 5as/h term".
+             attention dropout forces the math kernel: the "flash attention's missing 5as/h term"; flash
+             keeps an fp32 log-sum-exp per head and token instead (a/t x 4 bytes).
   MLP:       LayerNorm input h, fc1 input h (gathered under SP), fc1 output f' = f (x2 SwiGLU), the
              activation's output f (SwiGLU keeps silu(gate) too: + f).
   dropout:   1-byte masks of h per hidden dropout (two per layer) when --hidden-dropout > 0.
@@ -22,9 +24,10 @@ Under sequence parallelism the LayerNorm inputs are h/t (Korthikanti's SP saving
 all-gathered GEMM inputs (Megatron re-gathers them in backward), so those stay h.
 Selective recompute drops the attention core's saved tensors (its q, k, v inputs remain, as the QKV
 output); full recompute keeps only each layer's input (h/t under SP), per Korthikanti.
-Context parallelism divides s by CP. MoE layers (megatron-core semantics): the router's fp32 logits
-(E per token), the dispatched tokens (topk x h, in and out) and the experts' MLP terms for topk x the
-local tokens (balanced routing), replace the dense MLP.
+MoE layers (the dispatcher's pairs, _moe_terms) replace the dense MLP in a moe_fraction of the layers,
+with the LayerNorm output (the MoE input) kept per rank (h/t under SP): the dispatcher gathers it.
+Context parallelism divides s by CP; ring attention (--cp-comm-type p2p) also keeps its fp32 output,
+h/t x 4 bytes (the all_gather and a2a variants are not modelled beyond the s / CP split).
 First stage: token and position ids (int64). Last stage: final LayerNorm input and output (h, the output
 is kept full-sequence by the fused output layer + cross entropy), that kernel's saved d loss/dx (h) and
 d loss/dW ((V/t) x h, fp32) per micro-batch in flight (kernels/linear_cross_entropy.py); the unfused path
@@ -62,6 +65,12 @@ class ModelShape:
     topk: int = 2
     fused_output: bool = True
     tied: bool = True
+    rotary_dim: int = 0  # channels of each head RoPE rotates (head_dim x --rotary-percent)
+    moe_fraction: float = 1.0  # share of the layers that are MoE (--moe-layer-freq)
+    moe_ffn: int = 0  # each expert's MLP hidden size (--moe-ffn-hidden-size)
+    shared_ffn: int = 0  # the shared expert's (--moe-shared-expert-intermediate-size), 0: none
+    dispatcher: str = "allgather"
+    cp_comm: str = "p2p"  # --cp-comm-type
 
     @classmethod
     def of(cls, cfg, tp: int = 1) -> "ModelShape":
@@ -75,8 +84,10 @@ class ModelShape:
         e = 4 if not (cfg.optimizer.bf16 or cfg.optimizer.fp16) else 2
         groups = m.num_query_groups or m.num_attention_heads
         ffn = m.ffn_hidden_size or (int((4 * m.hidden_size * 2 / 3) / 64) * 64 if m.swiglu else 4 * m.hidden_size) or 4 * m.hidden_size
-        experts = getattr(m, "num_experts", None) or cfg.extra.get("num_experts") or 0
-        topk = getattr(m, "moe_router_topk", None) or cfg.extra.get("moe_router_topk") or 2
+        moe = cfg.moe
+        experts, topk = moe.num_experts or 0, moe.moe_router_topk
+        moe_fraction = sum(moe.layer_pattern(m.num_layers)) / m.num_layers if experts else 0.0
+        moe_ffn = moe.moe_ffn_hidden_size or ffn
         cfg_tp = cfg.parallel.tensor_model_parallel_size
         cfg.parallel.tensor_model_parallel_size = tp
         vocab = padded_vocab_size(cfg)
@@ -84,7 +95,11 @@ class ModelShape:
         return cls(m.num_layers, m.hidden_size, m.num_attention_heads, groups, m.head_dim, ffn, m.swiglu,
                    m.position_embedding_type == "rope", m.seq_length, vocab, e, m.hidden_dropout,
                    m.attention_dropout, experts, topk, getattr(m, "cross_entropy_fusion", True),
-                   not m.untie_embeddings_and_output_weights)
+                   not m.untie_embeddings_and_output_weights,
+                   int(m.head_dim * m.rotary_percent) if m.position_embedding_type == "rope" else 0,
+                   moe_fraction, moe_ffn,
+                   moe.moe_shared_expert_intermediate_size or 0, moe.moe_token_dispatcher_type,
+                   cfg.parallel.cp_comm_type)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -102,27 +117,41 @@ def layer_bytes(shape: ModelShape, layout: Layout, mbs: int) -> float:
         return tokens * h / sp_div * e
     hq, kv = shape.heads * shape.head_dim, 2 * shape.groups * shape.head_dim
     flash = shape.attention_dropout == 0
-    attn = h / sp_div + h + (hq + kv) / t + hq / t + (shape.groups * shape.head_dim / t if shape.rope else 0)
+    attn = h / sp_div + h + (hq + kv) / t + hq / t
+    if shape.rope:  # the rotated q and k (new tensors; v stays a view of the QKV output), cos and sin
+        attn += (hq + shape.groups * shape.head_dim) / t + 2 * shape.rotary_dim
     attn_bytes = attn * e
+    if flash and layout.recompute != "selective":
+        attn_bytes += shape.heads / t * 4  # the kernel's fp32 log-sum-exp per head and token
+        if layout.cp > 1 and shape.cp_comm == "p2p":
+            attn_bytes += hq / t * 4  # ring attention keeps its fp32 output (context_parallel/ring.py)
     if not flash and layout.recompute != "selective":
         per_score = (2 * e + 1) if shape.attention_dropout > 0 else e
         attn_bytes += shape.heads / t * (shape.seq // layout.cp) * per_score
-    mlp = h / sp_div + h + _mlp_terms(shape) / t
+    mlp = h / sp_div + h + _mlp_terms(shape, shape.ffn) / t
     masks = 2 * h / sp_div if shape.hidden_dropout > 0 else 0
-    if shape.num_experts:
-        mlp = h / sp_div + h + _moe_terms(shape, layout)
+    if shape.num_experts:  # a moe_fraction of the layers (--moe-layer-freq) have a MoE layer instead
+        moe = h / sp_div + h / sp_div + _moe_terms(shape, layout)
+        mlp = (1 - shape.moe_fraction) * mlp + shape.moe_fraction * moe
     return tokens * (attn_bytes + mlp * e + masks)
 
 
-def _mlp_terms(shape: ModelShape) -> float:
-    f = shape.ffn
+def _mlp_terms(shape: ModelShape, f: int) -> float:
     return (2 * f + f + f) if shape.swiglu else (f + f)
 
 
 def _moe_terms(shape: ModelShape, layout: Layout) -> float:
-    """Per token, in units of e bytes: router logits (fp32), dispatched tokens in/out, expert MLPs."""
-    k = shape.topk
-    return shape.num_experts * 4 / shape.e + 2 * k * shape.hidden + k * _mlp_terms(shape) / layout.tp
+    """Per token of the sequence, in units of e bytes, what a MoE layer keeps (models/moe/: measured per
+    tensor): the router's top-k indices (int64) and probabilities (fp32) for this rank's tokens; per
+    routed pair (k per token on average over the ETP x EP group: balanced routing) the gathered token,
+    the expert output and its routing-weighted copy (3 h), the expert MLP (split over ETP = TP), the
+    token/expert indices (2 int64) and the routing weight; a shared expert adds a dense MLP on the
+    gathered tokens."""
+    k, t, e = shape.topk, layout.tp, shape.e
+    router = k * (8 + 4) / e / (t if layout.sp else 1)
+    pairs = k * (3 * shape.hidden + _mlp_terms(shape, shape.moe_ffn) / t + (16 + 4) / e)
+    shared = shape.hidden + _mlp_terms(shape, shape.shared_ffn) / t if shape.shared_ffn else 0.0
+    return router + pairs + shared
 
 
 def first_stage_bytes(shape: ModelShape, layout: Layout, mbs: int) -> float:

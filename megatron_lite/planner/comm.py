@@ -45,11 +45,12 @@ def _first_group(world: int, sizes: tuple, dims: tuple) -> tuple:
     return tuple(rank_groups(world, dict(sizes), dims)[0])
 
 
-def collective_time(hw: Hardware, op: str, nbytes: float, n: int, nodes: int) -> float:
-    """Seconds for one collective over n ranks spanning `nodes` nodes."""
+def collective_time(hw: Hardware, op: str, nbytes: float, n: int, nodes: int, count: int = 1) -> float:
+    """Seconds for `count` collectives (e.g. one per DDP bucket) moving nbytes in all over n ranks spanning
+    `nodes` nodes: the bandwidth term once for all the bytes, the latency term per collective."""
     if n <= 1 or nbytes <= 0:
         return 0.0
-    steps = (n - 1) * (2 if op == "all_reduce" else 1)
+    steps = (n - 1) * (2 if op == "all_reduce" else 1) * max(1, count)
     if hw.collective_table:
         latency, bandwidth = _interpolate_group(hw, n)
     elif nodes > 1:

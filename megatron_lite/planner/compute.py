@@ -12,6 +12,9 @@ count in TFLOP/s or MFU, as in the logs).
 Element-wise work (norms, activations, dropout, residuals, softmax) is memory-bound: modelled as reading
 and writing each saved activation byte three times (forward write, backward read, gradient write) at the
 device's memory bandwidth.
+Fixed host cost (calibrated cpu profile; 0 on GPU presets): hw.layer_overhead_s per layer and
+hw.microbatch_overhead_s per micro-batch (half with the embedding, half with the output layer), forward +
+backward split 1 : 2 -- eager PyTorch's per-op cost, larger than the arithmetic at small sizes.
 """
 from __future__ import annotations
 
@@ -55,11 +58,19 @@ def layer_gemms(shape: ModelShape, layout: Layout) -> list[tuple[float, float, f
     gemms = [(tokens, qkv / t, shape.hidden, 1), (tokens, shape.hidden, hq / t, 1),
              # scores and values, per head (batched): causal halves neither in the FLOP formula nor here
              (seq_local, shape.seq, shape.head_dim, 2 * heads_local * layout.mbs)]
+    dense = 1.0 - (shape.moe_fraction if shape.num_experts else 0.0)
+    if dense:
+        gemms += [(tokens, ffn_in / t, shape.hidden, dense), (tokens, shape.hidden, shape.ffn / t, dense)]
     if shape.num_experts:
-        k = shape.topk
-        gemms += [(tokens * k, ffn_in / t, shape.hidden, 1), (tokens * k, shape.hidden, shape.ffn / t, 1)]
-    else:
-        gemms += [(tokens, ffn_in / t, shape.hidden, 1), (tokens, shape.hidden, shape.ffn / t, 1)]
+        # MoE layers (a moe_fraction of them): topk x the tokens through experts of moe_ffn (balanced
+        # routing), the router, and the shared expert if any
+        moe, k, glu = shape.moe_fraction, shape.topk, 2 if shape.swiglu else 1
+        gemms += [(tokens * k, glu * shape.moe_ffn / t, shape.hidden, moe),
+                  (tokens * k, shape.hidden, shape.moe_ffn / t, moe),
+                  (tokens, shape.num_experts, shape.hidden, moe)]
+        if shape.shared_ffn:
+            gemms += [(tokens, glu * shape.shared_ffn / t, shape.hidden, moe),
+                      (tokens, shape.hidden, shape.shared_ffn / t, moe)]
     return gemms
 
 
@@ -67,25 +78,35 @@ def _gemm_seconds(hw: Hardware, gemms) -> float:
     return sum(count * 2 * m * n * k / gemm_rate(hw, m, n, k) for m, n, k, count in gemms)
 
 
-def chunk_times(shape: ModelShape, layout: Layout, hw: Hardware, layers: int, first: bool, last: bool) -> tuple[float, float]:
-    """(forward, backward) compute seconds of one model chunk for one micro-batch."""
+def chunk_times(shape: ModelShape, layout: Layout, hw: Hardware, layers: int, first: bool,
+                last: bool) -> tuple[float, float, float]:
+    """(forward, backward, weight) compute seconds of one model chunk for one micro-batch: weight is the part
+    of backward that zero-bubble schedules defer to W (the linear layers' weight-gradient GEMMs, one per
+    forward GEMM but the attention core's, which has no weights); backward includes it."""
     gemms = layer_gemms(shape, layout)
     fwd_layer = _gemm_seconds(hw, gemms)
     core = _gemm_seconds(hw, gemms[2:3])
+    weight = layers * (fwd_layer - core)
     elementwise = 3 * layer_bytes(shape, replace(layout, recompute="none"), layout.mbs) \
         / (hw.memory_bandwidth_gbps * 1e9)
-    forward = layers * (fwd_layer + elementwise / 3)
-    backward = layers * (2 * fwd_layer + 2 * elementwise / 3)
+    overhead = hw.layer_overhead_s / 3  # the fixed per-op host cost, forward : backward = 1 : 2
+    forward = layers * (fwd_layer + elementwise / 3 + overhead)
+    backward = layers * (2 * fwd_layer + 2 * elementwise / 3 + 2 * overhead)
     if layout.recompute == "full":
-        backward += layers * (fwd_layer + elementwise / 3)
+        backward += layers * (fwd_layer + elementwise / 3 + overhead)
     elif layout.recompute == "selective":
         backward += layers * core
+    # the micro-batch's fixed cost: half the embedding's (first chunk), half the output layer's and loss's
+    ends = (0.5 if first else 0.0) + (0.5 if last else 0.0)
+    forward += ends * hw.microbatch_overhead_s / 3
+    backward += ends * 2 * hw.microbatch_overhead_s / 3
     if last:
         tokens = layout.mbs * shape.seq / layout.cp
         logits = _gemm_seconds(hw, [(tokens, shape.vocab / layout.tp, shape.hidden, 1)])
         forward += logits
         backward += 2 * logits
-    return forward, backward
+        weight += logits
+    return forward, backward, weight
 
 
 def optimizer_seconds(hw: Hardware, local_params: float, strategy: str, dp: int) -> float:

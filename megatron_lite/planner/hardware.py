@@ -48,6 +48,11 @@ class Hardware:
     collective_table: dict = field(default_factory=dict)
     p2p: tuple = ()  # (latency s, bandwidth GB/s), measured
     compute_units_per_node: Optional[int] = None  # cpu: cores shared by the node's ranks (None: one per rank)
+    # the framework's fixed host cost per transformer layer and per micro-batch (embedding, output layer and
+    # loss at negligible size), forward + backward, measured (cpu): eager PyTorch's per-op cost, which at
+    # small GEMMs exceeds the arithmetic; 0 on GPU presets, whose host launches run ahead of the device
+    layer_overhead_s: float = 0.0
+    microbatch_overhead_s: float = 0.0
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -97,7 +102,9 @@ def cpu_profile() -> Hardware:
     """The cached calibration of this machine, measured (quickly) on first use."""
     if os.path.exists(CPU_PROFILE_CACHE):
         with open(CPU_PROFILE_CACHE) as fh:
-            return Hardware.from_json(json.load(fh))
+            cached = json.load(fh)
+        if "layer_overhead_s" in cached:  # older caches lack the framework overheads: measure again
+            return Hardware.from_json(cached)
     from megatron_lite.planner.calibrate import calibrate
     hw = Hardware.from_json(calibrate(quick=True))
     os.makedirs(os.path.dirname(CPU_PROFILE_CACHE), exist_ok=True)

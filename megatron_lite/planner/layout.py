@@ -118,8 +118,10 @@ def prepare(cfg):
     """A copy of the user's Config with the model's derived defaults filled in (ffn size, query groups,
     positions), which every model needs; the layout fields are left to `apply`."""
     m = cfg.model
-    if m.ffn_hidden_size and m.num_query_groups and m.max_position_embeddings:
+    if m.ffn_hidden_size and m.num_query_groups and m.max_position_embeddings \
+            and (not cfg.moe.is_moe or cfg.moe.moe_ffn_hidden_size):
         return cfg  # already derived
     out = copy.deepcopy(cfg)
     out.model.derive_defaults()
+    out.moe.derive_defaults(out)  # the experts' MLP size (default: the dense one)
     return out

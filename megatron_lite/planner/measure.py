@@ -3,7 +3,8 @@
 `ActivationMeter` installs torch.autograd.graph.saved_tensors_hooks: every tensor an op saves for
 backward is packed into a holder that counts its storage (once per storage, however many ops save it or a
 view of it) until autograd drops the holder (after that node's backward, or when the graph is freed).
-Parameters' storages are excluded (they are `params`). Activation checkpointing
+Parameters' storages are excluded (they are `params`; ZeRO-3's gathered units are measured apart by
+`measure_zero3_gathered`). Activation checkpointing
 (tensor_parallel.random.checkpoint, torch's non-reentrant checkpoint) keeps its region's *inputs* alive by
 reference rather than through these hooks, so while the meter is on, each checkpointed call's tensor
 inputs are counted as saved until the region's backward has run. What is not counted: the recompute's
@@ -34,7 +35,9 @@ class _Held:
 
 class ActivationMeter:
     def __init__(self, parameters: Iterable[torch.Tensor] = ()):
-        self.exclude = {self._storage_key(p) for p in parameters}
+        # parameters' storages by identity: ZeRO-3 resizes a unit's storage to gather it and back to 0 to
+        # free it, so the gathered weights autograd saves are parameters too (zero3_gathered measures them)
+        self.exclude = {p.untyped_storage()._cdata for p in parameters}
         self.refs: dict = {}
         self.sizes: dict = {}
         self.live = 0
@@ -67,7 +70,8 @@ class ActivationMeter:
         if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
             return tensor
         key = self._storage_key(tensor)
-        return _Held(tensor, None if key in self.exclude or key[2] == 0 else key, self)
+        excluded = tensor.untyped_storage()._cdata in self.exclude
+        return _Held(tensor, None if excluded or key[2] == 0 else key, self)
 
     @staticmethod
     def _unpack(held):
@@ -109,3 +113,34 @@ def measure_step_activations(model_chunks, run_step) -> int:
     with meter():
         run_step()
     return meter.peak
+
+
+def measure_zero3_gathered(model_chunks, run_step) -> int:
+    """Peak bytes of ZeRO-3's gathered full parameters on this rank during `run_step()`: the storages of the
+    units gathered at once (over all chunks), read after every gather (0 without ZeRO-3)."""
+    sharded = [chunk.zero3 for chunk in model_chunks if getattr(chunk, "zero3", None) is not None]
+    if not sharded:
+        run_step()
+        return 0
+    peak = 0
+
+    def live() -> int:
+        return sum(bucket.param_data.untyped_storage().nbytes() for z in sharded for unit in z.gathered
+                   for _, bucket in unit.buckets)
+
+    originals = [z._gather for z in sharded]
+
+    def wrap(original):
+        def gather(*args, **kwargs):
+            nonlocal peak
+            original(*args, **kwargs)
+            peak = max(peak, live())
+        return gather
+    for z, original in zip(sharded, originals):
+        z._gather = wrap(original)
+    try:
+        run_step()
+    finally:
+        for z, original in zip(sharded, originals):
+            z._gather = original
+    return peak

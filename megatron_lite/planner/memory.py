@@ -8,7 +8,10 @@
   other = the fixed allowance of the hardware (CUDA context, cuBLAS workspace and NCCL buffers: 1 GB on
           a GPU preset, 0 on cpu) + 5% of the above (caching-allocator fragmentation; the PyTorch
           memory notes put typical fragmentation at a few percent with expandable segments off)
-          + ZeRO-2/3's transient full gradient bucket (memory_report's grads_peak - grads).
+          + ZeRO-2/3's transient full gradient bucket (memory_report's grads_peak - grads)
+          + ZeRO-3's gathered units: at most two full units at once (distributed/zero3.py), each bounded
+          by the stage's largest bucket (zero3_gathered_bytes; checked against the live full-size
+          storages measured in a run by test_planner_memory).
 memory_per_gpu is the largest stage's (the first stage holds the embedding and the most micro-batches in
 flight, the last the output layer).
 """
@@ -35,9 +38,19 @@ def stage_memory(cfg, shape: ModelShape, layout: Layout, schedule: str, num_micr
     out["activations"] = activation_bytes(shape, layout, schedule, num_microbatches, pp_rank)
     subtotal = sum(out.values())
     out["other"] = fixed_bytes + FRAGMENTATION * subtotal + float(worst["grads_peak"] - worst["grads"])
+    if layout.strategy == "optim_grads_params":
+        out["other"] += zero3_gathered_bytes(worst)
     out["total"] = subtotal + out["other"]
     out["num_params"] = worst["num_params"]
+    out["num_buckets"] = worst["num_buckets"]
     return out
+
+
+def zero3_gathered_bytes(report: dict) -> float:
+    """ZeRO-3's full parameters gathered during a step: at most MAX_GATHERED units at once
+    (distributed/zero3.py), each one DDP bucket; bounded by the largest."""
+    from megatron_lite.distributed.zero3 import MAX_GATHERED
+    return float(MAX_GATHERED * report["largest_bucket_bytes"])
 
 
 def layout_memory(cfg, shape: ModelShape, layout: Layout, schedule: str, num_microbatches: int,

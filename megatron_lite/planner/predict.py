@@ -53,8 +53,8 @@ def evaluate(cfg, layout: Layout, hw: Hardware, gpus_per_node: int, overlap: boo
     schedule = schedule_for(layout, m)
     fixed = 0.0 if hw.compute_units_per_node else GPU_FIXED_BYTES
     worst, stages = layout_memory(cfg, shape, layout, schedule, m, fixed, fast_state_bytes if fast else state_bytes)
-    local_params = max(s["num_params"] for s in stages)
-    times = step_time(shape, layout, hw, gpus_per_node, schedule, m, local_params, overlap, cfg.parallel.ddp_bucket_size)
+    times = step_time(shape, layout, hw, gpus_per_node, schedule, m,
+                      [(s["pp_rank"], s["num_params"], s["num_buckets"]) for s in stages], overlap)
     flops = _flops(_Holder(cfg), layout.tp)
     tflops = flops / times["total"] / layout.world / 1e12
     return {

@@ -48,7 +48,7 @@ def structures(cfg, num_gpus: int, gpus_per_node: int):
     """(tp, cp, pp, vp, dp, ep) tuples that divide the GPUs and the model."""
     m = cfg.model
     heads, groups, seq, layers = m.num_attention_heads, m.num_query_groups or m.num_attention_heads, m.seq_length, m.num_layers
-    experts = getattr(m, "num_experts", None) or cfg.extra.get("num_experts") or 0
+    experts = cfg.moe.num_experts or 0
     for tp in _divisors(num_gpus):
         if tp > gpus_per_node or gpus_per_node % tp or heads % tp or groups % tp:
             continue

@@ -40,9 +40,9 @@ def shape_groups(layout: Layout, tp_rank: int = 0, pp_rank: int = 0, dp_rank: in
     return ProcessGroups(**groups, embd=embd, vp_size=layout.vp if layout.vp > 1 else None)
 
 
-def rank_state_bytes(cfg, layout: Layout, pp_rank: int = 0, dp_rank: int = 0, tp_rank: int = 0) -> dict:
-    """optimizer.memory.memory_report of the rank at (pp_rank, dp_rank, tp_rank) under `layout`, computed
-    on the meta device. `cfg` is the user's (model, precision, optimizer) Config."""
+def rank_state_bytes(cfg, layout: Layout, pp_rank: int = 0, dp_rank: int = 0, tp_rank: int = 0, cp_rank: int = 0) -> dict:
+    """optimizer.memory.memory_report of the rank at (pp_rank, dp_rank, tp_rank, cp_rank) under `layout`,
+    computed on the meta device. `cfg` is the user's (model, precision, optimizer) Config."""
     import torch  # noqa: F401  (kept local: importing the planner's search stays cheap)
     from megatron_lite.distributed.ddp import DistributedDataParallel
     from megatron_lite.models.gpt.model import GPTModel
@@ -52,8 +52,9 @@ def rank_state_bytes(cfg, layout: Layout, pp_rank: int = 0, dp_rank: int = 0, tp
 
     config = apply(cfg, layout)
     config.model.derive_defaults()
+    config.moe.derive_defaults(config)
     config.parallel.derive_defaults()
-    groups = shape_groups(layout, tp_rank, pp_rank, dp_rank)
+    groups = shape_groups(layout, tp_rank, pp_rank, dp_rank, cp_rank)
 
     def provider(pre: bool, post: bool, layers: list[int]):
         return GPTModel(config, pre_process=pre, post_process=post, layer_numbers=layers, device="meta", groups=groups)
@@ -62,15 +63,19 @@ def rank_state_bytes(cfg, layout: Layout, pp_rank: int = 0, dp_rank: int = 0, tp
     model = [DistributedDataParallel(config, chunk, groups=groups) for chunk in chunks]
     optimizer = get_megatron_optimizer(config, model, groups)
     report = memory_report(model, optimizer)
+    # the DDP buckets: one gradient collective each (timing.dp_comm pays a collective's latency per bucket)
+    report["num_buckets"] = sum(len(buffer.buckets) for chunk in model for buffer in chunk._buffers)
+    # ZeRO-3 gathers a unit (one bucket) at a time into full parameters: the largest unit's bytes
+    report["largest_bucket_bytes"] = max((bucket.numel * buffer.param_dtype.itemsize for chunk in model
+                                          for buffer in chunk._buffers for bucket in buffer.buckets), default=0)
     optimizer.close()
     return report
 
 
 def _key(cfg) -> str:
     """What of the user's Config changes state bytes (everything but the layout fields, which `apply` sets)."""
-    extra = {k: cfg.extra.get(k) for k in ("num_experts", "moe_router_topk")}
-    return repr((cfg.model, cfg.optimizer, cfg.parallel.ddp_bucket_size, cfg.parallel.accumulate_allreduce_grads_in_fp32,
-                 cfg.training.global_batch_size, extra))
+    return repr((cfg.model, cfg.moe, cfg.optimizer, cfg.parallel.ddp_bucket_size,
+                 cfg.parallel.accumulate_allreduce_grads_in_fp32, cfg.training.global_batch_size))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -116,7 +121,7 @@ def state_bytes(cfg, layout: Layout, pp_rank: int, dp_rank: int = 0) -> dict:
     one, two = reports
     out = {key: (one[key] + (k - 1) * (two[key] - one[key])) for key in one if isinstance(one[key], (int, float))}
     for key in ("params", "grads", "main_params", "optimizer_states", "host", "disk", "grads_peak",
-                "device_total", "total", "num_params"):
+                "device_total", "total", "num_params", "num_buckets", "largest_bucket_bytes"):
         out[key] = int(round(out[key]))
     return out
 
@@ -187,4 +192,10 @@ def fast_state_bytes(cfg, layout: Layout, pp_rank: int, dp_rank: int = 0) -> dic
     out["device_total"] = sum(out[key] for key in STATE_KEYS)
     out["total"] = out["device_total"] + out["host"] + out["disk"]
     out["num_params"] = count
+    # buckets close at parameter boundaries once they reach the bucket size: at least this many
+    from megatron_lite.distributed.ddp import default_bucket_size
+    bucket = cfg.parallel.ddp_bucket_size or default_bucket_size(layout.dp * layout.cp)
+    out["num_buckets"] = max(layout.vp, -(-count // bucket))
+    # ZeRO-3's largest unit: at most a one-layer chunk with the embedding (an upper bound for the search)
+    out["largest_bucket_bytes"] = one * (2 if cfg.optimizer.bf16 or cfg.optimizer.fp16 else 4)
     return out

@@ -4,8 +4,10 @@ For each layout (TP x PP x VP x DP x DP sharding strategy x recompute, SP with T
 8 ranks, every rank runs one real training step and reports optimizer.memory.memory_report and the step's
 peak saved-activation bytes (planner/measure.py). The planner's prediction for that rank (its pipeline
 stage and DP rank) must equal params, grads, main params and optimizer states exactly, and be within
-10% of the measured activations. The default suite runs a representative subset (every dimension's
-values at least once); the slow suite runs every valid layout.
+10% of the measured activations, and (ZeRO-3) the planner's gathered-unit allowance within 10% of the
+peak bytes of full units gathered at once. Model features (SwiGLU, RoPE, GQA, MoE, ring CP, ZeRO-3) run
+as variants of the same GPT. The default suite runs a representative subset (every dimension's values and
+every feature at least once); the slow suite runs every valid layout and more feature combinations.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner_toys import base_config, layout_config, run_layouts  # noqa: E402
+from planner_toys import base_config, layout_config, run_cases  # noqa: E402
 
 from megatron_lite.config import ConfigError  # noqa: E402
 
@@ -58,33 +60,74 @@ def all_layouts() -> list[Layout]:
     return out
 
 
-def check(layouts: list[Layout], timeout: float) -> None:
+def variant(features: str = ""):
+    """base_config with model features: 'llama' (SwiGLU, RoPE, GQA with 2 query groups), 'moe' (4 experts,
+    top-2, every layer)."""
+    cfg = base_config()
+    m = cfg.model
+    if "llama" in features:
+        m.swiglu, m.position_embedding_type = True, "rope"
+        m.group_query_attention, m.num_query_groups = True, 2
+    if "moe" in features:
+        cfg.moe.num_experts, cfg.moe.moe_router_topk = 4, 2
+        m.add_bias_linear = False  # experts have no biases here (config refuses MoE with them)
+    return cfg
+
+
+# every activation term the base layouts leave unchecked, in as few spawns as possible: SwiGLU, RoPE, GQA,
+# ring context parallelism and ZeRO-3's gathered units in one layout, MoE (allgather dispatcher, EP 2)
+FEATURES = [("llama", Layout(tp=2, pp=1, dp=2, cp=2, sp=True, strategy="optim_grads_params")),
+            ("moe", Layout(tp=2, pp=1, dp=4, ep=2, sp=True))]
+FEATURES_SLOW = [("llama", Layout(tp=2, pp=2, dp=2, sp=True)),
+                 ("llama", Layout(tp=1, pp=2, vp=2, dp=4, recompute="selective")),
+                 ("", Layout(tp=2, pp=2, dp=1, cp=2, sp=True)),
+                 ("", Layout(tp=1, pp=1, dp=4, cp=2)),
+                 ("", Layout(tp=1, pp=2, dp=4, strategy="optim_grads_params")),
+                 ("moe", Layout(tp=1, pp=2, dp=4, ep=2)),
+                 ("llama,moe", Layout(tp=2, pp=2, dp=2, ep=2, sp=True, strategy="optim"))]
+
+
+def check(layouts: list, timeout: float) -> None:
+    """`layouts`: Layouts of the base GPT, or (features, Layout) pairs (see variant)."""
     from megatron_lite.planner.activations import ModelShape, activation_bytes
     from megatron_lite.planner.layout import num_microbatches, prepare
+    from megatron_lite.planner.memory import zero3_gathered_bytes
     from megatron_lite.planner.predict import schedule_for
     from megatron_lite.planner.states import rank_state_bytes
-    base = base_config()
-    results = run_distributed(run_layouts, WORLD, timeout=timeout, base=base, layouts=layouts)
-    cfg = prepare(base)
+    cases = [item if isinstance(item, tuple) else ("", item) for item in layouts]
+    results = run_distributed(run_cases, WORLD, timeout=timeout, cases=[(variant(f), layout) for f, layout in cases])
     worst = 0.0
-    for index, layout in enumerate(layouts):
+    for index, (features, layout) in enumerate(cases):
+        cfg = prepare(variant(features))
         shape = ModelShape.of(cfg, layout.tp)
         m = num_microbatches(cfg, layout)
         schedule = schedule_for(layout, m)
         for rank, per_rank in enumerate(results):
             got = per_rank[index]
-            predicted = rank_state_bytes(cfg, layout, got["pp_rank"], got["dp_rank"], got["tp_rank"])
+            # the run's DP x CP rank (CP fastest, megatron-core's order) as the planner's DP and CP ranks
+            dp_rank, cp_rank = divmod(got["dp_rank"], layout.cp)
+            predicted = rank_state_bytes(cfg, layout, got["pp_rank"], dp_rank, got["tp_rank"], cp_rank)
             for key in STATE_KEYS:
                 assert predicted[key] == got["report"][key], (layout, rank, key, predicted[key], got["report"][key])
             act = activation_bytes(shape, layout, schedule, m, got["pp_rank"])
             error = abs(act - got["activations"]) / got["activations"]
             worst = max(worst, error)
-            assert error <= ACTIVATION_RTOL, (layout, rank, schedule, act, got["activations"], f"{error:.1%}")
+            assert error <= ACTIVATION_RTOL, (features, layout, rank, schedule, act, got["activations"], f"{error:.1%}")
+            # ZeRO-3: the full units gathered at once (memory.py's allowance) against the live storages
+            gathered = zero3_gathered_bytes(predicted) if layout.strategy == "optim_grads_params" else 0
+            assert abs(gathered - got["zero3_gathered"]) <= ACTIVATION_RTOL * max(1, got["zero3_gathered"]), \
+                (features, layout, rank, gathered, got["zero3_gathered"])
     print(f"planner memory: {len(layouts)} layouts x {WORLD} ranks, states exact, worst activation error {worst:.2%}")
 
 
 def test_planner_memory_representative():
-    check(REPRESENTATIVE, timeout=600)
+    check(REPRESENTATIVE + FEATURES, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_planner_memory_model_features():
+    check(FEATURES_SLOW, timeout=1500)
 
 
 @pytest.mark.slow
