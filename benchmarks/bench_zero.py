@@ -58,9 +58,6 @@ def make_config(world: int, layers: int, hidden: int, vocab: int, strategy: str,
     m.vocab_size, m.hidden_dropout, m.attention_dropout = vocab, 0.0, 0.0
     cfg.parallel.data_parallel_sharding_strategy = strategy
     cfg.parallel.ddp_bucket_size = 4_000_000
-    # Buckets reduce (ZeRO-2/3: reduce-scatter into the shard) as backward produces them, so no strategy
-    # holds the whole model's gradient at the end of backward (4 bytes/param more than its table).
-    cfg.parallel.overlap_grad_reduce = True
     cfg.training.micro_batch_size, cfg.training.global_batch_size = MICRO_BATCH, MICRO_BATCH * world
     cfg.optimizer.bf16 = bf16
     cfg.optimizer.optimizer_cpu_offload = offload == "cpu"
@@ -132,11 +129,13 @@ def approx_params(layers: int, hidden: int, vocab: int) -> int:
 
 def predicted_peak_gib(strategy: str, offload, world: int, bf16: bool, num_params: int, staggered: bool) -> float:
     """Machine-wide peak: per rank the runtime baseline and the larger of the strategy's bytes/param
-    (offloaded state counts too: host memory is this machine's memory) plus a bucket's worth of transient
-    gradients, and the build: the model is built on the meta device and drawn straight into DDP's storage
+    (offloaded state counts too: host memory is this machine's memory) plus its transient gradients (ZeRO-2:
+    the full gradient until the reduce-scatter; ZeRO-3 without --overlap-grad-reduce: one unit), and the build: the model is built on the meta device and drawn straight into DDP's storage
     (training.build_model), 4 bytes/param (ZeRO-3: its shard) plus one unit. With a staggered build only
     one rank builds at a time."""
     steady = formula_bytes_per_param(strategy, world, bf16) + 0.5
+    if strategy == "optim_grads":  # the full fp32 gradient lives until the last micro-batch's reduce-scatter
+        steady += 4                # (param_and_grad_buffer.py's accumulation rule; memory_report's grads_peak)
     build = 4 / world if strategy == "optim_grads_params" else 4
     per_param = (world - 1) * steady + max(build, steady) if staggered else world * max(build, steady)
     return (world * BASELINE_MIB * 2**20 + per_param * num_params) / 2**30

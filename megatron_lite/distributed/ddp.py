@@ -23,6 +23,8 @@ drawn into its place. The values are those of the same model built on a real dev
 """
 from __future__ import annotations
 
+import weakref
+
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -113,7 +115,15 @@ class DistributedDataParallel(ModelChunk):
 
     # ---- hooks -----------------------------------------------------------------------------------
     def _make_grad_hook(self):
+        # A weak reference: autograd keeps tensor hooks in C++, where Python's cycle collector cannot see
+        # them, so a hook holding `self` would keep this DDP (its buffers, its process groups' threads)
+        # alive after the model is dropped.
+        ddp = weakref.ref(self)
+
         def hook(param: nn.Parameter) -> None:
+            self = ddp()
+            if self is None:
+                return
             buffer = self.buffer_of[id(param)]
             if buffer.bucket_of[id(param)].grad_handle is not None:
                 raise RuntimeError("a gradient arrived after its bucket's data-parallel reduction started: run every "
