@@ -207,11 +207,19 @@ def main() -> None:
     baseline = max(r["baseline_mib"] for r in results.values())
     budget = args.memory_gib * 2**30 - args.world * baseline * 2**20
     lines += ["", f"Largest model whose params + grads + optimizer states fit {args.memory_gib:.0f} GiB with {args.world} "
-              f"ranks (each rank's runtime baseline {baseline:.0f} MiB measured; activations excluded):", ""]
+              f"ranks (each rank's runtime baseline {baseline:.0f} MiB measured; activations excluded), at rest and, "
+              "for ZeRO-2, at its peak (the full fp32 gradient lives until the last micro-batch's reduce-scatter):", ""]
     for name, (strategy, offload) in VARIANTS.items():
         if offload is None and name in chosen:
             bpp = formula_bytes_per_param(strategy, args.world, args.bf16)
-            lines.append(f"- {name}: {budget / (args.world * bpp) / 1e9:.2f} B parameters ({bpp:.2f} bytes/param/rank)")
+            text = f"- {name}: {budget / (args.world * bpp) / 1e9:.2f} B parameters ({bpp:.2f} bytes/param/rank)"
+            if strategy == "optim_grads":
+                text += f"; at its peak {budget / (args.world * (bpp + 4)) / 1e9:.2f} B ({bpp + 4:.2f} bytes/param/rank)"
+            if name in results:  # what this run needed per parameter, everything included
+                measured = results[name]["peak_growth_mib"] * 2**20 / results[name]["report"]["num_params"]
+                text += (f"; by this run's measured peak RSS growth ({measured:.2f} bytes/param/rank: states, gathered "
+                         f"units, activations, allocator) {budget / (args.world * measured) / 1e9:.2f} B")
+            lines.append(text)
     zero3 = results.get("ZeRO-3 (optim_grads_params)")
     if zero3 is not None:
         lines.append(f"- ZeRO-3 also holds up to {zero3['peak_units']} gathered units per rank during a step (here the largest "
