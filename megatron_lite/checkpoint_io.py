@@ -461,7 +461,9 @@ class CheckpointReader:
 
     def piece(self, name: str, index: int, filename: str, start: int, end: int, key: Optional[str] = None) -> torch.Tensor:
         """The flat tensor of one saved piece (mmapped: nothing is read until its values are used)."""
-        numel = self._shard_numel(self._meta(name), index)
+        # The shard's size from its shape (a converter's or format-1 checkpoint records no shard_shapes),
+        # so a piece covering the whole shard is found under its bare name.
+        numel = math.prod(self.shard_shape(name, index))
         entry_key = piece_key(name, start, end, numel)
         entry = self._open(filename)[entry_key]
         self.pieces_read.add((filename, entry_key))
