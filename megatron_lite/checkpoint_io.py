@@ -436,14 +436,14 @@ class CheckpointReader:
                     key: Optional[str] = None) -> torch.Tensor:
         """Flat [start, end) of shard `index`: reads only the pieces that overlap it (files are mmapped)."""
         meta = self._meta(name)
-        numel = self._shard_numel(meta, index)
         pieces = [p for p in meta.pieces_of(kind, index) if p[0] and p[1] < end and (p[2] is None or p[2] > start)]
         return self._join(meta, index, kind, pieces, key, start, end).reshape(-1)
 
-    def _shard_numel(self, meta: ParamMeta, index: int) -> Optional[int]:
-        if meta.shard_shapes:
-            return math.prod(meta.shard_shapes[index])
-        return None  # format 1: one whole piece per shard, its tensor has the shape
+    def _shard_numel(self, meta: ParamMeta, index: int) -> int:
+        """Elements of saved shard `index`: from its recorded shape, or (a converter's or format-1 checkpoint
+        records none) the shape the saving layout implies, so a piece covering the whole shard is always
+        keyed by its bare name."""
+        return math.prod(self.shard_shape(meta.name, index))
 
     def shard_shape(self, name: str, index: int) -> list[int]:
         """The local shape of saved shard `index` of `name` (format 1: from the saving layout's vocabulary padding)."""
@@ -455,16 +455,14 @@ class CheckpointReader:
 
     def overlapping_pieces(self, name: str, index: int, kind: str, start: int, end: int) -> list[tuple[str, int, int]]:
         """(file, piece start, piece end) of the saved pieces of shard `index` that overlap flat [start, end)."""
-        numel = math.prod(self.shard_shape(name, index))
-        pieces = [(f, s, numel if e is None else e) for f, s, e in self._meta(name).pieces_of(kind, index)]
+        meta = self._meta(name)
+        numel = self._shard_numel(meta, index)
+        pieces = [(f, s, numel if e is None else e) for f, s, e in meta.pieces_of(kind, index)]
         return [(f, s, e) for f, s, e in pieces if s < end and e > start]
 
     def piece(self, name: str, index: int, filename: str, start: int, end: int, key: Optional[str] = None) -> torch.Tensor:
         """The flat tensor of one saved piece (mmapped: nothing is read until its values are used)."""
-        # The shard's size from its shape (a converter's or format-1 checkpoint records no shard_shapes),
-        # so a piece covering the whole shard is found under its bare name.
-        numel = math.prod(self.shard_shape(name, index))
-        entry_key = piece_key(name, start, end, numel)
+        entry_key = piece_key(name, start, end, self._shard_numel(self._meta(name), index))
         entry = self._open(filename)[entry_key]
         self.pieces_read.add((filename, entry_key))
         return (entry[key] if key is not None else entry).reshape(-1)
