@@ -1,7 +1,7 @@
 """Per-rank memory and throughput of each data-parallel sharding strategy and optimizer offload.
 
     python benchmarks/bench_zero.py [--world 8] [--layers 4] [--hidden 512] [--vocab 8192] [--steps 3] [--append]
-    python benchmarks/bench_zero.py --layers 24 --hidden 1024 --vocab 50257 --steps 2 --append   # GPT-2 medium, 355M
+    python benchmarks/bench_zero.py --layers 24 --hidden 1024 --vocab 50257 --steps 1 --append   # GPT-2 medium, 354M
 
 Each configuration runs in its own set of `--world` gloo processes (DP = world, one thread each), so each
 process's peak resident set belongs to that configuration alone. Per rank it reports: the peak RSS growth
@@ -76,7 +76,7 @@ def forward_step(data_iterator, model):
 
 
 def bench(world: int, layers: int, hidden: int, vocab: int, strategy: str, offload, bf16: bool, steps: int,
-          nvme_dir: str, staggered_build: bool = False) -> dict:
+          nvme_dir: str) -> dict:
     from megatron_lite.models.gpt.model import GPTModel
     from megatron_lite.pipeline import get_forward_backward_func
 
@@ -85,13 +85,9 @@ def bench(world: int, layers: int, hidden: int, vocab: int, strategy: str, offlo
     groups = ps.get_process_groups()
     cfg = make_config(world, layers, hidden, vocab, strategy, offload, bf16, nvme_dir)
     baseline = _rss_mib()
-    for turn in range(world if staggered_build else 1):  # one rank at a time: the build transient is not paid 8x at once
-        if not staggered_build or turn == groups.dp.rank:
-            with torch.device("meta"):  # as training.build_model: parameters are drawn into DDP's storage
-                module = GPTModel(cfg, groups=groups)
-            model = [DistributedDataParallel(cfg, module, groups=groups, init_device=torch.device("cpu"))]
-        if staggered_build:
-            torch.distributed.barrier()
+    with torch.device("meta"):  # as training.build_model: parameters are drawn into DDP's storage
+        module = GPTModel(cfg, groups=groups)
+    model = [DistributedDataParallel(cfg, module, groups=groups, init_device=torch.device("cpu"))]
     opt = get_megatron_optimizer(cfg, model, groups)
     report = memory_report(model, opt)  # at start-up, as training logs it
     forward_backward = get_forward_backward_func(cfg, groups)
@@ -127,17 +123,17 @@ def approx_params(layers: int, hidden: int, vocab: int) -> int:
     return layers * (12 * hidden * hidden + 13 * hidden) + (vocab + SEQ) * hidden + 2 * hidden
 
 
-def predicted_peak_gib(strategy: str, offload, world: int, bf16: bool, num_params: int, staggered: bool) -> float:
+def predicted_peak_gib(strategy: str, offload, world: int, bf16: bool, num_params: int) -> float:
     """Machine-wide peak: per rank the runtime baseline and the larger of the strategy's bytes/param
     (offloaded state counts too: host memory is this machine's memory) plus its transient gradients (ZeRO-2:
-    the full gradient until the reduce-scatter; ZeRO-3 without --overlap-grad-reduce: one unit), and the build: the model is built on the meta device and drawn straight into DDP's storage
-    (training.build_model), 4 bytes/param (ZeRO-3: its shard) plus one unit. With a staggered build only
-    one rank builds at a time."""
+    the full gradient until the reduce-scatter; ZeRO-3 without --overlap-grad-reduce: one unit), and the
+    build: the model is built on the meta device and drawn straight into DDP's storage (training.build_model),
+    4 bytes/param (ZeRO-3: its shard) plus one unit."""
     steady = formula_bytes_per_param(strategy, world, bf16) + 0.5
     if strategy == "optim_grads":  # the full fp32 gradient lives until the last micro-batch's reduce-scatter
         steady += 4                # (param_and_grad_buffer.py's accumulation rule; memory_report's grads_peak)
     build = 4 / world if strategy == "optim_grads_params" else 4
-    per_param = (world - 1) * steady + max(build, steady) if staggered else world * max(build, steady)
+    per_param = world * max(build, steady)
     return (world * BASELINE_MIB * 2**20 + per_param * num_params) / 2**30
 
 
@@ -160,8 +156,6 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--staggered-build", action="store_true",
-                        help="ranks build the model one after another (its build transient is then paid by one rank at a time)")
     parser.add_argument("--variants", default="", help="comma-separated subset of the configurations (default all): "
                         + ", ".join(VARIANTS))
     parser.add_argument("--bf16", action="store_true")
@@ -178,7 +172,7 @@ def main() -> None:
     try:
         for name in chosen:
             strategy, offload = VARIANTS[name]
-            need = predicted_peak_gib(strategy, offload, args.world, args.bf16, num_params, args.staggered_build)
+            need = predicted_peak_gib(strategy, offload, args.world, args.bf16, num_params)
             if need > 0.9 * args.memory_gib:
                 skipped[name] = need
                 print(f"{name}: does not fit: about {need:.1f} GiB predicted for {args.world} ranks > 90% of "
@@ -187,8 +181,7 @@ def main() -> None:
             start = time.perf_counter()
             results[name] = run_distributed(bench, args.world, timeout=3600, world=args.world, layers=args.layers,
                                              hidden=args.hidden, vocab=args.vocab, strategy=strategy, offload=offload,
-                                             bf16=args.bf16, steps=args.steps, nvme_dir=nvme_dir,
-                                             staggered_build=args.staggered_build)[0]  # rank 0 (ranks are alike)
+                                             bf16=args.bf16, steps=args.steps, nvme_dir=nvme_dir)[0]  # rank 0 (ranks are alike)
             print(f"{name}: {results[name]['step_time']:.1f} s/step, ran {time.perf_counter() - start:.0f} s", flush=True)
     finally:
         shutil.rmtree(nvme_dir, ignore_errors=True)
