@@ -10,7 +10,10 @@ bandwidth by fitting t = 2 (n-1) alpha + 2 (n-1)/n B / bw. p2p: pairs sending at
 Framework overheads: forward + backward of the real GPTModel (one process, one thread) at a size whose
 arithmetic is negligible (hidden 32, 16 tokens), with 1 and 5 layers: the difference / 4 is the fixed cost
 of one layer, the rest of the 1-layer time that of a micro-batch's embedding, output layer and loss (at
-the planner's small GPTs these per-op costs are most of the compute time).
+the planner's small GPTs these per-op costs are most of the compute time). Layer scale: the same model at
+hidden 64-256 (1 and 3 layers) against the GEMM table's prediction of its arithmetic (layer_scale_table).
+Step overheads: a full training.train_step of the tiny GPT (1 and 5 layers) less its forward + backward:
+the optimizer's, DDP's and the step's bookkeeping per step and per layer (step_overheads).
 `compute_units_per_node` = the CPUs this process may use. Every timing is the fastest of a few repeats.
 """
 from __future__ import annotations
@@ -54,32 +57,124 @@ def gemm_table(quick: bool) -> list[tuple[float, float]]:
         torch.set_num_threads(threads)
 
 
-def framework_overheads(repeats: int = 15) -> tuple[float, float]:
-    """(seconds per layer, seconds per micro-batch) of fixed forward + backward cost (see the docstring)."""
+def _layer_step_time(layers: int, hidden: int, seq: int, heads: int, repeats: int) -> float:
+    """Fastest forward + backward of the real GPTModel (one process, one thread, micro-batch 1)."""
     import torch
     from megatron_lite.config import Config
     from megatron_lite.models.gpt.model import GPTModel
     from megatron_lite.process_groups import ProcessGroups
+    cfg = Config()
+    m = cfg.model
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length, m.vocab_size = layers, hidden, heads, seq, 64
+    m.hidden_dropout = m.attention_dropout = 0.0
+    cfg.training.micro_batch_size = cfg.training.global_batch_size = 1
+    model = GPTModel(cfg.validate(), pre_process=True, post_process=True,
+                     layer_numbers=list(range(1, layers + 1)), groups=ProcessGroups.single())
+    tokens, positions, mask = torch.randint(0, 64, (1, seq)), torch.arange(seq)[None], torch.ones(1, seq)
+
+    def step():
+        model(tokens, positions, None, labels=tokens, loss_mask=mask).float().mean().backward()
+    step()
+    return _best_time(step, repeats)
+
+
+def framework_overheads(repeats: int = 15) -> tuple[float, float]:
+    """(seconds per layer, seconds per micro-batch) of fixed forward + backward cost (see the docstring)."""
+    import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        times = []
-        for layers in (1, 5):
+        one, five = (_layer_step_time(layers, 32, 16, 2, repeats) for layers in (1, 5))
+        per_layer = max(0.0, (five - one) / 4)
+        return per_layer, max(0.0, one - per_layer)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tiny_step_worker(layers: int, repeats: int) -> float:
+    """Fastest full training step (training.train_step: forward and backward of one micro-batch, DDP's
+    gradient finish, the optimizer, clipping, the scheduler) of the tiny GPT on one process, no groups."""
+    import torch
+    from functools import partial
+    from megatron_lite.config import Config
+    from megatron_lite.models.gpt.model import GPTModel
+    from megatron_lite.process_groups import ProcessGroups
+    from megatron_lite.training import setup_model_and_optimizer, train_step
+    cfg = Config()
+    m = cfg.model
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length, m.vocab_size = layers, 32, 2, 16, 64
+    m.hidden_dropout = m.attention_dropout = 0.0
+    cfg.training.micro_batch_size = cfg.training.global_batch_size = 1
+    cfg.training.train_iters = 1000
+    cfg = cfg.validate()
+    groups = ProcessGroups.single()
+
+    def provider(pre_process, post_process, layer_numbers):
+        return GPTModel(cfg, pre_process=pre_process, post_process=post_process, layer_numbers=layer_numbers,
+                        groups=groups)
+    model, optimizer, scheduler = setup_model_and_optimizer(cfg, provider, groups)
+    tokens, positions, mask = torch.randint(0, 64, (1, 16)), torch.arange(16)[None], torch.ones(1, 16)
+
+    def forward_step(data_iterator, chunk):
+        def loss_func(output):
+            loss = output.float().mean()
+            return loss, {"lm loss": loss.detach()}
+        return chunk(tokens, positions, None, labels=tokens, loss_mask=mask), loss_func
+
+    def step():
+        train_step(cfg, forward_step, [iter(())], model, optimizer, scheduler, 1, 1, groups)
+    step()
+    return _best_time(step, repeats)
+
+
+def step_overheads(per_layer: float, per_microbatch: float, repeats: int = 15) -> tuple[float, float]:
+    """(seconds per step, seconds per layer per step) of the training step's fixed cost outside forward and
+    backward -- DDP's gradient finish, the optimizer's per-tensor work, clipping, the scheduler, the loss
+    bookkeeping -- a full train_step of the tiny GPT with 1 and 5 layers less its forward + backward
+    (framework_overheads' per_layer and per_microbatch). On a shared CPU every rank pays it each step."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one, five = (_tiny_step_worker(layers, repeats) for layers in (1, 5))
+        per_step_layer = max(0.0, (five - one) / 4 - per_layer)
+        return max(0.0, one - per_step_layer - per_layer - per_microbatch), per_step_layer
+    finally:
+        torch.set_num_threads(threads)
+
+
+LAYER_SIZES = ((64, 32, 4), (128, 64, 8), (256, 128, 8))  # (hidden, seq, heads) of the layer-scale table
+
+
+def layer_scale_table(profile: dict, repeats: int = 7) -> list[list[float]]:
+    """[(predicted arithmetic seconds of one layer's forward + backward, measured / predicted)] at
+    LAYER_SIZES: a real layer's GEMMs (tall-skinny, transposed in backward) and element-wise ops run
+    slower than the square GEMMs and the large copy of the table predict -- 1.2-1.8x at hidden 128-256 on
+    a 2-core x86 (measured 2026-12-02). The arithmetic measured is the layer's time (3 layers minus 1, / 2)
+    less the calibrated per-layer overhead; compute.chunk_times scales its arithmetic by the ratio,
+    log-interpolated in the predicted time (the ends held outside the table)."""
+    import torch
+    from megatron_lite.planner.activations import ModelShape
+    from megatron_lite.planner.compute import layer_arithmetic
+    from megatron_lite.planner.hardware import Hardware
+    from megatron_lite.planner.layout import Layout, prepare
+    hw = Hardware.from_json({**profile, "layer_scale_table": ()})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        table = []
+        for hidden, seq, heads in LAYER_SIZES:
+            one, three = (_layer_step_time(layers, hidden, seq, heads, repeats) for layers in (1, 3))
+            measured = max(1e-9, (three - one) / 2 - hw.layer_overhead_s)
+            from megatron_lite.config import Config
             cfg = Config()
             m = cfg.model
-            m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length, m.vocab_size = layers, 32, 2, 16, 64
-            m.hidden_dropout = m.attention_dropout = 0.0
+            m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length, m.vocab_size = 1, hidden, heads, seq, 64
             cfg.training.micro_batch_size = cfg.training.global_batch_size = 1
-            model = GPTModel(cfg.validate(), pre_process=True, post_process=True,
-                             layer_numbers=list(range(1, layers + 1)), groups=ProcessGroups.single())
-            tokens, positions, mask = torch.randint(0, 64, (1, 16)), torch.arange(16)[None], torch.ones(1, 16)
-
-            def step():
-                model(tokens, positions, None, labels=tokens, loss_mask=mask).float().mean().backward()
-            step()
-            times.append(_best_time(step, repeats))
-        per_layer = max(0.0, (times[1] - times[0]) / 4)
-        return per_layer, max(0.0, times[0] - per_layer)
+            cfg = prepare(cfg)
+            predicted = layer_arithmetic(ModelShape.of(cfg, 1), Layout(), hw)
+            table.append([predicted, max(0.5, measured / predicted)])
+        return sorted(table)
     finally:
         torch.set_num_threads(threads)
 
@@ -161,12 +256,16 @@ def calibrate(quick: bool = False, world: int = 8) -> dict:
     """The profile of this machine (the `cpu` preset), as hardware.Hardware's JSON fields."""
     table = gemm_table(quick)
     layer_overhead, microbatch_overhead = framework_overheads(7 if quick else 15)
+    step_overhead, step_layer_overhead = step_overheads(layer_overhead, microbatch_overhead, 7 if quick else 15)
     bandwidth = memory_bandwidth()
     collectives_table, p2p = collective_tables(world, quick)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     link = collectives_table[max(collectives_table, key=int)][1]
-    return dict(name="cpu", peak_tflops=max(r for _, r in table), memory_gb=memory_gb, memory_bandwidth_gbps=bandwidth,
-                intra_node_bandwidth_gbps=link, inter_node_bandwidth_gbps=link, gemm_table=[list(x) for x in table],
-                collective_table=collectives_table, p2p=list(p2p), compute_units_per_node=cores,
-                layer_overhead_s=layer_overhead, microbatch_overhead_s=microbatch_overhead)
+    profile = dict(name="cpu", peak_tflops=max(r for _, r in table), memory_gb=memory_gb,
+                   memory_bandwidth_gbps=bandwidth, intra_node_bandwidth_gbps=link, inter_node_bandwidth_gbps=link,
+                   gemm_table=[list(x) for x in table], collective_table=collectives_table, p2p=list(p2p),
+                   compute_units_per_node=cores, layer_overhead_s=layer_overhead, microbatch_overhead_s=microbatch_overhead,
+                   step_overhead_s=step_overhead, step_layer_overhead_s=step_layer_overhead)
+    profile["layer_scale_table"] = layer_scale_table(profile, 5 if quick else 9)
+    return profile

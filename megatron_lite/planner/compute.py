@@ -14,7 +14,9 @@ and writing each saved activation byte three times (forward write, backward read
 device's memory bandwidth.
 Fixed host cost (calibrated cpu profile; 0 on GPU presets): hw.layer_overhead_s per layer and
 hw.microbatch_overhead_s per micro-batch (half with the embedding, half with the output layer), forward +
-backward split 1 : 2 -- eager PyTorch's per-op cost, larger than the arithmetic at small sizes.
+backward split 1 : 2 -- eager PyTorch's per-op cost, larger than the arithmetic at small sizes. The
+calibrated profile also scales a layer's arithmetic by what a real layer measured against this prediction
+(hw.layer_scale_table: tall-skinny and transposed GEMMs run below the square GEMMs' rate).
 """
 from __future__ import annotations
 
@@ -78,16 +80,41 @@ def _gemm_seconds(hw: Hardware, gemms) -> float:
     return sum(count * 2 * m * n * k / gemm_rate(hw, m, n, k) for m, n, k, count in gemms)
 
 
+def layer_arithmetic(shape: ModelShape, layout: Layout, hw: Hardware) -> float:
+    """Predicted arithmetic seconds of one layer's forward + backward (GEMMs and element-wise work, no fixed
+    cost, no recompute, no layer scale): what calibrate.layer_scale_table compares real layers with."""
+    elementwise = 3 * layer_bytes(shape, replace(layout, recompute="none"), layout.mbs) \
+        / (hw.memory_bandwidth_gbps * 1e9)
+    return 3 * _gemm_seconds(hw, layer_gemms(shape, layout)) + elementwise
+
+
+def layer_scale(hw: Hardware, arithmetic: float) -> float:
+    """Real / predicted arithmetic of a layer (calibrated cpu profile; 1 elsewhere), log-interpolated in the
+    predicted seconds between the table's points, the ends held outside them."""
+    table = hw.layer_scale_table
+    if not table:
+        return 1.0
+    if arithmetic <= table[0][0]:
+        return table[0][1]
+    if arithmetic >= table[-1][0]:
+        return table[-1][1]
+    i = bisect.bisect_left([t for t, _ in table], arithmetic)
+    (t0, r0), (t1, r1) = table[i - 1], table[i]
+    w = (math.log(arithmetic) - math.log(t0)) / (math.log(t1) - math.log(t0))
+    return r0 * (1 - w) + r1 * w
+
+
 def chunk_times(shape: ModelShape, layout: Layout, hw: Hardware, layers: int, first: bool,
                 last: bool) -> tuple[float, float, float]:
     """(forward, backward, weight) compute seconds of one model chunk for one micro-batch: weight is the part
     of backward that zero-bubble schedules defer to W (the linear layers' weight-gradient GEMMs, one per
     forward GEMM but the attention core's, which has no weights); backward includes it."""
     gemms = layer_gemms(shape, layout)
-    fwd_layer = _gemm_seconds(hw, gemms)
-    core = _gemm_seconds(hw, gemms[2:3])
+    scale = layer_scale(hw, layer_arithmetic(shape, layout, hw))
+    fwd_layer = scale * _gemm_seconds(hw, gemms)
+    core = scale * _gemm_seconds(hw, gemms[2:3])
     weight = layers * (fwd_layer - core)
-    elementwise = 3 * layer_bytes(shape, replace(layout, recompute="none"), layout.mbs) \
+    elementwise = scale * 3 * layer_bytes(shape, replace(layout, recompute="none"), layout.mbs) \
         / (hw.memory_bandwidth_gbps * 1e9)
     overhead = hw.layer_overhead_s / 3  # the fixed per-op host cost, forward : backward = 1 : 2
     forward = layers * (fwd_layer + elementwise / 3 + overhead)

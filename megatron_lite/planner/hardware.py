@@ -53,16 +53,25 @@ class Hardware:
     # small GEMMs exceeds the arithmetic; 0 on GPU presets, whose host launches run ahead of the device
     layer_overhead_s: float = 0.0
     microbatch_overhead_s: float = 0.0
+    # measured (cpu): [(predicted arithmetic s of a layer's forward + backward, real / predicted)], see
+    # calibrate.layer_scale_table; empty: 1
+    layer_scale_table: tuple = ()
+    # measured (cpu): the training step's host cost outside forward and backward (optimizer, DDP's gradient
+    # finish, clipping, scheduler), per step and per transformer layer on the rank; 0 on GPU presets
+    step_overhead_s: float = 0.0
+    step_layer_overhead_s: float = 0.0
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["gemm_table"] = [list(x) for x in self.gemm_table]
+        out["layer_scale_table"] = [list(x) for x in self.layer_scale_table]
         return out
 
     @classmethod
     def from_json(cls, values: dict) -> "Hardware":
         values = dict(values)
         values["gemm_table"] = tuple(tuple(x) for x in values.get("gemm_table", ()))
+        values["layer_scale_table"] = tuple(tuple(x) for x in values.get("layer_scale_table", ()))
         values["p2p"] = tuple(values.get("p2p", ()))
         values["collective_table"] = {str(k): tuple(v) for k, v in values.get("collective_table", {}).items()}
         return cls(**values)
@@ -103,7 +112,7 @@ def cpu_profile() -> Hardware:
     if os.path.exists(CPU_PROFILE_CACHE):
         with open(CPU_PROFILE_CACHE) as fh:
             cached = json.load(fh)
-        if "layer_overhead_s" in cached:  # older caches lack the framework overheads: measure again
+        if "layer_scale_table" in cached:  # older caches lack the framework terms: measure again
             return Hardware.from_json(cached)
     from megatron_lite.planner.calibrate import calibrate
     hw = Hardware.from_json(calibrate(quick=True))

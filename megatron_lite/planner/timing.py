@@ -26,7 +26,8 @@ forward (--overlap-param-gather), so only the excess is exposed. ZeRO-3 gathers 
 every micro-batch's forward and backward (megatron-core's optim_grads_params), hidden behind that compute.
 A shared CPU (the cpu profile: more ranks than cores) runs at most `compute_units` ranks at once: compute
 and the pipeline's idle time (waiting ranks poll) stretch by ranks / cores. Compute there includes the
-framework's calibrated fixed cost per layer and micro-batch (compute.py), most of a small GPT's time.
+framework's calibrated fixed cost per layer and micro-batch (compute.py), most of a small GPT's time, and
+optimizer_step the step's calibrated host cost outside forward and backward (per step and per layer).
 """
 from __future__ import annotations
 
@@ -185,7 +186,9 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, gpus_per_node: in
     dp_exposed = dp_comm(hw, layout, stages, shape.e, chunk_b if overlap else 0.0, chunk_b if layout.pp > 1 else 0.0,
                          f_total / vp * shared if overlap else 0.0, m, gpus_per_node)
     local_params = max(params for _, params, _ in stages)
-    optimizer = optimizer_seconds(hw, local_params, layout.strategy, layout.dp * layout.cp) * shared
+    # the step's host cost outside forward and backward (calibrated cpu profile), per step and per layer
+    host = hw.step_overhead_s + hw.step_layer_overhead_s * layers
+    optimizer = (optimizer_seconds(hw, local_params, layout.strategy, layout.dp * layout.cp) + host) * shared
     out = {"compute": compute, "tp_comm": m * (comm_f["tp"] + comm_b["tp"]), "cp_comm": m * (comm_f["cp"] + comm_b["cp"]),
            "ep_comm": m * (comm_f["ep"] + comm_b["ep"]), "dp_comm_exposed": dp_exposed,
            "pipeline_bubble": pipeline - work, "optimizer_step": optimizer}

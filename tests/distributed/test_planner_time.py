@@ -69,7 +69,8 @@ def test_planner_time_model_ranks_cpu_layouts():
     from megatron_lite.planner.hardware import Hardware
     from megatron_lite.planner.predict import evaluate
     load_before = os.getloadavg()
-    hw = Hardware.from_json(calibrate(quick=True, world=WORLD))
+    # the full calibration (more repeats than --calibrate's quick one): the ranking of close layouts needs it
+    hw = Hardware.from_json(calibrate(quick=False, world=WORLD))
     candidates = layouts()
     base = timing_config()
     # ROUNDS passes over all layouts, one after the other: a burst of load on the shared machine slows the
