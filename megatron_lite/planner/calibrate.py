@@ -95,7 +95,6 @@ def _tiny_step_worker(layers: int, repeats: int) -> float:
     """Fastest full training step (training.train_step: forward and backward of one micro-batch, DDP's
     gradient finish, the optimizer, clipping, the scheduler) of the tiny GPT on one process, no groups."""
     import torch
-    from functools import partial
     from megatron_lite.config import Config
     from megatron_lite.models.gpt.model import GPTModel
     from megatron_lite.process_groups import ProcessGroups

@@ -129,7 +129,6 @@ def _note_smallest(result: SearchResult, nbytes: float, layout: Layout) -> None:
 
 def _valid(cfg, plans: list, top: int, implemented_only: bool = False, errors: list = None) -> list:
     """The first `top` plans that config.validate() accepts; `implemented` says whether this build runs it."""
-    from megatron_lite.planner.layout import layout_from_plan
     out = []
     for plan in plans:
         if _accepted(cfg, plan, errors) and (plan["implemented"] or not implemented_only):

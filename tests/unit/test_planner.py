@@ -173,3 +173,38 @@ def test_zero_bubble_time_uses_its_weight_pass():
     def bubble(schedule, w):
         return pipeline_makespan(schedule, 4, 1, 8, 1.0, 2.0, 0.0, w) - 8 * 3.0
     assert bubble("zb-h1", 1.2) < bubble("zb-h1", 0.4) < bubble("1f1b", 0.4) == bubble("1f1b", 1.2)
+
+
+def test_calibrated_layer_scale_and_step_overheads():
+    """The cpu profile's framework terms are measured from the real model and training step: the layer
+    scale compares a real layer's arithmetic with the GEMM table's prediction (interpolated between its
+    points, held at the ends), and the step overheads are what train_step adds to forward + backward."""
+    from dataclasses import replace
+    from megatron_lite.planner import calibrate
+    from megatron_lite.planner.activations import ModelShape
+    from megatron_lite.planner.compute import chunk_times, layer_arithmetic, layer_scale
+    from megatron_lite.planner.hardware import Hardware
+    from megatron_lite.planner.layout import prepare
+    profile = dict(name="cpu", peak_tflops=0.05, memory_gb=8.0, memory_bandwidth_gbps=10.0,
+                   intra_node_bandwidth_gbps=1.0, inter_node_bandwidth_gbps=1.0,
+                   gemm_table=calibrate.gemm_table(quick=True), compute_units_per_node=2,
+                   layer_overhead_s=1e-4, microbatch_overhead_s=1e-4)
+    table = calibrate.layer_scale_table(profile, repeats=1)
+    assert len(table) == len(calibrate.LAYER_SIZES) and all(t > 0 and 0.5 <= r < 50 for t, r in table)
+    hw = Hardware.from_json({**profile, "layer_scale_table": [[1e-3, 2.0], [1e-2, 1.0]]})
+    assert Hardware.from_json(hw.to_json()) == hw
+    assert layer_scale(hw, 1e-4) == 2.0 and layer_scale(hw, 1.0) == 1.0
+    assert layer_scale(hw, 10 ** -2.5) == pytest.approx(1.5)
+    cfg = Config()
+    m = cfg.model
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length, m.vocab_size = 2, 128, 8, 64, 64
+    cfg = prepare(cfg)
+    shape, layout = ModelShape.of(cfg, 1), Layout()
+    plain = replace(hw, layer_scale_table=())
+    arithmetic = layer_arithmetic(shape, layout, plain)
+    scaled = chunk_times(shape, layout, hw, 2, False, False)
+    unscaled = chunk_times(shape, layout, plain, 2, False, False)
+    extra = (scaled[0] + scaled[1]) - (unscaled[0] + unscaled[1])
+    assert extra == pytest.approx(2 * (layer_scale(hw, arithmetic) - 1) * arithmetic, rel=1e-6)
+    per_step, per_layer = calibrate.step_overheads(1e-4, 1e-4, repeats=2)
+    assert per_step >= 0 and per_layer >= 0 and per_step + per_layer > 0
