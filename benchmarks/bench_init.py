@@ -1,7 +1,7 @@
 """Initialisation at scale: time and peak memory per rank to build a GPT-1.3B-shaped model and to finish
 its first step, today's code against the code before deferred, tiled initialisation.
 
-    python benchmarks/bench_init.py [--world 8] [--layers 24] [--small-layers 2] [--before-rev REV] [--append]
+    python benchmarks/bench_init.py [--world 8] [--layers 24] [--small-layers 2] [--before-rev REV] [--full-step] [--append]
 
 GPT-1.3B's shape (hidden 2048, 16 heads, FFN 8192, vocab 50257, seq 128, fp32) on `--world` gloo processes
 (one thread each), in two layouts: TP = world, and ZeRO-3 (--data-parallel-sharding-strategy
@@ -16,7 +16,9 @@ and the build time; with a first step (DDP, Adam, one micro-batch of 128 tokens 
 the start of the build to the end of the first optimizer step and the process's peak RSS. `--layers`
 rows build only; `--small-layers` rows (the 1.3B shape with fewer layers) also take the first step: the
 before-ZeRO-3 path needs the whole model on each of the 8 ranks (5.3 GB each at 24 layers), and a step
-needs 16 bytes/param, neither of which fits this shared machine at 24 layers.
+needs 16 bytes/param, neither of which fits this shared machine at 24 layers. `--full-step` adds the whole
+model's first step on `--world` ranks with today's code in the layout that fits: ZeRO-3 with bf16
+parameters and the optimizer's fp32 main parameters and moments in per-rank files.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,6 +67,11 @@ def _config(world: int, layers: int, shape: tuple[int, int, int], layout: str) -
         p.tensor_model_parallel_size = world
     else:
         p.data_parallel_sharding_strategy, p.use_distributed_optimizer = "optim_grads_params", True
+    if layout == "zero3-bf16-nvme":
+        # the whole 1.3B first step on 8 ranks of a 24 GiB machine: bf16 parameters (fp32 gradients and main
+        # parameters) and the fp32 main parameters and Adam moments in per-rank files (optimizer/offload.py)
+        cfg.optimizer.bf16 = True
+        cfg.optimizer.optimizer_nvme_offload_dir = os.path.join(tempfile.gettempdir(), f"bench_init_nvme_{os.getpid()}")
     cfg.training.micro_batch_size = 1
     cfg.training.global_batch_size = 1 if layout == "tp" else world
     return cfg.validate()
@@ -85,6 +93,7 @@ def _rank(world: int, layers: int, shape: tuple, layout: str, step: bool) -> dic
     torch.set_num_threads(1)
     cfg = _config(world, layers, shape, layout)
     ps.initialize_model_parallel(world if layout == "tp" else 1, 1)
+    zero3 = layout.startswith("zero3")
     groups = ps.get_process_groups()
     torch.distributed.barrier()
     start = time.perf_counter()
@@ -98,16 +107,18 @@ def _rank(world: int, layers: int, shape: tuple, layout: str, step: bool) -> dic
     out = {"build_s": build.seconds, "build_extra_mib": build.extra_mib, "held_mib": held / 2**20,
            "code": os.path.dirname(os.path.dirname(sys.modules[DistributedDataParallel.__module__].__file__))}
     if step:
-        ddp = model[0] if layout == "zero3" else DistributedDataParallel(cfg, model[0], groups=groups)
+        ddp = model[0] if zero3 else DistributedDataParallel(cfg, model[0], groups=groups)
         optimizer = get_megatron_optimizer(cfg, [ddp], groups)
         tokens = torch.randint(0, cfg.model.vocab_size, (world, SEQ + 1), generator=torch.Generator().manual_seed(0))
         local = tokens[groups.dp.rank:groups.dp.rank + 1]
         optimizer.zero_grad()
-        ddp(local[:, :-1], torch.arange(SEQ).expand(1, SEQ), None, local[:, 1:]).mean().backward()
+        ddp(local[:, :-1], torch.arange(SEQ).expand(1, SEQ), None, local[:, 1:]).float().mean().backward()
         finalize_model_grads([ddp], groups)
         optimizer.step()
         out["first_step_s"] = time.perf_counter() - start
         out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if cfg.optimizer.optimizer_nvme_offload_dir:
+            shutil.rmtree(cfg.optimizer.optimizer_nvme_offload_dir, ignore_errors=True)
     ps.destroy_model_parallel()
     return out
 
@@ -154,6 +165,11 @@ def main(argv=None) -> None:
     parser.add_argument("--ffn", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=VOCAB)
     parser.add_argument("--before-rev", default=BEFORE_REV, help="the commit whose megatron_lite gives the 'before' rows")
+    parser.add_argument("--full-step", action="store_true",
+                        help="Also the whole model's first step on --world ranks (ZeRO-3, bf16 parameters, optimizer "
+                             "states in per-rank files under the temp directory): today's code only, since before's "
+                             "path cannot build it on one machine")
+    parser.add_argument("--only-full-step", action="store_true", help="Run only the --full-step row")
     parser.add_argument("--append", action="store_true", help="Append the table to benchmarks/RESULTS.md.")
     parser.add_argument("--code", help=argparse.SUPPRESS)  # (read before the imports) run against this megatron_lite
     parser.add_argument("--rows-json", help=argparse.SUPPRESS)
@@ -169,11 +185,16 @@ def main(argv=None) -> None:
     before_cases = [("tp", args.layers, False, args.world), ("zero3", args.small_layers, False, args.world),
                     ("zero3", args.small_layers, True, args.step_world)]
     after_cases = before_cases + [("zero3", args.layers, False, args.world)]
-    results = [("before", r) for r in _before(args, before_cases)] + [("after", r) for r in _measure(after_cases, args, shape)]
+    full = [("zero3-bf16-nvme", args.layers, True, args.world)] if args.full_step or args.only_full_step else []
+    if args.only_full_step:
+        before_cases, after_cases = [], []
+    results = [("before", r) for r in (_before(args, before_cases) if before_cases else [])] + \
+        [("after", r) for r in _measure(after_cases + full, args, shape)]
     lines = ["| code | layout | layers | params held MiB/rank | build s (slowest rank) | peak extra MiB/rank during build"
              " (max) | first step s (slowest rank) | peak RSS MiB/rank (max) | load (1 min) |", "|" + "---|" * 9]
     for label, r in sorted(results, key=lambda lr: (lr[1]["layout"], lr[1]["step"], lr[1]["layers"], lr[0] == "after")):
-        layout = f"TP {r['world']}" if r["layout"] == "tp" else f"ZeRO-3 DP {r['world']}"
+        layout = {"tp": f"TP {r['world']}", "zero3": f"ZeRO-3 DP {r['world']}",
+                  "zero3-bf16-nvme": f"ZeRO-3 DP {r['world']}, bf16, optimizer states on disk"}[r["layout"]]
         first = "-" if r["first_step_s"] is None else f"{r['first_step_s']:.1f}"
         peak = "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
         lines.append(f"| {label} | {layout} | {r['layers']} | {r['held_mib']:.0f} | {r['build_s']:.1f} | "
