@@ -120,8 +120,8 @@ class Post:
 
 @dataclass(frozen=True)
 class Wait:
-    """Wait for posted ops: a receive just before the compute that needs it, a send before its buffer is
-    reused (the next send in the same direction) or at the end."""
+    """Wait for posted ops: a receive just before the compute that needs it, a send once the next send in
+    the same direction has been posted (its output is then freed) or at the end."""
     ops: tuple[P2POp, ...]
 
 
@@ -641,11 +641,12 @@ def overlap_p2p(actions: list[Action]) -> list[Action]:
 
     Sends are posted right after the compute that produces them (interleaved 1F1B's blocking exchange
     waits for the backward that follows a forward; posted, the forward's output leaves at once) and waited
-    for just before the next send in the same direction is posted (or at the end); receives are posted at
-    the exchange before the preceding compute (so the transfer runs during that compute) and waited for
-    just before the compute that consumes them. Every op is posted no later than in the blocking list and
-    sends keep their order per channel; the simulator checks deadlock freedom and message order for every
-    schedule (tests/unit/test_schedules.py).
+    for once the next send in the same direction is posted (or at the end); receives are posted at the
+    exchange before the preceding compute (so the transfer runs during that compute) and waited for just
+    before the compute that consumes them. Between two computations there is then one Post and one Wait
+    (coalesce_posts_and_waits). Every op is posted no later than in the blocking list and sends keep their
+    order per channel; the simulator checks deadlock freedom and message order for every schedule
+    (tests/unit/test_schedules.py).
     """
     early_recvs: dict[int, list[tuple[P2POp, ...]]] = {}  # action index (-1: the start) -> receives posted there
     consumer = {}  # compute key -> the receive it waits for
