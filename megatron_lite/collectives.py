@@ -35,6 +35,7 @@ from megatron_lite.process_groups import Group
 _TIMEOUT_MINUTES = 10.0
 _GROUP_NAMES: dict[object, str] = {}  # raw ProcessGroup -> name, registered by parallel_state
 _BACKENDS: dict[object, str] = {}  # raw ProcessGroup (None = world) -> backend name, cached
+_P2P_TARGETS: dict[tuple[object, int], tuple[Any, int]] = {}  # (raw group, global peer) -> (ProcessGroup, group rank)
 # The device each backend communicates from; anything not listed uses the CPU.
 BACKEND_DEVICE: dict[str, Callable[[], torch.device]] = {
     "nccl": lambda: torch.device("cuda", torch.cuda.current_device()),
@@ -74,6 +75,7 @@ def register_group_name(handle, name: str) -> None:
 def forget_group_names() -> None:
     _GROUP_NAMES.clear()
     _BACKENDS.clear()
+    _P2P_TARGETS.clear()
 
 
 def _handle(group):
@@ -446,7 +448,24 @@ def batch_isend_irecv(ops: Sequence[P2P]) -> list[_Work]:
         return [_Work(w, "batch_isend_irecv", ops[0].group) for w in works]
     handles = []
     for p in ops:
-        start = dist.isend if p.op == "send" else dist.irecv
-        work = _call(p.op, p.group, lambda: start(p.tensor, p.peer, group=_handle(p.group)))
+        # What dist.isend/irecv do after their argument checks, called directly: the pipeline posts up to
+        # four of these per unit of compute, and under --overlap-p2p-comm from a second thread that holds
+        # the GIL while it runs them, so the Python in between costs the compute thread too (issue 17).
+        process_group, peer = _p2p_target(p.group, p.peer)
+        tensor = torch.view_as_real(p.tensor) if p.tensor.is_complex() else p.tensor
+        start = process_group.send if p.op == "send" else process_group.recv
+        work = _call(p.op, p.group, lambda: start([tensor], peer, 0))
         handles.append(_Work(work, p.op, p.group))
     return handles
+
+
+def _p2p_target(group, peer: int) -> tuple[Any, int]:
+    """The ProcessGroup a p2p op on `group` runs on and `peer`'s rank in it (cached per group; the world
+    group, None, is looked up each time since it can be re-initialised, and its ranks are the global ones)."""
+    handle = _handle(group)
+    if handle is None:
+        return dist.distributed_c10d._get_default_group(), peer
+    key = (handle, peer)
+    if key not in _P2P_TARGETS:
+        _P2P_TARGETS[key] = (handle, dist.get_group_rank(handle, peer))
+    return _P2P_TARGETS[key]

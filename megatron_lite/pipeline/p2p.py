@@ -122,7 +122,10 @@ def post_ops(transfers: list[tuple[str, Optional[torch.Tensor], int, str]], *, s
     directions of one pair never share a channel. Messages on one channel match in posting order, which
     the schedules keep equal on both ends (the simulator checks it). wait(name) completes one.
     background (--overlap-p2p-comm): the communication thread starts the ops, so the compute thread does
-    not pay for starting them (on gloo each isend/irecv costs ~0.3-1.5 ms of Python and backend work).
+    not pay for starting them: on gloo a send or receive call writes to the peer's socket and wakes its
+    threads, ~10-30 us on idle cores but a median ~0.5 ms on the shared 2-core CI machine (issue 17,
+    where starting them on the compute thread instead measured worse). The runner hands over all ops
+    between two computations in one call (schedules.coalesce_posts_and_waits), one thread hand-off each.
     """
     pp = groups.pp
     act_group, grad_group = _channels(groups)
