@@ -45,7 +45,9 @@ def _batches(cfg, dp: int, dp_rank: int, step: int) -> list[dict]:
     gbs, seq, mbs = cfg.training.global_batch_size, cfg.model.seq_length, cfg.training.micro_batch_size
     tokens = torch.randint(0, VOCAB, (gbs, seq + 1), generator=torch.Generator().manual_seed(100 + step))
     local = tokens.chunk(dp)[dp_rank]
-    return [{"tokens": s[:, :-1].contiguous(), "labels": s[:, 1:].contiguous(), "loss_mask": torch.ones(mbs, seq),
+    # clone, not contiguous(): a one-row slice is already contiguous, and a view would keep (and the
+    # activation meter count) the whole batch's storage wherever a layer saves the ids or labels
+    return [{"tokens": s[:, :-1].clone(), "labels": s[:, 1:].clone(), "loss_mask": torch.ones(mbs, seq),
              "position_ids": torch.arange(seq)[None].expand(mbs, seq).contiguous()} for s in local.split(mbs)]
 
 

@@ -7,7 +7,11 @@ Parameters' storages are excluded (they are `params`; ZeRO-3's gathered units ar
 `measure_zero3_gathered`). Activation checkpointing
 (tensor_parallel.random.checkpoint, torch's non-reentrant checkpoint) keeps its region's *inputs* alive by
 reference rather than through these hooks, so while the meter is on, each checkpointed call's tensor
-inputs are counted as saved until the region's backward has run. What is not counted: the recompute's
+inputs are counted as saved until the region's backward has run. A split backward (ZB-H1, ZB-V) frees
+autograd's saved tensors at B, but each deferred weight gradient (tensor_parallel.layers.DeferredWeightGrad)
+keeps its GEMM's input and output gradient until the pipeline's W: while the meter is on, the runner's
+Backward(defer_wgrad=True) counts those storages (once per storage, as above) until that W has run. What
+is not counted: the recompute's
 transient (one layer's worth, during that layer's backward), optimizer temporaries, and the allocator's
 fragmentation: the planner's `other` allowance.
 
@@ -94,16 +98,39 @@ class ActivationMeter:
             return out
         return counted
 
+    def _split_backward(self, original):
+        """The pipeline runner's Backward, counting what each deferred weight gradient it queued keeps."""
+        meter = self
+
+        def backward(run, chunk: int, microbatch: int, sync_grads: bool, defer_wgrad: bool = False) -> None:
+            original(run, chunk, microbatch, sync_grads, defer_wgrad)
+            if defer_wgrad:
+                held = [meter._pack(t) for item in run.weight_grads[(chunk, microbatch)]
+                        for t in getattr(item, "tensors", ())]
+                # released when W has run: the runner pops this (chunk, micro-batch)'s list, then drops it
+                run.weight_grads[(chunk, microbatch)] = _HoldingList(run.weight_grads[(chunk, microbatch)], held)
+        return backward
+
     @contextlib.contextmanager
     def __call__(self):
         import torch.utils.checkpoint as tuc
-        original = tuc.checkpoint
+        from megatron_lite.pipeline.runner import _PipelineRun
+        original, original_backward = tuc.checkpoint, _PipelineRun.backward
         tuc.checkpoint = self._checkpoint(original)
+        _PipelineRun.backward = self._split_backward(original_backward)
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 yield self
         finally:
-            tuc.checkpoint = original
+            tuc.checkpoint, _PipelineRun.backward = original, original_backward
+
+
+class _HoldingList(list):
+    """A W's queued weight gradients, plus the meter's holders of what they keep (dropped with the list)."""
+
+    def __init__(self, items, held: list) -> None:
+        super().__init__(items)
+        self.held = held
 
 
 def measure_step_activations(model_chunks, run_step) -> int:

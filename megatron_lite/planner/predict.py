@@ -21,15 +21,19 @@ GB = 1e9
 BREAKDOWN = ("params", "grads", "main_params", "optimizer_states", "activations", "other")
 
 
-def schedule_for(layout: Layout, m: int) -> str:
-    """The schedule pretrain_gpt.py would run (pipeline/auto.py's choice for m micro-batches)."""
-    return _schedule(layout.pp, layout.vp, m)
+def schedule_for(layout: Layout, m: int, requested: str = "auto") -> str:
+    """The schedule pretrain_gpt.py would run (pipeline/auto.py's choice for m micro-batches, or the
+    --pipeline-schedule `requested`)."""
+    return _schedule(layout.pp, layout.vp, m, requested)
 
 
 @functools.lru_cache(maxsize=4096)
-def _schedule(pp: int, vp: int, m: int) -> str:
+def _schedule(pp: int, vp: int, m: int, requested: str = "auto") -> str:
     from megatron_lite.pipeline.auto import choose_schedule
+    from megatron_lite.pipeline.schedules import schedule_name
     from megatron_lite.planner.activations import simulated_microbatches
+    if requested != "auto":
+        return schedule_name(pp, vp, requested)
     if pp == 1 or vp > 1:
         return choose_schedule(pp, vp, 1 if pp == 1 else pp).name  # no choice to make: the name only
     # auto's bubble comparison does not change past a few x PP micro-batches: decide there

@@ -51,13 +51,25 @@ class _LinearDelayedWgrad(torch.autograd.Function):
         grad_input = grad_output.matmul(weight)
         grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
         grad_bias = grad_2d.sum(0) if ctx.has_bias else None
-        x_2d = x.reshape(-1, x.shape[-1])
-
-        def weight_grad() -> None:
-            weight.backward(grad_2d.t().mm(x_2d))
-
-        ctx.queue.append(weight_grad)
+        ctx.queue.append(DeferredWeightGrad(weight, grad_2d, x.reshape(-1, x.shape[-1])))
         return grad_input, None, grad_bias, None, None
+
+
+class DeferredWeightGrad:
+    """One queued weight gradient, dW = grad^T x, run by the pipeline's W action. Until then it keeps this
+    GEMM's output gradient [tokens, out] and input [tokens, in] alive (after B has freed autograd's saved
+    tensors): `tensors`, which planner/measure.py counts as activation memory from B to W."""
+    __slots__ = ("weight", "grad", "input")
+
+    def __init__(self, weight: torch.Tensor, grad: torch.Tensor, input: torch.Tensor) -> None:
+        self.weight, self.grad, self.input = weight, grad, input
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.grad, self.input
+
+    def __call__(self) -> None:
+        self.weight.backward(self.grad.t().mm(self.input))
 
 
 def _linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

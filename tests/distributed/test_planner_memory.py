@@ -5,8 +5,9 @@ For each layout (TP x PP x VP x DP x DP sharding strategy x recompute, SP with T
 peak saved-activation bytes (planner/measure.py). The planner's prediction for that rank (its pipeline
 stage and DP rank) must equal params, grads, main params and optimizer states exactly, and be within
 10% of the measured activations, and (ZeRO-3) the planner's gathered-unit allowance within 10% of the
-peak bytes of full units gathered at once. Model features (SwiGLU, RoPE, GQA, MoE, ring CP, ZeRO-3) run
-as variants of the same GPT. The default suite runs a representative subset (every dimension's values and
+peak bytes of full units gathered at once. Model features (SwiGLU, RoPE, GQA, MoE with either dispatcher
+and a shared expert, CP of each --cp-comm-type, ZeRO-3, the zero-bubble schedules' deferred weight
+gradients) run as variants of the same GPT. The default suite runs a representative subset (every dimension's values and
 every feature at least once); the slow suite runs every valid layout and more feature combinations.
 """
 from __future__ import annotations
@@ -61,24 +62,48 @@ def all_layouts() -> list[Layout]:
 
 
 def variant(features: str = ""):
-    """base_config with model features: 'llama' (SwiGLU, RoPE, GQA with 2 query groups), 'moe' (4 experts,
-    top-2, every layer)."""
+    """base_config with model features (comma-separated): 'llama' (SwiGLU, RoPE, GQA with 2 query groups),
+    'moe' (4 experts, top-2, every layer), 'alltoall' (MoE's alltoall token dispatcher), 'shared' (a MoE
+    shared expert of 96), 'cp_all_gather' / 'cp_a2a' (--cp-comm-type; default p2p, the ring), 'zb-h1' /
+    'zbv' (--pipeline-schedule; default auto)."""
     cfg = base_config()
-    m = cfg.model
-    if "llama" in features:
+    m, names = cfg.model, set(features.split(","))
+    if "llama" in names:
         m.swiglu, m.position_embedding_type = True, "rope"
         m.group_query_attention, m.num_query_groups = True, 2
-    if "moe" in features:
+    if "moe" in names:
         cfg.moe.num_experts, cfg.moe.moe_router_topk = 4, 2
         m.add_bias_linear = False  # experts have no biases here (config refuses MoE with them)
+    if "alltoall" in names:
+        cfg.moe.moe_token_dispatcher_type = "alltoall"
+    if "shared" in names:
+        cfg.moe.moe_shared_expert_intermediate_size = 96
+    for comm in ("all_gather", "a2a"):
+        if f"cp_{comm}" in names:
+            cfg.parallel.cp_comm_type = comm
+    for schedule in ("zb-h1", "zbv"):
+        if schedule in names:
+            cfg.parallel.pipeline_schedule = schedule
     return cfg
 
 
 # every activation term the base layouts leave unchecked, in as few spawns as possible: SwiGLU, RoPE, GQA,
-# ring context parallelism and ZeRO-3's gathered units in one layout, MoE (allgather dispatcher, EP 2)
+# ring context parallelism and ZeRO-3's gathered units in one layout, MoE (allgather dispatcher, EP 2), and
+# Ulysses (a2a) CP with GQA replicated over CP, the alltoall dispatcher and a shared expert in one.
+# (REPRESENTATIVE's PP > 1 layouts run ZB-H1 and ZB-V, auto's choice: their deferred weight gradients.)
 FEATURES = [("llama", Layout(tp=2, pp=1, dp=2, cp=2, sp=True, strategy="optim_grads_params")),
-            ("moe", Layout(tp=2, pp=1, dp=4, ep=2, sp=True))]
-FEATURES_SLOW = [("llama", Layout(tp=2, pp=2, dp=2, sp=True)),
+            ("moe", Layout(tp=2, pp=1, dp=4, ep=2, sp=True)),
+            ("llama,moe,alltoall,shared,cp_a2a", Layout(tp=2, pp=1, dp=2, cp=2, ep=2, sp=True))]
+FEATURES_SLOW = [("cp_all_gather", Layout(tp=1, pp=2, dp=2, cp=2, mbs=2)),
+                 ("llama,cp_all_gather", Layout(tp=2, pp=1, dp=2, cp=2, sp=True)),
+                 ("cp_all_gather", Layout(tp=2, pp=2, dp=1, cp=2, sp=True, recompute="selective")),
+                 ("cp_a2a", Layout(tp=1, pp=2, dp=2, cp=2, mbs=2)),
+                 ("llama,cp_a2a", Layout(tp=1, pp=2, dp=2, cp=2, recompute="selective")),
+                 ("moe,alltoall", Layout(tp=1, pp=2, dp=4, ep=2)),
+                 ("moe,shared", Layout(tp=2, pp=1, dp=4, ep=2, sp=True)),
+                 ("zb-h1", Layout(tp=2, pp=2, dp=2, sp=True, recompute="full")),
+                 ("zbv", Layout(tp=2, pp=2, vp=2, dp=2, sp=True)),
+                 ("llama", Layout(tp=2, pp=2, dp=2, sp=True)),
                  ("llama", Layout(tp=1, pp=2, vp=2, dp=4, recompute="selective")),
                  ("", Layout(tp=2, pp=2, dp=1, cp=2, sp=True)),
                  ("", Layout(tp=1, pp=1, dp=4, cp=2)),
@@ -101,7 +126,7 @@ def check(layouts: list, timeout: float) -> None:
         cfg = prepare(variant(features))
         shape = ModelShape.of(cfg, layout.tp)
         m = num_microbatches(cfg, layout)
-        schedule = schedule_for(layout, m)
+        schedule = schedule_for(layout, m, cfg.parallel.pipeline_schedule)
         for rank, per_rank in enumerate(results):
             got = per_rank[index]
             # the run's DP x CP rank (CP fastest, megatron-core's order) as the planner's DP and CP ranks

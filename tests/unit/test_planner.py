@@ -208,3 +208,34 @@ def test_calibrated_layer_scale_and_step_overheads():
     assert extra == pytest.approx(2 * (layer_scale(hw, arithmetic) - 1) * arithmetic, rel=1e-6)
     per_step, per_layer = calibrate.step_overheads(1e-4, 1e-4, repeats=2)
     assert per_step >= 0 and per_layer >= 0 and per_step + per_layer > 0
+
+
+def test_split_backward_keeps_deferred_weight_grads_until_w():
+    """From B to W a (chunk, micro-batch) holds its deferred weight gradients' GEMM inputs and output grads
+    instead of its saved activations: ZB-H1's last rank (PP 2) runs F0 B0 F1 with W0 still pending, so its
+    peak is one micro-batch's activations plus one's W terms; rank 0 runs each W right after its B; 1F1B has
+    no W term. The W term per layer is the four GEMMs' inputs and output gradients (h = 64, 8 heads,
+    f = 4h, TP 1, 32 tokens, fp32)."""
+    from megatron_lite.planner.activations import ModelShape, layer_wgrad_bytes, peak_alive
+    assert peak_alive("zb-h1", 2, 1, 4, 1, (10.0,), (3.0,)) == 13.0
+    assert peak_alive("zb-h1", 2, 1, 4, 0, (10.0,), (3.0,)) == 20.0
+    assert peak_alive("1f1b", 2, 1, 4, 1, (10.0,)) == 10.0
+    cfg = gpt(2, 64, 8, 8, seq=32, vocab=64)
+    cfg.optimizer.bf16 = False
+    shape = ModelShape.of(cfg, 1)
+    h, f = 64, 256
+    assert layer_wgrad_bytes(shape, Layout(), 1) == 32 * 4 * ((h + 3 * h) + (h + h) + (h + f) + (f + h))
+
+
+def test_activation_model_reads_the_cp_comm_type():
+    """all_gather keeps the gathered K/V and its mask, a2a the head-scattered q, k, v, output and mask:
+    each predicts more than the ring (the ModelShape cache must not mix the variants up)."""
+    from megatron_lite.planner.activations import ModelShape, layer_bytes
+    predicted = {}
+    for comm in ("p2p", "all_gather", "a2a"):
+        cfg = gpt(2, 64, 8, 8, seq=32, vocab=64)
+        cfg.parallel.cp_comm_type = comm
+        shape = ModelShape.of(cfg, 1)
+        assert shape.cp_comm == comm
+        predicted[comm] = layer_bytes(shape, Layout(cp=2), 1)
+    assert predicted["p2p"] < predicted["a2a"] < predicted["all_gather"], predicted
