@@ -253,7 +253,9 @@ def _ring_dropout_vs_reference(group, p: float, documents: bool) -> float:
     collectives.all_reduce(dv, group)
     for name, got, want in [("out", out, ref), ("dq", q_local.grad, q_ref.grad),
                             ("dk", k_local.grad, dk[:, :, index]), ("dv", v_local.grad, dv[:, :, index])]:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"p={p} {n}: {m}")
+        # atol 1e-5 on O(1) values: blockwise online softmax vs one softmax differ by fp32 rounding, which
+        # at elements that cancel to ~0 reached 1.5e-6 on some CPUs (AVX-512 kernels sum in another order)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"p={p} {n}: {m}")
     visible = ~block_mask(mask, index, torch.arange(seq)).expand_as(keep_full)
     return (keep_full[visible] == 0).float().mean().item()
 
