@@ -24,9 +24,13 @@ import bisect
 import math
 from dataclasses import replace
 
+from typing import TYPE_CHECKING
+
 from megatron_lite.planner.activations import ModelShape, layer_bytes
-from megatron_lite.planner.hardware import Hardware
 from megatron_lite.planner.layout import Layout
+
+if TYPE_CHECKING:  # annotations only: calibrate.py (which hardware.py calls) uses compute on a bare profile
+    from megatron_lite.planner.hardware import Hardware
 
 
 def gemm_rate(hw: Hardware, m: float, n: float, k: float) -> float:
