@@ -57,18 +57,23 @@ def gemm_table(quick: bool) -> list[tuple[float, float]]:
         torch.set_num_threads(threads)
 
 
-def _layer_step_time(layers: int, hidden: int, seq: int, heads: int, repeats: int) -> float:
-    """Fastest forward + backward of the real GPTModel (one process, one thread, micro-batch 1)."""
-    import torch
+def _tiny_config(layers: int, hidden: int, seq: int, heads: int):
+    """The calibration's GPT: vocabulary 64, no dropout, one sequence per step (not yet validated)."""
     from megatron_lite.config import Config
-    from megatron_lite.models.gpt.model import GPTModel
-    from megatron_lite.process_groups import ProcessGroups
     cfg = Config()
     m = cfg.model
     m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length, m.vocab_size = layers, hidden, heads, seq, 64
     m.hidden_dropout = m.attention_dropout = 0.0
     cfg.training.micro_batch_size = cfg.training.global_batch_size = 1
-    model = GPTModel(cfg.validate(), pre_process=True, post_process=True,
+    return cfg
+
+
+def _layer_step_time(layers: int, hidden: int, seq: int, heads: int, repeats: int) -> float:
+    """Fastest forward + backward of the real GPTModel (one process, one thread, micro-batch 1)."""
+    import torch
+    from megatron_lite.models.gpt.model import GPTModel
+    from megatron_lite.process_groups import ProcessGroups
+    model = GPTModel(_tiny_config(layers, hidden, seq, heads).validate(), pre_process=True, post_process=True,
                      layer_numbers=list(range(1, layers + 1)), groups=ProcessGroups.single())
     tokens, positions, mask = torch.randint(0, 64, (1, seq)), torch.arange(seq)[None], torch.ones(1, seq)
 
@@ -95,15 +100,10 @@ def _tiny_step_worker(layers: int, repeats: int) -> float:
     """Fastest full training step (training.train_step: forward and backward of one micro-batch, DDP's
     gradient finish, the optimizer, clipping, the scheduler) of the tiny GPT on one process, no groups."""
     import torch
-    from megatron_lite.config import Config
     from megatron_lite.models.gpt.model import GPTModel
     from megatron_lite.process_groups import ProcessGroups
     from megatron_lite.training import setup_model_and_optimizer, train_step
-    cfg = Config()
-    m = cfg.model
-    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length, m.vocab_size = layers, 32, 2, 16, 64
-    m.hidden_dropout = m.attention_dropout = 0.0
-    cfg.training.micro_batch_size = cfg.training.global_batch_size = 1
+    cfg = _tiny_config(layers, 32, 16, 2)
     cfg.training.train_iters = 1000
     cfg = cfg.validate()
     groups = ProcessGroups.single()
@@ -169,12 +169,7 @@ def layer_scale_table(profile: dict, repeats: int = 7) -> list[list[float]]:
         for hidden, seq, heads in LAYER_SIZES:
             one, three = (_layer_step_time(layers, hidden, seq, heads, repeats) for layers in (1, 3))
             measured = max(1e-9, (three - one) / 2 - hw.layer_overhead_s)
-            from megatron_lite.config import Config
-            cfg = Config()
-            m = cfg.model
-            m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length, m.vocab_size = 1, hidden, heads, seq, 64
-            cfg.training.micro_batch_size = cfg.training.global_batch_size = 1
-            cfg = prepare(cfg)
+            cfg = prepare(_tiny_config(1, hidden, seq, heads))
             predicted = layer_arithmetic(ModelShape.of(cfg, 1), Layout(), hw)
             table.append([predicted, max(0.5, measured / predicted)])
         return sorted(table)
