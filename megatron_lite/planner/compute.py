@@ -84,12 +84,20 @@ def _gemm_seconds(hw: Hardware, gemms) -> float:
     return sum(count * 2 * m * n * k / gemm_rate(hw, m, n, k) for m, n, k, count in gemms)
 
 
+def _layer_terms(shape: ModelShape, layout: Layout, hw: Hardware) -> tuple[float, float, float]:
+    """(forward GEMM seconds, the attention core's share of them, element-wise seconds of forward +
+    backward) of one layer, before the layer scale."""
+    gemms = layer_gemms(shape, layout)
+    elementwise = 3 * layer_bytes(shape, replace(layout, recompute="none"), layout.mbs) \
+        / (hw.memory_bandwidth_gbps * 1e9)
+    return _gemm_seconds(hw, gemms), _gemm_seconds(hw, gemms[2:3]), elementwise
+
+
 def layer_arithmetic(shape: ModelShape, layout: Layout, hw: Hardware) -> float:
     """Predicted arithmetic seconds of one layer's forward + backward (GEMMs and element-wise work, no fixed
     cost, no recompute, no layer scale): what calibrate.layer_scale_table compares real layers with."""
-    elementwise = 3 * layer_bytes(shape, replace(layout, recompute="none"), layout.mbs) \
-        / (hw.memory_bandwidth_gbps * 1e9)
-    return 3 * _gemm_seconds(hw, layer_gemms(shape, layout)) + elementwise
+    gemm, _, elementwise = _layer_terms(shape, layout, hw)
+    return 3 * gemm + elementwise
 
 
 def layer_scale(hw: Hardware, arithmetic: float) -> float:
@@ -113,13 +121,10 @@ def chunk_times(shape: ModelShape, layout: Layout, hw: Hardware, layers: int, fi
     """(forward, backward, weight) compute seconds of one model chunk for one micro-batch: weight is the part
     of backward that zero-bubble schedules defer to W (the linear layers' weight-gradient GEMMs, one per
     forward GEMM but the attention core's, which has no weights); backward includes it."""
-    gemms = layer_gemms(shape, layout)
-    scale = layer_scale(hw, layer_arithmetic(shape, layout, hw))
-    fwd_layer = scale * _gemm_seconds(hw, gemms)
-    core = scale * _gemm_seconds(hw, gemms[2:3])
+    gemm, core, elementwise = _layer_terms(shape, layout, hw)
+    scale = layer_scale(hw, 3 * gemm + elementwise) if hw.layer_scale_table else 1.0
+    fwd_layer, core, elementwise = scale * gemm, scale * core, scale * elementwise
     weight = layers * (fwd_layer - core)
-    elementwise = scale * 3 * layer_bytes(shape, replace(layout, recompute="none"), layout.mbs) \
-        / (hw.memory_bandwidth_gbps * 1e9)
     overhead = hw.layer_overhead_s / 3  # the fixed per-op host cost, forward : backward = 1 : 2
     forward = layers * (fwd_layer + elementwise / 3 + overhead)
     backward = layers * (2 * fwd_layer + 2 * elementwise / 3 + 2 * overhead)
