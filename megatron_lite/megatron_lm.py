@@ -31,14 +31,12 @@ as inert placeholders, so no megatron code is needed or run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import glob
 import json
 import os
 import pickle
 import re
 import types
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 

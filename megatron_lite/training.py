@@ -31,7 +31,7 @@ from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
 from megatron_lite.pipeline.auto import describe as describe_schedule
 from megatron_lite.pipeline.runner import get_forward_backward_func
 from megatron_lite.pipeline.layout import is_v_shape
-from megatron_lite.pipeline.schedules import virtual_stage
+from megatron_lite.pipeline.actions import virtual_stage
 from megatron_lite.pipeline.stages import build_model_chunks
 from megatron_lite.process_groups import ProcessGroups
 from megatron_lite.tensor_parallel.random import model_parallel_seed

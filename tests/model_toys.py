@@ -7,7 +7,8 @@ import importlib.util
 import os
 import sys
 
-from megatron_lite.checkpoint_io import param_meta_from_model, write_checkpoint_from_full_tensors
+from megatron_lite.checkpoint_io import param_meta_from_model
+from megatron_lite.checkpoint_offline import write_checkpoint_from_full_tensors
 from megatron_lite.config import Config
 from megatron_lite.tensor_parallel.shard_spec import shard_spec_of
 

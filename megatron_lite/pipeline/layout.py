@@ -62,7 +62,7 @@ def layers_for_stage(num_layers: int, pp_size: int, pp_rank: int, vp_size: Optio
                      first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None,
                      v_shape: bool = False) -> list[int]:
     """Global layer numbers held by pipeline rank `pp_rank` (model chunk `vp_rank` with virtual stages;
-    v_shape: ZB-V's placement, schedules.virtual_stage). Raises ConfigError for a layout that does not divide."""
+    v_shape: ZB-V's placement, actions.virtual_stage). Raises ConfigError for a layout that does not divide."""
     if not 0 <= pp_rank < pp_size:
         raise ValueError(f"pp_rank {pp_rank} is outside [0, {pp_size})")
     if vp_size is not None and vp_size > 1:
@@ -70,7 +70,7 @@ def layers_for_stage(num_layers: int, pp_size: int, pp_rank: int, vp_size: Optio
         if not 0 <= vp_rank < vp_size:
             raise ValueError(f"vp_rank {vp_rank} is outside [0, {vp_size})")
         per_virtual_stage = num_layers // (pp_size * vp_size)
-        from megatron_lite.pipeline.schedules import virtual_stage
+        from megatron_lite.pipeline.actions import virtual_stage
         start = virtual_stage(pp_size, pp_rank, vp_rank, v_shape and vp_size == 2) * per_virtual_stage
         return list(range(start, start + per_virtual_stage))
     counts = stage_layer_counts(num_layers, pp_size, first_stage_layers, last_stage_layers)

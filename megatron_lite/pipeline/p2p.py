@@ -125,7 +125,7 @@ def post_ops(transfers: list[tuple[str, Optional[torch.Tensor], int, str]], *, s
     not pay for starting them: on gloo a send or receive call writes to the peer's socket and wakes its
     threads, ~10-30 us on idle cores but a median ~0.5 ms on the shared 2-core CI machine (issue 17,
     where starting them on the compute thread instead measured worse). The runner hands over all ops
-    between two computations in one call (schedules.coalesce_posts_and_waits), one thread hand-off each.
+    between two computations in one call (overlap.coalesce_posts_and_waits), one thread hand-off each.
     """
     pp = groups.pp
     act_group, grad_group = _channels(groups)

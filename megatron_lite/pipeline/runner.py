@@ -24,9 +24,10 @@ from torch.autograd import Variable
 from megatron_lite.errors import ConfigError
 from megatron_lite.distributed.model_chunk import ModelChunk, as_model_chunks
 from megatron_lite.pipeline import p2p
-from megatron_lite.pipeline.schedules import (RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, Backward,
-                                              Exchange, FinalizeGrads, Forward, P2POp, Post, Wait, WeightGrad,
-                                              build_schedule, op_peer, op_stages, virtual_stage)
+from megatron_lite.pipeline.actions import (RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, Backward,
+                                            Exchange, FinalizeGrads, Forward, P2POp, Post, Wait, WeightGrad, op_peer,
+                                            op_stages, virtual_stage)
+from megatron_lite.pipeline.schedules import build_schedule
 from megatron_lite.process_groups import ProcessGroups
 
 Key = tuple[int, int]  # (chunk, micro-batch)
@@ -78,7 +79,7 @@ class _PipelineRun:
         self.input_grads: dict[Key, Optional[torch.Tensor]] = {}  # gradients to send upstream
         self.posted: dict[tuple[str, int, int], tuple] = {}   # op -> ((p2p.Posted, name) or None, tensor it sends)
         self.local: dict[tuple[int, int, int], torch.Tensor] = {}  # (src stage, dst stage, mb) -> copy in transit
-        self.v_shape = v_shape  # ZB-V's chunk placement (schedules.virtual_stage)
+        self.v_shape = v_shape  # ZB-V's chunk placement (actions.virtual_stage)
         self.wgrad_queues: list[list] = [[] for _ in model]     # filled by the linear layers during a split B
         self.weight_grads: dict[Key, list] = {}                # (chunk, mb) -> its queued weight gradients
         self.losses: list[dict] = []

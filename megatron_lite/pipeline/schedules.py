@@ -21,117 +21,21 @@ Schedules (Megatron-LM's names and warm-up counts):
 Communication actions name the tensor they carry by (direction, chunk, micro-batch) of the *local* rank:
 `send_forward(c, m)` sends the output of chunk c's forward of m to the next virtual stage;
 `recv_forward(c, m)` receives chunk c's input for m; `send_backward`/`recv_backward` carry the
-gradients the other way. Ops of one `Exchange` are started together (batched) and waited on together;
-with --overlap-p2p-comm (`overlap_p2p`) they are split into `Post` and `Wait` actions instead, so a
-transfer runs while the rank computes.
+gradients the other way (the actions are defined in actions.py). Ops of one `Exchange` are started
+together (batched) and waited on together; with --overlap-p2p-comm (overlap.py) they are split into
+`Post` and `Wait` actions instead, so a transfer runs while the rank computes.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 from megatron_lite.errors import ConfigError
-
-SEND_FORWARD, RECV_FORWARD, SEND_BACKWARD, RECV_BACKWARD = "send_forward", "recv_forward", "send_backward", "recv_backward"
-
-
-@dataclass(frozen=True)
-class Forward:
-    chunk: int
-    microbatch: int
-
-
-@dataclass(frozen=True)
-class Backward:
-    chunk: int
-    microbatch: int
-    # The last backward of a chunk on this rank runs with data-parallel grad sync enabled (outside
-    # no_sync), so DDP can overlap its reduction with the remaining backward work; all others accumulate.
-    sync_grads: bool = False
-    # Split backward (B): the linear layers' weight gradients are queued for this (chunk, micro-batch)'s
-    # WeightGrad action (W) instead of computed here (--delay-wgrad-compute semantics).
-    defer_wgrad: bool = False
-
-
-@dataclass(frozen=True)
-class WeightGrad:
-    """W: run the weight-gradient computations that Backward(chunk, microbatch, defer_wgrad=True) queued;
-    off the critical path, so a schedule can place it in a bubble. The chunk's last W syncs grads."""
-    chunk: int
-    microbatch: int
-    sync_grads: bool = False
-
-
-@dataclass(frozen=True)
-class P2POp:
-    kind: str  # SEND_FORWARD, RECV_FORWARD, SEND_BACKWARD or RECV_BACKWARD
-    chunk: int
-    microbatch: int
-    v_shape: bool = False  # ZB-V's chunk placement (virtual_stage): the op's peer follows the V
-
-
-def virtual_stage(pp_size: int, pp_rank: int, chunk: int, v_shape: bool = False) -> int:
-    """The virtual stage model chunk `chunk` of rank `pp_rank` holds: chunk x PP + rank (looped, as
-    interleaved 1F1B), or with ZB-V's V (v_shape) chunk 0 is stage r and chunk 1 is stage 2 PP - 1 - r, so
-    rank 0 holds the first and the last stage and rank PP - 1 the two middle ones."""
-    if v_shape:
-        return pp_rank if chunk == 0 else 2 * pp_size - 1 - pp_rank
-    return chunk * pp_size + pp_rank
-
-
-def stage_rank(pp_size: int, stage: int, v_shape: bool = False) -> int:
-    """The pipeline rank holding virtual stage `stage` (the inverse of virtual_stage)."""
-    if v_shape:
-        return stage if stage < pp_size else 2 * pp_size - 1 - stage
-    return stage % pp_size
-
-
-def op_stages(op: P2POp, pp_size: int, pp_rank: int) -> tuple[int, int]:
-    """(sending virtual stage, receiving virtual stage) of the tensor a p2p op carries."""
-    stage = virtual_stage(pp_size, pp_rank, op.chunk, op.v_shape)
-    if op.kind == SEND_FORWARD:
-        return stage, stage + 1
-    if op.kind == RECV_FORWARD:
-        return stage - 1, stage
-    if op.kind == SEND_BACKWARD:
-        return stage, stage - 1
-    if op.kind == RECV_BACKWARD:
-        return stage + 1, stage
-    raise ValueError(f"unknown p2p op {op.kind!r}")
-
-
-def op_peer(op: P2POp, pp_size: int, pp_rank: int) -> int:
-    """The pipeline rank at the other end of a p2p op (this rank itself at ZB-V's turn)."""
-    src, dst = op_stages(op, pp_size, pp_rank)
-    return stage_rank(pp_size, dst if op.kind in (SEND_FORWARD, SEND_BACKWARD) else src, op.v_shape)
-
-
-@dataclass(frozen=True)
-class Exchange:
-    ops: tuple[P2POp, ...]
-
-
-@dataclass(frozen=True)
-class Post:
-    """Start these ops asynchronously (--overlap-p2p-comm); each is completed by a later Wait."""
-    ops: tuple[P2POp, ...]
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Wait for posted ops: a receive just before the compute that needs it, a send once the next send in
-    the same direction has been posted (its output is then freed) or at the end."""
-    ops: tuple[P2POp, ...]
-
-
-@dataclass(frozen=True)
-class FinalizeGrads:
-    """All backward passes are done: finish gradient reduction (DP, sequence-parallel, tied embeddings)."""
-
-
-Action = Union[Forward, Backward, WeightGrad, Exchange, Post, Wait, FinalizeGrads]
-
+from megatron_lite.pipeline.actions import (RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, Action, Backward,
+                                            Exchange, FinalizeGrads, Forward, P2POp, WeightGrad, op_stages, stage_rank,
+                                            virtual_stage)
+from megatron_lite.pipeline.overlap import overlap_p2p
 
 @dataclass
 class _Builder:
@@ -634,105 +538,6 @@ def schedule_name(pp_size: int, num_chunks: int, requested: str = "auto") -> str
             raise ConfigError("--pipeline-schedule zb-h1: needs --pipeline-model-parallel-size > 1. Use auto.")
         return "no_pipelining"
     return "1f1b" if requested == "auto" else requested
-
-
-def overlap_p2p(actions: list[Action]) -> list[Action]:
-    """--overlap-p2p-comm: the same schedule with every Exchange split into posts and waits.
-
-    Sends are posted right after the compute that produces them (interleaved 1F1B's blocking exchange
-    waits for the backward that follows a forward; posted, the forward's output leaves at once) and waited
-    for once the next send in the same direction is posted (or at the end); receives are posted at the
-    exchange before the preceding compute (so the transfer runs during that compute) and waited for just
-    before the compute that consumes them. Between two computations there is then one Post and one Wait
-    (coalesce_posts_and_waits). Every op is posted no later than in the blocking list and sends keep their
-    order per channel; the simulator checks deadlock freedom and message order for every schedule
-    (tests/unit/test_schedules.py).
-    """
-    early_recvs: dict[int, list[tuple[P2POp, ...]]] = {}  # action index (-1: the start) -> receives posted there
-    consumer = {}  # compute key -> the receive it waits for
-    producer_index = {}  # ("F"|"B", chunk, mb) -> index of that compute
-    sends_after: dict[int, list[P2POp]] = {}  # compute index -> sends posted right after it
-    last_exchange, exchange_before_compute = -1, -1
-    for index, action in enumerate(actions):
-        if isinstance(action, (Forward, Backward)):
-            exchange_before_compute = last_exchange
-            producer_index[("F" if isinstance(action, Forward) else "B", action.chunk, action.microbatch)] = index
-        elif isinstance(action, Exchange):
-            recvs = tuple(op for op in action.ops if op.kind in (RECV_FORWARD, RECV_BACKWARD))
-            if recvs:
-                early_recvs.setdefault(exchange_before_compute, []).append(recvs)
-            for op in recvs:
-                consumer[("F" if op.kind == RECV_FORWARD else "B", op.chunk, op.microbatch)] = op
-            for op in action.ops:
-                if op.kind in (SEND_FORWARD, SEND_BACKWARD):
-                    source = ("F" if op.kind == SEND_FORWARD else "B", op.chunk, op.microbatch)
-                    sends_after.setdefault(producer_index.get(source, index), []).append(op)
-            last_exchange = index
-    out: list[Action] = [Post(recvs) for recvs in early_recvs.get(-1, [])]
-    unwaited_sends: dict[str, P2POp] = {}
-
-    def post_sends(sends: list[P2POp]) -> None:
-        for op in sends:  # one post per send, each after waiting for the previous one of its kind
-            if op.kind in unwaited_sends:
-                out.append(Wait((unwaited_sends.pop(op.kind),)))
-            unwaited_sends[op.kind] = op
-            out.append(Post((op,)))
-
-    for index, action in enumerate(actions):
-        if isinstance(action, Exchange):
-            post_sends(sends_after.pop(index, []))  # a send whose producer this list does not hold
-            out.extend(Post(ops) for ops in early_recvs.get(index, []))
-            continue
-        if isinstance(action, (Forward, Backward)):
-            recv = consumer.get(("F" if isinstance(action, Forward) else "B", action.chunk, action.microbatch))
-            if recv is not None:
-                out.append(Wait((recv,)))
-        if isinstance(action, FinalizeGrads) and unwaited_sends:
-            out.append(Wait(tuple(unwaited_sends.values())))
-            unwaited_sends.clear()
-        out.append(action)
-        post_sends(sends_after.pop(index, []))
-    if unwaited_sends:
-        out.append(Wait(tuple(unwaited_sends.values())))
-    return coalesce_posts_and_waits(out)
-
-
-def coalesce_posts_and_waits(actions: list[Action]) -> list[Action]:
-    """Each run of Post and Wait actions between two computations as one Post of all its ops followed by
-    one Wait of all its ops (each in their order in the run).
-
-    Why: every Post is one hand-off to the communication thread and every action one pass of the runner's
-    bookkeeping, and at PP 4 with virtual stages a rank exchanges up to four tensors per unit of compute,
-    so a run like "wait for the previous send, post the next send, post a receive, wait for a receive"
-    cost four round trips on the compute thread between two computations (issue 17: the overlapped
-    interleaved PP 4 m 4 row idled 2.6 points above the simulator). Posting before waiting is safe: a Post
-    never blocks, so moving it earlier only starts a transfer sooner (a send is posted after the compute
-    that produces it all the same, since runs hold no compute); the posting order per channel, which
-    message matching relies on, is kept; the previous send of a direction is now waited for just after
-    the next one is posted rather than before (two sends in flight per direction for that moment, with
-    separate buffers). The simulator re-checks the result (tests/unit/test_schedules.py)."""
-    out: list[Action] = []
-    posts: list[P2POp] = []
-    waits: list[P2POp] = []
-
-    def flush() -> None:
-        if posts:
-            out.append(Post(tuple(posts)))
-        if waits:
-            out.append(Wait(tuple(waits)))
-        posts.clear()
-        waits.clear()
-
-    for action in actions:
-        if isinstance(action, Post):
-            posts.extend(action.ops)
-        elif isinstance(action, Wait):
-            waits.extend(action.ops)
-        else:
-            flush()
-            out.append(action)
-    flush()
-    return out
 
 
 def build_schedule(name: str, pp_size: int, pp_rank: int, num_chunks: int, num_microbatches: int,

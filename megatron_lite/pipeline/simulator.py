@@ -18,9 +18,9 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_lite.pipeline.schedules import (RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, Action,
-                                              Backward, Exchange, FinalizeGrads, Forward, P2POp, Post, Wait,
-                                              WeightGrad, op_stages, stage_rank, virtual_stage)
+from megatron_lite.pipeline.actions import (RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, Action, Backward,
+                                            Exchange, FinalizeGrads, Forward, P2POp, Post, Wait, WeightGrad, op_stages,
+                                            stage_rank, virtual_stage)
 
 
 class ScheduleError(AssertionError):

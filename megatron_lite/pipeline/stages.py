@@ -13,7 +13,7 @@ from torch import nn
 
 from megatron_lite.errors import ConfigError
 from megatron_lite.pipeline.layout import is_v_shape, layers_for_stage, stage_layer_counts
-from megatron_lite.pipeline.schedules import virtual_stage
+from megatron_lite.pipeline.actions import virtual_stage
 from megatron_lite.process_groups import ProcessGroups
 
 ModelProvider = Callable[[bool, bool, list], nn.Module]

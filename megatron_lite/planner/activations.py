@@ -313,7 +313,7 @@ def peak_alive(schedule: str, pp: int, vp: int, m: int, pp_rank: int, weights: t
     at B, but the deferred weight gradients keep `wgrad_weights[chunk]` (each GEMM's input and output
     gradient: chunk_wgrad_bytes) alive until that pair's W; planner/measure.py counts the same. Within a B
     the layers trade their saved tensors for their W's one by one, so the peak is at an action boundary."""
-    from megatron_lite.pipeline.schedules import Backward, Forward, WeightGrad
+    from megatron_lite.pipeline.actions import Backward, Forward, WeightGrad
     actions = rank_actions(schedule, pp, vp, simulated_microbatches(pp, m), pp_rank)
     alive = peak = 0.0
     for action in actions:

@@ -7,7 +7,7 @@ distributed optimizer (DP4, small buckets, so parameters straddle DP shard bound
 - the same-layout load reads only the files holding its own slices and restores every state bitwise;
 - --async-save (background writer, finalized later) writes the same checkpoint as a synchronous save;
 - offline, without torch.distributed: tools/checkpoint/inspect.py --verify and a reshard to TP 2
-  (checkpoint_io.reshard_checkpoint, what convert.py runs) read the sharded files exactly.
+  (checkpoint_offline.reshard_checkpoint, what convert.py runs) read the sharded files exactly.
 """
 import os
 import subprocess
@@ -18,7 +18,8 @@ import torch
 
 import checkpoint_toys as toys
 from megatron_lite import checkpointing, collectives, parallel_state as ps
-from megatron_lite.checkpoint_io import CheckpointReader, reshard_checkpoint
+from megatron_lite.checkpoint_io import CheckpointReader
+from megatron_lite.checkpoint_offline import reshard_checkpoint
 from megatron_lite.checkpointing import (_files_read, _named_params, _layout, finalize_pending_save,
                                          load_checkpoint, pending_save_iteration, save_checkpoint)
 from megatron_lite.testing import run_distributed

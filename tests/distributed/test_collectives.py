@@ -96,7 +96,7 @@ def _two_threads_blocked():
     import threading
     ps.initialize_model_parallel()
     group = ps.get_data_parallel_group()
-    release_worker, release_main, worker_in = threading.Event(), threading.Event(), threading.Event()
+    release_worker, worker_in = threading.Event(), threading.Event()
 
     def worker():
         C._call("recv", group, lambda: (worker_in.set(), release_worker.wait(30)))

@@ -194,7 +194,6 @@ def _check_against_reference(results: dict, reference: dict, dp: int) -> None:
         # Communication per step: all-reduce of all grads, or reduce-scatter of grads + all-gather of params.
         b = got["dp_bytes"]
         sharded = kwargs.get("dist_opt") or kwargs.get("strategy") is not None
-        zero2 = kwargs.get("strategy") == "optim_grads"
         if dp == 1:
             pass  # the one-rank DP group is also the TP/MP group, whose counters hold the grad-norm scalars
         elif kwargs.get("strategy") == "optim_grads_params":  # ZeRO-3: params gathered per micro-batch, twice

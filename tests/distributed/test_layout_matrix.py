@@ -119,9 +119,7 @@ def _batches(step: int, dp: int, dp_rank: int) -> list[dict]:
 def _full_grads(model, optimizer, groups) -> dict:
     """Every parameter's reduced gradient (divided by the loss scale), in its canonical full shape."""
     from megatron_lite import collectives
-    from megatron_lite import parallel_state as ps
     scale = float(optimizer.get_loss_scale().reshape(-1)[0])
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     grads: dict[int, torch.Tensor] = {}
     for chunk in model:
         for buffer in chunk.param_and_grad_buffers:

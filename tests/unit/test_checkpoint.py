@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import checkpoint_toys as toys
-from megatron_lite import checkpoint_io, checkpointing
-from megatron_lite.checkpoint_io import CheckpointError, CheckpointReader, write_checkpoint_from_full_tensors
+from megatron_lite import checkpoint_io, checkpoint_offline, checkpointing
+from megatron_lite.checkpoint_io import CheckpointError, CheckpointReader
+from megatron_lite.checkpoint_offline import write_checkpoint_from_full_tensors
 from megatron_lite.checkpointing import load_checkpoint, read_tracker, save_checkpoint
 from megatron_lite.config import Config
 from megatron_lite.tensor_parallel.shard_spec import ShardSpec
@@ -213,7 +214,7 @@ def test_offline_writer_reader_reshard_exact(tmp_path):
         assert torch.equal(reader.optimizer_full_state(name)["exp_avg"], tensor * 2), name
 
     dst = tmp_path / "tp4"
-    checkpoint_io.reshard_checkpoint(str(src), str(dst), tp=4, pp=1)
+    checkpoint_offline.reshard_checkpoint(str(src), str(dst), tp=4, pp=1)
     resharded = CheckpointReader(str(dst))
     assert resharded.layout["tp"] == 4 and resharded.has_optimizer()
     for name, tensor in originals.items():

@@ -16,8 +16,8 @@ import os
 import torch
 
 import checkpoint_toys as toys
-from megatron_lite.checkpoint_io import (METADATA_FILE, CheckpointReader, ParamMeta, file_records,
-                                         write_checkpoint_from_full_tensors)
+from megatron_lite.checkpoint_io import METADATA_FILE, CheckpointReader, ParamMeta, file_records
+from megatron_lite.checkpoint_offline import write_checkpoint_from_full_tensors
 from megatron_lite.checkpoint_slices import Target, files_for_slice, read_slice
 from megatron_lite.config import Config
 from megatron_lite.tensor_parallel.shard_spec import ShardSpec, shard_spec_of

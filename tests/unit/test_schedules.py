@@ -8,9 +8,8 @@ import pytest
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.pipeline.runner import get_forward_backward_func
-from megatron_lite.pipeline.schedules import (Backward, Exchange, FinalizeGrads, Forward, P2POp, Post, Wait,
-                                              WeightGrad, all_rank_schedules, build_schedule, schedule_name,
-                                              schedule_table)
+from megatron_lite.pipeline.actions import Backward, Exchange, FinalizeGrads, Forward, P2POp, Post, Wait, WeightGrad
+from megatron_lite.pipeline.schedules import all_rank_schedules, build_schedule, schedule_name, schedule_table
 from megatron_lite.pipeline.simulator import ScheduleError, check_schedules, max_in_flight, simulate, simulate_timeline
 from megatron_lite.pipeline.stages import layers_for_stage, stage_layer_counts
 
@@ -224,7 +223,7 @@ def test_zbv_bubble_is_the_papers_zero_up_to_the_fill(overlap):
 
 
 def test_zbv_places_chunks_as_a_v_and_refuses_what_it_cannot_run():
-    from megatron_lite.pipeline.schedules import op_peer, virtual_stage
+    from megatron_lite.pipeline.actions import op_peer, virtual_stage
     assert [virtual_stage(4, r, c, v_shape=True) for c in (0, 1) for r in range(4)] == [0, 1, 2, 3, 7, 6, 5, 4]
     assert layers_for_stage(8, 2, 0, 2, 1, v_shape=True) == [6, 7] and layers_for_stage(8, 2, 1, 2, 1, v_shape=True) == [4, 5]
     # rank PP - 1 hands chunk 0's output to its own chunk 1 (no message), rank 0 computes the loss

@@ -12,7 +12,8 @@ import torch
 from megatron_lite.config import Config
 from megatron_lite.models.gpt import GPTModel
 from megatron_lite.pipeline.runner import forward_backward
-from megatron_lite.pipeline.schedules import Backward, WeightGrad, build_schedule
+from megatron_lite.pipeline.actions import Backward, WeightGrad
+from megatron_lite.pipeline.schedules import build_schedule
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 

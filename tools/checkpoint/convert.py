@@ -42,7 +42,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 from megatron_lite import hf_conversion as hfc  # noqa: E402
 from megatron_lite import megatron_lm  # noqa: E402
 from megatron_lite.checkpoint_io import (CheckpointError, CheckpointReader, ParamMeta, param_meta_from_model,  # noqa: E402
-                                         read_tracker, write_checkpoint_from_full_tensors)
+                                         read_tracker)
+from megatron_lite.checkpoint_offline import write_checkpoint_from_full_tensors  # noqa: E402
 from megatron_lite.config import Config, ConfigError  # noqa: E402
 
 TOKENIZER_DIR = "tokenizer"  # <save>/tokenizer/: the tokenizer files of a megatron_lite checkpoint
