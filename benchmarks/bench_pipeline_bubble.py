@@ -16,7 +16,8 @@ i.e. (p - 1) / (v m + p - 1) of the step time, which is what the simulator (simu
 exactly with free communication at the nominal times; the next column runs the simulator at the compute
 times measured in the same run (mean F, B, W per chunk), the last charges every p2p op P2P_S after both
 ends have posted it (blocking exchanges pay it on the critical path, overlapped ones hide it).
---append adds the table to benchmarks/RESULTS.md.
+--append adds the table to benchmarks/RESULTS.md. --breakdown adds a second table: where each rank's idle
+time goes (starting ops, waiting for receives, waiting for sends, the runner's other work), per step.
 """
 from __future__ import annotations
 
@@ -89,9 +90,42 @@ def _forward_step(data_iterator, model):
     return output, lambda out: (out.mean(), {"lm loss": out.mean().detach()})
 
 
-def _measure(pp: int, vp: int | None, schedule: str, overlap: bool, counts: list[int], repeats: int) -> list[dict]:
-    """On every rank: the best of `repeats` steps per m: step time, idle fraction, mean compute per F/B/W."""
+def _time_runner_parts(parts: dict) -> None:
+    """Accumulate the wall seconds this process's pipeline runner spends starting ops ("post": Post and the
+    start of a blocking Exchange), waiting for receives and for sends, and in the whole run, into `parts`."""
+    from megatron_lite.pipeline import runner
+
+    def timed(name_of, method):
+        def wrapper(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                key = name_of(*args)
+                parts[key] = parts.get(key, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    run = runner._PipelineRun
+    run.post = timed(lambda ops, background=False: "post", run.post)
+    run.wait = timed(lambda ops: "wait_recv" if any(op.kind.startswith("recv") for op in ops) else "wait_send",
+                     run.wait)
+    run._run = timed(lambda actions: "run", run._run)
+    inner = run._run
+
+    def run_marked(self, actions):
+        parts["run_start"] = time.perf_counter()
+        return inner(self, actions)
+    run._run = run_marked
+
+
+def _measure(pp: int, vp: int | None, schedule: str, overlap: bool, counts: list[int], repeats: int,
+             breakdown: bool = False) -> list[dict]:
+    """On every rank: the best of `repeats` steps per m: step time, idle fraction, mean compute per F/B/W
+    (and with `breakdown`, that step's seconds per runner part, _time_runner_parts)."""
     torch.set_num_threads(1)
+    parts: dict = {}
+    if breakdown:
+        _time_runner_parts(parts)
     ps.initialize_model_parallel(1, pp, vp)
     rows = []
     for m in counts:
@@ -111,6 +145,7 @@ def _measure(pp: int, vp: int | None, schedule: str, overlap: bool, counts: list
             iterators = [iter(data) for _ in chunks] if len(chunks) > 1 else iter(data)
             collectives.barrier()
             stats: dict = {}
+            parts.clear()
             start = time.perf_counter()
             forward_backward(forward_step_func=_forward_step, data_iterator=iterators, model=chunks, num_microbatches=m,
                              seq_length=SEQ, micro_batch_size=1, config=cfg, stats=stats)
@@ -119,8 +154,11 @@ def _measure(pp: int, vp: int | None, schedule: str, overlap: bool, counts: list
             compute = stats["compute_s"]
             idle = 1.0 - sum(compute.values()) / elapsed
             if best is None or elapsed < best[0]:
-                best = (elapsed, idle, {kind: seconds / (m * len(chunks)) for kind, seconds in compute.items()})
-        rows.append({"m": m, "step_s": best[0], "idle": best[1], "per_action_s": best[2], "schedule": forward_backward.schedule})
+                setup = parts.get("run_start", start) - start  # building the schedule and the runner
+                best = (elapsed, idle, {kind: seconds / (m * len(chunks)) for kind, seconds in compute.items()},
+                        {**parts, "compute": sum(compute.values()), "setup": setup})
+        rows.append({"m": m, "step_s": best[0], "idle": best[1], "per_action_s": best[2], "schedule": forward_backward.schedule,
+                     "parts": best[3]})
     return rows
 
 
@@ -134,15 +172,21 @@ def main() -> None:
     parser.add_argument("--pp", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "interleaved", "zb-h1", "zbv"])
     parser.add_argument("--counts", type=int, nargs="+", default=[4, 6, 8, 16])
+    parser.add_argument("--overlap", choices=["both", "on", "off"], default="both",
+                        help="rows with --overlap-p2p-comm on, off or both")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also print where each rank's idle time goes (ms per step: starting ops, waiting for "
+                             "receives, waiting for sends, other runner work) beside the simulator's idle")
     args = parser.parse_args()
     counts = args.counts
-    configs = [(pp, schedule, overlap) for pp in args.pp for schedule in args.schedules for overlap in (False, True)]
+    overlaps = {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
+    configs = [(pp, schedule, overlap) for pp in args.pp for schedule in args.schedules for overlap in overlaps]
     best: dict[tuple, list] = {}  # (pp, schedule, overlap, m) -> every rank's row of the fastest step
     for round_ in range(args.rounds):
         for pp, schedule, overlap in configs:
             vp = 2 if schedule in ("interleaved", "zbv") else None
             per_rank = run_distributed(_measure, pp, timeout=600.0, pp=pp, vp=vp, schedule=schedule,
-                                       overlap=overlap, counts=counts, repeats=args.repeats)
+                                       overlap=overlap, counts=counts, repeats=args.repeats, breakdown=args.breakdown)
             for index, m in enumerate(counts):
                 rows = [ranks[index] for ranks in per_rank]
                 key = (pp, schedule, overlap, m)
@@ -164,6 +208,8 @@ def main() -> None:
               "stages) so that PP ranks on 2 shared cores do not contend; measured idle includes the real p2p and "
               "runtime overhead. Idle fraction = 1 - compute time / step time, per stage (compute: wall time inside "
               f"the model's forward, B and W). Fastest of {args.repeats} steps x {args.rounds} rounds per row.\n\n")
+    if args.breakdown:
+        table += "\n\n" + _breakdown_table(configs, counts, best)
     print(header + table)
     if args.append:
         append_results(header + table + "\n")
@@ -182,6 +228,33 @@ def _row(pp: int, v: int, schedule: str, overlap: bool, m: int, per_rank: list, 
             f"{mean_idle:.3f} / {max(idle):.3f} | {sum(simulated) / pp:.3f} | {sim_idle:.3f} | "
             f"{100 * (mean_idle - sim_idle):+.1f} | {sum(with_p2p) / pp:.3f} | "
             f"{'-' if theory is None else f'{theory:.3f}'} |")
+
+
+def _breakdown_table(configs: list, counts: list[int], best: dict) -> str:
+    """Per row, mean over ranks in ms per step of the fastest step: idle as measured and as the simulator
+    (at the measured compute) has it, and the measured idle split into starting ops, waiting for receives,
+    waiting for sends and the rest of the runner's work outside compute; before the first action: building
+    the schedule and the runner; after the last action: until the slowest rank ends (a rank that ends
+    early idles there, in the simulator too)."""
+    lines = ["| PP | schedule | overlap | m | idle measured (ms) | idle simulated (ms) | post (ms) | wait for receives (ms) | "
+             "wait for sends (ms) | other runner work (ms) | before the first action (ms) | after the last action (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for pp, schedule, overlap in configs:
+        v = 2 if schedule in ("interleaved", "zbv") else 1
+        for m in counts:
+            ranks = best[(pp, schedule, overlap, m)]
+            step = ranks[0]["step_s"]
+            schedules = all_rank_schedules(schedule, pp, v, m, overlap=overlap)
+            measured = {kind: sum(r["per_action_s"][kind] for r in ranks) / pp for kind in ("F", "B", "W")}
+            simulated = sum(simulate(schedules, measured["F"], measured["B"] + measured["W"], weight_time=measured["W"])) / pp
+            mean = {key: 1000 * sum(r["parts"].get(key, 0.0) for r in ranks) / pp
+                    for key in ("run", "compute", "post", "wait_recv", "wait_send", "setup")}
+            other = mean["run"] - mean["compute"] - mean["post"] - mean["wait_recv"] - mean["wait_send"]
+            idle = 1000 * sum(r["idle"] for r in ranks) / pp * step
+            lines.append(f"| {pp} | {schedule} | {'on' if overlap else 'off'} | {m} | {idle:.1f} | {1000 * simulated * step:.1f} | "
+                         f"{mean['post']:.1f} | {mean['wait_recv']:.1f} | {mean['wait_send']:.1f} | {other:.1f} | "
+                         f"{mean['setup']:.1f} | {1000 * step - mean['run'] - mean['setup']:.1f} |")
+    return "\n".join(lines)
 
 
 def _theory(schedule: str, pp: int, v: int, m: int):
