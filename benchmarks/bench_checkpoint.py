@@ -55,7 +55,8 @@ SEQ, VOCAB = 64, 8192
 def _config(dp: int, layers: int, hidden: int, directory: str, strategy: str = "optim", tp: int = 1) -> Config:
     cfg = Config(world_size=dp)
     m = cfg.model
-    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = layers, hidden, max(1, hidden // 64), SEQ
+    # at least 2 heads: the reshard-load column loads into TP 2
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = layers, hidden, max(2, hidden // 64), SEQ
     m.vocab_size, m.hidden_dropout, m.attention_dropout = VOCAB, 0.0, 0.0
     cfg.parallel.use_distributed_optimizer = True
     cfg.parallel.data_parallel_sharding_strategy, cfg.parallel.tensor_model_parallel_size = strategy, tp
