@@ -92,8 +92,8 @@ class GPTModel(nn.Module):
         groups = groups or ProcessGroups.single()
         if groups.tp.size != config.parallel.tensor_model_parallel_size:
             raise ConfigError(f"--tensor-model-parallel-size: the config says {config.parallel.tensor_model_parallel_size} "
-                              f"but the process groups given to GPTModel have TP = {groups.tp.size}. Pass "
-                              "groups=parallel_state.get_process_groups() (the default is one process).")
+                              f"but the process groups given to GPTModel have TP = {groups.tp.size}. Pass the "
+                              "ProcessGroups this rank runs under as groups= (the default is one process).")
         if groups.cp.size != config.parallel.context_parallel_size:
             raise ConfigError(f"--context-parallel-size: the config says {config.parallel.context_parallel_size} "
                               f"but the process groups given to GPTModel have CP = {groups.cp.size}.")

@@ -68,7 +68,7 @@ class MoELayer(nn.Module):
         if groups.ep.size != ep or groups.etp.size != etp:
             raise ConfigError(f"--expert-model-parallel-size/--expert-tensor-parallel-size: the config says EP {ep} x "
                               f"ETP {etp} but the process groups have EP {groups.ep.size} x ETP {groups.etp.size}. Pass "
-                              "groups=parallel_state.get_process_groups().")
+                              "the ProcessGroups this rank runs under as groups=.")
         self.tp_group = groups.tp
         # Without sequence parallelism the TP ranks hold the same tokens (generation): each routes a 1/TP slice.
         self.split_over_tp = groups.tp.size > 1 and not parallel.sequence_parallel
