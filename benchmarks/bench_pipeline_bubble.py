@@ -97,25 +97,23 @@ def _time_runner_parts(parts: dict) -> None:
 
     def timed(name_of, method):
         def wrapper(self, *args, **kwargs):
+            key = name_of(*args)
             start = time.perf_counter()
             try:
                 return method(self, *args, **kwargs)
             finally:
-                key = name_of(*args)
                 parts[key] = parts.get(key, 0.0) + time.perf_counter() - start
         return wrapper
+
+    def run_start(actions) -> str:
+        parts["run_start"] = time.perf_counter()  # when the action loop starts
+        return "run"
 
     run = runner._PipelineRun
     run.post = timed(lambda ops, background=False: "post", run.post)
     run.wait = timed(lambda ops: "wait_recv" if any(op.kind.startswith("recv") for op in ops) else "wait_send",
                      run.wait)
-    run._run = timed(lambda actions: "run", run._run)
-    inner = run._run
-
-    def run_marked(self, actions):
-        parts["run_start"] = time.perf_counter()
-        return inner(self, actions)
-    run._run = run_marked
+    run._run = timed(run_start, run._run)
 
 
 def _measure(pp: int, vp: int | None, schedule: str, overlap: bool, counts: list[int], repeats: int,
@@ -220,14 +218,19 @@ def _row(pp: int, v: int, schedule: str, overlap: bool, m: int, per_rank: list, 
     schedules = all_rank_schedules(schedule, pp, v, m, overlap=overlap)
     simulated = simulate(schedules, FORWARD_S / v, BACKWARD_S / v, weight_time=BACKWARD_S / v / 2)
     with_p2p = simulate(schedules, FORWARD_S / v, BACKWARD_S / v, p2p_time=P2P_S, weight_time=BACKWARD_S / v / 2)
-    measured = {kind: sum(rows[index]["per_action_s"][kind] for rows in per_rank) / pp for kind in ("F", "B", "W")}
-    at_measured = simulate(schedules, measured["F"], measured["B"] + measured["W"], weight_time=measured["W"])
-    mean_idle, sim_idle = sum(idle) / pp, sum(at_measured) / pp
+    mean_idle, sim_idle = sum(idle) / pp, _idle_at_measured(schedules, [rows[index] for rows in per_rank])
     theory = _theory(schedule, pp, v, m)
     return (f"| {pp} | {v} | {schedule} | {'on' if overlap else 'off'} | {m} | {per_rank[0][index]['step_s']:.3f} | "
             f"{mean_idle:.3f} / {max(idle):.3f} | {sum(simulated) / pp:.3f} | {sim_idle:.3f} | "
             f"{100 * (mean_idle - sim_idle):+.1f} | {sum(with_p2p) / pp:.3f} | "
             f"{'-' if theory is None else f'{theory:.3f}'} |")
+
+
+def _idle_at_measured(schedules: list, ranks: list[dict]) -> float:
+    """The simulator's idle fraction, mean over ranks, at the compute times the ranks measured (mean F, B, W)."""
+    measured = {kind: sum(r["per_action_s"][kind] for r in ranks) / len(ranks) for kind in ("F", "B", "W")}
+    idle = simulate(schedules, measured["F"], measured["B"] + measured["W"], weight_time=measured["W"])
+    return sum(idle) / len(idle)
 
 
 def _breakdown_table(configs: list, counts: list[int], best: dict) -> str:
@@ -244,9 +247,7 @@ def _breakdown_table(configs: list, counts: list[int], best: dict) -> str:
         for m in counts:
             ranks = best[(pp, schedule, overlap, m)]
             step = ranks[0]["step_s"]
-            schedules = all_rank_schedules(schedule, pp, v, m, overlap=overlap)
-            measured = {kind: sum(r["per_action_s"][kind] for r in ranks) / pp for kind in ("F", "B", "W")}
-            simulated = sum(simulate(schedules, measured["F"], measured["B"] + measured["W"], weight_time=measured["W"])) / pp
+            simulated = _idle_at_measured(all_rank_schedules(schedule, pp, v, m, overlap=overlap), ranks)
             mean = {key: 1000 * sum(r["parts"].get(key, 0.0) for r in ranks) / pp
                     for key in ("run", "compute", "post", "wait_recv", "wait_send", "setup")}
             other = mean["run"] - mean["compute"] - mean["post"] - mean["wait_recv"] - mean["wait_send"]

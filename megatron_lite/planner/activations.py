@@ -300,7 +300,8 @@ def simulated_microbatches(pp: int, m: int) -> int:
 
 @functools.lru_cache(maxsize=512)
 def rank_actions(schedule: str, pp: int, vp: int, m: int, pp_rank: int) -> tuple:
-    """pipeline/schedules.py's action list for one rank (cached: the search asks the same ones often)."""
+    """pipeline/schedules.py's action list for one rank (cached here too, as a tuple and with more entries
+    than build_schedule keeps: the search asks for many layouts' lists, and often)."""
     from megatron_lite.pipeline.schedules import build_schedule
     return tuple(build_schedule(schedule, pp, pp_rank, vp, m))
 

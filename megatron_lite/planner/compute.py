@@ -23,13 +23,12 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import replace
-
 from typing import TYPE_CHECKING
 
 from megatron_lite.planner.activations import ModelShape, layer_bytes
 from megatron_lite.planner.layout import Layout
 
-if TYPE_CHECKING:  # annotations only: calibrate.py (which hardware.py calls) uses compute on a bare profile
+if TYPE_CHECKING:  # annotations only: hardware.py -> calibrate.py -> compute.py must not import back at load
     from megatron_lite.planner.hardware import Hardware
 
 

@@ -94,10 +94,13 @@ def _final_params(save_dir):
     return {name: reader.full_tensor(name) for name in reader.param_names()}
 
 
+RESUME_LAYOUT = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
+RESUME_BASE = [*TINY, *LLAMA, "--num-attention-heads", "8", "--num-query-groups", "4",  # GQA that TP=4 can split
+               "--train-iters", "8"]
+
+
 def test_resume_is_bitwise_and_reshards(tmp_path):
-    layout = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
-    base = [*TINY, *LLAMA, "--num-attention-heads", "8", "--num-query-groups", "4",  # GQA that TP=4 can split
-            "--train-iters", "8", "--eval-interval", "4", "--eval-iters", "1"]
+    layout, base = RESUME_LAYOUT, [*RESUME_BASE, "--eval-interval", "4", "--eval-iters", "1"]
     straight, _ = run(4, [*base, *layout, "--save", str(tmp_path / "straight")], tmp_path, "straight")
     first, _ = run(4, [*base, *layout, "--save", str(tmp_path / "split"), "--exit-interval", "4"], tmp_path, "first")
     assert max(train_losses(first)) == 4 and (tmp_path / "split" / "iter_0000004").is_dir()
@@ -128,11 +131,9 @@ def _resume_in(tmp_path, base: list, name: str, flags: list, expected: dict) -> 
 
 @pytest.mark.slow
 def test_resume_reshards_to_pp4(tmp_path):
-    layout = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
-    base = [*TINY, *LLAMA, "--num-attention-heads", "8", "--num-query-groups", "4", "--train-iters", "8"]
-    straight, _ = run(4, [*base, *layout], tmp_path, "straight")
-    run(4, [*base, *layout, "--save", str(tmp_path / "split"), "--exit-interval", "4"], tmp_path, "first")
-    _resume_in(tmp_path, base, "tp1_pp4_dp2", ["--pipeline-model-parallel-size", "4"], train_losses(straight))
+    straight, _ = run(4, [*RESUME_BASE, *RESUME_LAYOUT], tmp_path, "straight")
+    run(4, [*RESUME_BASE, *RESUME_LAYOUT, "--save", str(tmp_path / "split"), "--exit-interval", "4"], tmp_path, "first")
+    _resume_in(tmp_path, RESUME_BASE, "tp1_pp4_dp2", ["--pipeline-model-parallel-size", "4"], train_losses(straight))
 
 
 def test_sigterm_saves_and_exits_zero_and_eval_only(tmp_path):
