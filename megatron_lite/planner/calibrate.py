@@ -152,12 +152,18 @@ def layer_scale_table(profile: dict, repeats: int = 7) -> list[list[float]]:
     a 2-core x86 (measured 2026-12-02). The arithmetic measured is the layer's time (3 layers minus 1, / 2)
     less the calibrated per-layer overhead; compute.chunk_times scales its arithmetic by the ratio,
     log-interpolated in the predicted time (the ends held outside the table)."""
+    from types import SimpleNamespace
+
     import torch
     from megatron_lite.planner.activations import ModelShape
     from megatron_lite.planner.compute import layer_arithmetic
-    from megatron_lite.planner.hardware import Hardware  # here, not at the top: hardware.py calls this module
     from megatron_lite.planner.layout import Layout, prepare
-    hw = Hardware.from_json({**profile, "layer_scale_table": ()})  # the profile being measured, unscaled
+    # the profile being measured, as the fields layer_arithmetic reads: its GEMM table (which replaces the
+    # presets' eff_max / half_dim model) and bandwidth. Not hardware.Hardware: hardware.py calls this
+    # module (cpu_profile), and the import-cycle check counts a function-level import back as a cycle.
+    hw = SimpleNamespace(gemm_table=tuple(tuple(x) for x in profile["gemm_table"]),
+                         peak_tflops=profile["peak_tflops"], memory_bandwidth_gbps=profile["memory_bandwidth_gbps"],
+                         layer_overhead_s=profile["layer_overhead_s"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
