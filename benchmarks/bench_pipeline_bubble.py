@@ -117,7 +117,7 @@ def _time_runner_parts(parts: dict) -> None:
 
 
 def _measure(pp: int, vp: int | None, schedule: str, overlap: bool, counts: list[int], repeats: int,
-             breakdown: bool = False) -> list[dict]:
+             breakdown: bool = False, transport: str = "auto") -> list[dict]:
     """On every rank: the best of `repeats` steps per m: step time, idle fraction, mean compute per F/B/W
     (and with `breakdown`, that step's seconds per runner part, _time_runner_parts)."""
     torch.set_num_threads(1)
@@ -132,6 +132,7 @@ def _measure(pp: int, vp: int | None, schedule: str, overlap: bool, counts: list
         cfg.model.seq_length = SEQ
         cfg.parallel.pipeline_model_parallel_size, cfg.parallel.virtual_pipeline_model_parallel_size = pp, vp
         cfg.parallel.pipeline_schedule, cfg.parallel.overlap_p2p_comm = schedule, overlap
+        cfg.parallel.pipeline_p2p_transport = transport
         cfg.training.global_batch_size = m
         cfg.validate()
         groups = ps.get_process_groups()
@@ -154,9 +155,9 @@ def _measure(pp: int, vp: int | None, schedule: str, overlap: bool, counts: list
             if best is None or elapsed < best[0]:
                 setup = parts.get("run_start", start) - start  # building the schedule and the runner
                 best = (elapsed, idle, {kind: seconds / (m * len(chunks)) for kind, seconds in compute.items()},
-                        {**parts, "compute": sum(compute.values()), "setup": setup})
+                        {**parts, "compute": sum(compute.values()), "setup": setup}, stats["p2p_transport"])
         rows.append({"m": m, "step_s": best[0], "idle": best[1], "per_action_s": best[2], "schedule": forward_backward.schedule,
-                     "parts": best[3]})
+                     "parts": best[3], "transport": best[4]})
     return rows
 
 
@@ -172,32 +173,37 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[4, 6, 8, 16])
     parser.add_argument("--overlap", choices=["both", "on", "off"], default="both",
                         help="rows with --overlap-p2p-comm on, off or both")
+    parser.add_argument("--transport", choices=["auto", "process-group", "both"], default="auto",
+                        help="--pipeline-p2p-transport of the rows: auto (shared memory, the ranks being on one "
+                             "host), process-group (gloo p2p) or both")
     parser.add_argument("--breakdown", action="store_true",
                         help="also print where each rank's idle time goes (ms per step: starting ops, waiting for "
                              "receives, waiting for sends, other runner work) beside the simulator's idle")
     args = parser.parse_args()
     counts = args.counts
     overlaps = {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
-    configs = [(pp, schedule, overlap) for pp in args.pp for schedule in args.schedules for overlap in overlaps]
-    best: dict[tuple, list] = {}  # (pp, schedule, overlap, m) -> every rank's row of the fastest step
+    transports = ("auto", "process-group") if args.transport == "both" else (args.transport,)
+    configs = [(pp, schedule, overlap, transport) for pp in args.pp for schedule in args.schedules
+               for overlap in overlaps for transport in transports]
+    best: dict[tuple, list] = {}  # (pp, schedule, overlap, transport, m) -> every rank's row of the fastest step
     for round_ in range(args.rounds):
-        for pp, schedule, overlap in configs:
+        for pp, schedule, overlap, transport in configs:
             vp = 2 if schedule in ("interleaved", "zbv") else None
-            per_rank = run_distributed(_measure, pp, timeout=600.0, pp=pp, vp=vp, schedule=schedule,
-                                       overlap=overlap, counts=counts, repeats=args.repeats, breakdown=args.breakdown)
+            per_rank = run_distributed(_measure, pp, timeout=600.0, pp=pp, vp=vp, schedule=schedule, overlap=overlap,
+                                       counts=counts, repeats=args.repeats, breakdown=args.breakdown, transport=transport)
             for index, m in enumerate(counts):
                 rows = [ranks[index] for ranks in per_rank]
-                key = (pp, schedule, overlap, m)
+                key = (pp, schedule, overlap, transport, m)
                 if key not in best or rows[0]["step_s"] < best[key][0]["step_s"]:
                     best[key] = rows
-            print(f"round {round_ + 1}/{args.rounds}: PP {pp} {schedule} overlap {overlap} done", flush=True)
-    lines = ["| PP | VP | schedule | overlap | m | step (s) | measured idle (mean / max over stages) | simulator | "
+            print(f"round {round_ + 1}/{args.rounds}: PP {pp} {schedule} overlap {overlap} {transport} done", flush=True)
+    lines = ["| PP | VP | schedule | overlap | p2p | m | step (s) | measured idle (mean / max over stages) | simulator | "
              f"simulator at measured F/B/W | measured - simulator (points) | simulator, {P2P_S * 1000:.0f} ms per p2p op | "
              "theory of step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for pp, schedule, overlap in configs:
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for pp, schedule, overlap, transport in configs:
         vp = 2 if schedule in ("interleaved", "zbv") else 1
-        lines += [_row(pp, vp, schedule, overlap, m, [[row] for row in best[(pp, schedule, overlap, m)]], 0) for m in counts]
+        lines += [_row(pp, vp, schedule, overlap, m, best[(pp, schedule, overlap, transport, m)]) for m in counts]
     table = "\n".join(lines)
     cpu = platform.processor() or platform.machine()
     header = (f"\n## Pipeline bubble (benchmarks/bench_pipeline_bubble.py), {datetime.date.today().isoformat()}\n\n"
@@ -213,14 +219,14 @@ def main() -> None:
         append_results(header + table + "\n")
 
 
-def _row(pp: int, v: int, schedule: str, overlap: bool, m: int, per_rank: list, index: int) -> str:
-    idle = [rows[index]["idle"] for rows in per_rank]
+def _row(pp: int, v: int, schedule: str, overlap: bool, m: int, ranks: list[dict]) -> str:
+    idle = [rank["idle"] for rank in ranks]
     schedules = all_rank_schedules(schedule, pp, v, m, overlap=overlap)
     simulated = simulate(schedules, FORWARD_S / v, BACKWARD_S / v, weight_time=BACKWARD_S / v / 2)
     with_p2p = simulate(schedules, FORWARD_S / v, BACKWARD_S / v, p2p_time=P2P_S, weight_time=BACKWARD_S / v / 2)
-    mean_idle, sim_idle = sum(idle) / pp, _idle_at_measured(schedules, [rows[index] for rows in per_rank])
+    mean_idle, sim_idle = sum(idle) / pp, _idle_at_measured(schedules, ranks)
     theory = _theory(schedule, pp, v, m)
-    return (f"| {pp} | {v} | {schedule} | {'on' if overlap else 'off'} | {m} | {per_rank[0][index]['step_s']:.3f} | "
+    return (f"| {pp} | {v} | {schedule} | {'on' if overlap else 'off'} | {ranks[0]['transport']} | {m} | {ranks[0]['step_s']:.3f} | "
             f"{mean_idle:.3f} / {max(idle):.3f} | {sum(simulated) / pp:.3f} | {sim_idle:.3f} | "
             f"{100 * (mean_idle - sim_idle):+.1f} | {sum(with_p2p) / pp:.3f} | "
             f"{'-' if theory is None else f'{theory:.3f}'} |")
@@ -239,20 +245,20 @@ def _breakdown_table(configs: list, counts: list[int], best: dict) -> str:
     waiting for sends and the rest of the runner's work outside compute; before the first action: building
     the schedule and the runner; after the last action: until the slowest rank ends (a rank that ends
     early idles there, in the simulator too)."""
-    lines = ["| PP | schedule | overlap | m | idle measured (ms) | idle simulated (ms) | post (ms) | wait for receives (ms) | "
+    lines = ["| PP | schedule | overlap | p2p | m | idle measured (ms) | idle simulated (ms) | post (ms) | wait for receives (ms) | "
              "wait for sends (ms) | other runner work (ms) | before the first action (ms) | after the last action (ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for pp, schedule, overlap in configs:
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for pp, schedule, overlap, transport in configs:
         v = 2 if schedule in ("interleaved", "zbv") else 1
         for m in counts:
-            ranks = best[(pp, schedule, overlap, m)]
+            ranks = best[(pp, schedule, overlap, transport, m)]
             step = ranks[0]["step_s"]
             simulated = _idle_at_measured(all_rank_schedules(schedule, pp, v, m, overlap=overlap), ranks)
             mean = {key: 1000 * sum(r["parts"].get(key, 0.0) for r in ranks) / pp
                     for key in ("run", "compute", "post", "wait_recv", "wait_send", "setup")}
             other = mean["run"] - mean["compute"] - mean["post"] - mean["wait_recv"] - mean["wait_send"]
             idle = 1000 * sum(r["idle"] for r in ranks) / pp * step
-            lines.append(f"| {pp} | {schedule} | {'on' if overlap else 'off'} | {m} | {idle:.1f} | {1000 * simulated * step:.1f} | "
+            lines.append(f"| {pp} | {schedule} | {'on' if overlap else 'off'} | {ranks[0]['transport']} | {m} | {idle:.1f} | {1000 * simulated * step:.1f} | "
                          f"{mean['post']:.1f} | {mean['wait_recv']:.1f} | {mean['wait_send']:.1f} | {other:.1f} | "
                          f"{mean['setup']:.1f} | {1000 * step - mean['run'] - mean['setup']:.1f} |")
     return "\n".join(lines)

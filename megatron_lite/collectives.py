@@ -121,6 +121,11 @@ def set_timeout(minutes: float) -> None:
     _TIMEOUT_MINUTES = minutes
 
 
+def timeout_minutes() -> float:
+    """--distributed-timeout-minutes, for transports outside torch.distributed (pipeline/shm_p2p.py)."""
+    return _TIMEOUT_MINUTES
+
+
 def comm_stats() -> dict[tuple[str, str], dict[str, int]]:
     """{(group name, op): {"calls": n, "bytes": b}} since the last reset, for this rank."""
     with _STATS_LOCK:
@@ -143,6 +148,17 @@ def _record(group, op: str, nbytes: int) -> None:
         entry = _STATS[(group_name(group), op)]
         entry[0] += 1
         entry[1] += nbytes
+
+
+def count(group, op: str, nbytes: int) -> None:
+    """Count an op that another transport carried (pipeline/shm_p2p.py) as if it ran on `group`."""
+    _record(group, op, nbytes)
+
+
+def tracked(op: str, group, fn):
+    """Run a blocking wait of another transport as this module runs its own: listed by in_flight(), and an
+    error worded as a timeout or a lost peer raised as CollectiveTimeoutError / CollectivePeerLostError."""
+    return _call(op, group, fn)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -14,12 +14,13 @@ group, a separate channel (peers are global ranks, so any group containing both 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from megatron_lite import collectives
 from megatron_lite.collectives import P2P
+from megatron_lite.pipeline import shm_p2p
 from megatron_lite.process_groups import ProcessGroups
 
 
@@ -114,7 +115,8 @@ def communicate(*, send_next: Optional[torch.Tensor] = None, send_prev: Optional
 
 
 def post_ops(transfers: list[tuple[str, Optional[torch.Tensor], int, str]], *, shape: tuple[int, ...],
-             dtype: torch.dtype, device: torch.device, groups: ProcessGroups, background: bool = False) -> Posted:
+             dtype: torch.dtype, device: torch.device, groups: ProcessGroups, background: bool = False,
+             transport: Optional[shm_p2p.Transport] = None) -> Union[Posted, shm_p2p.ShmPosted]:
     """Start sends and receives with arbitrary neighbours (any schedule, ZB-V's V included) without waiting.
 
     Each transfer is (name, tensor to send or None to receive, peer pipeline rank, 'act' | 'grad'):
@@ -126,9 +128,15 @@ def post_ops(transfers: list[tuple[str, Optional[torch.Tensor], int, str]], *, s
     threads, ~10-30 us on idle cores but a median ~0.5 ms on the shared 2-core CI machine (issue 17,
     where starting them on the compute thread instead measured worse). The runner hands over all ops
     between two computations in one call (overlap.coalesce_posts_and_waits), one thread hand-off each.
+    transport (shm_p2p.connect, same-host CPU ranks): the ops go through shared memory instead, started
+    on this thread (a send is a copy, a receive's post nothing), background or not.
     """
     pp = groups.pp
     act_group, grad_group = _channels(groups)
+    if transport is not None:
+        return transport.post([(name, tensor, pp.global_rank(peer), direction,
+                                act_group if direction == "act" else grad_group)
+                               for name, tensor, peer, direction in transfers], shape, dtype, device)
     received, planned = {}, []
     for name, tensor, peer, direction in transfers:
         group = act_group if direction == "act" else grad_group

@@ -23,7 +23,7 @@ from torch.autograd import Variable
 
 from megatron_lite.errors import ConfigError
 from megatron_lite.distributed.model_chunk import ModelChunk, as_model_chunks
-from megatron_lite.pipeline import p2p
+from megatron_lite.pipeline import p2p, shm_p2p
 from megatron_lite.pipeline.actions import (RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, Backward,
                                             Exchange, FinalizeGrads, Forward, P2POp, Post, Wait, WeightGrad, op_peer,
                                             op_stages, virtual_stage)
@@ -63,7 +63,8 @@ class _PipelineRun:
     def __init__(self, *, forward_step_func: Callable, data_iterators: list, model: list[nn.Module],
                  num_microbatches: int, shape: tuple[int, ...], dtype: torch.dtype, forward_only: bool,
                  no_sync_funcs: list[Optional[Callable]], finalize_model_grads_func: Optional[Callable],
-                 grad_scale_func: Optional[Callable], groups: ProcessGroups, v_shape: bool = False):
+                 grad_scale_func: Optional[Callable], groups: ProcessGroups, v_shape: bool = False,
+                 p2p_transport: str = "auto"):
         # forward_step_func gets the chunks as the caller gave them; the engine drives them as ModelChunks.
         self.forward_step_func, self.data_iterators, self.model = forward_step_func, data_iterators, model
         self.chunks: list[ModelChunk] = as_model_chunks(model)
@@ -73,6 +74,8 @@ class _PipelineRun:
         self.groups = groups
         self.pp_size, self.pp_rank, self.num_chunks = groups.pp.size, groups.pp.rank, len(model)
         self.device = next((param.device for chunk in model for param in chunk.parameters()), torch.device("cpu"))
+        # same-host CPU ranks exchange through shared memory (collective over the pipeline group on first use)
+        self.transport = shm_p2p.connect(groups, shape, dtype, self.device, p2p_transport)
         self.inputs: dict[Key, Optional[torch.Tensor]] = {}    # received activations (kept for backward)
         self.outputs: dict[Key, torch.Tensor] = {}             # outputs (loss on the last stage)
         self.output_grads: dict[Key, torch.Tensor] = {}        # received gradients of the outputs
@@ -86,7 +89,8 @@ class _PipelineRun:
         # compute_s: wall seconds inside the model's forward (with the loss), backward (B) and W, per kind:
         # the rest of a step is pipeline idle (waits) and runtime overhead (bubble benchmark)
         self.stats = {"max_in_flight": 0, "deallocated": 0, "sent": 0, "peak_stored_bytes": 0,
-                      "compute_s": {"F": 0.0, "B": 0.0, "W": 0.0}}
+                      "compute_s": {"F": 0.0, "B": 0.0, "W": 0.0},
+                      "p2p_transport": "shm" if self.transport is not None else "process-group"}
         self.in_flight = 0
 
     def virtual_stage(self, chunk: int) -> int:
@@ -195,7 +199,7 @@ class _PipelineRun:
             self.posted[key] = (None, tensor if op.kind == SEND_FORWARD else None)
         if transfers:
             posted = p2p.post_ops(transfers, shape=self.shape, dtype=self.dtype, device=self.device, groups=self.groups,
-                                  background=background)
+                                  background=background, transport=self.transport)
             for key, name in names.items():
                 self.posted[key] = ((posted, name), self.posted[key][1])
 
@@ -275,7 +279,8 @@ def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterato
     With several model chunks (virtual stages) data_iterator is a list, one per chunk. no_sync_func (or a
     list, one per chunk) returns a context manager under which backward must not start data-parallel
     grad reduction; it wraps every backward but each chunk's last. `stats`, if given, receives max_in_flight,
-    deallocated, sent, peak_stored_bytes and compute_s (seconds inside forward, B and W).
+    deallocated, sent, peak_stored_bytes, compute_s (seconds inside forward, B and W) and p2p_transport (shm
+    or process-group).
     """
     model = list(model) if isinstance(model, (list, tuple)) else [model]
     num_chunks = len(model)
@@ -299,7 +304,8 @@ def forward_backward(*, schedule: str, forward_step_func: Callable, data_iterato
                        num_microbatches=num_microbatches, shape=p2p.tensor_shape(config, seq_length, micro_batch_size),
                        dtype=config.params_dtype, forward_only=forward_only, no_sync_funcs=no_sync_funcs,
                        finalize_model_grads_func=finalize_model_grads_func, grad_scale_func=grad_scale_func,
-                       groups=groups, v_shape=schedule == "zbv")
+                       groups=groups, v_shape=schedule == "zbv",
+                       p2p_transport=config.parallel.pipeline_p2p_transport)
     if getattr(getattr(config, "moe", None), "is_moe", False) and not forward_only:
         from megatron_lite.models.moe import set_aux_loss_scale
         # MoE balancing losses get the gradient one micro-batch's LM loss gets (loss scale x CP / micro-batches).

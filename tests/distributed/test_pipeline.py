@@ -1,5 +1,6 @@
 """Pipeline schedules on real gloo ranks with a toy stage model: every schedule's loss and every gradient
-(GPipe, 1F1B, ZB-H1, interleaved, ZB-V; with and without --overlap-p2p-comm)
+(GPipe, 1F1B, ZB-H1, interleaved, ZB-V; with and without --overlap-p2p-comm; exchanged through shared
+memory, --pipeline-p2p-transport auto on one host, and through gloo, process-group)
 equal the single-process run with gradient accumulation over the same micro-batches (fp32, rtol 1e-5),
 tied embeddings included; memory bounds and refusal of invalid layouts before any send."""
 from __future__ import annotations
@@ -53,6 +54,7 @@ def _run_cases(pp: int, num_layers: int, cases: list[dict], tied: bool = True) -
             current_vp = vp
         cfg = toy_config(num_layers, pp, vp, case.get("schedule", "auto"), HIDDEN, SEQ, MBS, num_microbatches=case["m"],
                          group_size=case.get("group"), overlap_p2p_comm=case.get("overlap", False))
+        cfg.parallel.pipeline_p2p_transport = case.get("transport", "auto")  # auto: shared memory here
         cfg.parallel.decoder_first_pipeline_num_layers = case.get("first")
         cfg.parallel.decoder_last_pipeline_num_layers = case.get("last")
         groups = ps.get_process_groups()
@@ -123,6 +125,7 @@ def _check(outputs: list[dict], pp: int) -> None:
             if result["schedule"] == "gpipe":
                 assert stats["max_in_flight"] == m, label
             assert stats["deallocated"] == stats["sent"], label  # every activation sent downstream was freed
+            assert stats["p2p_transport"] == ("shm" if case.get("transport", "auto") == "auto" else "process-group"), label
     # every layer's gradient was produced by exactly one rank (plus the tied copy)
     names = {n for out in outputs for r in out["results"][:1] for n in r["grads"]}
     reference_names = set(references[outputs[0]["results"][0]["case"]["m"]]["grads"])
@@ -134,7 +137,8 @@ def test_pp2_1f1b_gpipe_all_microbatch_counts():
     cases = [{"m": 2}, {"m": 4, "grad_scale": 4.0}, {"m": 3, "schedule": "1f1b"}, {"m": 1, "schedule": "1f1b"},
              {"m": 3}, {"m": 3, "schedule": "gpipe"},
              {"m": 4, "first": 1, "last": 3}, {"m": 3, "overlap": True}, {"m": 4, "schedule": "gpipe", "overlap": True},
-             {"m": 3, "schedule": "zb-h1"}, {"m": 4, "schedule": "zb-h1", "overlap": True}]
+             {"m": 3, "schedule": "zb-h1"}, {"m": 4, "schedule": "zb-h1", "overlap": True},
+             {"m": 3, "transport": "process-group"}, {"m": 4, "schedule": "zb-h1", "overlap": True, "transport": "process-group"}]
     _check(run_distributed(_run_cases, 2, pp=2, num_layers=4, cases=cases), 2)
 
 
@@ -145,7 +149,8 @@ def test_pp2_interleaved_and_zbv():
     # ZB-V (auto's pick at VP 2): m = PP, odd, below the pattern's 2 PP - 1; tied embeddings local on rank 0
     cases = [{**case, "schedule": "interleaved"} for case in interleaved] + \
         [{"m": 2, "vp": 2}, {"m": 3, "vp": 2, "schedule": "zbv"}, {"m": 1, "vp": 2, "schedule": "zbv"},
-         {"m": 5, "vp": 2, "schedule": "zbv", "overlap": True}, {"m": 2, "vp": 2, "schedule": "zbv", "overlap": True}]
+         {"m": 5, "vp": 2, "schedule": "zbv", "overlap": True}, {"m": 2, "vp": 2, "schedule": "zbv", "overlap": True},
+         {"m": 3, "vp": 2, "schedule": "zbv", "overlap": True, "transport": "process-group"}]
     _check(run_distributed(_run_cases, 2, pp=2, num_layers=4, cases=cases), 2)
 
 
@@ -155,7 +160,8 @@ def test_pp4_1f1b_interleaved_uneven():
              {"m": 6, "vp": 2, "schedule": "interleaved"}, {"m": 9, "vp": 2, "group": 4, "schedule": "interleaved"},
              {"m": 5, "overlap": True}, {"m": 7, "vp": 2, "overlap": True, "schedule": "interleaved"},
              {"m": 5, "schedule": "zb-h1", "overlap": True},
-             {"m": 4, "vp": 2, "schedule": "zbv"}, {"m": 6, "vp": 2}, {"m": 5, "vp": 2, "schedule": "zbv", "overlap": True}]
+             {"m": 4, "vp": 2, "schedule": "zbv"}, {"m": 6, "vp": 2}, {"m": 5, "vp": 2, "schedule": "zbv", "overlap": True},
+             {"m": 7, "vp": 2, "overlap": True, "schedule": "interleaved", "transport": "process-group"}]
     _check(run_distributed(_run_cases, 4, pp=4, num_layers=8, cases=cases), 4)
 
 
