@@ -6,8 +6,9 @@ evenly into B and W).
 Run by hand (not a test):  python benchmarks/bench_pipeline_bubble.py [--append]
 
 Each stage's compute is a fixed sleep (forward f, backward b = 2f per stage, split evenly over its virtual
-stages), so the measurement isolates the schedule and the real gloo p2p/runtime overhead from CPU
-contention: the CI machine has 2 cores and PP = 4 runs 4 ranks. Per rank, busy = wall time inside the
+stages), so the measurement isolates the schedule and the real p2p/runtime overhead from CPU
+contention: the CI machine has 2 cores and PP = 4 runs 4 ranks. --transport picks the p2p path
+(--pipeline-p2p-transport: shared memory by default, gloo with process-group, or both). Per rank, busy = wall time inside the
 model's compute (the runner's stats["compute_s"]: forward_step_func with the loss, backward B, W: the sleep
 plus the model's own Python and autograd work); idle fraction = 1 - busy / step time (step time = slowest
 rank's wall time of forward_backward_func). Everything else (waiting for a neighbour, starting and waiting
@@ -161,6 +162,31 @@ def _measure(pp: int, vp: int | None, schedule: str, overlap: bool, counts: list
     return rows
 
 
+def _round_trips(idles: tuple, count: int) -> dict:
+    """On 2 ranks: median seconds of a send + receive round trip of one [SEQ, 1, HIDDEN] message, per
+    --pipeline-p2p-transport and idle time before each trip (this VM is slower right after an idle moment)."""
+    from megatron_lite.pipeline import p2p, shm_p2p
+    torch.set_num_threads(1)
+    ps.initialize_model_parallel(1, 2)
+    groups = ps.get_process_groups()
+    shape, peer, out = (SEQ, 1, HIDDEN), 1 - groups.pp.rank, {}
+    for transport in ("shm", "process-group"):
+        channel = shm_p2p.connect(groups, shape, torch.float32, torch.device("cpu"), transport)
+        kw = dict(shape=shape, dtype=torch.float32, device=torch.device("cpu"), groups=groups, transport=channel)
+        for idle in idles:
+            times = []
+            for _ in range(count + 5):  # the first 5 warm up
+                time.sleep(idle)
+                start = time.perf_counter()
+                for kind in (("send", "recv") if groups.pp.rank == 0 else ("recv", "send")):
+                    direction = "act" if (kind == "send") == (groups.pp.rank == 0) else "grad"
+                    tensor = torch.ones(shape) if kind == "send" else None
+                    p2p.post_ops([(kind, tensor, peer, direction)], **kw).wait(kind)
+                times.append(time.perf_counter() - start)
+            out[(transport, idle)] = sorted(times[5:])[count // 2]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
@@ -179,7 +205,15 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="also print where each rank's idle time goes (ms per step: starting ops, waiting for "
                              "receives, waiting for sends, other runner work) beside the simulator's idle")
+    parser.add_argument("--round-trip", action="store_true",
+                        help="only measure a p2p round trip between 2 ranks per transport, after 0, 5 and 20 ms idle")
     args = parser.parse_args()
+    if args.round_trip:
+        trips = run_distributed(_round_trips, 2, idles=(0.0, 0.005, 0.02), count=55)[0]
+        print("| p2p | idle before (ms) | round trip, median of 55 (ms) |\n|---|---|---|")
+        for (transport, idle), seconds in trips.items():
+            print(f"| {transport} | {1000 * idle:.0f} | {1000 * seconds:.3f} |")
+        return
     counts = args.counts
     overlaps = {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
     transports = ("auto", "process-group") if args.transport == "both" else (args.transport,)
@@ -207,7 +241,9 @@ def main() -> None:
     table = "\n".join(lines)
     cpu = platform.processor() or platform.machine()
     header = (f"\n## Pipeline bubble (benchmarks/bench_pipeline_bubble.py), {datetime.date.today().isoformat()}\n\n"
-              f"CPU: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, gloo. Stage compute is a sleep "
+              f"CPU: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, gloo process groups; the pipeline's p2p as "
+              "the p2p column says (shm: --pipeline-p2p-transport auto, the ranks sharing a host; process-group: gloo "
+              "p2p). Stage compute is a sleep "
               f"(forward {FORWARD_S * 1000:.0f} ms, backward {BACKWARD_S * 1000:.0f} ms per stage, split over virtual "
               "stages) so that PP ranks on 2 shared cores do not contend; measured idle includes the real p2p and "
               "runtime overhead. Idle fraction = 1 - compute time / step time, per stage (compute: wall time inside "
