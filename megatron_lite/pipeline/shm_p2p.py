@@ -46,13 +46,20 @@ _POLL_S = 0.5                  # how often a blocked receive checks that its sen
 
 
 def _host_id() -> str:
-    """Ranks with the same id share /dev/shm: the host name and this boot."""
+    """Ranks with the same id share /dev/shm and see each other's pids: the host name, this boot, and the
+    mount and pid namespaces (ranks in separate containers of one host fall back to the process group)."""
+    parts = [socket.gethostname()]
     try:
         with open("/proc/sys/kernel/random/boot_id") as fh:
-            boot = fh.read().strip()
+            parts.append(fh.read().strip())
     except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
+        parts.append("?")
+    for namespace in ("mnt", "pid"):
+        try:
+            parts.append(os.readlink(f"/proc/self/ns/{namespace}"))
+        except OSError:
+            parts.append("?")
+    return "/".join(parts)
 
 
 def _alive(pid: int) -> bool:
@@ -245,7 +252,7 @@ class Transport:
             else:
                 if key not in self.senders:
                     raise RuntimeError(f"pipeline {name}: no shared-memory channel to rank {peer} (not a pipeline neighbour)")
-                self.senders[key].send(tensor.contiguous().view(-1).view(torch.uint8))
+                self.senders[key].send(tensor.detach().contiguous().view(-1).view(torch.uint8))
                 ops[name] = (None, None, group)
                 collectives.count(group, "send", tensor.numel() * tensor.element_size())
         return ShmPosted(self, ops, received)

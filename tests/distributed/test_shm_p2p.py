@@ -67,6 +67,14 @@ def _transport_worker(slots: int) -> dict:
         out["meta_shm"] = None
     except ConfigError as error:
         out["meta_shm"] = str(error)
+    # ranks that do not share a host (or its /dev/shm and pids: another container): the same, with the reason
+    shm_p2p._host_id = lambda: f"host{dist.get_rank()}"
+    out["hosts_auto"] = shm_p2p.connect(groups, (9,), torch.float32, torch.device("cpu"), "auto")
+    try:
+        shm_p2p.connect(groups, (11,), torch.float32, torch.device("cpu"), "shm")
+        out["hosts_shm"] = None
+    except ConfigError as error:
+        out["hosts_shm"] = str(error)
     return out
 
 
@@ -84,6 +92,8 @@ def test_shm_p2p_delivers_what_gloo_delivers(slots):
         assert out["cached"]
         assert out["meta_auto"] is None
         assert "--pipeline-p2p-transport shm" in out["meta_shm"] and "not on the CPU" in out["meta_shm"]
+        assert out["hosts_auto"] is None
+        assert "spans several hosts" in out["hosts_shm"] and "--pipeline-p2p-transport auto" in out["hosts_shm"]
 
 
 def _failure_worker(case: str):
