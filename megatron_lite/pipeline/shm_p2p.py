@@ -40,7 +40,7 @@ from megatron_lite.process_groups import ProcessGroups
 
 SHM_DIR = "/dev/shm"
 MAX_SLOTS = 32                 # enough for every message of a step in flight at the benchmark's sizes
-RING_BUDGET_BYTES = 64 << 20   # per channel; big messages get fewer slots (at least 1)
+RING_BUDGET_BYTES = 16 << 20   # per channel; big messages get fewer slots (at least 1)
 DIRECTIONS = ("act", "grad")
 _POLL_S = 0.5                  # how often a blocked receive checks that its sender is still alive
 

@@ -6,7 +6,8 @@ GEMM: square-ish fp32 GEMMs of sizes 16..512 on one thread; the table maps the c
 TFLOP/s (compute.gemm_rate interpolates). Memory bandwidth: a large tensor copy. Collectives: `world`
 gloo processes (testing.run_distributed), split into world / n groups of n ranks that all-reduce at the
 same time (as TP or DP groups of a real layout do), two message sizes -> latency per ring step and bus
-bandwidth by fitting t = 2 (n-1) alpha + 2 (n-1)/n B / bw. p2p: pairs sending at once, the same fit.
+bandwidth by fitting t = 2 (n-1) alpha + 2 (n-1)/n B / bw. p2p: pairs sending at once, the same fit; and
+the pipeline's hop the same way over the transport a run uses (shared memory on one host: pipeline_p2p).
 Framework overheads: forward + backward of the real GPTModel (one process, one thread) at a size whose
 arithmetic is negligible (hidden 32, 16 tokens), with 1 and 5 layers: the difference / 4 is the fixed cost
 of one layer, the rest of the 1-layer time that of a micro-batch's embedding, output layer and loss (at
@@ -191,7 +192,7 @@ def _collective_worker(sizes: tuple, group_sizes: tuple, repeats: int) -> dict:
     import torch
     import torch.distributed as dist
     from megatron_lite import collectives
-    from megatron_lite.process_groups import Group
+    from megatron_lite.process_groups import Group, ProcessGroups
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {}
     for n in group_sizes:
@@ -206,7 +207,31 @@ def _collective_worker(sizes: tuple, group_sizes: tuple, repeats: int) -> dict:
     # p2p: even ranks send to the next odd rank, all pairs at once
     peer = rank + 1 if rank % 2 == 0 else rank - 1
     out["p2p"] = [time_exchange(torch.zeros(nbytes // 4), rank % 2 == 0, peer, repeats) for nbytes in sizes]
+    # the pipeline's hop as a CPU run makes it (shared memory between ranks of one host), the same pairs
+    handles = {start: dist.new_group([start, start + 1]) for start in range(0, world - 1, 2)}
+    first = rank - rank % 2
+    pair = ProcessGroups.single(rank).replace(pp=Group("pp", (first, first + 1), rank % 2, handles[first]))
+    out["pipeline_p2p"] = [time_pipeline_hop(nbytes, pair, repeats) for nbytes in sizes]
     return out
+
+
+def time_pipeline_hop(nbytes: int, groups, repeats: int) -> float:
+    """Fastest seconds of one pipeline hop of nbytes between the two ranks of groups.pp: half a round trip
+    (a send returns before its receiver has the data, so one direction alone times only the copy), over
+    the transport --pipeline-p2p-transport auto picks."""
+    import torch
+    from megatron_lite.pipeline import p2p, shm_p2p
+    shape = (nbytes // 4,)
+    kw = dict(shape=shape, dtype=torch.float32, device=torch.device("cpu"), groups=groups,
+              transport=shm_p2p.connect(groups, shape, torch.float32, torch.device("cpu"), "auto"))
+    tensor, peer, first = torch.zeros(shape), 1 - groups.pp.rank, groups.pp.rank == 0
+
+    def round_trip():
+        for kind in (("send", "recv") if first else ("recv", "send")):
+            direction = "act" if (kind == "send") == first else "grad"
+            p2p.post_ops([(kind, tensor if kind == "send" else None, peer, direction)], **kw).wait(kind)
+    round_trip()
+    return _best_time(round_trip, repeats) / 2
 
 
 def time_all_reduce(tensor, group, repeats: int) -> float:
@@ -238,7 +263,8 @@ def _fit(small: float, large: float, sizes: tuple, volume_factor: float, steps: 
     return latency, bandwidth
 
 
-def collective_tables(world: int, quick: bool) -> tuple[dict, tuple]:
+def collective_tables(world: int, quick: bool) -> tuple[dict, tuple, tuple]:
+    """(per group size: (latency per ring step, bus GB/s)), gloo p2p (latency, GB/s), pipeline hop (same)."""
     from megatron_lite.testing import run_distributed
     sizes = (4096, 4 << 20)
     group_sizes = tuple(n for n in (2, 4, 8) if n <= world and world % n == 0)
@@ -249,7 +275,8 @@ def collective_tables(world: int, quick: bool) -> tuple[dict, tuple]:
         times = [max(r[n][i] for r in results) for i in range(len(sizes))]
         table[str(n)] = _fit(times[0], times[1], sizes, 2 * (n - 1) / n, 2 * (n - 1))
     p2p_times = [max(r["p2p"][i] for r in results) for i in range(len(sizes))]
-    return table, _fit(p2p_times[0], p2p_times[1], sizes, 1.0, 1)
+    hop_times = [max(r["pipeline_p2p"][i] for r in results) for i in range(len(sizes))]
+    return table, _fit(p2p_times[0], p2p_times[1], sizes, 1.0, 1), _fit(hop_times[0], hop_times[1], sizes, 1.0, 1)
 
 
 def calibrate(quick: bool = False, world: int = 8) -> dict:
@@ -258,13 +285,14 @@ def calibrate(quick: bool = False, world: int = 8) -> dict:
     layer_overhead, microbatch_overhead = framework_overheads(7 if quick else 15)
     step_overhead, step_layer_overhead = step_overheads(layer_overhead, microbatch_overhead, 7 if quick else 15)
     bandwidth = memory_bandwidth()
-    collectives_table, p2p = collective_tables(world, quick)
+    collectives_table, p2p, pipeline_p2p = collective_tables(world, quick)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     link = collectives_table[max(collectives_table, key=int)][1]
     profile = dict(name="cpu", peak_tflops=max(r for _, r in table), memory_gb=memory_gb,
                    memory_bandwidth_gbps=bandwidth, intra_node_bandwidth_gbps=link, inter_node_bandwidth_gbps=link,
                    gemm_table=[list(x) for x in table], collective_table=collectives_table, p2p=list(p2p),
+                   pipeline_p2p=list(pipeline_p2p),
                    compute_units_per_node=cores, layer_overhead_s=layer_overhead, microbatch_overhead_s=microbatch_overhead,
                    step_overhead_s=step_overhead, step_layer_overhead_s=step_layer_overhead)
     profile["layer_scale_table"] = layer_scale_table(profile, 5 if quick else 9)

@@ -60,10 +60,13 @@ def collective_time(hw: Hardware, op: str, nbytes: float, n: int, nodes: int, co
     return FACTOR[op] * (n - 1) / n * nbytes / (bandwidth * 1e9) + steps * latency
 
 
-def p2p_time(hw: Hardware, nbytes: float, crosses_node: bool) -> float:
+def p2p_time(hw: Hardware, nbytes: float, crosses_node: bool, pipeline: bool = False) -> float:
+    """One transfer of nbytes; pipeline: a hop between pipeline stages (its own transport within a node)."""
     if nbytes <= 0:
         return 0.0
-    if hw.p2p:
+    if pipeline and hw.pipeline_p2p and not crosses_node:
+        latency, bandwidth = hw.pipeline_p2p
+    elif hw.p2p:
         latency, bandwidth = hw.p2p
     elif crosses_node:
         latency, bandwidth = hw.inter_node_latency_s, hw.inter_node_bandwidth_gbps

@@ -46,7 +46,10 @@ class Hardware:
     gemm_table: tuple = ()
     # per group size: (latency s, bus bandwidth GB/s) of collectives, measured (cpu); empty: from the links
     collective_table: dict = field(default_factory=dict)
-    p2p: tuple = ()  # (latency s, bandwidth GB/s), measured
+    p2p: tuple = ()  # (latency s, bandwidth GB/s), measured (gloo: context parallelism's ring)
+    # (latency s, bandwidth GB/s) of a pipeline hop within a node as runs make it, measured (cpu: shared
+    # memory, pipeline/shm_p2p.py); empty: p2p
+    pipeline_p2p: tuple = ()
     compute_units_per_node: Optional[int] = None  # cpu: cores shared by the node's ranks (None: one per rank)
     # the framework's fixed host cost per transformer layer and per micro-batch (embedding, output layer and
     # loss at negligible size), forward + backward, measured (cpu): eager PyTorch's per-op cost, which at
@@ -73,6 +76,7 @@ class Hardware:
         values["gemm_table"] = tuple(tuple(x) for x in values.get("gemm_table", ()))
         values["layer_scale_table"] = tuple(tuple(x) for x in values.get("layer_scale_table", ()))
         values["p2p"] = tuple(values.get("p2p", ()))
+        values["pipeline_p2p"] = tuple(values.get("pipeline_p2p", ()))
         values["collective_table"] = {str(k): tuple(v) for k, v in values.get("collective_table", {}).items()}
         return cls(**values)
 
@@ -112,7 +116,7 @@ def cpu_profile() -> Hardware:
     if os.path.exists(CPU_PROFILE_CACHE):
         with open(CPU_PROFILE_CACHE) as fh:
             cached = json.load(fh)
-        if "layer_scale_table" in cached:  # older caches lack the framework terms: measure again
+        if "layer_scale_table" in cached and "pipeline_p2p" in cached:  # older caches lack terms: measure again
             return Hardware.from_json(cached)
     from megatron_lite.planner.calibrate import calibrate
     hw = Hardware.from_json(calibrate(quick=True))

@@ -169,7 +169,7 @@ def step_time(shape: ModelShape, layout: Layout, hw: Hardware, gpus_per_node: in
     b_total = b_c + sum(comm_b.values())
     pp_nodes = group_span(layout, ("pp",), gpus_per_node)
     act_bytes = layout.mbs * shape.seq / layout.cp * shape.hidden * shape.e / (layout.tp if layout.sp else 1)
-    p2p = p2p_time(hw, act_bytes, pp_nodes > 1) if layout.pp > 1 else 0.0
+    p2p = p2p_time(hw, act_bytes, pp_nodes > 1, pipeline=True) if layout.pp > 1 else 0.0
     vp = layout.vp
     # each chunk's forward and backward block for one activation (gradient) transfer: p2p is not
     # overlapped by default; on a shared CPU it stretches like compute (both ranks must be scheduled)

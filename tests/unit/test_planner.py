@@ -175,6 +175,20 @@ def test_zero_bubble_time_uses_its_weight_pass():
     assert bubble("zb-h1", 1.2) < bubble("zb-h1", 0.4) < bubble("1f1b", 0.4) == bubble("1f1b", 1.2)
 
 
+def test_pipeline_hop_uses_its_own_measured_transport():
+    """A pipeline hop within a node costs the profile's pipeline_p2p (cpu: shared memory, as runs exchange
+    there); across nodes, and context parallelism's ring, the process group's p2p; both survive the JSON."""
+    from dataclasses import replace
+    from megatron_lite.planner.comm import p2p_time
+    from megatron_lite.planner.hardware import Hardware
+    hw = replace(get_hardware("a100-80gb"), p2p=(2e-4, 4.0), pipeline_p2p=(4e-5, 8.0))
+    assert p2p_time(hw, 8e6, False, pipeline=True) == pytest.approx(4e-5 + 1e-3)
+    assert p2p_time(hw, 8e6, False) == pytest.approx(2e-4 + 2e-3)
+    assert p2p_time(hw, 8e6, True, pipeline=True) == pytest.approx(2e-4 + 2e-3)
+    assert p2p_time(replace(hw, pipeline_p2p=()), 8e6, False, pipeline=True) == pytest.approx(2e-4 + 2e-3)
+    assert Hardware.from_json(json.loads(json.dumps(hw.to_json()))) == hw
+
+
 def test_calibrated_layer_scale_and_step_overheads():
     """The cpu profile's framework terms are measured from the real model and training step: the layer
     scale compares a real layer's arithmetic with the GEMM table's prediction (interpolated between its
